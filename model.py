@@ -1,0 +1,482 @@
+"""
+The VirTex model: a ResNet visual backbone plus forward and backward Transformer caption decoders.
+
+    from model import VirTex, VirTexConfig
+    model = VirTex(VirTexConfig(visual='resnet50', n_layer=1, n_embd=2048, n_head=32, vocab_size=10000))
+    loss, parts = model(images, caption_tokens)        # (B,3,S,S) float, (B,T) long -> scalar, {'fwd','bwd'}
+    grid = model.encode_images(images)                 # (B,2048,S/32,S/32): what evaluate.py pools
+    memory = model.project(grid)                       # (B,S*S/1024,H): what the decoders attend to
+    logp, cache = model.decode_step(memory, last_tokens, cache)   # one cached step of the forward decoder
+    model = VirTex.from_checkpoint('out/ckpt.pt')      # this project's checkpoints
+    model = VirTex.from_official('bicaptioning_R_50_L1_H2048.pth')  # checkpoints of the official code
+
+Only the backbone is kept after pretraining; `backbone_state_dict()` loads into a plain
+`torchvision.models.resnet50()` (fc aside). Imports only torch and torchvision, so it can be
+copied alone. Architecture facts follow the paper and the official code (kdexd/virtex).
+"""
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+
+@dataclass
+class VirTexConfig:
+    visual: str = 'resnet50'    # torchvision ResNet: resnet18/34/50/101/152, wide_resnet50_2
+    vocab_size: int = 10000     # from the tokenizer file
+    n_layer: int = 1            # L, Transformer layers per direction
+    n_embd: int = 2048          # H, textual width
+    n_head: int = 32            # H / 64 in every official config
+    max_len: int = 30           # caption length in ids, [SOS] and [EOS] included
+    dropout: float = 0.1
+    bidirectional: bool = True  # False: the forward-only "captioning" ablation
+    norm_first: bool = False    # False: post-norm layers, as in the paper
+    pad_id: int = 0             # <unk> doubles as padding, as upstream
+    sos_id: int = 1
+    eos_id: int = 2
+
+
+def reverse_captions(caption_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[SOS] w1 .. wn [EOS] <pad>.. -> [EOS] wn .. w1 [SOS] <pad>..: the backward decoder's input.
+
+    Only the first `lengths[b]` ids of row b are reversed, so padding stays at the end.
+    """
+    B, T = caption_tokens.shape
+    positions = torch.arange(T, device=caption_tokens.device).expand(B, T)
+    source = torch.where(positions < lengths[:, None], lengths[:, None] - 1 - positions, positions)
+    return caption_tokens.gather(1, source)
+
+
+class Attention(nn.Module):
+    """Multi-head attention on F.scaled_dot_product_attention, with a key/value cache for decoding.
+
+    Self-attention projects q, k, v from one input; cross-attention projects q from the text and
+    k, v from the visual memory, which is done once per image when decoding.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float, cross: bool):
+        super().__init__()
+        self.n_head, self.dropout, self.cross = n_head, dropout, cross
+        if cross:
+            self.q_proj = nn.Linear(n_embd, n_embd)
+            self.kv_proj = nn.Linear(n_embd, 2 * n_embd)
+        else:
+            self.qkv_proj = nn.Linear(n_embd, 3 * n_embd)
+        self.out_proj = nn.Linear(n_embd, n_embd)
+
+    def split_heads(self, x):  # (B, T, H) -> (B, nh, T, hs)
+        B, T, H = x.shape
+        return x.view(B, T, self.n_head, H // self.n_head).transpose(1, 2)
+
+    def memory_kv(self, memory):
+        k, v = self.kv_proj(memory).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)  # 2 x (B, nh, N, hs)
+
+    def forward(self, x, memory=None, cache=None):
+        """x (B, T, H). Self-attention is causal. With `cache` (a dict), x is the newest position(s)
+        and keys/values are appended to / read from the cache."""
+        dropout = self.dropout if self.training else 0.0
+        if self.cross:
+            q = self.split_heads(self.q_proj(x))
+            if cache is None:
+                k, v = self.memory_kv(memory)
+            else:
+                if 'k' not in cache:
+                    cache['k'], cache['v'] = self.memory_kv(memory)
+                k, v = cache['k'], cache['v']
+                cache['q'] = q  # kept so the attention map of this step can be drawn
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            q, k, v = map(self.split_heads, self.qkv_proj(x).chunk(3, dim=-1))
+            if cache is None:
+                # causal masking alone suffices: padding sits at the end, so a real position never
+                # sees a pad key, and outputs at pad positions are ignored by the loss
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            else:
+                if 'k' in cache:
+                    k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
+                cache['k'], cache['v'] = k, v
+                # the cached keys are all in the past of the new position(s): a mask is needed
+                # only when several new positions arrive at once
+                T_new, T_all = q.shape[2], k.shape[2]
+                mask = None
+                if T_new > 1:
+                    mask = torch.ones(T_new, T_all, dtype=torch.bool, device=x.device).tril(T_all - T_new)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(x.shape)  # (B, T, H)
+        return self.out_proj(y)
+
+
+class DecoderLayer(nn.Module):
+    """One Transformer decoder layer: causal self-attention, cross-attention over the image grid,
+    GELU feed-forward of width 4H; post-norm (the paper) or pre-norm."""
+
+    def __init__(self, cfg: VirTexConfig):
+        super().__init__()
+        H = cfg.n_embd
+        self.norm_first = cfg.norm_first
+        self.self_attn = Attention(H, cfg.n_head, cfg.dropout, cross=False)
+        self.cross_attn = Attention(H, cfg.n_head, cfg.dropout, cross=True)
+        self.linear1 = nn.Linear(H, 4 * H)
+        self.linear2 = nn.Linear(4 * H, H)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(H), nn.LayerNorm(H), nn.LayerNorm(H)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def feed_forward(self, x):
+        return self.linear2(self.dropout(F.gelu(self.linear1(x))))
+
+    def forward(self, x, memory, cache=None):
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.setdefault('self', {}), cache.setdefault('cross', {})
+        if self.norm_first:
+            x = x + self.dropout(self.self_attn(self.norm1(x), cache=self_cache))
+            x = x + self.dropout(self.cross_attn(self.norm2(x), memory, cache=cross_cache))
+            x = x + self.dropout(self.feed_forward(self.norm3(x)))
+        else:
+            x = self.norm1(x + self.dropout(self.self_attn(x, cache=self_cache)))
+            x = self.norm2(x + self.dropout(self.cross_attn(x, memory, cache=cross_cache)))
+            x = self.norm3(x + self.dropout(self.feed_forward(x)))
+        return x
+
+
+class VirTex(nn.Module):
+
+    def __init__(self, cfg: VirTexConfig):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+        self.config = cfg
+        self.train_config = {}  # the training run's config, filled by from_checkpoint
+        # zero_init_residual: each block starts as identity, which helps training from scratch
+        self.visual = torchvision.models.get_model(cfg.visual, weights=None, zero_init_residual=True)
+        self.visual_width = self.visual.fc.in_features  # 2048 for resnet50, 512 for resnet18
+        del self.visual.fc, self.visual.avgpool  # we keep the layer4 grid, not a pooled vector
+        H = cfg.n_embd
+        # shared by both directions: visual projection, embeddings, output layer
+        self.visual_projection = nn.Linear(self.visual_width, H)
+        self.word_embedding = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
+        self.position_embedding = nn.Embedding(cfg.max_len, H)
+        self.embedding_norm = nn.LayerNorm(H, eps=1e-8)
+        self.embedding_dropout = nn.Dropout(cfg.dropout)
+        self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.layers_bwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer)) if cfg.bidirectional else None
+        self.final_norm = nn.LayerNorm(H) if cfg.norm_first else None  # pre-norm needs a last norm
+        self.lm_head = nn.Linear(H, cfg.vocab_size)
+        self.lm_head.weight = self.word_embedding.weight  # tied; the bias stays its own
+        self.init_textual_weights()
+
+    def init_textual_weights(self):
+        # BERT-style: N(0, 0.02) for linear, attention and embedding weights; biases keep
+        # PyTorch's defaults (attention biases start at 0, as in nn.MultiheadAttention)
+        for module in self.textual_modules():
+            for m in module.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                if isinstance(m, Attention):
+                    for proj in m.children():
+                        nn.init.zeros_(proj.bias)
+        for embedding in (self.word_embedding, self.position_embedding):
+            nn.init.normal_(embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.word_embedding.weight[self.config.pad_id].zero_()  # last: lm_head shares it
+
+    def textual_modules(self):
+        return [m for m in (self.visual_projection, self.word_embedding, self.position_embedding,
+                            self.embedding_norm, self.layers_fwd, self.layers_bwd, self.final_norm,
+                            self.lm_head) if m is not None]
+
+    # ------------------------------------------------------------------------------------------
+    # images -> grid -> memory
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized images -> (B, C, S/32, S/32) layer4 grid."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, height, width), got {tuple(images.shape)}")
+        v = self.visual
+        x = v.maxpool(v.relu(v.bn1(v.conv1(images))))
+        return v.layer4(v.layer3(v.layer2(v.layer1(x))))
+
+    def project(self, grid: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) grid -> (B, h*w, H) memory, row-major over the grid, for cross-attention."""
+        return self.visual_projection(grid.flatten(2).transpose(1, 2))
+
+    # ------------------------------------------------------------------------------------------
+    # text
+
+    def embed(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, T) ids at positions start.. -> (B, T, H); padding positions are zero."""
+        T = tokens.shape[1]
+        if start + T > self.config.max_len:
+            raise ValueError(f"captions of {start + T} ids exceed max_len={self.config.max_len}")
+        positions = torch.arange(start, start + T, device=tokens.device)
+        x = self.embedding_norm(self.word_embedding(tokens) + self.position_embedding(positions))
+        x = self.embedding_dropout(x)
+        return x * (tokens != self.config.pad_id).unsqueeze(-1).to(x.dtype)
+
+    def decode(self, memory, tokens, layers, start=0, cache=None):
+        """Run one direction's decoder: (B, T) ids -> (B, T, H) features (pre-logits)."""
+        x = self.embed(tokens, start)
+        for i, layer in enumerate(layers):
+            x = layer(x, memory, None if cache is None else cache.setdefault(i, {}))
+        return x if self.final_norm is None else self.final_norm(x)
+
+    def logits(self, memory: torch.Tensor, tokens: torch.Tensor, direction: str = 'fwd') -> torch.Tensor:
+        """Full, uncached pass of one direction: (B, T) ids -> (B, T, V) next-token logits."""
+        layers = self.layers_fwd if direction == 'fwd' else self.layers_bwd
+        return self.lm_head(self.decode(memory, tokens, layers))
+
+    def caption_loss(self, memory, tokens, layers):
+        """Mean next-token cross-entropy over the real (non-pad) targets of one direction."""
+        features = self.decode(memory, tokens[:, :-1], layers)  # (B, T-1, H)
+        targets = tokens[:, 1:]
+        # the output layer is the biggest matmul: run it on real targets only, not on padding
+        real = targets != self.config.pad_id
+        logits = self.lm_head(features[real])  # (N, V)
+        return F.cross_entropy(logits.float(), targets[real])
+
+    def forward(self, images: torch.Tensor, caption_tokens: torch.Tensor):
+        """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id.
+
+        Returns (loss, parts): loss = forward CE + backward CE (a scalar with grad); parts holds the
+        detached per-direction losses {'fwd': .., 'bwd': ..} ('bwd' only when bidirectional).
+        """
+        if caption_tokens.ndim != 2 or caption_tokens.shape[0] != images.shape[0]:
+            raise ValueError(f"caption_tokens must be (B, T) with B={images.shape[0]}, got {tuple(caption_tokens.shape)}")
+        if caption_tokens.shape[1] > self.config.max_len:
+            raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed max_len={self.config.max_len}")
+        memory = self.project(self.encode_images(images))  # (B, N, H)
+        loss_fwd = self.caption_loss(memory, caption_tokens, self.layers_fwd)
+        parts = {'fwd': loss_fwd.detach()}
+        loss = loss_fwd
+        if self.layers_bwd is not None:
+            # length = position of the last real id + 1 (a rare real <unk> inside a caption is id 0 too)
+            real = (caption_tokens != self.config.pad_id).int()
+            lengths = caption_tokens.shape[1] - real.flip(1).argmax(1)
+            tokens_bwd = reverse_captions(caption_tokens, lengths)
+            loss_bwd = self.caption_loss(memory, tokens_bwd, self.layers_bwd)
+            parts['bwd'] = loss_bwd.detach()
+            loss = loss + loss_bwd
+        return loss, parts
+
+    # ------------------------------------------------------------------------------------------
+    # cached decoding (forward direction), used by caption.py
+
+    @torch.no_grad()
+    def decode_step(self, memory, last_tokens, cache=None, return_attention=False):
+        """One step of the forward decoder with a key/value cache.
+
+        memory (B, N, H) is read only on the first call (cache=None), when the cross-attention keys
+        and values of every layer are computed once. last_tokens (B,) are the newest ids (first
+        call: [SOS]). Returns log-probabilities (B, V) of the next id and the updated cache; with
+        return_attention, also the last layer's cross-attention over the grid, mean over heads (B, N).
+        """
+        if cache is None:
+            cache = {'pos': 0, 'layers': {}}
+        x = self.decode(memory, last_tokens[:, None], self.layers_fwd, cache['pos'], cache['layers'])
+        cache['pos'] += 1
+        logp = F.log_softmax(self.lm_head(x[:, -1]).float(), dim=-1)
+        if not return_attention:
+            return logp, cache
+        return logp, cache, self.last_cross_attention(cache)
+
+    def last_cross_attention(self, cache):
+        """Attention weights of the last layer's cross-attention for the newest position, mean
+        over heads: (B, N). SDPA does not return weights, so they are recomputed from q and k."""
+        cross = cache['layers'][len(self.layers_fwd) - 1]['cross']
+        q, k = cross['q'], cross['k']  # (B, nh, 1, hs), (B, nh, N, hs)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, nh, 1, N)
+        return weights.mean(1)[:, -1]
+
+    @staticmethod
+    def select_cache(cache, rows: torch.Tensor):
+        """Keep / reorder / repeat the batch rows of a decoding cache (beam search bookkeeping)."""
+        layers = {i: {kind: {name: t.index_select(0, rows) for name, t in kv.items()}
+                      for kind, kv in layer.items()} for i, layer in cache['layers'].items()}
+        return {'pos': cache['pos'], 'layers': layers}
+
+    # ------------------------------------------------------------------------------------------
+    # parameters, optimizer groups, portability
+
+    def num_params(self) -> dict:
+        visual = sum(p.numel() for p in self.visual.parameters())
+        total = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return {'visual': visual, 'textual': total - visual, 'total': total}
+
+    def param_groups(self, weight_decay: float, cnn_lr: float, lr: float) -> list[dict]:
+        """Three optimizer groups (few, so SGD can use its foreach/fused path): the backbone at
+        cnn_lr; the textual head at lr, with weight decay except on the embedding and decoder
+        layers' norm weights and biases (upstream's NO_DECAY rule)."""
+        no_decay_names = re.compile(r'^(embedding_norm\.|layers_(fwd|bwd)\.\d+\..*(norm\d\.|bias$)|final_norm\.)')
+        visual, decay, no_decay = [], [], []
+        for name, p in self.named_parameters():  # named_parameters lists the tied weight once
+            if name.startswith('visual.'):
+                visual.append(p)
+            elif no_decay_names.match(name):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [{'name': 'visual', 'params': visual, 'lr': cnn_lr, 'weight_decay': weight_decay},
+                {'name': 'textual', 'params': decay, 'lr': lr, 'weight_decay': weight_decay},
+                {'name': 'textual_no_decay', 'params': no_decay, 'lr': lr, 'weight_decay': 0.0}]
+
+    def flops_per_image(self, image_size: int = 224, caption_len: int = 16) -> int:
+        """FLOPs of one training step (forward + backward) for one image and caption, counted by
+        torch's FlopCounterMode on a real pass (matmuls and convolutions)."""
+        from torch.utils.flop_counter import FlopCounterMode
+        device = next(self.parameters()).device
+        images = torch.zeros(1, 3, image_size, image_size, device=device)
+        tokens = torch.full((1, caption_len), 5, device=device)
+        tokens[0, 0], tokens[0, -1] = self.config.sos_id, self.config.eos_id
+        was_training = self.training
+        self.train()
+        with FlopCounterMode(display=False) as counter:
+            self(images, tokens)[0].backward()
+        self.zero_grad(set_to_none=True)
+        self.train(was_training)
+        return counter.get_total_flops()
+
+    def backbone_state_dict(self) -> dict:
+        """The ResNet weights in torchvision naming (no fc): loads into torchvision.models.<visual>()
+        with strict=False, missing only fc.weight and fc.bias."""
+        return {k: v.detach().clone() for k, v in self.visual.state_dict().items()}
+
+    @classmethod
+    def from_checkpoint(cls, path: str, device='cpu') -> 'VirTex':
+        """Rebuild a model from a train.py checkpoint (its 'model_args' and 'model' entries)."""
+        ckpt = load_file(path)
+        if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
+            raise SystemExit(f"error: checkpoint {path}: not a checkpoint of this project "
+                             f"(expected 'model' and 'model_args'; for official VirTex files use from_official)")
+        model = cls(VirTexConfig(**ckpt['model_args']))
+        load_strict(model, ckpt['model'], path)
+        model.train_config = ckpt.get('config', {})
+        return model.to(device).eval()
+
+    @classmethod
+    def from_official(cls, path: str, device='cpu') -> 'VirTex':
+        """Load a checkpoint of the official VirTex code (full model or backbone only); the
+        architecture is inferred from the weights. See official_to_ours for the key mapping."""
+        cfg, our_state = official_to_ours(load_file(path), path)
+        model = cls(cfg)
+        load_strict(model, our_state, path, backbone_only=not any(k.startswith('lm_head') for k in our_state))
+        return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# loading weights: every file is untrusted input, read with weights_only=True
+
+def load_file(path: str):
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: checkpoint {path}: no such file") from None
+    except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: checkpoint {path}: cannot be read ({reason[:200]})") from None
+
+
+def load_strict(model: nn.Module, state: dict, path: str, backbone_only: bool = False) -> None:
+    """load_state_dict that reports disagreeing keys and shapes on one line."""
+    ours = model.state_dict()
+    expected = [k for k in ours if not backbone_only or k.startswith('visual.')]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
+              for k in expected if k in state and state[k].shape != ours[k].shape]
+    if missing or unexpected or shapes:
+        problems = []
+        for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+            if items:
+                problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        raise SystemExit(f"error: checkpoint {path}: does not fit this architecture: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=not backbone_only)
+
+
+# ----------------------------------------------------------------------------------------------
+# official VirTex checkpoints (kdexd/virtex): key layout read from its code, mapped onto ours
+
+RESNETS = {  # (blocks per stage, bottleneck, width of layer1) -> torchvision name
+    ((2, 2, 2, 2), False, 64): 'resnet18', ((3, 4, 6, 3), False, 64): 'resnet34',
+    ((3, 4, 6, 3), True, 64): 'resnet50', ((3, 4, 23, 3), True, 64): 'resnet101',
+    ((3, 8, 36, 3), True, 64): 'resnet152', ((3, 4, 6, 3), True, 128): 'wide_resnet50_2',
+    ((3, 4, 23, 3), True, 128): 'wide_resnet101_2',
+}
+
+
+def infer_resnet(visual: dict, path: str) -> str:
+    try:
+        blocks = tuple(1 + max(int(k.split('.')[1]) for k in visual if k.startswith(f'layer{i}.')) for i in range(1, 5))
+        key = (blocks, 'layer1.0.conv3.weight' in visual, visual['layer1.0.conv1.weight'].shape[0])
+    except (ValueError, KeyError):
+        raise SystemExit(f"error: checkpoint {path}: no ResNet layer1..layer4 weights found") from None
+    if key not in RESNETS:
+        raise SystemExit(f"error: checkpoint {path}: unknown ResNet layout {key}")
+    return RESNETS[key]
+
+
+def official_to_ours(state: dict, path: str):
+    """Map an official VirTex state dict onto this model's keys and infer its VirTexConfig.
+
+    Accepts a full checkpoint ({'model': ...} or bare: visual.cnn.*, textual.*, backward_textual.*)
+    or a backbone-only file (plain torchvision keys). Official layers are PyTorch's
+    nn.TransformerDecoderLayer: their fused in_proj of the cross-attention is split here into our
+    q and kv projections. Heads are not stored in weights: the official configs all use H / 64.
+    """
+    if not isinstance(state, dict):
+        raise SystemExit(f"error: checkpoint {path}: expected a dict of tensors")
+    if isinstance(state.get('model'), dict):
+        state = state['model']
+    if any(k.startswith('visual.cnn.') for k in state):
+        visual = {k[len('visual.cnn.'):]: v for k, v in state.items() if k.startswith('visual.cnn.')}
+    elif 'conv1.weight' in state:  # backbone-only file, e.g. the official torch.hub backbone
+        visual = dict(state)
+    else:
+        raise SystemExit(f"error: checkpoint {path}: neither an official VirTex checkpoint (visual.cnn.*) "
+                         f"nor a ResNet backbone file (conv1.weight)")
+    visual = {k: v for k, v in visual.items() if not k.startswith('fc.')}
+    ours = {'visual.' + k: v for k, v in visual.items()}
+    if 'textual.embedding.words.weight' not in state:
+        return VirTexConfig(visual=infer_resnet(visual, path)), ours  # backbone only: the head stays random
+
+    words = state['textual.embedding.words.weight']
+    V, H = words.shape
+    n_layer = len({k.split('.')[3] for k in state if k.startswith('textual.transformer.layers.')})
+    cfg = VirTexConfig(visual=infer_resnet(visual, path), vocab_size=V, n_layer=n_layer, n_embd=H,
+                       n_head=max(1, H // 64), max_len=state['textual.embedding.positions.weight'].shape[0],
+                       bidirectional=any(k.startswith('backward_textual.transformer.') for k in state),
+                       norm_first='textual.transformer.norm.weight' in state)
+    shared = {'visual_projection.weight': 'visual_projection.weight', 'visual_projection.bias': 'visual_projection.bias',
+              'word_embedding.weight': 'embedding.words.weight', 'position_embedding.weight': 'embedding.positions.weight',
+              'embedding_norm.weight': 'embedding.layer_norm.weight', 'embedding_norm.bias': 'embedding.layer_norm.bias',
+              'lm_head.weight': 'embedding.words.weight', 'lm_head.bias': 'output.bias'}
+    if cfg.norm_first:
+        shared.update({'final_norm.weight': 'transformer.norm.weight', 'final_norm.bias': 'transformer.norm.bias'})
+    for our_key, their_key in shared.items():
+        if 'textual.' + their_key not in state:
+            raise SystemExit(f"error: checkpoint {path}: missing key textual.{their_key}")
+        ours[our_key] = state['textual.' + their_key]
+        # the backward head shares these modules, so its copies must be identical
+        copy = state.get('backward_textual.' + their_key)
+        if cfg.bidirectional and copy is not None and not torch.equal(copy, ours[our_key]):
+            raise SystemExit(f"error: checkpoint {path}: backward_textual.{their_key} differs from textual.{their_key}")
+    directions = [('textual', 'layers_fwd')] + ([('backward_textual', 'layers_bwd')] if cfg.bidirectional else [])
+    for prefix, layers in directions:
+        for i in range(n_layer):
+            src, dst = f'{prefix}.transformer.layers.{i}.', f'{layers}.{i}.'
+            try:
+                for kind in ('weight', 'bias'):
+                    ours[dst + f'self_attn.qkv_proj.{kind}'] = state[src + f'self_attn.in_proj_{kind}']
+                    in_proj = state[src + f'multihead_attn.in_proj_{kind}']  # rows: [q; k; v]
+                    ours[dst + f'cross_attn.q_proj.{kind}'], ours[dst + f'cross_attn.kv_proj.{kind}'] = in_proj[:H], in_proj[H:]
+                    for name in ('self_attn.out_proj', 'linear1', 'linear2', 'norm1', 'norm2', 'norm3'):
+                        ours[dst + f'{name}.{kind}'] = state[src + f'{name}.{kind}']
+                    ours[dst + f'cross_attn.out_proj.{kind}'] = state[src + f'multihead_attn.out_proj.{kind}']
+            except KeyError as e:
+                raise SystemExit(f"error: checkpoint {path}: missing key {e.args[0]}") from None
+    return cfg, ours

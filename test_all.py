@@ -1,0 +1,391 @@
+"""
+The tests: fast, CPU only, no network, no COCO. Run with
+
+    python -m pytest test_all.py -q
+
+Inputs are built in memory or generated with data/shapes/prepare.py into pytest's tmp_path.
+"""
+
+import copy
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PY = sys.executable
+
+
+def run(*args, cwd=HERE, env=None, check=True):
+    """Run a project script in a subprocess; return the CompletedProcess (stdout+stderr as text)."""
+    proc = subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tiny_cfg(**overrides):
+    from model import VirTexConfig
+    cfg = dict(visual='resnet18', vocab_size=40, n_layer=2, n_embd=64, n_head=2, max_len=12)
+    cfg.update(overrides)
+    return VirTexConfig(**cfg)
+
+
+def tiny_batch(B=3, T=8, S=64, vocab=40, seed=0):
+    """Random images and captions [SOS] w.. [EOS] <pad>.. of different lengths."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, S, S, generator=g)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    for b in range(B):
+        n = T - 2 - (b % 3)
+        tokens[b, 0], tokens[b, n + 1] = 1, 2
+        tokens[b, 1:n + 1] = torch.randint(4, vocab, (n,), generator=g)
+    return images, tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# configurator.py
+
+def test_configurator_types_files_and_errors(tmp_path):
+    from configurator import configure
+    config = {'lr': 0.1, 'batch_size': 8, 'compile': True, 'out_dir': 'out', 'init': None, '_private': 1}
+    rest = configure(config, ['--lr=1', '--compile=False', '--out_dir=123', '--init=random', 'image.jpg'])
+    assert config['lr'] == 1.0 and isinstance(config['lr'], float), 'int accepted where a float is expected'
+    assert config['compile'] is False and config['out_dir'] == '123' and config['init'] == 'random'
+    assert rest == ['image.jpg'], 'bare non-.py arguments are returned to the script'
+    cfg_file = tmp_path / 'c.py'
+    cfg_file.write_text("batch_size = 32  # why\nimport math\n")
+    configure(config, [str(cfg_file), '--batch_size=64'])
+    assert config['batch_size'] == 64, 'flags after a config file win'
+    configure(config, ['--batch_size=16', str(cfg_file)])
+    assert config['batch_size'] == 32, 'later arguments win, config files included'
+    with pytest.raises(SystemExit, match="unknown config key 'batch_sise'.*did you mean 'batch_size'"):
+        configure(config, ['--batch_sise=3'])
+    with pytest.raises(SystemExit, match='takes True or False'):
+        configure(config, ['--compile=yes'])
+    with pytest.raises(SystemExit, match='takes a int'):
+        configure(config, ['--batch_size=2.5'])
+    with pytest.raises(SystemExit, match='needs a value'):
+        configure(config, ['--lr'])
+    bad = tmp_path / 'bad.py'
+    bad.write_text("n_layers = 2\n")
+    with pytest.raises(SystemExit, match=r"bad\.py: unknown config key 'n_layers'"):
+        configure(config, [str(bad)])
+    with pytest.raises(SystemExit, match='no_such.py'):
+        configure(config, ['no_such.py'])
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer.py
+
+@pytest.fixture(scope='module')
+def vocab(tmp_path_factory):
+    """A small BPE vocabulary trained with tokenizer.py's CLI on made-up captions."""
+    d = tmp_path_factory.mktemp('vocab')
+    words = ('a the red blue green small large circle square star to left right of above below two '
+             'three on striped background there is cafe leftover bright').split()
+    rng = np.random.default_rng(0)
+    anns = [{'id': i, 'image_id': i, 'caption': ' '.join(rng.choice(words, 8))} for i in range(500)]
+    (d / 'caps.json').write_text(json.dumps({'annotations': anns}))
+    run('tokenizer.py', f'--captions={d / "caps.json"}', '--vocab_size=80', f'--out={d / "v"}')
+    return d
+
+
+def test_tokenizer_round_trip_special_ids_normalization_pickle(vocab):
+    from tokenizer import Tokenizer
+    tok = Tokenizer(vocab / 'v.model')
+    assert len(tok) == 80
+    assert (tok.pad_id, tok.sos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3)
+    assert [tok.sp.id_to_piece(i) for i in range(4)] == ['<unk>', '[SOS]', '[EOS]', '[MASK]']
+    text = 'a red circle to the left of two blue stars'
+    ids = tok.encode(text)
+    assert all(i > 3 for i in ids), 'plain text never encodes to special ids'
+    assert tok.decode([1] + ids + [2, 0, 0]) == text, 'decode drops special ids'
+    assert tok.encode('Café LEFT') == tok.encode('cafe left'), 'lower-case and accents stripped'
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode(text) == ids
+
+
+def test_tokenizer_bad_inputs(tmp_path, vocab):
+    bad_json = tmp_path / 'bad.json'
+    bad_json.write_text('{"annotations": [')
+    empty = tmp_path / 'empty.json'
+    empty.write_text('{"annotations": []}')
+    cases = [([f'--captions={tmp_path / "missing.json"}', '--out=' + str(tmp_path / 'v')], 'missing.json'),
+             ([f'--captions={bad_json}', '--out=' + str(tmp_path / 'v')], 'bad.json: not valid JSON'),
+             ([f'--captions={empty}', '--out=' + str(tmp_path / 'v')], 'empty.json: no captions'),
+             ([f'--captions={vocab / "caps.json"}', '--vocab_size=100000', '--out=' + str(tmp_path / 'v')],
+              'the largest that works is'),
+             ([f'--captions={vocab / "caps.json"}', f'--out={tmp_path}/no/such/dir/v'], 'not writable')]
+    for args, message in cases:
+        proc = run('tokenizer.py', *args, check=False)
+        assert proc.returncode != 0, args
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.glob('v*')), 'nothing half-written is left behind'
+
+
+# ----------------------------------------------------------------------------------------------
+# model.py
+
+def test_model_shapes_and_parts():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg())
+    images, tokens = tiny_batch()
+    loss, parts = model(images, tokens)
+    assert loss.shape == () and set(parts) == {'fwd', 'bwd'}
+    assert torch.allclose(loss.detach(), parts['fwd'] + parts['bwd'])
+    assert abs(parts['fwd'].item() - math.log(40)) < 0.5, 'at init the loss is near log(vocab)'
+    grid = model.encode_images(images)
+    assert grid.shape == (3, 512, 2, 2)
+    assert model.project(grid).shape == (3, 4, 64)
+    assert model.logits(model.project(grid), tokens).shape == (3, 8, 40)
+    uni = VirTex(tiny_cfg(bidirectional=False))
+    assert set(uni(images, tokens)[1]) == {'fwd'} and uni.layers_bwd is None
+
+
+def test_model_bad_inputs():
+    from model import VirTex
+    model = VirTex(tiny_cfg())
+    images, tokens = tiny_batch()
+    with pytest.raises(ValueError, match=r'images must be \(B, 3'):
+        model(images[:, :1], tokens)
+    with pytest.raises(ValueError, match='exceed max_len=12'):
+        model(images, torch.ones(3, 13, dtype=torch.long))
+    with pytest.raises(ValueError, match='not divisible'):
+        VirTex(tiny_cfg(n_head=3))
+
+
+def test_reverse_captions_keeps_pads_and_is_its_own_inverse():
+    from model import reverse_captions
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0, 0], [1, 4, 0, 8, 5, 5, 2]])
+    lengths = torch.tensor([5, 3, 7])
+    rev = reverse_captions(tokens, lengths)
+    assert rev.tolist() == [[2, 7, 6, 5, 1, 0, 0], [2, 9, 1, 0, 0, 0, 0], [2, 5, 5, 8, 0, 4, 1]]
+    assert torch.equal(reverse_captions(rev, lengths), tokens)
+
+
+def test_padding_never_changes_the_loss():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    images, tokens = tiny_batch()
+    padded = torch.cat([tokens, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a, parts_a = model(images, tokens)
+        b, parts_b = model(images, padded)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(parts_a['bwd'], parts_b['bwd'], atol=1e-6)
+
+
+def test_causal_mask_holds_in_both_directions():
+    from model import VirTex, reverse_captions
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    images, tokens = tiny_batch()
+    changed = tokens.clone()
+    changed[:, 4:] = torch.randint(4, 40, (3, 4))
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        for direction in ('fwd', 'bwd'):
+            a, b = model.logits(memory, tokens, direction), model.logits(memory, changed, direction)
+            assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6), f'{direction}: later ids leak into earlier logits'
+            assert not torch.allclose(a[:, 4:], b[:, 4:]), 'the test must change something'
+
+
+def test_cached_decoding_equals_full_forward():
+    from model import VirTex
+    torch.manual_seed(0)
+    for norm_first in (False, True):
+        model = VirTex(tiny_cfg(norm_first=norm_first)).eval()
+        images, tokens = tiny_batch()
+        with torch.no_grad():
+            memory = model.project(model.encode_images(images))
+            full = F.log_softmax(model.logits(memory, tokens), dim=-1)
+            cache, steps = None, []
+            for t in range(tokens.shape[1]):
+                logp, cache = model.decode_step(memory, tokens[:, t], cache)
+                steps.append(logp)
+        real = tokens != 0
+        diff = (full - torch.stack(steps, 1))[real].abs().max().item()
+        assert diff < 1e-5, f'cached step logits differ from the full pass by {diff} (norm_first={norm_first})'
+
+
+def test_select_cache_reorders_rows():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    images, tokens = tiny_batch()
+    memory = model.project(model.encode_images(images))
+    _, cache = model.decode_step(memory, tokens[:, 0])
+    rows = torch.tensor([2, 2, 0])
+    logp_sel, _ = model.decode_step(None, tokens[rows, 1], VirTex.select_cache(cache, rows))
+    _, cache_ref = model.decode_step(memory[rows], tokens[rows, 0])
+    logp_ref, _ = model.decode_step(None, tokens[rows, 1], cache_ref)
+    assert torch.allclose(logp_sel, logp_ref, atol=1e-6)
+
+
+def test_overfits_a_tiny_batch():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(dropout=0.0))
+    images, tokens = tiny_batch(B=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = model(images, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], f'loss went {losses[0]:.3f} -> {losses[-1]:.3f}'
+
+
+def test_param_groups_follow_the_no_decay_rule():
+    from model import VirTex
+    model = VirTex(tiny_cfg(n_layer=1))
+    groups = model.param_groups(weight_decay=1e-4, cnn_lr=0.2, lr=0.001)
+    assert [g['name'] for g in groups] == ['visual', 'textual', 'textual_no_decay']
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {g['name']: {names[id(p)] for p in g['params']} for g in groups}
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+    assert all(n.startswith('visual.') for n in by_group['visual'])
+    assert 'visual.bn1.weight' in by_group['visual'] and groups[0]['weight_decay'] == 1e-4
+    assert {'embedding_norm.weight', 'layers_fwd.0.norm2.bias', 'layers_bwd.0.linear1.bias',
+            'layers_fwd.0.cross_attn.kv_proj.bias'} <= by_group['textual_no_decay']
+    assert {'visual_projection.bias', 'lm_head.bias', 'word_embedding.weight',
+            'layers_fwd.0.linear1.weight'} <= by_group['textual'], 'upstream decays these'
+
+
+def test_backbone_exports_into_torchvision():
+    import torchvision
+    from model import VirTex
+    model = VirTex(tiny_cfg())
+    resnet = torchvision.models.resnet18()
+    result = resnet.load_state_dict(model.backbone_state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
+    resnet.fc = nn.Identity()
+    resnet.eval(), model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.encode_images(images).mean((2, 3))
+        assert torch.allclose(resnet(images), pooled, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
+    from dataclasses import asdict
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 64}}, path)
+    loaded = VirTex.from_checkpoint(path)
+    assert loaded.train_config == {'image_size': 64}
+    images, tokens = tiny_batch()
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        assert torch.equal(model.logits(memory, tokens), loaded.logits(loaded.project(loaded.encode_images(images)), tokens))
+    other = tmp_path / 'other.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(tiny_cfg(n_embd=128))}, other)
+    with pytest.raises(SystemExit, match=r'other\.pt: does not fit this architecture: .*shape mismatches'):
+        VirTex.from_checkpoint(other)
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(SystemExit, match=r'truncated\.pt: cannot be read'):
+        VirTex.from_checkpoint(truncated)
+    with pytest.raises(SystemExit, match='no such file'):
+        VirTex.from_checkpoint(tmp_path / 'missing.pt')
+
+
+class OfficialEmbedding(nn.Module):
+    """The official VirTex word+position embedding, rebuilt from its description for this test."""
+
+    def __init__(self, V, H, max_len):
+        super().__init__()
+        self.words = nn.Embedding(V, H, padding_idx=0)
+        self.positions = nn.Embedding(max_len, H)
+        self.layer_norm = nn.LayerNorm(H, eps=1e-8)
+
+
+class OfficialTextualHead(nn.Module):
+    """The official textual head's math on PyTorch's own nn.TransformerDecoder (as upstream uses it),
+    with upstream's module names, so its state_dict has the official key layout."""
+
+    def __init__(self, C, V, H, L, max_len):
+        super().__init__()
+        self.visual_projection = nn.Linear(C, H)
+        self.embedding = OfficialEmbedding(V, H, max_len)
+        layer = nn.TransformerDecoderLayer(H, H // 64, 4 * H, dropout=0.1, activation='gelu', batch_first=True)
+        self.transformer = nn.TransformerDecoder(layer, L)
+        self.output = nn.Linear(H, V)
+        self.output.weight = self.embedding.words.weight
+
+    def forward(self, grid, tokens, lengths):
+        memory = self.visual_projection(grid.view(*grid.shape[:2], -1).permute(0, 2, 1))
+        T = tokens.shape[1]
+        x = self.embedding.layer_norm(self.embedding.words(tokens) + self.embedding.positions(torch.arange(T)))
+        x = x * (tokens != 0).unsqueeze(-1)
+        future = torch.triu(torch.full((T, T), float('-inf')), diagonal=1)
+        padding = lengths.unsqueeze(1) < torch.ones_like(tokens).cumsum(1)
+        return self.output(self.transformer(x, memory, tgt_mask=future, tgt_key_padding_mask=padding))
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+def test_from_official_computes_the_official_function(tmp_path):
+    import torchvision
+    from model import VirTex, reverse_captions
+    torch.manual_seed(0)
+    V, H, L, max_len = 40, 128, 2, 12
+    official = nn.Module()
+    official.visual = nn.Module()
+    official.visual.cnn = torchvision.models.resnet18()
+    official.visual.cnn.fc = nn.Identity()
+    official.textual = OfficialTextualHead(512, V, H, L, max_len)
+    official.backward_textual = copy.deepcopy(official.textual)
+    for shared in ('visual_projection', 'embedding', 'output'):  # as upstream's bicaptioning model does
+        setattr(official.backward_textual, shared, getattr(official.textual, shared))
+    with torch.no_grad():  # random values everywhere, biases and norms included, so nothing passes by luck
+        for p in official.parameters():
+            p.normal_(0, 0.05)
+        for m in official.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
+    official.eval()
+    path = tmp_path / 'official.pth'
+    torch.save({'model': official.state_dict(), 'iteration': 500000}, path)
+    model = VirTex.from_official(path)
+    assert (model.config.visual, model.config.n_layer, model.config.n_embd, model.config.n_head,
+            model.config.vocab_size, model.config.max_len, model.config.bidirectional) == \
+        ('resnet18', L, H, 2, V, max_len, True)
+    images, tokens = tiny_batch(S=64, T=9, vocab=V)
+    lengths = (tokens != 0).sum(1)
+    with torch.no_grad():
+        cnn = official.visual.cnn  # upstream runs the torchvision children up to layer4
+        grid = images
+        for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
+            grid = getattr(cnn, name)(grid)
+        ours_grid = model.encode_images(images)
+        assert torch.allclose(ours_grid, grid, atol=1e-5)
+        memory = model.project(ours_grid)
+        real = tokens != 0
+        want_fwd = official.textual(grid, tokens, lengths)
+        assert torch.allclose(model.logits(memory, tokens)[real], want_fwd[real], atol=1e-4)
+        tokens_bwd = reverse_captions(tokens, lengths)
+        want_bwd = official.backward_textual(grid, tokens_bwd, lengths)
+        assert torch.allclose(model.logits(memory, tokens_bwd, 'bwd')[real], want_bwd[real], atol=1e-4)
+    # the official torch.hub backbone file: plain torchvision keys, no fc
+    backbone_path = tmp_path / 'backbone.pth'
+    torch.save({k: v for k, v in official.visual.cnn.state_dict().items()}, backbone_path)
+    backbone = VirTex.from_official(backbone_path)
+    assert all(torch.equal(backbone.backbone_state_dict()[k], v) for k, v in official.visual.cnn.state_dict().items())
+    with pytest.raises(SystemExit, match='neither an official VirTex checkpoint'):
+        torch.save({'foo': torch.zeros(1)}, tmp_path / 'foo.pth')
+        VirTex.from_official(tmp_path / 'foo.pth')

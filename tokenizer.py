@@ -1,0 +1,151 @@
+"""
+Train a SentencePiece BPE vocabulary on COCO-format captions, and encode/decode captions with it.
+
+    python tokenizer.py --captions=data/coco/annotations/captions_train2017.json --vocab_size=10000 --out=data/coco/vocab
+
+writes PREFIX.model and PREFIX.vocab. As in the paper: BPE, character coverage 1.0, captions
+lower-cased and stripped of accents both when training and when encoding. Ids 0-3 are fixed:
+<unk> = 0 (also used as padding), [SOS] = 1, [EOS] = 2, [MASK] = 3.
+
+    from tokenizer import Tokenizer
+    tok = Tokenizer('data/coco/vocab.model')
+    ids = tok.encode('A Café on the LEFT')     # pieces only; callers add [SOS] / [EOS]
+    tok.decode(ids)                            # 'a cafe on the left'
+
+(The file is not called tokenize.py: that name would shadow the standard-library module
+`tokenize`, which `import torch` needs, for every script in this folder.)
+Imports only the standard library and sentencepiece, so it can be copied alone.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+import unicodedata
+
+import sentencepiece as spm
+
+PAD_ID, SOS_ID, EOS_ID, MASK_ID = 0, 1, 2, 3
+SPECIAL_PIECES = {SOS_ID: '[SOS]', EOS_ID: '[EOS]', MASK_ID: '[MASK]'}
+
+
+def normalize(text: str) -> str:
+    """Lower-case and strip accents (NFKD, then drop combining marks): 'Café' -> 'cafe'."""
+    text = unicodedata.normalize('NFKD', text.lower())
+    return ''.join(c for c in text if not unicodedata.combining(c)).strip()
+
+
+class Tokenizer:
+    """A trained SentencePiece model plus the project's normalization and special ids.
+
+    Picklable (it carries the serialized model, not a file handle), so DataLoader workers
+    can each hold one.
+    """
+
+    def __init__(self, model_path: str):
+        self.model_path = str(model_path)
+        try:
+            with open(self.model_path, 'rb') as f:
+                proto = f.read()
+        except OSError as e:
+            raise SystemExit(f"error: tokenizer {self.model_path}: {e.strerror}") from None
+        self._load(proto)
+
+    def _load(self, proto: bytes) -> None:
+        self.proto = proto
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError):
+            raise SystemExit(f"error: tokenizer {self.model_path}: not a SentencePiece model") from None
+        for i, piece in SPECIAL_PIECES.items():
+            if self.sp.piece_to_id(piece) != i:
+                raise SystemExit(f"error: tokenizer {self.model_path}: expected {piece} at id {i} "
+                                 f"(train it with tokenizer.py)")
+
+    def __getstate__(self):
+        return {'model_path': self.model_path, 'proto': self.proto}
+
+    def __setstate__(self, state):
+        self.model_path = state['model_path']
+        self._load(state['proto'])
+
+    pad_id, sos_id, eos_id, mask_id = PAD_ID, SOS_ID, EOS_ID, MASK_ID
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(normalize(text), out_type=int)
+
+    def decode(self, ids) -> str:
+        # special ids (padding, [SOS], [EOS], [MASK]) are dropped, not printed
+        return self.sp.decode([int(i) for i in ids if int(i) > MASK_ID])
+
+
+def read_captions(path: str) -> list[str]:
+    """All caption strings of a COCO captions JSON file; exits with a one-line error if unusable."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SystemExit(f"error: captions file {path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: captions file {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get('annotations'), list):
+        raise SystemExit(f"error: captions file {path}: no 'annotations' list (expected COCO captions format)")
+    captions = [a['caption'] for a in data['annotations']
+                if isinstance(a, dict) and isinstance(a.get('caption'), str) and a['caption'].strip()]
+    if not captions:
+        raise SystemExit(f"error: captions file {path}: no captions in 'annotations'")
+    return captions
+
+
+def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
+    """Train the BPE model and write out_prefix.model / .vocab atomically (temp names, then rename)."""
+    tmp_prefix = f"{out_prefix}.tmp{os.getpid()}"
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter([normalize(c) for c in captions]),
+            model_prefix=tmp_prefix, model_type='bpe', vocab_size=vocab_size,
+            character_coverage=1.0,  # keep every character seen; COCO is almost all ASCII anyway
+            unk_id=PAD_ID, bos_id=-1, eos_id=-1, pad_id=-1,  # <unk> doubles as padding, as upstream
+            control_symbols=[SPECIAL_PIECES[i] for i in sorted(SPECIAL_PIECES)],
+            input_sentence_size=2_000_000, shuffle_input_sentence=True, minloglevel=2)
+    except RuntimeError as e:
+        for suffix in ('.model', '.vocab'):
+            if os.path.exists(tmp_prefix + suffix):
+                os.remove(tmp_prefix + suffix)
+        # sentencepiece says "Vocabulary size is too high (N). Please set it to a value <= M."
+        largest = re.search(r'<= (\d+)', str(e))
+        if largest:
+            raise SystemExit(f"error: --vocab_size={vocab_size} is too large for these captions; "
+                             f"the largest that works is {largest.group(1)}") from None
+        raise SystemExit(f"error: sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
+    for suffix in ('.vocab', '.model'):  # .model last: its presence marks a complete vocabulary
+        os.replace(tmp_prefix + suffix, out_prefix + suffix)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument('--captions', required=True, help='COCO captions JSON (captions_train2017.json)')
+    parser.add_argument('--vocab_size', type=int, default=10000, help='paper: 10000')
+    parser.add_argument('--out', required=True, help='output prefix: writes PREFIX.model and PREFIX.vocab')
+    args = parser.parse_args(argv)
+    if args.vocab_size <= len(SPECIAL_PIECES) + 1:
+        raise SystemExit(f"error: --vocab_size={args.vocab_size} must be larger than {len(SPECIAL_PIECES) + 1}")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+        raise SystemExit(f"error: --out={args.out}: folder {out_dir} does not exist or is not writable")
+    captions = read_captions(args.captions)
+    print(f"training a {args.vocab_size}-piece BPE vocabulary on {len(captions):,} captions from {args.captions}")
+    train(captions, args.vocab_size, args.out)
+    tok = Tokenizer(args.out + '.model')
+    example = captions[0]
+    print(f"example: {example!r} -> {[tok.sp.id_to_piece(i) for i in tok.encode(example)]}")
+    print(f"wrote {args.out}.model and {args.out}.vocab ({len(tok)} pieces)")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
