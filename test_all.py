@@ -389,3 +389,186 @@ def test_from_official_computes_the_official_function(tmp_path):
     with pytest.raises(SystemExit, match='neither an official VirTex checkpoint'):
         torch.save({'foo': torch.zeros(1)}, tmp_path / 'foo.pth')
         VirTex.from_official(tmp_path / 'foo.pth')
+
+
+# ----------------------------------------------------------------------------------------------
+# a tiny shapes world and vocabulary, shared by the tests of the scripts
+
+@pytest.fixture(scope='session')
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shapes')
+    run('data/shapes/prepare.py', f'--out={root}', '--n_train=64', '--n_val=16', '--n_voc_trainval=40',
+        '--n_voc_test=40', '--size=64', '--seed=1', '--workers=1')
+    run('tokenizer.py', f'--captions={root}/coco/annotations/captions_train2017.json', '--vocab_size=96',
+        f'--out={root}/vocab')
+    return root
+
+
+def definitions(script, *names, **globals_):
+    """Load top-level functions/classes of a flat script without running its body (train.py trains
+    when run), with the script's imports and the given module-level values."""
+    import ast
+    with open(os.path.join(HERE, script)) as f:
+        tree = ast.parse(f.read())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names)]
+    namespace = dict(globals_)
+    exec(compile(ast.Module(keep, type_ignores=[]), script, 'exec'), namespace)
+    return namespace
+
+
+def train_args(shapes, out_dir, *extra):
+    """A tiny, fast train.py run on the tiny world (about 0.1 s per iteration)."""
+    return ['train.py', 'config/shapes.py', f'--data_root={shapes}/coco', f'--tokenizer={shapes}/vocab.model',
+            f'--out_dir={out_dir}', '--n_embd=64', '--n_head=1', '--image_size=32', '--batch_size=8',
+            '--num_workers=0', '--eval_interval=0', '--log_interval=1', '--compile=False', *extra]
+
+
+def read_log(out_dir, event='train'):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [r for r in map(json.loads, f) if r['event'] == event]
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py
+
+def test_lookahead_one_cycle_by_hand():
+    ns = definitions('train.py', 'LookAhead')
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    sgd = torch.optim.SGD([w], lr=0.1)
+    opt = ns['LookAhead'](sgd, k=2, alpha=0.5)
+    grads = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, -1.0])]
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    fast = torch.tensor([1.0, -2.0]) - 0.1 * (grads[0] + grads[1])  # two plain SGD steps: [0.6, -2.0]
+    slow = torch.tensor([1.0, -2.0]) + 0.5 * (fast - torch.tensor([1.0, -2.0]))
+    assert torch.allclose(w.detach(), slow) and torch.allclose(opt.slow[0], slow), 'slow + alpha * (fast - slow)'
+    state = opt.state_dict()
+    clone_w = nn.Parameter(torch.zeros(2))
+    clone = ns['LookAhead'](torch.optim.SGD([clone_w], lr=0.1), k=2, alpha=0.5)
+    clone.load_state_dict(state)
+    assert clone.step_count == 2 and torch.allclose(clone.slow[0], slow), 'slow weights and counter are saved'
+
+
+def test_lr_schedule_warmup_then_cosine():
+    ns = definitions('train.py', 'get_lr', warmup_iters=100, max_iters=1100)
+    get_lr = ns['get_lr']
+    assert get_lr(0) == 0.0 and get_lr(50) == 0.5 and get_lr(100) == 1.0
+    assert abs(get_lr(600) - 0.5) < 1e-12, 'half way through the cosine'
+    assert abs(get_lr(1100)) < 1e-12 and get_lr(1099) > 0
+    assert abs(get_lr(350) - 0.5 * (1 + math.cos(math.pi * 0.25))) < 1e-12
+
+
+def test_flip_swaps_whole_words_only():
+    swap = definitions('train.py', 'swap_left_right')['swap_left_right']
+    assert swap('a star left of a ring, right of a box') == 'a star right of a ring, left of a box'
+    assert swap('the bright leftover copyright sign on the Left') == 'the bright leftover copyright sign on the right'
+    assert swap(swap('left-hand right')) == 'left-hand right'
+
+
+def test_coco_dataset_and_collate(shapes):
+    from tokenizer import Tokenizer
+    ns = definitions('train.py', 'CocoCaptions', 'collate', 'swap_left_right')
+    tok = Tokenizer(shapes / 'vocab.model')
+    data = ns['CocoCaptions'](str(shapes / 'coco'), 'train2017', tok, 48, 30, train=True, seed=0)
+    assert len(data) == 64
+    a, b = data[(0, 3)], data[(0, 3)]
+    assert torch.equal(a['image'], b['image']) and torch.equal(a['tokens'], b['tokens']), 'pure function of the key'
+    assert a['image'].shape == (3, 48, 48) and a['image'].dtype == torch.uint8
+    assert a['tokens'][0] == tok.sos_id and a['tokens'][-1] == tok.eos_id
+    short = ns['CocoCaptions'](str(shapes / 'coco'), 'train2017', tok, 48, 6, train=True, seed=0)
+    tokens = short[(0, 3)]['tokens']
+    assert len(tokens) <= 6 and tokens[-1] == tok.eos_id, 'over-long captions drop words, never [EOS]'
+    images, padded, errors = ns['collate']([a, short[(0, 3)], {'error': 'x.jpg: broken'}])
+    assert images.shape == (2, 3, 48, 48) and padded.shape == (2, len(a['tokens'])) and errors == ['x.jpg: broken']
+    assert padded[1, len(tokens):].eq(0).all()
+    val = ns['CocoCaptions'](str(shapes / 'coco'), 'val2017', tok, 48, 30, train=False, seed=0)
+    assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), 'eval transform is deterministic'
+
+
+def test_training_reduces_the_loss(shapes, tmp_path):
+    run(*train_args(shapes, tmp_path, '--max_iters=40', '--warmup_iters=5', '--ckpt_interval=1000'))
+    losses = [r['loss'] for r in read_log(tmp_path)]
+    assert len(losses) == 40
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    assert last < 0.8 * first, f'loss went {first:.3f} -> {last:.3f}'
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 40 and ckpt['config']['max_iters'] == 40 and ckpt['model_args']['vocab_size'] == 96
+
+
+def test_resume_is_exact(shapes, tmp_path):
+    # warmup longer than the run keeps the LR schedule independent of max_iters; k=3 puts a
+    # LookAhead sync in the resumed half, so the saved slow weights matter
+    common = ['--warmup_iters=10', '--lookahead_k=3', '--ckpt_interval=2', '--dropout=0.1']
+    run(*train_args(shapes, tmp_path / 'whole', '--max_iters=4', *common))
+    run(*train_args(shapes, tmp_path / 'split', '--max_iters=2', *common))
+    (tmp_path / 'split' / 'ckpt.pt.tmp').write_bytes(b'a save that was killed half way')
+    proc = run(*train_args(shapes, tmp_path / 'split', '--max_iters=4', '--init_from=resume', *common))
+    assert 'resuming from' in proc.stdout
+    whole = torch.load(tmp_path / 'whole' / 'ckpt.pt', weights_only=True)
+    split = torch.load(tmp_path / 'split' / 'ckpt.pt', weights_only=True)
+    assert whole['iter_num'] == split['iter_num'] == 4
+    for key, value in whole['model'].items():
+        assert torch.equal(value, split['model'][key]), f'{key} differs after resume'
+    for a, b in zip(whole['optimizer']['slow'], split['optimizer']['slow']):
+        assert torch.equal(a, b)
+    assert [r['loss'] for r in read_log(tmp_path / 'whole')][2:] == [r['loss'] for r in read_log(tmp_path / 'split')][2:]
+
+
+def test_torchrun_two_processes(shapes, tmp_path):
+    proc = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               *train_args(shapes, tmp_path, '--max_iters=3', '--warmup_iters=1', '--ckpt_interval=1000'),
+               env={'OMP_NUM_THREADS': '1'})
+    assert proc.stdout.count('iter 3/3') == 1, 'only rank 0 logs'
+    assert '2 process(es) x 1 micro-batches x 4 = 8 images' in proc.stdout
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 3 and len(ckpt['rng_state']) == 2
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'log.jsonl']
+
+
+def test_train_config_and_input_errors(shapes, tmp_path):
+    cases = [(['--n_embed=64'], "unknown config key 'n_embed' (did you mean 'n_embd'?)"),
+             (['--init_from=restart'], 'choose one of scratch, resume'),
+             (['--batch_size=0'], 'must be positive'),
+             (['--data_root=/no/such/coco'], 'data_root=/no/such/coco: no such file'),
+             (['--tokenizer=/no/such.model'], 'tokenizer=/no/such.model: no such file'),
+             (['--init_from=resume'], 'ckpt.pt does not exist')]
+    for extra, message in cases:
+        proc = run(*train_args(shapes, tmp_path / 'errors', '--max_iters=1', *extra), check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    broken = tmp_path / 'broken'
+    broken.mkdir()
+    (broken / 'annotations').mkdir()
+    (broken / 'annotations' / 'captions_train2017.json').write_text('{"images": []')
+    proc = run(*train_args(shapes, tmp_path / 'errors', f'--data_root={broken}'), check=False)
+    assert 'captions_train2017.json: not a COCO captions file' in proc.stderr
+
+
+def test_bad_images_are_skipped_up_to_a_cap(shapes, tmp_path):
+    import shutil
+    root = tmp_path / 'coco'
+    shutil.copytree(shapes / 'coco', root)
+    names = sorted(os.listdir(root / 'train2017'))
+    (root / 'train2017' / names[0]).write_bytes(b'not a jpeg')
+    (root / 'train2017' / names[1]).unlink()
+    args = train_args(shapes, tmp_path / 'out', f'--data_root={root}', '--max_iters=8', '--warmup_iters=1',
+                      '--ckpt_interval=1000')
+    proc = run(*args)
+    assert proc.stdout.count('warning: skipped') == 2 and names[0] in proc.stdout and names[1] in proc.stdout
+    assert '2 images skipped' in proc.stdout
+    proc = run(*args, '--max_bad_images=1', check=False)
+    assert proc.returncode != 0 and 'more than max_bad_images=1 images failed to load' in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
+    run(*train_args(shapes, tmp_path, '--max_iters=2', '--warmup_iters=1', '--ckpt_interval=1'))
+    before = (tmp_path / 'ckpt.pt').read_bytes()
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=30', '--warmup_iters=1', '--ckpt_interval=1',
+                           '--init_from=resume', '--cnn_lr=1e999', '--lr=1e999'), check=False)
+    assert proc.returncode != 0 and 'non-finite' in proc.stderr, proc.stderr
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()), \
+        'a checkpoint with non-finite weights must never replace the last good one'
+    assert ckpt['iter_num'] < 30 and (ckpt['iter_num'] > 2 or (tmp_path / 'ckpt.pt').read_bytes() == before)
