@@ -7,18 +7,22 @@ Inputs are built in memory or generated with data/shapes/prepare.py into pytest'
 """
 
 import copy
+import importlib.util
 import json
 import math
 import os
 import pickle
+import re
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
@@ -389,6 +393,218 @@ def test_from_official_computes_the_official_function(tmp_path):
     with pytest.raises(SystemExit, match='neither an official VirTex checkpoint'):
         torch.save({'foo': torch.zeros(1)}, tmp_path / 'foo.pth')
         VirTex.from_official(tmp_path / 'foo.pth')
+
+
+# ----------------------------------------------------------------------------------------------
+# data/shapes/prepare.py: the synthetic world, in COCO and VOC formats
+
+PREPARE = os.path.join(HERE, 'data', 'shapes', 'prepare.py')
+TINY = ['--n_train=30', '--n_val=10', '--n_voc_trainval=30', '--n_voc_test=30', '--size=64', '--seed=3']
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=300)
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location('shapes_prepare', PREPARE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prep = load_prepare()
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp('shapes')
+    result = run_prepare(f'--out={out}', *TINY, '--workers=1')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith('wrote 100 images'), result.stdout
+    return out
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_coco_json_well_formed(world):
+    image_ids, caption_ids = [], []
+    for split, n in (('train2017', 30), ('val2017', 10)):
+        d = load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')
+        assert set(d) >= {'info', 'licenses', 'images', 'annotations'}, split
+        assert len(d['images']) == n, split
+        per_image = {}
+        for a in d['annotations']:
+            assert set(a) >= {'id', 'image_id', 'caption'} and a['caption'].strip(), a
+            per_image.setdefault(a['image_id'], []).append(a['caption'])
+            caption_ids.append(a['id'])
+        for im in d['images']:
+            assert set(im) >= {'id', 'file_name', 'width', 'height'}, im
+            assert im['file_name'] == f"{im['id']:012d}.jpg", im
+            with Image.open(world / 'coco' / split / im['file_name']) as img:
+                img.load()
+                assert img.size == (im['width'], im['height']) == (64, 64) and img.mode == 'RGB', im
+            assert len(per_image.get(im['id'], [])) == 5, f"{im['file_name']}: {per_image.get(im['id'])}"
+            assert len(set(per_image[im['id']])) == 5, f"captions not all different: {per_image[im['id']]}"
+            image_ids.append(im['id'])
+        assert set(per_image) == {im['id'] for im in d['images']}, 'captions for unlisted images'
+        assert len(os.listdir(world / 'coco' / split)) == n, 'stray files in ' + split
+    assert len(image_ids) == len(set(image_ids)), 'image ids repeat across train and val'
+    assert len(caption_ids) == len(set(caption_ids)), 'caption ids repeat'
+    assert not list(world.glob('.prepare-*')), 'temporary folder left behind'
+
+
+def test_voc_files_consistent(world):
+    main_dir = world / 'VOC2007' / 'ImageSets' / 'Main'
+    for split, n in (('trainval', 30), ('test', 30)):
+        names = (main_dir / f'{split}.txt').read_text().split()
+        assert len(names) == n and all(re.fullmatch(r'\d{6}', m) for m in names), names
+        objects = {}
+        for name in names:
+            with Image.open(world / 'VOC2007' / 'JPEGImages' / f'{name}.jpg') as img:
+                img.load()
+                assert img.size == (64, 64), name
+            root = ET.parse(world / 'VOC2007' / 'Annotations' / f'{name}.xml').getroot()
+            assert root.findtext('folder') == 'VOC2007' and root.findtext('filename') == f'{name}.jpg'
+            assert [root.findtext(f'size/{k}') for k in ('width', 'height', 'depth')] == ['64', '64', '3']
+            assert root.findtext('segmented') == '0'
+            objects[name] = []
+            for obj in root.findall('object'):
+                assert obj.findtext('name') in prep.CATEGORIES and obj.findtext('pose') == 'Unspecified'
+                assert obj.findtext('truncated') in ('0', '1') and obj.findtext('difficult') in ('0', '1')
+                box = [int(obj.findtext(f'bndbox/{k}')) for k in ('xmin', 'ymin', 'xmax', 'ymax')]
+                assert 1 <= box[0] <= box[2] <= 64 and 1 <= box[1] <= box[3] <= 64, (name, box)
+                objects[name].append((obj.findtext('name'), obj.findtext('difficult') == '1'))
+            assert objects[name], f'{name} has no objects'
+        for c in prep.CATEGORIES:
+            lines = (main_dir / f'{c}_{split}.txt').read_text().splitlines()
+            assert [line.split()[0] for line in lines] == names, f'{c}_{split}.txt lists other images'
+            for line in lines:
+                assert re.fullmatch(r'\d{6} (-1| 1| 0)', line), f'{c}_{split}.txt: {line!r}'
+                flags = [difficult for cat, difficult in objects[line[:6]] if cat == c]
+                expected = -1 if not flags else 0 if all(flags) else 1
+                assert int(line[7:]) == expected, f'{c}_{split}.txt: {line!r}, objects {objects[line[:6]]}'
+        scenes = load_json(world / 'VOC2007' / f'scenes_{split}.json')
+        assert [s['name'] for s in scenes] == names
+        for s in scenes:
+            assert [(o['category'], o['difficult']) for o in s['objects']] == objects[s['name']]
+    assert len(os.listdir(world / 'VOC2007' / 'JPEGImages')) == 60
+
+
+def test_coco_and_voc_disjoint(world):
+    files = {'coco': list((world / 'coco').glob('*2017/*.jpg')), 'voc': list((world / 'VOC2007').glob('JPEGImages/*'))}
+    pixels = {k: {np.asarray(Image.open(p)).tobytes() for p in v} for k, v in files.items()}
+    assert len(pixels['coco']) == 40 and len(pixels['voc']) == 60, 'images repeat within a data set'
+    assert not pixels['coco'] & pixels['voc'], 'an image is in both COCO and VOC'
+
+
+# ---- captions must be true to the scene they describe --------------------------------------------------
+NOUNS = {**{c: c for c in prep.CATEGORIES}, **{prep.PLURALS[c]: c for c in prep.CATEGORIES}}
+SIZE_OF = {'small': 'small', 'little': 'small', 'large': 'large', 'big': 'large'}
+COUNT = {'a': 1, 'an': 1, 'two': 2, 'three': 3, 'four': 4}
+NP = (rf"(?:{'|'.join(COUNT)}) (?:(?:{'|'.join(SIZE_OF)}) )?(?:(?:{'|'.join(prep.COLOURS)}) )?"
+      rf"(?:{'|'.join(sorted(NOUNS, key=len, reverse=True))})")
+NP_PARTS = re.compile(rf"({'|'.join(COUNT)}) (?:({'|'.join(SIZE_OF)}) )?(?:({'|'.join(prep.COLOURS)}) )?(\w+)")
+
+POSITIONS = {'on the left': lambda x, y: x < 0.4, 'on the right': lambda x, y: x > 0.6,  # x, y in image widths
+             'at the top': lambda x, y: y < 0.4, 'at the bottom': lambda x, y: y > 0.6,
+             'in the middle': lambda x, y: max(abs(x - 0.5), abs(y - 0.5)) < 0.2}
+
+
+def matching(phrase, scene):
+    """The plainly visible objects a noun phrase like 'a small red star' can refer to, and its count."""
+    count, size, colour, noun = NP_PARTS.fullmatch(phrase).groups()
+    return [o for o in scene['objects'] if not o['difficult'] and o['category'] == NOUNS[noun]
+            and colour in (None, o['colour']) and (size is None or SIZE_OF[size] == o['size'])], COUNT[count]
+
+
+def check_caption(caption, scene):
+    size, shown = scene['size'], [o for o in scene['objects'] if not o['difficult']]
+    mentioned = {c: 0 for c in prep.CATEGORIES}
+    for m in re.finditer(rf'\b{NP}\b', caption):
+        objs, count = matching(m.group(), scene)
+        assert objs, f'{caption!r}: no visible object is {m.group()!r}'
+        if count > 1:  # "two red stars": exactly that many of the category, all visible, all fitting the words
+            same = [o for o in scene['objects'] if o['category'] == objs[0]['category']]
+            assert len(objs) == len(same) == count, f'{caption!r}: {m.group()!r} is a wrong count'
+        mentioned[objs[0]['category']] += count
+    for c in prep.CATEGORIES:  # every visible object named once; nothing else, hidden objects included
+        assert mentioned[c] == sum(o['category'] == c for o in shown), f'{caption!r}: {c} mentioned {mentioned[c]}x'
+    nouns = [w for w in re.findall(r'\w+', caption) if w in NOUNS]
+    assert len(nouns) == len(re.findall(rf'\b{NP}\b', caption)), f'{caption!r}: a shape named outside a phrase'
+    # relations: some pair of objects fitting the two phrases must be clearly (15% of the width) in that order
+    for m in re.finditer(rf'\b({NP}) (to the left of|to the right of|above|below) ({NP})\b', caption):
+        (first, _), relation, (second, _) = matching(m.group(1), scene), m.group(2), matching(m.group(3), scene)
+        axis, sign = {'to the left of': (0, 1), 'to the right of': (0, -1), 'above': (1, 1), 'below': (1, -1)}[relation]
+        assert any(sign * (b['center'][axis] - a['center'][axis]) > 0.15 * size for a in first for b in second), \
+            f'{caption!r}: {m.group()!r} is not true of {scene["objects"]}'
+    for m in re.finditer(rf'\b({NP}) (on the left|on the right|at the top|at the bottom|in the middle)\b', caption):
+        objs, holds = matching(m.group(1), scene)[0], POSITIONS[m.group(2)]
+        assert any(holds(*(np.array(o['center']) / size)) for o in objs), f'{caption!r}: {m.group()!r} is false'
+    for m in re.finditer(r'\b(two|three|four) shapes\b', caption):
+        assert COUNT[m.group(1)] == len(shown) == len(scene['objects']), f'{caption!r}: wrong number of shapes'
+    return bool(re.search(r'left of|right of|above|below', caption))
+
+
+def test_captions_true_to_scene(world):
+    n_relations = 0
+    for split in ('train2017', 'val2017'):
+        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
+        for a in load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')['annotations']:
+            n_relations += check_caption(a['caption'], scenes[a['image_id']])
+    assert n_relations >= 20, 'too few captions with left/right/above/below relations'
+
+
+def test_captions_true_in_many_scenes():
+    words, n_relations = set(), 0
+    for i in range(300):
+        rng = np.random.default_rng([7, i])
+        scene = prep.make_scene(rng, 64)
+        for caption in prep.captions(scene, rng):
+            n_relations += check_caption(caption, scene)
+            words |= set(re.findall(r'\w+', caption))
+    assert n_relations > 200 and 40 <= len(words) <= 120, (n_relations, len(words))
+
+
+def test_category_independent_of_colour_and_background():
+    # random conv features see colour and texture: if those predicted the category, the comparison would be moot
+    counts = np.zeros((len(prep.CATEGORIES), len(prep.COLOURS) + len(prep.BACKGROUNDS)))
+    for i in range(1500):
+        scene = prep.make_scene(np.random.default_rng([11, i]), 64)
+        for o in scene['objects']:
+            c = prep.CATEGORIES.index(o['category'])
+            counts[c, list(prep.COLOURS).index(o['colour'])] += 1
+            counts[c, len(prep.COLOURS) + list(prep.BACKGROUNDS).index(scene['background']['kind'])] += 1
+    for block in (counts[:, :len(prep.COLOURS)], counts[:, len(prep.COLOURS):]):
+        expected = block.sum(1, keepdims=True) * block.sum(0, keepdims=True) / block.sum()
+        cramers_v = np.sqrt(((block - expected) ** 2 / expected).sum() / block.sum() / (min(block.shape) - 1))
+        assert cramers_v < 0.1, f'category and colour/background associated: V = {cramers_v:.3f}'
+
+
+def test_same_seed_same_files(world, tmp_path):
+    result = run_prepare(f'--out={tmp_path}', *TINY, '--workers=2')  # other worker count, same bytes
+    assert result.returncode == 0, result.stderr
+    files = sorted(p.relative_to(world) for p in world.rglob('*') if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*') if p.is_file())
+    for f in files:
+        assert (world / f).read_bytes() == (tmp_path / f).read_bytes(), f'{f} differs between two runs'
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    ok_out = f'--out={tmp_path}/ok'
+    for args, names in (([f'--out={blocker}/shapes'], [str(blocker), '--out']),
+                        ([ok_out, '--n_train=-5'], ['--n_train']), ([ok_out, '--size=8'], ['--size']),
+                        ([ok_out, '--n_val=ten'], ['--n_val']), ([ok_out, '--workers=0'], ['--workers'])):
+        result = run_prepare(*TINY, *args)  # later flags win over TINY's
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1, (args, result.stderr)
+        assert all(name in lines[0] for name in names) and 'Traceback' not in lines[0], (args, lines[0])
+    assert not (tmp_path / 'ok').exists(), 'bad flags left output behind'
 
 
 # ----------------------------------------------------------------------------------------------
