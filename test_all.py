@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -788,3 +789,217 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()), \
         'a checkpoint with non-finite weights must never replace the last good one'
     assert ckpt['iter_num'] < 30 and (ckpt['iter_num'] > 2 or (tmp_path / 'ckpt.pt').read_bytes() == before)
+
+
+@pytest.fixture(scope='session')
+def tiny_ckpt(shapes, tmp_path_factory):
+    """A checkpoint of a few train.py iterations on the tiny world (its tokenizer path inside)."""
+    out = tmp_path_factory.mktemp('tiny_run')
+    run(*train_args(shapes, out, '--max_iters=6', '--warmup_iters=2', '--ckpt_interval=1000'))
+    return out / 'ckpt.pt'
+
+
+# ----------------------------------------------------------------------------------------------
+# caption.py
+
+def greedy_uncached(model, memory, max_steps):
+    """Reference greedy decoding: full uncached passes over the growing prefix, argmax, and the
+    rule that the word just emitted may not come again."""
+    cfg, captions = model.config, []
+    for b in range(memory.shape[0]):
+        prefix = [cfg.sos_id]
+        while len(prefix) <= max_steps:
+            logits = model.logits(memory[b:b + 1], torch.tensor([prefix]))[0, -1]
+            if len(prefix) > 1:
+                logits[prefix[-1]] = -math.inf
+            prefix.append(int(logits.argmax()))
+            if prefix[-1] == cfg.eos_id:
+                break
+        captions.append([t for t in prefix[1:] if t != cfg.eos_id])
+    return captions
+
+
+def spread_out_decoder(eos_bias):
+    """A random tiny model with larger weights than at init, so that captions depend on the image
+    and end at different lengths (at init every caption is the same)."""
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(max_len=12)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+        model.lm_head.bias[2] = eos_bias
+    return model
+
+
+def test_beam_size_one_equals_uncached_greedy():
+    import caption
+    from model import VirTex
+    model = spread_out_decoder(eos_bias=2.0)
+    images, _ = tiny_batch(B=5)
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        want = greedy_uncached(model, memory, 12)
+    assert caption.beam_search(model, memory, beam_size=1, max_steps=12) == want
+    assert len({len(c) for c in want}) > 1, 'the test should cover captions of different lengths'
+
+
+def test_batched_beam_search_equals_one_image_at_a_time():
+    import caption
+    from model import VirTex
+    model = spread_out_decoder(eos_bias=1.0)
+    images, _ = tiny_batch(B=4)
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+    batched = caption.beam_search(model, memory, beam_size=3, max_steps=12)
+    single = [caption.beam_search(model, memory[b:b + 1], beam_size=3, max_steps=12)[0] for b in range(4)]
+    assert batched == single
+
+
+class TableModel:
+    """A stand-in decoder whose next-word probabilities depend only on the last word (a hand-set
+    table), with the interface beam_search uses."""
+
+    def __init__(self, table):
+        from model import VirTexConfig
+        self.config = VirTexConfig(vocab_size=len(table), max_len=10)
+        self.logp = torch.tensor(table, dtype=torch.float).clamp(min=1e-9).log()
+
+    def decode_step(self, memory, last, cache=None):
+        return self.logp[last].clone(), {'pos': 0, 'layers': {}}
+
+
+def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
+    import caption
+    # ids: 0 pad, 1 [SOS], 2 [EOS], 3 A, 4 B, 5 X, 6 Y, 7 Z
+    table = [[0] * 8 for _ in range(8)]
+    table[1][3], table[1][4] = 0.55, 0.45                     # [SOS] -> A (greedy) or B
+    table[3][5], table[3][6], table[3][7] = 0.34, 0.33, 0.33  # A -> anything, evenly
+    table[4][5] = 0.9                                         # B -> X, confidently
+    table[4][2] = 0.1
+    for word in (5, 6, 7):
+        table[word][2] = 1.0                                  # then [EOS]
+    model = TableModel(table)
+    memory = torch.zeros(1, 1, 1)
+    assert caption.beam_search(model, memory, beam_size=1) == [[3, 5]], 'greedy: 0.55 * 0.34 = 0.187'
+    assert caption.beam_search(model, memory, beam_size=2) == [[4, 5]], 'best: 0.45 * 0.9 = 0.405'
+    # B [EOS] (0.45 * 0.3 = 0.135) finishes first but loses to A X [EOS] (0.187), found a step later
+    table[4][5], table[4][6], table[4][2] = 0.35, 0.35, 0.3
+    assert caption.beam_search(TableModel(table), memory, beam_size=3) == [[3, 5]]
+
+
+def test_nucleus_sampling_respects_top_p():
+    import caption
+    table = [[0] * 8 for _ in range(8)]
+    table[1][3], table[1][4], table[1][5] = 0.7, 0.25, 0.05   # p=0.9 keeps A and B, never X
+    for word in (3, 4, 5):
+        table[word][2] = 1.0
+    model = TableModel(table)
+    g = torch.Generator().manual_seed(0)
+    firsts = Counter(caption.sample(model, torch.zeros(400, 1, 1), top_p=0.9, generator=g)[i][0] for i in range(400))
+    assert set(firsts) == {3, 4} and 0.6 < firsts[3] / 400 < 0.8, firsts
+    g = torch.Generator().manual_seed(0)
+    assert caption.sample(model, torch.zeros(5, 1, 1), top_p=0.5, generator=g) == [[3]] * 5
+
+
+def test_cider_d_by_hand():
+    import caption
+    refs = {'i1': ['dog dog runs', 'a cat sits'], 'i2': ['a bird flies', 'a bird sings']}
+    cands = {'i1': 'dog dog dog runs', 'i2': 'a bird'}
+    # 2 images: df('a') = 2 gives idf 0; every other n-gram weighs L = log 2 (it cancels in the
+    # cosines). The length penalty counts bigrams: exp(-(3 - 2)^2 / 72) for both images.
+    pen = math.exp(-1 / 72)
+    # i1 vs 'dog dog runs': unigrams hyp (dog 3L, runs L), ref (dog 2L, runs L): clipped
+    # min(3L, 2L) * 2L + L * L = 5 L^2 over L sqrt(10) * L sqrt(5); bigrams 2 / sqrt(10);
+    # trigrams 1 / sqrt(2); no 4-gram in the reference. 'a cat sits' shares nothing.
+    s1 = 10 * pen * (5 / math.sqrt(50) + 2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 / 2
+    # i2 vs each 'a bird X': unigrams 1 / sqrt(2), bigrams 1 / sqrt(2), nothing longer
+    s2 = 10 * 2 * pen * (2 / math.sqrt(2)) / 4 / 2
+    corpus, per_image = caption.cider_d(refs, cands)
+    assert per_image['i1'] == pytest.approx(s1, abs=1e-12) and per_image['i2'] == pytest.approx(s2, abs=1e-12)
+    assert corpus == pytest.approx((s1 + s2) / 2, abs=1e-12)
+    rare = {f'i{k}': [f'w{k} x{k} y{k} z{k}'] for k in range(5)}
+    assert caption.cider_d(rare, {k: v[0] for k, v in rare.items()})[0] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match='different images'):
+        caption.cider_d(refs, {'i1': 'a'})
+
+
+@pytest.mark.parametrize('text, tokens', [
+    ("A man's dog doesn't run.", "a man 's dog does n't run"),
+    ('Two (big) dogs -- running!!', 'two -lrb- big -rrb- dogs running !!'),
+    ('the U.S. flag at 10:30, 1,000 people', 'the u.s. flag at 10:30 1,000 people'),
+    ('a black-and-white photo of a cat...', 'a black-and-white photo of a cat'),
+    ("I cannot go;  Mr. Smith's\ncar", "i can not go mr. smith 's car")])
+def test_ptb_tokenize(text, tokens):
+    import caption
+    assert caption.ptb_tokenize(text) == tokens
+
+
+def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
+    val = shapes / 'coco' / 'val2017'
+    files = sorted(os.listdir(val))[:3]
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', f'--attention_dir={tmp_path}/att',
+               *[str(val / f) for f in files])
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
+    import caption
+    from model import VirTex
+    from tokenizer import Tokenizer
+    model = VirTex.from_checkpoint(tiny_ckpt)  # the same caption in-process, to know its ids
+    with torch.no_grad():
+        image = caption.load_image(str(val / files[0]), model.train_config['image_size'])
+        ids = caption.beam_search(model, model.project(model.encode_images(caption.to_tensor([image]))), beam_size=2)[0]
+    assert lines[0].split('\t')[1] == Tokenizer(model.train_config['tokenizer']).decode(ids)
+    figure = Image.open(tmp_path / 'att' / files[0].replace('.jpg', '.png'))
+    panels = 1 + min(len(ids) + 1, model.config.max_len)  # the image, each word and [EOS]
+    assert figure.size == (min(panels, 6) * 160, math.ceil(panels / 6) * 180)
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--coco_root={shapes}/coco', '--limit=5', f'--out={tmp_path}/r.json')
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r'CIDEr: \d+\.\d', last), last
+    entries = json.loads((tmp_path / 'r.json').read_text())
+    assert len(entries) == 5 and all(isinstance(e['image_id'], int) for e in entries)
+    rescored = run('caption.py', f'--results={tmp_path}/r.json', f'--coco_root={shapes}/coco')
+    assert rescored.stdout.strip() == last, 'scoring the written results gives the same CIDEr'
+
+
+def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):
+    import struct
+    import zlib
+    good = sorted((shapes / 'coco' / 'val2017').iterdir())[0]
+    rgb = Image.open(good).convert('RGB')
+    rgb.convert('L').save(tmp_path / 'gray.png')
+    rgb.convert('RGBA').save(tmp_path / 'rgba.png')
+    rgb.convert('P').save(tmp_path / 'palette.png')
+    rgb.convert('CMYK').save(tmp_path / 'cmyk.jpg')
+    Image.fromarray((np.asarray(rgb.convert('L'), dtype=np.uint16) * 257)).save(tmp_path / 'deep16.png')
+    (tmp_path / 'notes.txt').write_text('not an image')
+    (tmp_path / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
+    # a PNG whose header claims 30000 x 30000 pixels: refused before decoding anything
+    png = bytearray((tmp_path / 'gray.png').read_bytes())
+    png[16:24] = struct.pack('>II', 30000, 30000)
+    png[29:33] = struct.pack('>I', zlib.crc32(bytes(png[12:29])))
+    (tmp_path / 'bomb.png').write_bytes(bytes(png))
+    names = ['gray.png', 'rgba.png', 'palette.png', 'cmyk.jpg', 'deep16.png', 'notes.txt', 'truncated.jpg', 'bomb.png']
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', *[str(tmp_path / n) for n in names], check=False)
+    assert proc.returncode == 1, 'the exit code says something failed'
+    captioned = [line.split('\t')[0] for line in proc.stdout.strip().splitlines()]
+    assert captioned == [str(tmp_path / n) for n in names[:5]], proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 3 and all(n in e for n, e in zip(names[5:], errors)), errors
+    assert 'decompression bomb' in errors[2].lower()
+
+
+def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    del ckpt['config']['tokenizer']
+    torch.save(ckpt, tmp_path / 'no_tok.pt')
+    image = str(sorted((shapes / 'coco' / 'val2017').iterdir())[0])
+    proc = run('caption.py', f'--ckpt={tmp_path}/no_tok.pt', image, check=False)
+    assert proc.returncode != 0 and 'names no tokenizer: pass --tokenizer' in proc.stderr
+    run('tokenizer.py', f'--captions={shapes}/coco/annotations/captions_train2017.json', '--vocab_size=80',
+        f'--out={tmp_path}/v80')
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--tokenizer={tmp_path}/v80.model', image, check=False)
+    assert proc.returncode != 0 and 'has 80 pieces but' in proc.stderr and 'trained with 96' in proc.stderr
+    proc = run('caption.py', image, check=False)
+    assert proc.returncode != 0 and 'give exactly one of --ckpt' in proc.stderr

@@ -80,6 +80,7 @@ rest = configure(globals())
 if rest:
     raise SystemExit(f"error: unexpected arguments {rest} (config files end in .py, flags are --key=value)")
 config = {k: globals()[k] for k in configurable}  # resolved; saved in every checkpoint
+config['tokenizer'] = os.path.abspath(tokenizer)  # so caption.py finds it from any folder
 choices = {'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
 for key, allowed in choices.items():
     if config[key] not in allowed:
@@ -450,7 +451,7 @@ for iter_num in range(start_iter, max_iters + 1):
             checkpoint = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
                           'scaler': scaler.state_dict(), 'iter_num': iter_num, 'data_position': list(data_position),
                           'bad_images': bad_images, 'rng_state': rng_states, 'cuda_rng_state': cuda_rng_states,
-                          'config': config, 'tokenizer': os.path.abspath(tokenizer)}
+                          'config': config}
             # written to a temporary file and renamed: a crash mid-save leaves the previous checkpoint intact
             torch.save(checkpoint, ckpt_path + '.tmp')
             os.replace(ckpt_path + '.tmp', ckpt_path)

@@ -1,0 +1,436 @@
+"""
+Caption images with a pretrained VirTex model: cached beam search or nucleus sampling, COCO results
+JSON, CIDEr-D, and attention figures.
+
+  python caption.py --ckpt=out/shapes/ckpt.pt data/shapes/coco/val2017/000000010001.jpg   # path<TAB>caption
+  python caption.py --ckpt=out/ckpt.pt --coco_root=data/coco --split=val2017 --out=results.json
+  python caption.py --results=results.json --coco_root=data/coco --split=val2017          # score a file only
+  python caption.py --official=bicaptioning_R_50_L1_H2048.pth --tokenizer=coco_10k.model photos/
+
+Captions go to stdout, one "path<TAB>caption" per image; progress and timing go to stderr. With
+--coco_root the last line is "CIDEr: xx.x" (CIDEr-D x 100, PTB-style tokenization in Python;
+SPICE needs Java and is not computed). Images that fail to load are reported by name and skipped,
+and the exit code is 1 if any did. Decoding: the image is encoded once, cross-attention keys and
+values once per image, self-attention through a key/value cache; beams of all images advance
+together and finished images stop costing work.
+"""
+
+import json
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from configurator import configure
+from model import VirTex
+from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------------------------
+ckpt = ''               # this project's checkpoint (train.py); its tokenizer path is inside
+official = ''           # or an official VirTex checkpoint (kdexd/virtex); needs --tokenizer
+tokenizer = ''          # a tokenizer .model; overrides the checkpoint's
+image_size = 0          # 0: the size the checkpoint was trained at (224 for official checkpoints)
+beam_size = 5           # 1 is greedy decoding
+candidates_per_beam = 2  # words each live beam proposes per step (upstream per_node_beam_size)
+max_steps = 30          # at most this many generated ids, [EOS] included
+top_p = 0.0             # > 0: nucleus sampling with this p instead of beam search
+temperature = 1.0       # for sampling
+seed = 0                # for sampling
+batch_size = 8
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+coco_root = ''          # COCO layout: caption <coco_root>/<split>/ and score it against the annotations
+split = 'val2017'
+limit = 0               # with coco_root: caption only the first `limit` images (0: all)
+results = ''            # score this COCO results JSON instead of captioning (needs coco_root)
+out = ''                # write the captions as a COCO results JSON here
+attention_dir = ''      # write one attention figure per image here
+# ----------------------------------------------------------------------------------------------
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+# images larger than this (PIL's own limit) are refused as possible decompression bombs
+warnings.simplefilter('error', Image.DecompressionBombWarning)
+
+
+def load_image(path: str, size: int) -> Image.Image:
+    """Decode any common image to RGB, resize the shorter side to size * 8/7, center crop size.
+    Raises with a one-line reason for non-images, truncated files and oversized images."""
+    with Image.open(path) as image:
+        if image.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale when that still covers the crop
+            image.draft('RGB', (size * 8 // 7, size * 8 // 7))
+        image.load()  # truncated files fail here, not later
+        if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # 16-bit or float grayscale: scale to 8 bits
+            pixels = np.asarray(image, dtype=np.float64)
+            pixels = pixels / 257 if pixels.max() > 255 else pixels
+            image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
+            rgba = image.convert('RGBA')  # transparent pixels become white, not black
+            image = Image.new('RGB', rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel('A'))
+        image = image.convert('RGB')
+    W, H = image.size
+    side = min(W, H) * size / round(size * 8 / 7)
+    left, top = (W - side) / 2, (H - side) / 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def to_tensor(images: list[Image.Image]) -> torch.Tensor:
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    return (pixels - mean) / std  # (B, 3, S, S)
+
+
+# ----------------------------------------------------------------------------------------------
+# decoding
+
+@torch.no_grad()
+def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candidates_per_beam: int = 2,
+                max_steps: int = 30) -> list[list[int]]:
+    """Highest-scoring caption per image (sum of log-probs, no length penalty), without [SOS]/[EOS].
+
+    memory (B, N, H). Each of the K beams of an image proposes its best `candidates_per_beam` words
+    (not the word it just emitted), and the K best of those, together with beams that already
+    ended with [EOS], form the next beams. Only live beams run the decoder, and an image stops as
+    soon as its best finished caption outscores all its live beams (scores only fall as words are
+    added, so nothing live can overtake it).
+    """
+    cfg = model.config
+    B, K, dev = memory.shape[0], beam_size, memory.device
+    max_steps = min(max_steps, cfg.max_len)  # positions beyond max_len have no embedding
+    # step 1: every beam starts from [SOS]: decode it once per image and take the K best words
+    logp, cache = model.decode_step(memory, torch.full((B,), cfg.sos_id, device=dev))  # (B, V)
+    scores, words = logp.topk(K, dim=-1)  # (B, K)
+    tokens = words.unsqueeze(-1)  # (B, K, t) the words so far
+    finished = words == cfg.eos_id  # (B, K)
+    active = torch.ones(B, dtype=torch.bool, device=dev)  # images still searching
+    alive = ~finished
+    cache = VirTex.select_cache(cache, torch.arange(B, device=dev).repeat_interleave(K)[alive.flatten()])
+    for _ in range(1, max_steps):
+        if not alive.any():
+            break
+        last = tokens[..., -1][alive]  # (R,) one row per live beam, in (image, beam) order
+        logp, cache = model.decode_step(None, last, cache)  # (R, V)
+        logp[torch.arange(len(last), device=dev), last] = -math.inf  # no word twice in a row
+        top_logp, top_words = logp.topk(candidates_per_beam, dim=-1)  # (R, C)
+        C = candidates_per_beam
+        cand_scores = torch.full((B, K, C), -math.inf, device=dev)
+        cand_words = torch.full((B, K, C), cfg.pad_id, dtype=torch.long, device=dev)
+        cand_scores[alive] = scores[alive].unsqueeze(-1) + top_logp
+        cand_words[alive] = top_words
+        cand_scores[..., 0] = torch.where(finished, scores, cand_scores[..., 0])  # finished beams stand still
+        scores, index = cand_scores.view(B, K * C).topk(K, dim=-1)  # (B, K)
+        parent = index // C
+        words = cand_words.view(B, K * C).gather(1, index)
+        parent_finished = finished.gather(1, parent)
+        tokens = torch.cat([tokens.gather(1, parent.unsqueeze(-1).expand_as(tokens)), words.unsqueeze(-1)], dim=-1)
+        finished = parent_finished | (words == cfg.eos_id)
+        best_finished = torch.where(finished, scores, -math.inf).amax(1)
+        best_live = torch.where(finished, -math.inf, scores).amax(1)
+        active &= best_finished < best_live
+        # the cache rows of the new live beams are their parents' rows among the old live rows
+        row_of = torch.full((B, K), -1, dtype=torch.long, device=dev)
+        row_of[alive] = torch.arange(int(alive.sum()), device=dev)
+        alive = ~finished & active.unsqueeze(-1)
+        cache = VirTex.select_cache(cache, row_of.gather(1, parent)[alive])
+    best = tokens[torch.arange(B, device=dev), scores.argmax(-1)]  # (B, t)
+    return [strip(row.tolist(), cfg) for row in best]
+
+
+@torch.no_grad()
+def sample(model: VirTex, memory: torch.Tensor, top_p: float = 0.9, temperature: float = 1.0,
+           max_steps: int = 30, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Nucleus sampling: draw each word from the smallest set of words whose probability reaches top_p."""
+    cfg = model.config
+    B, dev = memory.shape[0], memory.device
+    last = torch.full((B,), cfg.sos_id, device=dev)
+    logp, cache = model.decode_step(memory, last)
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    out = []
+    for step in range(min(max_steps, cfg.max_len)):
+        logits = logp / temperature  # log-probs differ from logits by a per-row constant
+        if step > 0:
+            logits[torch.arange(B, device=dev), last] = -math.inf  # no word twice in a row
+        probs = logits.softmax(-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this word already reaches p
+        sorted_probs[outside] = 0
+        word = order.gather(1, torch.multinomial(sorted_probs, 1, generator=generator)).squeeze(1)
+        word[finished] = cfg.pad_id
+        out.append(word)
+        finished |= word == cfg.eos_id
+        if finished.all():
+            break
+        last = word
+        logp, cache = model.decode_step(None, word, cache)
+    return [strip(row, cfg) for row in torch.stack(out, 1).tolist()]
+
+
+def strip(ids: list[int], cfg) -> list[int]:
+    """Words of a decoded row: up to the first [EOS], padding dropped."""
+    ids = ids[:ids.index(cfg.eos_id)] if cfg.eos_id in ids else ids
+    return [i for i in ids if i != cfg.pad_id]
+
+
+@torch.no_grad()
+def word_attention(model: VirTex, memory: torch.Tensor, words: list[int]) -> torch.Tensor:
+    """Last layer's cross-attention (mean over heads) while predicting each word of one caption and
+    then [EOS]: (len(words) + 1, N), fewer rows if the caption filled all max_len positions. memory (1, N, H)."""
+    cfg = model.config
+    inputs = [cfg.sos_id] + words
+    cache, rows = None, []
+    for token in inputs[:cfg.max_len]:
+        _, cache, weights = model.decode_step(memory, torch.tensor([token], device=memory.device), cache,
+                                              return_attention=True)
+        rows.append(weights[0])
+    return torch.stack(rows)
+
+
+def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tensor, grid_hw, panel: int = 160,
+                     columns: int = 6) -> Image.Image:
+    """One panel with the image, then one per word: the image under a red overlay where the model
+    looked while predicting that word, the word written below."""
+    n = len(labels) + 1
+    cols, rows = min(n, columns), math.ceil(n / columns)
+    figure = Image.new('RGB', (cols * panel, rows * (panel + 20)), 'white')
+    draw, font = ImageDraw.Draw(figure), ImageFont.load_default()
+    base = image.resize((panel, panel), Image.Resampling.BILINEAR)
+    maps = weights.view(-1, 1, *grid_hw).float()
+    maps = F.interpolate(maps, size=(panel, panel), mode='bilinear', align_corners=False)[:, 0]
+    maps = (maps - maps.amin((1, 2), keepdim=True)) / (maps.amax((1, 2), keepdim=True) - maps.amin((1, 2), keepdim=True) + 1e-8)
+    for i in range(n):
+        x, y = (i % cols) * panel, (i // cols) * (panel + 20)
+        if i == 0:
+            figure.paste(base, (x, y))
+            draw.text((x + 4, y + panel + 4), '(image)', fill='black', font=font)
+            continue
+        heat = (maps[i - 1].cpu().numpy() * 255).astype(np.uint8)
+        red = Image.merge('RGB', (Image.fromarray(heat), Image.new('L', heat.shape[::-1]), Image.new('L', heat.shape[::-1])))
+        figure.paste(Image.blend(base, red, 0.5), (x, y))
+        draw.text((x + 4, y + panel + 4), labels[i - 1], fill='black', font=font)
+    return figure
+
+
+# ----------------------------------------------------------------------------------------------
+# CIDEr-D, as the COCO caption evaluation computes it (tylin/coco-caption), with a Python PTB tokenizer
+
+# The COCO evaluation runs Stanford's PTBTokenizer (Java) with -lowerCase, then drops these tokens.
+# Its list also names -LRB- etc., but they are lower-cased first and never match: brackets survive.
+PUNCTUATION = {"''", "'", "``", "`", '.', '?', '!', ',', ':', '-', '--', '...', ';'}
+BRACKETS = {'(': '-lrb-', ')': '-rrb-', '[': '-lsb-', ']': '-rsb-', '{': '-lcb-', '}': '-rcb-'}
+SPLIT_WORDS = {'cannot': 'can not', 'gonna': 'gon na', 'wanna': 'wan na', 'gotta': 'got ta', 'gimme': 'gim me',
+               'lemme': 'lem me'}
+SPLIT_WORDS_RE = re.compile(r'\b(%s)\b' % '|'.join(SPLIT_WORDS))
+CLITICS = re.compile(r"(\w)(n't|'s|'re|'ll|'ve|'m|'d)(?!\w)")  # "don't" -> "do n't", "man's" -> "man 's"
+ABBREVIATIONS = 'mr|mrs|ms|dr|prof|st|jr|sr|vs|etc|inc|co|corp|ltd|ave|mt|ft|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec'
+PTB_TOKEN = re.compile(r"""
+    (?:[a-z]\.)+(?!\w)                      # initials and acronyms keep their dots: u.s.
+  | (?:%s)\.(?!\w)                          # common abbreviations keep their period
+  | '(?:s|re|ll|ve|m|d|em|cause|\d\ds)(?!\w) # clitics split off above; 'em 'cause '90s
+  | no\.(?=\s+\d)                           # "no. 5"
+  | (?:[-+]?\.?(?=\d))?                      # sign or leading point of a number
+    \w+(?:(?:[-./']|(?<=\d)[,:](?=\d))\w+)*   # a word; inner - . / ' and 1,000 or 10:30 stay
+  | \.+ | -+ | [!?]+                        # runs of punctuation (PTB keeps "!!" and "?!" whole)
+  | \S                                      # any other symbol alone
+""" % ABBREVIATIONS, re.VERBOSE)
+
+
+def ptb_tokenize(text: str) -> str:
+    """A Python stand-in for the COCO evaluation's tokenization: PTB rules, lower case, punctuation dropped."""
+    text = text.lower().replace('\u2018', "'").replace('\u2019', "'")
+    text = re.sub('[\u201c\u201d]', '"', text)
+    text = re.sub('[\u2013\u2014]', ' -- ', text)  # PTB turns en and em dashes into "--"
+    text = CLITICS.sub(r'\1 \2', SPLIT_WORDS_RE.sub(lambda m: SPLIT_WORDS[m.group(1)], text))
+    kept = []
+    for token in (BRACKETS.get(t, t) for t in PTB_TOKEN.findall(text)):
+        if token == '"' or set(token) == {'.'} or token in PUNCTUATION:
+            continue  # PTB turns " into `` or '' and dot runs into "...": all dropped
+        if set(token) == {'-'} and len(token) <= 4:
+            continue  # 2-4 hyphens become "--" (dropped); 5 or more stay
+        kept.append(token)
+    return ' '.join(kept)
+
+
+def ngrams(sentence: str, n: int = 4) -> Counter:
+    words = sentence.split()
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def cider_d(references: dict, candidates: dict, n: int = 4, sigma: float = 6.0) -> tuple[float, dict]:
+    """CIDEr-D of tokenized candidates against tokenized references: (mean, per-image scores).
+
+    Per n-gram order: tf-idf vectors (tf = raw count; df = number of images whose references hold
+    the n-gram; idf = log(#images) - log(max(1, df))); similarity = sum of min(hyp, ref) * ref
+    (the clipping that makes it "-D") over the norms, times exp(-(len_hyp - len_ref)^2 / (2 sigma^2))
+    with len = number of bigrams; mean over orders, then over references, times 10.
+    """
+    missing = [k for k in references if k not in candidates][:5]
+    if missing or len(candidates) != len(references):
+        raise ValueError(f"candidates and references cover different images (e.g. {missing})")
+    if any(not refs for refs in references.values()):
+        raise ValueError("every image needs at least one reference caption")
+    ref_counts = {k: [ngrams(r, n) for r in refs] for k, refs in references.items()}
+    doc_freq = Counter(g for counts in ref_counts.values() for g in set().union(*counts))
+    log_images = math.log(len(references))
+
+    def vectors(counts):
+        vec = [{} for _ in range(n)]
+        for gram, tf in counts.items():
+            vec[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, doc_freq[gram])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        return vec, norms, sum(tf for gram, tf in counts.items() if len(gram) == 2)
+
+    scores = {}
+    for key, counts in ref_counts.items():
+        hyp, hyp_norm, hyp_len = vectors(ngrams(candidates[key], n))
+        total = 0.0
+        for ref_c in counts:
+            ref, ref_norm, ref_len = vectors(ref_c)
+            penalty = math.exp(-(hyp_len - ref_len) ** 2 / (2 * sigma ** 2))
+            for k in range(n):
+                dot = sum(min(w, ref[k].get(g, 0.0)) * ref[k].get(g, 0.0) for g, w in hyp[k].items())
+                if hyp_norm[k] and ref_norm[k]:
+                    total += penalty * dot / (hyp_norm[k] * ref_norm[k])
+        scores[key] = 10.0 * total / n / len(counts)
+    return sum(scores.values()) / len(scores), scores
+
+
+def read_coco_split(root: str, split: str):
+    """(image paths, {image_id: [reference captions]}) of a COCO-layout split."""
+    path = os.path.join(root, 'annotations', f'captions_{split}.json')
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        files = {image['id']: os.path.join(root, split, image['file_name']) for image in data['images']}
+        refs = {}
+        for a in data['annotations']:
+            refs.setdefault(a['image_id'], []).append(a['caption'])
+    except OSError as e:
+        raise SystemExit(f"error: {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    return [files[i] for i in sorted(files) if i in refs], refs
+
+
+def image_id(path: str):
+    """COCO results use the integer id in a COCO file name (000000397133.jpg -> 397133)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return int(stem) if stem.isdigit() else stem
+
+
+def score(candidates: dict, references: dict) -> float:
+    """CIDEr-D x 100 of {image_id: caption} against {image_id: [captions]}."""
+    unknown = [k for k in candidates if k not in references][:5]
+    if unknown:
+        raise SystemExit(f"error: results name images that are not in the annotations (e.g. {unknown})")
+    refs = {k: [ptb_tokenize(r) for r in references[k]] for k in candidates}
+    return 100 * cider_d(refs, {k: ptb_tokenize(c) for k, c in candidates.items()})[0]
+
+
+def main():
+    global image_size
+    paths = configure(globals())
+    if results:  # score an existing results file, caption nothing
+        if not coco_root:
+            raise SystemExit("error: --results needs --coco_root (and --split) for the references")
+        try:
+            with open(results) as f:
+                entries = json.load(f)
+            candidates = {e['image_id']: e['caption'] for e in entries}
+        except OSError as e:
+            raise SystemExit(f"error: {results}: {e.strerror}") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise SystemExit(f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
+        _, references = read_coco_split(coco_root, split)
+        print(f"CIDEr: {score(candidates, references):.1f}")
+        return
+
+    # the model and its tokenizer
+    if bool(ckpt) == bool(official):
+        raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH (kdexd/virtex)")
+    model = VirTex.from_checkpoint(ckpt, device) if ckpt else VirTex.from_official(official, device)
+    source = ckpt or official
+    tokenizer_path = tokenizer or model.train_config.get('tokenizer', '')
+    if not tokenizer_path:
+        raise SystemExit(f"error: {source} names no tokenizer: pass --tokenizer=PATH.model")
+    tok = Tokenizer(tokenizer_path)
+    if len(tok) != model.config.vocab_size:
+        raise SystemExit(f"error: tokenizer {tokenizer_path} has {len(tok)} pieces but {source} was trained with "
+                         f"{model.config.vocab_size}")
+    image_size = image_size or model.train_config.get('image_size', 224)
+
+    # the images: files and folders from the command line, or a COCO split
+    references = None
+    if coco_root:
+        paths, references = read_coco_split(coco_root, split)
+        paths = paths[:limit] if limit else paths
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_SUFFIXES))
+        else:
+            files.append(p)
+    if not files:
+        raise SystemExit("error: no images given (pass image files or folders, or --coco_root)")
+
+    generator = torch.Generator(device).manual_seed(seed)
+    if attention_dir:
+        os.makedirs(attention_dir, exist_ok=True)
+    captions, failures = {}, 0
+    t_start, t_backbone, n_done = time.perf_counter(), 0.0, 0
+    for start in range(0, len(files), batch_size):
+        batch, images = [], []
+        for path in files[start:start + batch_size]:
+            try:
+                images.append(load_image(path, image_size))
+                batch.append(path)
+            except Exception as e:  # one bad file must not stop the others
+                failures += 1
+                print(f"error: {path}: cannot be captioned ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
+                      file=sys.stderr, flush=True)
+        if not batch:
+            continue
+        t0 = time.perf_counter()
+        grid = model.encode_images(to_tensor(images).to(device))  # (B, C, h, w)
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        t_backbone += time.perf_counter() - t0
+        memory = model.project(grid)
+        if top_p > 0:
+            words = sample(model, memory, top_p, temperature, max_steps, generator)
+        else:
+            words = beam_search(model, memory, beam_size, candidates_per_beam, max_steps)
+        for i, (path, ids) in enumerate(zip(batch, words)):
+            captions[path] = tok.decode(ids)
+            print(f"{path}\t{captions[path]}", flush=True)
+            if attention_dir:
+                weights = word_attention(model, memory[i:i + 1], ids)
+                labels = ([tok.sp.id_to_piece(t).replace('\u2581', '') for t in ids] + ['[EOS]'])[:len(weights)]
+                figure = attention_figure(images[i], labels, weights, grid.shape[2:])
+                figure.save(os.path.join(attention_dir, os.path.splitext(os.path.basename(path))[0] + '.png'))
+        n_done += len(batch)
+        elapsed = time.perf_counter() - t_start
+        print(f"{n_done}/{len(files)} images | {n_done / elapsed:.2f} captions/s", file=sys.stderr, flush=True)
+    elapsed = time.perf_counter() - t_start
+    if n_done:
+        print(f"captioned {n_done} images in {elapsed:.1f}s ({n_done / elapsed:.2f} captions/s, "
+              f"{100 * t_backbone / elapsed:.0f}% of it in the backbone); {failures} failed", file=sys.stderr)
+    if out:
+        entries = [{'image_id': image_id(p), 'caption': c} for p, c in captions.items()]
+        with open(out + '.tmp', 'w') as f:
+            json.dump(entries, f)
+        os.replace(out + '.tmp', out)
+    if references is not None and captions:
+        print(f"CIDEr: {score({image_id(p): c for p, c in captions.items()}, references):.1f}")
+    if failures:
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()
