@@ -800,6 +800,444 @@ def tiny_ckpt(shapes, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluate.py
+
+def make_voc(root, n_trainval=24, n_test=18, classes=('bird', 'cat', 'dog'), seed=0):
+    """A tiny VOC2007 folder: JPEGs with a coloured square per present class; ~10% of labels difficult (0)."""
+    rng = np.random.default_rng(seed)
+    colours = [(220, 30, 30), (30, 200, 30), (30, 60, 220), (230, 230, 30)]
+    os.makedirs(os.path.join(root, 'JPEGImages'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'ImageSets', 'Main'), exist_ok=True)
+    index = 0
+    for split, n in (('trainval', n_trainval), ('test', n_test)):
+        names, labels = [], []
+        for i in range(n):
+            index += 1
+            name = f'{index:06d}'
+            present = rng.random(len(classes)) < 0.4
+            present[i % len(classes)] = True  # every class has positives in every split
+            image = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+            for c in np.flatnonzero(present):
+                x, y = rng.integers(0, 28, 2)
+                image[y:y + 12, x:x + 12] = colours[c]
+            Image.fromarray(image).save(os.path.join(root, 'JPEGImages', name + '.jpg'))
+            label = np.where(present, 1, -1)
+            label[present & (rng.random(len(classes)) < 0.1) & (np.arange(len(classes)) != i % len(classes))] = 0
+            names.append(name)
+            labels.append(label)
+        with open(os.path.join(root, 'ImageSets', 'Main', f'{split}.txt'), 'w') as f:
+            f.write(''.join(name + '\n' for name in names))
+        for c, cls in enumerate(classes):
+            with open(os.path.join(root, 'ImageSets', 'Main', f'{cls}_{split}.txt'), 'w') as f:
+                f.write(''.join(f'{name} {label[c]:2d}\n' for name, label in zip(names, labels)))
+    return str(root)
+
+
+def svm_objective(w, b, x, y, cost):
+    """liblinear's L2-loss SVC primal with a penalized bias, per problem: (P,)."""
+    margin = x @ w + b
+    return 0.5 * ((w * w).sum(0) + b * b) + (cost * torch.clamp(1 - y * margin, min=0) ** 2).sum(0)
+
+
+def svm_gradient(w, b, x, y, cost):
+    """Gradient of svm_objective with respect to (w, b): (D+1, P)."""
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    v = torch.cat([w, b[None]])
+    margin = xb @ v
+    return v + 2 * xb.T @ (cost * (y * margin < 1) * (margin - y))
+
+
+def small_problem(n=80, D=12, P=5, seed=0, dtype=torch.float64):
+    """Correlated nonnegative features (a big shared direction, like pooled ReLU features) and mixed costs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(3 + torch.randn(n, 1, generator=g) * 0.3 + torch.randn(n, D, generator=g))
+    x = (x / x.norm(dim=1, keepdim=True)).to(dtype)
+    y = torch.where(x[:, :1] - x[:, 1:2] + 0.05 * torch.randn(n, P, generator=g, dtype=dtype) > 0, 1.0, -1.0)
+    y = y.to(dtype)
+    cost = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0][:P], dtype=dtype) * torch.where(y > 0, 2.0, 1.0)
+    cost[torch.rand(n, P, generator=g) < 0.3] = 0  # left-out samples, as the CV folds
+    return x, y, cost
+
+
+# ----------------------------------------------------------------------------------------------
+# average precision and folds
+
+def test_average_precision_hand_example_ties_and_difficult():
+    from evaluate import average_precision
+    # test images: scores and VOC labels; the 0.5 image is difficult and must not count
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.5, 0.3, 0.1])
+    labels = torch.tensor([-1, 1, -1, 0, 1, 1])
+    judged = labels != 0
+    # thresholds 0.9: 0 tp of 1 | 0.8 (tie, one threshold): 1 tp of 3 | 0.3: 2 of 4 | 0.1: 3 of 5
+    # AP = sum (R_n - R_{n-1}) P_n = 1/3 * (1/3 + 2/4 + 3/5) = 43/90
+    assert average_precision(scores[judged], labels[judged]) == pytest.approx(43 / 90, abs=1e-12)
+    # breaking the tie by order would give 1/3 * (1/2 + 2/4 + 3/5) = 0.5333; counting the difficult one as a
+    # negative would give 37/90
+    assert average_precision(scores, torch.where(labels == 0, -1, labels)) == pytest.approx(37 / 90, abs=1e-12)
+    assert average_precision(torch.tensor([0.3, 0.2]), torch.tensor([-1, -1])) == 0.0  # no positives, as sklearn
+    assert average_precision(torch.tensor([5.0, 1.0, 0.0]), torch.tensor([1, 1, -1])) == 1.0
+
+
+def test_average_precision_matches_sklearn():
+    metrics = pytest.importorskip('sklearn.metrics')
+    from evaluate import average_precision
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n = int(rng.integers(2, 60))
+        labels = rng.choice([-1, 1], n)
+        labels[0] = 1
+        scores = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(size=n)  # many ties / none
+        expected = metrics.average_precision_score(labels > 0, scores)
+        assert average_precision(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_stratified_folds_hand_example():
+    from evaluate import stratified_folds
+    # positives (seen first) 0,1,5,7 and negatives 2,3,4,6,8,9. Dealing the label-sorted list round-robin gives
+    # the 4 positives to folds 0,1,2,0 -> block sizes 2,1,1; the 6 negatives to folds 1,2,0,1,2,0 -> 2,2,2
+    labels = np.array([1, 1, -1, -1, -1, 1, -1, 1, -1, -1])
+    assert stratified_folds(labels).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_stratified_folds_match_sklearn():
+    model_selection = pytest.importorskip('sklearn.model_selection')
+    from evaluate import stratified_folds
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        n = int(rng.integers(9, 80))
+        labels = rng.choice([-1, 1], n, p=[0.8, 0.2] if trial % 2 else [0.5, 0.5])
+        if min((labels == 1).sum(), (labels == -1).sum()) < 3:
+            continue
+        expected = np.empty(n, dtype=np.int64)
+        for fold, (_, test) in enumerate(model_selection.StratifiedKFold(3).split(np.zeros(n), labels)):
+            expected[test] = fold
+        assert stratified_folds(labels).tolist() == expected.tolist(), labels
+
+
+# ----------------------------------------------------------------------------------------------
+# the SVM solver
+
+def test_fit_svms_reaches_the_optimum():
+    from evaluate import fit_svms
+    x, y, cost = small_problem()
+    w, b = fit_svms(x, y, cost, tol=1e-10)
+    # optimality: the squared hinge is differentiable, so the gradient vanishes at the minimum
+    grad0 = svm_gradient(torch.zeros_like(w), torch.zeros_like(b), x, y, cost).norm(dim=0)
+    grad = svm_gradient(w, b, x, y, cost).norm(dim=0)
+    assert (grad <= 1e-8 * grad0).all(), (grad / grad0)
+    # brute force: LBFGS on the same objective, one problem at a time, to convergence
+    for p in range(y.shape[1]):
+        v = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
+        opt = torch.optim.LBFGS([v], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                history_size=50, line_search_fn='strong_wolfe')
+
+        def closure():
+            opt.zero_grad()
+            loss = svm_objective(v[:-1, None], v[-1:], x, y[:, p:p + 1], cost[:, p:p + 1]).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        v = v.detach()
+        objective = svm_objective(w[:, p:p + 1], b[p:p + 1], x, y[:, p:p + 1], cost[:, p:p + 1])
+        reference = svm_objective(v[:-1, None], v[-1:], x, y[:, p:p + 1], cost[:, p:p + 1])
+        assert objective <= reference * (1 + 1e-9), (p, objective, reference)
+        assert torch.allclose(w[:, p], v[:-1], atol=1e-4 * v.abs().max()), p
+
+
+def test_fit_svms_float32_and_leaving_out_equals_dropping():
+    from evaluate import fit_svms
+    x, y, cost = small_problem(n=120, P=4, seed=1)
+    w64, b64 = fit_svms(x, y, cost, tol=1e-10)
+    w32, b32 = fit_svms(x.float(), y.float(), cost.float())  # defaults: float32, tol 1e-4
+    scores64, scores32 = x @ w64 + b64, (x.float() @ w32 + b32).double()
+    assert torch.allclose(scores32, scores64, atol=2e-3 * scores64.abs().max()), (scores32 - scores64).abs().max()
+    # a sample with cost 0 is out of the problem: the same as solving without its row
+    kept = cost[:, 2] > 0
+    w_sub, b_sub = fit_svms(x[kept], y[kept, 2:3], cost[kept, 2:3], tol=1e-10)
+    assert torch.allclose(w_sub[:, 0], w64[:, 2], atol=1e-6) and abs(b_sub[0] - b64[2]) < 1e-6
+
+
+def test_fit_svms_matches_linear_svc():
+    svm = pytest.importorskip('sklearn.svm')
+    from evaluate import fit_svms
+    x, y, _ = small_problem(n=150, D=20, P=3, seed=2)
+    for p, C in enumerate([0.1, 1.0, 10.0]):
+        cost = C * torch.where(y[:, p:p + 1] > 0, 2.0, 1.0).double()
+        w, b = fit_svms(x, y[:, p:p + 1], cost, tol=1e-10)
+        clf = svm.LinearSVC(C=C, class_weight={1: 2, -1: 1}, loss='squared_hinge', dual=True, tol=1e-10,
+                            max_iter=200000).fit(x.numpy(), y[:, p].numpy())
+        ours, theirs = (x @ w + b)[:, 0].numpy(), clf.decision_function(x.numpy())
+        # the intercept is penalized like a weight (liblinear), otherwise b would differ a lot on these features
+        assert np.allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max()), (C, np.abs(ours - theirs).max())
+        assert abs(b[0].item() - clf.intercept_[0]) < 1e-4 * max(1.0, abs(clf.intercept_[0]))
+
+
+def test_protocol_matches_upstream_with_linear_svc():
+    """Per-class test AP of train_and_test_svms vs upstream's LinearSVC + cross_val_score, on a small problem."""
+    pytest.importorskip('sklearn')
+    import warnings
+    from sklearn.metrics import average_precision_score
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import LinearSVC
+    from evaluate import SVM_COSTS, train_and_test_svms
+    g = torch.Generator().manual_seed(3)
+    n, m, D, C = 240, 200, 24, 3
+    centers = torch.rand(C, D, generator=g)
+    labels = torch.rand(n + m, C, generator=g) < torch.tensor([0.1, 0.25, 0.4])
+    x = torch.relu(1.5 + labels.double() @ centers.double() * 2 + torch.randn(n + m, D, generator=g).double())
+    x = x / x.norm(dim=1, keepdim=True)
+    voc = torch.where(labels, 1, -1)
+    voc[(torch.rand(n + m, C, generator=g) < 0.1) & labels] = 0
+    test_ap, best, cv_ap = train_and_test_svms(x[:n].float(), voc[:n], x[n:].float(), voc[n:])
+    assert best.tolist() == [2, 3, 3]  # C = 1, 10, 10: not all at the edge of the grid
+    for c in range(C):
+        y = np.where(voc[:n, c].numpy() == 1, 1, -1)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            cv = [cross_val_score(LinearSVC(C=k, class_weight={1: 2, -1: 1}, max_iter=2000, dual=True), x[:n].numpy(),
+                                  y, cv=3, scoring='average_precision').mean() for k in SVM_COSTS]
+            clf = LinearSVC(C=SVM_COSTS[int(np.argmax(cv))], class_weight={1: 2, -1: 1}, max_iter=2000,
+                            dual=True).fit(x[:n].numpy(), y)
+        assert np.allclose(cv_ap[c].numpy(), cv, atol=2e-3), (c, cv_ap[c], cv)
+        assert int(best[c]) == int(np.argmax(cv)), c
+        judged = voc[n:, c].numpy() != 0
+        expected = average_precision_score(voc[n:, c].numpy()[judged] > 0, clf.decision_function(x[n:].numpy()[judged]))
+        assert abs(test_ap[c].item() - expected) < 2e-3, (c, test_ap[c].item(), expected)
+
+
+def test_cost_selection_takes_best_fold_mean_and_first_of_ties():
+    from evaluate import N_FOLDS, SVM_COSTS, average_precision, fit_svms, stratified_folds, train_and_test_svms
+    g = torch.Generator().manual_seed(4)
+    n, D = 90, 16
+    x = torch.relu(1 + torch.randn(n, D, generator=g))
+    x = x / x.norm(dim=1, keepdim=True)
+    voc = torch.stack([torch.where(x[:, 0] + 0.2 * torch.randn(n, generator=g) > x[:, 0].median(), 1, -1),
+                       torch.where(x[:, 3] > 0.3, 1, -1)], 1)
+    test_ap, best, cv_ap = train_and_test_svms(x, voc, x, voc)
+    # recompute the fold-mean AP of class 0 by fitting each fold's training rows alone
+    y = torch.where(voc[:, 0] == 1, 1.0, -1.0)
+    folds = torch.from_numpy(stratified_folds(y.numpy()))
+    expected = torch.zeros(len(SVM_COSTS), dtype=torch.float64)
+    for f in range(N_FOLDS):
+        rows = folds != f
+        cost = torch.tensor(SVM_COSTS) * torch.where(y[rows] > 0, 2.0, 1.0)[:, None]
+        w, b = fit_svms(x[rows], y[rows, None].expand(-1, len(SVM_COSTS)), cost)
+        scores = x[~rows] @ w + b
+        expected += torch.tensor([average_precision(scores[:, k], y[~rows]) for k in range(len(SVM_COSTS))],
+                                 dtype=torch.float64) / N_FOLDS
+    assert torch.allclose(cv_ap[0], expected, atol=1e-4), (cv_ap[0], expected)
+    assert int(best[0]) == int(expected.argmax()) and cv_ap[0, best[0]] == cv_ap[0].max()
+    # ties keep the smallest C, as upstream: positives and negatives sit at two points, every cost ranks them
+    # perfectly and gets CV AP 1
+    voc = torch.where(torch.arange(30) % 3 == 0, 1, -1)[:, None]
+    x = torch.stack([voc[:, 0] == 1, voc[:, 0] != 1], 1).float()
+    _, best, cv_ap = train_and_test_svms(x, voc, x, voc)
+    assert (cv_ap == 1).all() and int(best[0]) == 0, cv_ap
+
+
+def test_difficult_test_images_do_not_count():
+    from evaluate import train_and_test_svms
+    g = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(60, 8, generator=g))
+    voc = torch.where(x[:, :2] > 0.5, 1, -1)
+    test_x, test_y = x.clone(), voc.clone()
+    test_y[::7, 0] = 0
+    ap1, _, _ = train_and_test_svms(x, voc, test_x, test_y)
+    test_x[::7] = torch.rand(len(test_x[::7]), 8, generator=g) * 5  # move only the difficult images
+    ap2, _, _ = train_and_test_svms(x, voc, test_x, test_y)
+    assert ap1[0] == ap2[0] and ap1[1] != ap2[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end
+
+def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
+    voc = make_voc(tmp_path / 'VOC2007')
+    feats, out = tmp_path / 'feats.npz', tmp_path / 'result.json'
+    common = ['--visual=resnet18', '--image_size=32', '--num_workers=0', '--device=cpu', '--batch_size=8']
+    first = run('evaluate.py', f'--voc_root={voc}', '--init=random', *common, f'--save_features={feats}',
+                f'--out_json={out}')
+    lines = first.stdout.strip().splitlines()
+    assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
+    assert 'trainval 24/24' in first.stdout and 'test 18/18' in first.stdout and 'images/s' in first.stdout
+    assert json.loads(out.read_text())['mAP'] == float(lines[-1].split()[1])
+    with np.load(feats) as f:
+        assert f['train_x'].shape == (24, 512) and f['test_y'].shape == (18, 3)
+        assert np.allclose(np.linalg.norm(f['train_x'], axis=1), 1, atol=1e-5)  # L2-normalized
+        assert list(f['class_names']) == ['bird', 'cat', 'dog']
+    again = run('evaluate.py', f'--features={feats}')
+    assert again.stdout.strip().splitlines()[-1] == lines[-1]
+    assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]  # atomic writes leave no temporary files
+
+
+def test_torchvision_init_equals_random_init_with_same_seed(tmp_path, monkeypatch):
+    import torchvision
+    import evaluate
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18(zero_init_residual=True).state_dict()
+    path = tmp_path / 'r18.pth'
+    torch.save({'state_dict': {'module.' + k: v for k, v in state.items()}}, path)  # DataParallel-style, with fc
+    for key, value in dict(visual='resnet18', image_size=32, seed=7, ckpt='', init='random').items():
+        monkeypatch.setattr(evaluate, key, value)
+    random_backbone, arch, size = evaluate.load_backbone()
+    monkeypatch.setattr(evaluate, 'init', f'torchvision:{path}')
+    loaded_backbone, _, _ = evaluate.load_backbone()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(random_backbone.eval()(images), loaded_backbone.eval()(images))
+    assert size == 32 and arch == 'resnet18'
+    monkeypatch.setattr(evaluate, 'visual', 'resnet34')  # resnet18 weights do not fit
+    with pytest.raises(SystemExit, match=re.escape(str(path)) + '.*not a resnet34 backbone'):
+        evaluate.load_backbone()
+
+
+def test_checkpoint_backbone_and_its_image_size(tmp_path, monkeypatch):
+    pytest.importorskip('model')
+    from dataclasses import asdict
+    import torchvision
+    import evaluate
+    from model import VirTex, VirTexConfig
+    torch.manual_seed(0)
+    model = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, n_head=1, max_len=12))
+    for p in model.visual.parameters():  # zero_init_residual leaves some weights 0: make every weight count
+        p.data.normal_(0, 0.1)
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 48}}, path)
+    for key, value in dict(visual='resnet50', image_size=None, ckpt=str(path), init='').items():
+        monkeypatch.setattr(evaluate, key, value)
+    backbone, arch, size = evaluate.load_backbone()
+    assert size == 48 and arch == 'resnet18'  # what the checkpoint was trained with, not --visual
+    reference = torchvision.models.resnet18()
+    reference.fc = torch.nn.Identity()
+    reference.load_state_dict(model.visual.state_dict())
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(backbone.eval()(images), reference.eval()(images), atol=1e-6)
+    monkeypatch.setattr(evaluate, 'image_size', 40)
+    assert evaluate.load_backbone()[2] == 40  # an explicit --image_size wins
+    # and the command line, end to end
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=12, n_test=9)
+    proc = run('evaluate.py', f'--voc_root={voc}', f'--ckpt={path}', '--num_workers=0', '--device=cpu')
+    assert 'resnet18' in proc.stdout and '48px' in proc.stdout
+    assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1])
+
+
+def test_virtex_init_from_an_official_backbone_file(tmp_path, monkeypatch):
+    pytest.importorskip('model')
+    import torchvision
+    import evaluate
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18()
+    for p in reference.parameters():
+        p.data.normal_(0, 0.1)
+    path = tmp_path / 'backbone.pth'
+    torch.save(reference.state_dict(), path)  # plain torchvision keys, fc included, as the official torch.hub file
+    for key, value in dict(visual='resnet50', image_size=None, ckpt='', init=f'virtex:{path}').items():
+        monkeypatch.setattr(evaluate, key, value)
+    backbone, arch, size = evaluate.load_backbone()
+    assert arch == 'resnet18' and size == 224  # architecture inferred from the weights; the paper's image size
+    reference.fc = torch.nn.Identity()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(backbone.eval()(images), reference.eval()(images), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one-line errors that name the file, nothing already written lost
+
+def test_bad_voc_folders(tmp_path):
+    from evaluate import read_voc
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    main = os.path.join(voc, 'ImageSets', 'Main')
+    with pytest.raises(SystemExit, match='no class files'):
+        read_voc(str(tmp_path / 'nowhere'), 'trainval')
+    paths, labels, names = read_voc(voc, 'trainval')
+    assert names == ['bird', 'cat', 'dog'] and labels.shape == (6, 3) and len(paths) == 6
+    cat = os.path.join(main, 'cat_trainval.txt')
+    good = open(cat).read()
+    with open(cat, 'w') as f:
+        f.write(good.replace(' 1\n', ' 2\n', 1) if ' 1\n' in good else good.replace('-1\n', ' 2\n', 1))
+    with pytest.raises(SystemExit, match=re.escape(cat) + r':\d+: expected'):
+        read_voc(voc, 'trainval')
+    with open(cat, 'w') as f:
+        f.write(''.join(good.splitlines(keepends=True)[:-1]))  # one image short of trainval.txt
+    with pytest.raises(SystemExit, match=re.escape(cat) + r'.*\(1 missing, 0 extra\)'):
+        read_voc(voc, 'trainval')
+    with open(cat, 'w') as f:
+        f.write(good.replace('000001', '000099'))  # an image that is not in trainval.txt
+    with pytest.raises(SystemExit, match=re.escape(cat)):
+        read_voc(voc, 'trainval')
+
+
+def test_undecodable_image(tmp_path, monkeypatch):
+    import evaluate
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    paths, _, _ = evaluate.read_voc(voc, 'trainval')
+    with open(paths[2], 'wb') as f:
+        f.write(b'not a jpeg')
+    monkeypatch.setattr(evaluate, 'num_workers', 0)
+    monkeypatch.setattr(evaluate, 'device', 'cpu')
+    backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(SystemExit, match=re.escape(paths[2]) + ': cannot read image'):
+        evaluate.extract_features(backbone, paths, 16, 'trainval')
+    os.remove(paths[3])
+    monkeypatch.setattr(evaluate, 'num_workers', 1)  # the same one-line error from a worker process
+    with pytest.raises(SystemExit, match=re.escape(paths[2]) + ': cannot read image'):
+        evaluate.extract_features(backbone, paths, 16, 'trainval')
+
+
+def test_bad_feature_files_and_weight_sources(tmp_path, monkeypatch):
+    import evaluate
+    good = dict(train_x=np.random.rand(6, 4).astype(np.float32), train_y=np.ones((6, 2), dtype=np.int64),
+                test_x=np.random.rand(5, 4).astype(np.float32), test_y=-np.ones((5, 2), dtype=np.int64))
+    bad_files = {
+        'missing': ({k: v for k, v in good.items() if k != 'test_y'}, 'missing arrays'),
+        'shapes': ({**good, 'test_x': good['test_x'][:, :3]}, 'shapes disagree'),
+        'labels': ({**good, 'train_y': good['train_y'] * 2}, 'integers 1, 0, -1'),
+        'names': ({**good, 'class_names': np.array(['a', 'b', 'c'])}, '3 class_names for 2'),
+    }
+    for name, (arrays, message) in bad_files.items():
+        path = tmp_path / f'{name}.npz'
+        np.savez(path, **arrays)
+        with pytest.raises(SystemExit, match=re.escape(str(path)) + '.*' + message):
+            evaluate.load_features(str(path))
+    (tmp_path / 'junk.npz').write_text('junk')
+    with pytest.raises(SystemExit, match='junk.npz: cannot be read'):
+        evaluate.load_features(str(tmp_path / 'junk.npz'))
+    # a failing run leaves an earlier result in place
+    out = tmp_path / 'result.json'
+    out.write_text('{"mAP": 1.0}')
+    proc = run('evaluate.py', f'--features={tmp_path / "shapes.npz"}', f'--out_json={out}', check=False)
+    assert proc.returncode != 0 and 'shapes disagree' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert out.read_text() == '{"mAP": 1.0}'
+    # weight sources: exactly one
+    for ckpt, init in (('', ''), ('a.pt', 'random')):
+        monkeypatch.setattr(evaluate, 'ckpt', ckpt)
+        monkeypatch.setattr(evaluate, 'init', init)
+        with pytest.raises(SystemExit, match='exactly one weight source'):
+            evaluate.load_backbone()
+    monkeypatch.setattr(evaluate, 'ckpt', '')
+    monkeypatch.setattr(evaluate, 'init', 'imagenet')
+    with pytest.raises(SystemExit, match='--init=imagenet'):
+        evaluate.load_backbone()
+
+
+def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
+    from evaluate import write_atomically
+    path = tmp_path / 'feats.npz'
+    path.write_bytes(b'old')
+
+    def crash(f):
+        f.write(b'half')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(str(path), crash)
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['feats.npz']
+    write_atomically(str(path), lambda f: f.write(b'new'))
+    assert path.read_bytes() == b'new'
+
+
+# ----------------------------------------------------------------------------------------------
 # caption.py
 
 def greedy_uncached(model, memory, max_steps):
