@@ -1,0 +1,259 @@
+"""
+Measure every stage's speed and peak memory, for the CPU demo model and the paper's model.
+
+  python bench.py                          # CPU, a few minutes: shapes config and R-50 L1 H2048 at 224
+  python bench.py --device=cuda            # GPU: bf16 autocast + torch.compile, paper batch 32 per GPU
+  python bench.py --stages=train,svm       # a subset: train, data, caption, svm
+
+Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU, MFU;
+the training data pipeline (decode, augment, tokenize) in images/s for one worker, from 640x480 JPEGs
+to 224 px and from the shapes world's 64 px JPEGs; beam-search captioning (beam 5) in captions/s with
+the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048 trainval, 4952 x 2048 test,
+20 classes, 4 costs, 3 folds + refit) in seconds. Prints one table; nothing is stored.
+"""
+
+import ast
+import builtins
+import json
+import os
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from configurator import configure
+from model import VirTex, VirTexConfig
+
+# ----------------------------------------------------------------------------------------------
+device = 'cuda' if torch.cuda.is_available() else 'cpu'
+dtype = 'auto'              # auto: bfloat16 autocast on GPUs, float32 on CPU
+compile = torch.cuda.is_available()  # torch.compile the training step (GPU default)
+stages = 'train,data,caption,svm'
+models = 'shapes,paper'     # which model configs to time for train and caption
+paper_batch = 0             # 0: 32 on a GPU (per GPU, as in the paper), 8 on a CPU
+shapes_batch = 64           # config/shapes.py
+warmup_steps = 3            # untimed steps first (compilation, allocator warm-up)
+timed_steps = 5
+data_images = 128           # images timed per data-pipeline measurement
+caption_images = 8          # images per beam-search batch
+caption_steps = 13          # decoding steps per caption (a COCO caption is ~12 words + [EOS])
+peak_tflops = 989.0         # per-GPU bf16 dense peak for MFU (H100/H200 989, A100 312)
+seed = 0
+# ----------------------------------------------------------------------------------------------
+configure(globals())
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+paper_batch = paper_batch or (32 if device_type == 'cuda' else 8)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+MODELS = {  # name: (model config, image size, training batch)
+    'shapes': (VirTexConfig(visual='resnet18', vocab_size=256, n_layer=1, n_embd=256, n_head=4), 64, shapes_batch),
+    'paper': (VirTexConfig(visual='resnet50', vocab_size=10000, n_layer=1, n_embd=2048, n_head=32), 224, paper_batch),
+}
+
+
+def from_train_py(*names):
+    """train.py is a script that trains when run; load only these definitions (and its imports) from it."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) as f:
+        tree = ast.parse(f.read())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names)]
+    namespace = {}
+    exec(builtins.compile(ast.Module(keep, type_ignores=[]), 'train.py', 'exec'), namespace)  # `compile` is a config key here
+    return namespace
+
+
+def reset_peak_memory():
+    if device_type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')
+        except OSError:
+            pass
+
+
+def peak_memory_gb():
+    if device_type == 'cuda':
+        return torch.cuda.max_memory_allocated() / 2**30
+    try:
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 2**20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def sync():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def random_batch(cfg, size, B):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(B, 3, size, size, generator=g)
+    tokens = torch.randint(4, cfg.vocab_size, (B, 16), generator=g)  # about a COCO caption's length
+    tokens[:, 0], tokens[:, -1] = cfg.sos_id, cfg.eos_id
+    return images.to(device).contiguous(memory_format=torch.channels_last), tokens.to(device)
+
+
+rows = []  # (stage, what, setting, result, time, peak memory in GB)
+
+
+def bench_train(name):
+    cfg, size, B = MODELS[name]
+    torch.manual_seed(seed)
+    model = VirTex(cfg).to(device, memory_format=torch.channels_last)
+    flops = model.flops_per_image(size) if device_type == 'cuda' else None
+    sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9,
+                          **({'fused': True} if device_type == 'cuda' else {'foreach': True}))
+    optimizer = from_train_py('LookAhead')['LookAhead'](sgd, 5, 0.5)
+    step_model = torch.compile(model) if compile else model
+    images, tokens = random_batch(cfg, size, B)
+
+    def step():
+        with autocast:
+            loss, _ = step_model(images, tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup_steps):
+        step()
+    sync()
+    reset_peak_memory()
+    t0 = time.perf_counter()
+    for _ in range(timed_steps):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / timed_steps
+    mfu = f", mfu {100 * flops * B / dt / (peak_tflops * 1e12):.1f}%" if flops else ''
+    rows.append(('train step', name, f"batch {B}, {dtype}{', compiled' if compile else ''}",
+                 f"{B / dt:.1f} img/s{mfu}", f"{1000 * dt:.0f} ms/step", peak_memory_gb()))
+
+
+def write_jpegs(folder, n, width, height):
+    """COCO-layout folder of smooth random pictures with a few shapes (JPEG decoding cost depends on content)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, 'train2017'))
+    os.makedirs(os.path.join(folder, 'annotations'))
+    images, annotations = [], []
+    for i in range(n):
+        small = rng.integers(0, 256, (height // 16, width // 16, 3), dtype=np.uint8)
+        image = Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x, y = rng.integers(0, width - 60), rng.integers(0, height - 60)
+            draw.ellipse((x, y, x + 60, y + 40), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        name = f'{i:012d}.jpg'
+        image.save(os.path.join(folder, 'train2017', name), quality=90)
+        images.append({'id': i, 'file_name': name, 'width': width, 'height': height})
+        annotations.append({'id': i, 'image_id': i, 'caption': 'a red ball to the left of a blue box on a table'})
+    with open(os.path.join(folder, 'annotations', 'captions_train2017.json'), 'w') as f:
+        json.dump({'images': images, 'annotations': annotations}, f)
+
+
+class WordTokenizer:
+    """Stands in for the SentencePiece tokenizer in the data benchmark (no trained vocabulary needed)."""
+    sos_id, eos_id = 1, 2
+
+    def encode(self, text):
+        return [4 + len(w) for w in text.split()]
+
+
+def bench_data():
+    ns = from_train_py('CocoCaptions', 'swap_left_right')
+    with tempfile.TemporaryDirectory() as folder:
+        for (width, height), size in (((640, 480), 224), ((64, 64), 64)):
+            root = os.path.join(folder, f'{width}x{height}')
+            write_jpegs(root, data_images, width, height)
+            dataset = ns['CocoCaptions'](root, 'train2017', WordTokenizer(), size, 30, train=True, seed=seed)
+            for i in range(4):
+                dataset[(0, i)]  # warm the file cache
+            reset_peak_memory()
+            t0 = time.perf_counter()
+            for i in range(data_images):
+                dataset[(1, i)]
+            dt = (time.perf_counter() - t0) / data_images
+            rows.append(('data pipeline', f'{width}x{height} JPEG', f"-> {size} px, 1 worker",
+                         f"{1 / dt:.0f} img/s", f"{1000 * dt:.2f} ms/img", peak_memory_gb()))
+
+
+def bench_caption(name):
+    from caption import beam_search
+    cfg, size, _ = MODELS[name]
+    torch.manual_seed(seed)
+    model = VirTex(cfg).to(device, memory_format=torch.channels_last).eval()
+    with torch.no_grad():
+        # an untrained head ends captions at random lengths: forbid [EOS] and decode a fixed
+        # caption_steps steps, a COCO caption's length, so that runs are comparable
+        model.lm_head.bias[cfg.eos_id] = -1e4
+    images, _ = random_batch(cfg, size, caption_images)
+    with torch.no_grad(), autocast:
+        for _ in range(2):
+            beam_search(model, model.project(model.encode_images(images)), max_steps=caption_steps)
+        sync()
+        reset_peak_memory()
+        t0 = time.perf_counter()
+        grid = model.encode_images(images)
+        sync()
+        t_backbone = time.perf_counter() - t0
+        words = beam_search(model, model.project(grid), max_steps=caption_steps)
+        sync()
+        dt = time.perf_counter() - t0
+    assert all(len(w) == caption_steps for w in words)
+    rows.append(('caption (beam 5)', name, f"batch {caption_images}, {caption_steps} steps",
+                 f"{caption_images / dt:.2f} captions/s, backbone {100 * t_backbone / dt:.0f}%",
+                 f"{1000 * dt:.0f} ms/batch", peak_memory_gb()))
+
+
+def bench_svm():
+    from evaluate import train_and_test_svms
+    g = torch.Generator().manual_seed(seed)
+    C, D = 20, 2048
+    # VOC07-like stand-ins: nonnegative, L2-normalized, correlated features with a class signal
+    def features(n):
+        labels = torch.where(torch.rand(n, C, generator=g) < torch.linspace(0.03, 0.3, C), 1, -1)
+        labels[torch.rand(n, C, generator=g) < 0.02] = 0
+        signal = (labels == 1).float() @ torch.randn(C, D, generator=g)
+        x = torch.relu(1.0 + 0.6 * signal + torch.randn(n, D, generator=g))
+        return torch.nn.functional.normalize(x, dim=1).to(device), labels.to(device)
+    train_x, train_y = features(5011)
+    test_x, test_y = features(4952)
+    reset_peak_memory()
+    t0 = time.perf_counter()
+    test_ap, _, _ = train_and_test_svms(train_x, train_y, test_x, test_y)
+    sync()
+    dt = time.perf_counter() - t0
+    rows.append(('svm (VOC07 size)', '320 SVMs', '5011 x 2048, 20 classes', f"mAP {100 * test_ap.mean():.1f}",
+                 f"{dt:.1f} s", peak_memory_gb()))
+
+
+chosen = stages.split(',')
+print(f"bench: {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+for name in models.split(','):
+    if 'train' in chosen:
+        bench_train(name)
+        print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
+    if 'caption' in chosen:
+        bench_caption(name)
+        print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
+if 'data' in chosen:
+    bench_data()
+if 'svm' in chosen:
+    bench_svm()
+
+header = ('stage', 'what', 'setting', 'result', 'time', 'peak mem')
+table = [header] + [(*row[:5], f"{row[5]:.2f} GB") for row in rows]
+widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+print()
+for r in table:
+    print(' | '.join(cell.ljust(w) for cell, w in zip(r, widths)))

@@ -1,0 +1,102 @@
+"""
+The whole VirTex pipeline on the built-in shapes world, on a laptop CPU, in about a quarter of an hour:
+
+  python demo.py                  # data -> vocabulary -> pretrain -> VOC SVMs (pretrained vs random) -> captions
+  python demo.py --seed=1         # another training seed
+
+Each stage is one of the project's command lines, printed before it runs, so the demo doubles as a
+tour: copy any of them to run a stage alone. Writes data/shapes/ (kept between runs) and <out_dir>/
+(checkpoint, logs, VOC results, captions, an attention figure), then prints a summary table.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from configurator import configure
+
+# ----------------------------------------------------------------------------------------------
+seed = 0                   # training seed (and the random-init baseline's)
+data = 'data/shapes'       # the shapes world (generated once, then reused)
+out_dir = 'out/demo'       # this run's files; the seed is appended
+config = 'config/shapes.py'
+vocab_size = 256           # the shapes world has 65 distinct words; BPE keeps each one whole
+caption_limit = 200        # val images captioned for CIDEr
+# ----------------------------------------------------------------------------------------------
+configure(globals())
+out = f"{out_dir}_seed{seed}"
+os.makedirs(out, exist_ok=True)
+python = sys.executable
+timings = {}
+
+
+def stage(name, args, log_name):
+    """Run one project command, show its output live and keep it in <out>/<log_name>."""
+    print(f"\n=== {name}\n$ {' '.join(['python'] + args)}", flush=True)
+    t0 = time.time()
+    lines = []
+    with subprocess.Popen([python, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as proc:
+        for line in proc.stdout:
+            print(line, end='', flush=True)
+            lines.append(line)
+    with open(os.path.join(out, log_name), 'w') as f:
+        f.writelines(lines)
+    timings[name] = time.time() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"error: the stage '{name}' failed (exit {proc.returncode}); its output is in {out}/{log_name}")
+    return lines
+
+
+start = time.time()
+if os.path.exists(f"{data}/coco/annotations/captions_val2017.json") and os.path.exists(f"{data}/VOC2007/ImageSets/Main/test.txt"):
+    print(f"=== data: {data} exists, reused (delete it to regenerate)")
+else:
+    stage('data', ['data/shapes/prepare.py', f'--out={data}'], 'prepare.log')
+if not os.path.exists(f"{data}/vocab.model"):
+    stage('vocabulary', ['tokenizer.py', f'--captions={data}/coco/annotations/captions_train2017.json',
+                         f'--vocab_size={vocab_size}', f'--out={data}/vocab'], 'tokenizer.log')
+stage('pretrain', ['train.py', config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
+                   f'--out_dir={out}', f'--seed={seed}'], 'train.log')
+voc = f'--voc_root={data}/VOC2007'
+pretrained = stage('evaluate pretrained', ['evaluate.py', voc, f'--ckpt={out}/ckpt.pt', f'--out_json={out}/voc_pretrained.json'],
+                   'evaluate_pretrained.log')
+random_init = stage('evaluate random init', ['evaluate.py', voc, '--init=random', '--visual=resnet18', '--image_size=64',
+                                             f'--seed={seed}', f'--out_json={out}/voc_random.json'], 'evaluate_random.log')
+captions = stage('caption', ['caption.py', f'--ckpt={out}/ckpt.pt', f'--coco_root={data}/coco', '--split=val2017',
+                             f'--limit={caption_limit}', f'--out={out}/captions_val.json'], 'caption.log')
+first_image = captions[0].split('\t')[0]
+stage('attention figure', ['caption.py', f'--ckpt={out}/ckpt.pt', f'--attention_dir={out}/attention', first_image],
+      'attention.log')
+
+
+def last_number(lines, label):
+    match = re.fullmatch(rf'{label}: ([\d.]+)', lines[-1].strip())
+    if not match:
+        raise SystemExit(f"error: expected a last line '{label}: ...', got {lines[-1].strip()!r}")
+    return float(match.group(1))
+
+
+map_pretrained, map_random = last_number(pretrained, 'mAP'), last_number(random_init, 'mAP')
+cider = last_number(captions, 'CIDEr')
+with open(f'{out}/log.jsonl') as f:
+    train_records = [r for r in map(json.loads, f) if r['event'] == 'train']
+images_per_s = sorted(r['img_s'] for r in train_records)[len(train_records) // 2]  # median over log windows
+figure = os.path.join(out, 'attention', os.path.splitext(os.path.basename(first_image))[0] + '.png')
+print("\nsome val captions (image<TAB>caption):")
+print(''.join(line for line in captions[:5]), end='')
+print(f"\n=== summary (seed {seed})")
+table = [('VOC mAP, pretrained backbone', f"{map_pretrained:.2f}"),
+         ('VOC mAP, same backbone at random init', f"{map_random:.2f}"),
+         ('difference', f"{map_pretrained - map_random:+.2f}"),
+         (f'CIDEr-D on {caption_limit} val images', f"{cider:.1f}"),
+         ('pretraining time', f"{timings['pretrain'] / 60:.1f} min"),
+         ('pretraining speed', f"{images_per_s:.0f} img/s"),
+         ('attention figure', figure),
+         ('total time', f"{(time.time() - start) / 60:.1f} min")]
+width = max(len(k) for k, _ in table)
+for key, value in table:
+    print(f"{key:<{width}}  {value}")
