@@ -65,7 +65,8 @@ voc = f'--voc_root={data}/VOC2007'
 pretrained = stage('evaluate pretrained', ['evaluate.py', voc, f'--ckpt={out}/ckpt.pt', f'--out_json={out}/voc_pretrained.json'],
                    'evaluate_pretrained.log')
 random_init = stage('evaluate random init', ['evaluate.py', voc, '--init=random', '--visual=resnet18', '--image_size=64',
-                                             f'--seed={seed}', f'--out_json={out}/voc_random.json'], 'evaluate_random.log')
+                                             '--zero_init_residual=False', f'--seed={seed}', f'--out_json={out}/voc_random.json'],
+                    'evaluate_random.log')
 captions = stage('caption', ['caption.py', f'--ckpt={out}/ckpt.pt', f'--coco_root={data}/coco', '--split=val2017',
                              f'--limit={caption_limit}', f'--out={out}/captions_val.json'], 'caption.log')
 first_image = captions[0].split('\t')[0]

@@ -34,7 +34,7 @@ init = ''               # or: 'random' | 'torchvision:PATH' | 'virtex:PATH' (off
 visual = 'resnet50'     # torchvision ResNet for --init=random|torchvision:... (a checkpoint knows its own)
 image_size = None       # crop size; None: the checkpoint's training image_size, else 224 (paper)
 batch_size = 64         # images per forward pass (upstream: 128)
-num_workers = 4         # DataLoader processes decoding JPEGs
+num_workers = min(4, os.cpu_count() or 1)  # DataLoader processes decoding JPEGs
 log_interval = 10       # print extraction progress every this many batches
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # also where the SVMs are solved
 dtype = 'float32'       # extraction precision: float32 (upstream) | bfloat16 | float16 (autocast, faster on GPU)
@@ -42,6 +42,7 @@ features = ''           # an .npz from --save_features: skip the images, train a
 save_features = ''      # write the extracted features here (.npz: train_x, train_y, test_x, test_y, class_names)
 out_json = ''           # also write the per-class table and mAP here
 seed = 1337             # seeds --init=random
+zero_init_residual = True  # --init=random: the init a train.py run starts from (its zero_init_residual)
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # importing this file (tests, dev/compare_svm.py) keeps the defaults
     from configurator import configure
@@ -295,7 +296,7 @@ def load_backbone() -> tuple[nn.Module, str, int]:
         raise SystemExit(f"error: --init={init}: expected random, torchvision:PATH or virtex:PATH")
     torch.manual_seed(seed)
     try:
-        backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=True)
+        backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
     except ValueError:
         raise SystemExit(f"error: --visual={arch}: not a torchvision model name (e.g. resnet50)") from None
     backbone.fc = nn.Identity()  # forward now ends at the global average pool: (B, 2048) for ResNet-50

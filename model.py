@@ -36,6 +36,7 @@ class VirTexConfig:
     dropout: float = 0.1
     bidirectional: bool = True  # False: the forward-only "captioning" ablation
     norm_first: bool = False    # False: post-norm layers, as in the paper
+    zero_init_residual: bool = True  # the paper's backbone init (see VirTex.__init__)
     pad_id: int = 0             # <unk> doubles as padding, as upstream
     sos_id: int = 1
     eos_id: int = 2
@@ -153,8 +154,10 @@ class VirTex(nn.Module):
             raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         self.config = cfg
         self.train_config = {}  # the training run's config, filled by from_checkpoint
-        # zero_init_residual: each block starts as identity, which helps training from scratch
-        self.visual = torchvision.models.get_model(cfg.visual, weights=None, zero_init_residual=True)
+        # zero_init_residual: each block starts as identity, which helps training from scratch at 224 px.
+        # At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only strided 1x1
+        # shortcuts, so the caption loss barely reaches the convolutions: the demo turns it off.
+        self.visual = torchvision.models.get_model(cfg.visual, weights=None, zero_init_residual=cfg.zero_init_residual)
         self.visual_width = self.visual.fc.in_features  # 2048 for resnet50, 512 for resnet18
         del self.visual.fc, self.visual.avgpool  # we keep the layer4 grid, not a pooled vector
         H = cfg.n_embd

@@ -156,6 +156,10 @@ def test_model_shapes_and_parts():
     assert model.logits(model.project(grid), tokens).shape == (3, 8, 40)
     uni = VirTex(tiny_cfg(bidirectional=False))
     assert set(uni(images, tokens)[1]) == {'fwd'} and uni.layers_bwd is None
+    # the paper's init zeroes each block's last BN scale; the demo's knob keeps torchvision's ones
+    last_bn = lambda m: m.visual.layer4[1].bn2.weight
+    assert last_bn(model).abs().max() == 0
+    assert torch.all(last_bn(VirTex(tiny_cfg(zero_init_residual=False))) == 1)
 
 
 def test_model_bad_inputs():
@@ -1441,3 +1445,23 @@ def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
     assert proc.returncode != 0 and 'has 80 pieces but' in proc.stderr and 'trained with 96' in proc.stderr
     proc = run('caption.py', image, check=False)
     assert proc.returncode != 0 and 'give exactly one of --ckpt' in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# the repository itself
+
+def test_readme_line_counts_and_self_contained_modules():
+    """The README's file table states line counts: keep them honest (within 10 lines). model.py and
+    tokenizer.py are meant to be copied alone, so they import nothing from this folder."""
+    readme = open(os.path.join(HERE, 'README.md')).read()
+    rows = re.findall(r'^\| `([\w/]+\.py)` \| (\d+) \|', readme, flags=re.M)
+    assert len(rows) >= 9
+    for path, stated in rows:
+        with open(os.path.join(HERE, path)) as f:
+            actual = sum(1 for _ in f)
+        assert abs(actual - int(stated)) <= 10, f"README says {path} has {stated} lines, it has {actual}"
+    local = {os.path.splitext(name)[0] for name in os.listdir(HERE) if name.endswith('.py')}
+    for path in ['model.py', 'tokenizer.py']:
+        source = open(os.path.join(HERE, path)).read()
+        imported = set(re.findall(r'^(?:from|import) (\w+)', source, flags=re.M))
+        assert not imported & local, f"{path} imports {imported & local}"

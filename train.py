@@ -46,6 +46,7 @@ max_len = 30                  # caption ids, [SOS] and [EOS] included
 dropout = 0.1
 bidirectional = True          # False: forward captioning only (an ablation in the paper)
 norm_first = False            # post-norm Transformer layers, as in the paper
+zero_init_residual = True     # each ResNet block starts as the identity, as in the paper
 # data
 image_size = 224              # random-resized-crop size
 min_crop_scale = 0.2          # random-resized-crop keeps (min_crop_scale, 1) of the image area
@@ -306,7 +307,7 @@ class LookAhead:
 
 
 model_args = dict(visual=visual, vocab_size=len(tok), n_layer=n_layer, n_embd=n_embd, n_head=n_head, max_len=max_len,
-                  dropout=dropout, bidirectional=bidirectional, norm_first=norm_first,
+                  dropout=dropout, bidirectional=bidirectional, norm_first=norm_first, zero_init_residual=zero_init_residual,
                   pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ckpt = None
