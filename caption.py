@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from configurator import configure
 from model import VirTex
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, read_coco_split
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ''               # this project's checkpoint (train.py); its tokenizer path is inside
@@ -301,23 +301,6 @@ def cider_d(references: dict, candidates: dict, n: int = 4, sigma: float = 6.0) 
     return sum(scores.values()) / len(scores), scores
 
 
-def read_coco_split(root: str, split: str):
-    """(image paths, {image_id: [reference captions]}) of a COCO-layout split."""
-    path = os.path.join(root, 'annotations', f'captions_{split}.json')
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        files = {image['id']: os.path.join(root, split, image['file_name']) for image in data['images']}
-        refs = {}
-        for a in data['annotations']:
-            refs.setdefault(a['image_id'], []).append(a['caption'])
-    except OSError as e:
-        raise SystemExit(f"error: {path}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path}: not a COCO captions file ({type(e).__name__}: {e})") from None
-    return [files[i] for i in sorted(files) if i in refs], refs
-
-
 def image_id(path: str):
     """COCO results use the integer id in a COCO file name (000000397133.jpg -> 397133)."""
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -347,7 +330,7 @@ def main():
             raise SystemExit(f"error: {results}: {e.strerror}") from None
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
-        _, references = read_coco_split(coco_root, split)
+        references = {i: refs for i, _, refs in read_coco_split(coco_root, split)}
         print(f"CIDEr: {score(candidates, references):.1f}")
         return
 
@@ -368,7 +351,8 @@ def main():
     # the images: files and folders from the command line, or a COCO split
     references = None
     if coco_root:
-        paths, references = read_coco_split(coco_root, split)
+        items = read_coco_split(coco_root, split)
+        paths, references = [p for _, p, _ in items], {i: refs for i, _, refs in items}
         paths = paths[:limit] if limit else paths
     files = []
     for p in paths:

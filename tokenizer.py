@@ -102,6 +102,24 @@ def read_captions(path: str) -> list[str]:
     return captions
 
 
+def read_coco_split(root: str, split: str) -> list[tuple[int, str, list[str]]]:
+    """(image id, image path, its captions) for each captioned image of a COCO-layout split, by id:
+    <root>/annotations/captions_<split>.json and <root>/<split>/. The reader train.py and caption.py share."""
+    path = os.path.join(root, 'annotations', f'captions_{split}.json')
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        files = {image['id']: image['file_name'] for image in data['images']}
+        captions = {}
+        for a in data['annotations']:
+            captions.setdefault(a['image_id'], []).append(a['caption'])
+    except OSError as e:
+        raise SystemExit(f"error: {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    return [(i, os.path.join(root, split, files[i]), captions[i]) for i in sorted(captions) if i in files]
+
+
 def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
     """Train the BPE model and write out_prefix.model / .vocab atomically (temp names, then rename)."""
     tmp_prefix = f"{out_prefix}.tmp{os.getpid()}"

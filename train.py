@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from configurator import config_keys, configure
 from model import VirTex, VirTexConfig, load_file
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, read_coco_split
 
 # ----------------------------------------------------------------------------------------------
 # config: defaults = the paper's best run; then a config/*.py file, then --key=value flags
@@ -137,21 +137,9 @@ class CocoCaptions(Dataset):
     """
 
     def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2):
-        path = os.path.join(root, 'annotations', f'captions_{split}.json')
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            files = {image['id']: image['file_name'] for image in data['images']}
-            captions = {}
-            for a in data['annotations']:
-                captions.setdefault(a['image_id'], []).append(a['caption'])
-        except OSError as e:
-            raise SystemExit(f"error: {path}: {e.strerror}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {path}: not a COCO captions file ({type(e).__name__}: {e})") from None
-        self.items = [(os.path.join(root, split, files[i]), captions[i]) for i in sorted(captions) if i in files]
+        self.items = [(path, captions) for _, path, captions in read_coco_split(root, split)]
         if not self.items:
-            raise SystemExit(f"error: {path}: no images with captions")
+            raise SystemExit(f"error: {root}/annotations/captions_{split}.json: no images with captions")
         self.tokenizer, self.image_size, self.max_len, self.train, self.seed = tokenizer, image_size, max_len, train, seed
         self.min_crop_scale = min_crop_scale
 
