@@ -154,7 +154,7 @@ class VirTex(nn.Module):
             raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         self.config = cfg
         self.train_config = {}  # the training run's config, filled by from_checkpoint
-        # zero_init_residual: each block starts as identity, which helps training from scratch at 224 px.
+        # zero_init_residual: each block starts as identity, which helps training from scratch.
         # At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only strided 1x1
         # shortcuts, so the caption loss barely reaches the convolutions: the demo turns it off.
         self.visual = torchvision.models.get_model(cfg.visual, weights=None, zero_init_residual=cfg.zero_init_residual)
