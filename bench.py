@@ -12,8 +12,6 @@ the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048 trai
 20 classes, 4 costs, 3 folds + refit) in seconds. Prints one table; nothing is stored.
 """
 
-import ast
-import builtins
 import json
 import os
 import resource
@@ -26,7 +24,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from configurator import configure
-from model import VirTex, VirTexConfig
+from coco import CocoCaptions
+from model import LookAhead, VirTex, VirTexConfig
 
 # ----------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -57,17 +56,6 @@ MODELS = {  # name: (model config, image size, training batch)
     'shapes': (VirTexConfig(visual='resnet18', vocab_size=256, n_layer=1, n_embd=256, n_head=4), 64, shapes_batch),
     'paper': (VirTexConfig(visual='resnet50', vocab_size=10000, n_layer=1, n_embd=2048, n_head=32), 224, paper_batch),
 }
-
-
-def from_train_py(*names):
-    """train.py is a script that trains when run; load only these definitions (and its imports) from it."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')) as f:
-        tree = ast.parse(f.read())
-    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
-            or (isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names)]
-    namespace = {}
-    exec(builtins.compile(ast.Module(keep, type_ignores=[]), 'train.py', 'exec'), namespace)  # `compile` is a config key here
-    return namespace
 
 
 def reset_peak_memory():
@@ -114,7 +102,7 @@ def bench_train(name):
     flops = model.flops_per_image(size) if device_type == 'cuda' else None
     sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9,
                           **({'fused': True} if device_type == 'cuda' else {'foreach': True}))
-    optimizer = from_train_py('LookAhead')['LookAhead'](sgd, 5, 0.5)
+    optimizer = LookAhead(sgd, 5, 0.5)
     step_model = torch.compile(model) if compile else model
     images, tokens = random_batch(cfg, size, B)
 
@@ -170,12 +158,11 @@ class WordTokenizer:
 
 
 def bench_data():
-    ns = from_train_py('CocoCaptions', 'swap_left_right')
     with tempfile.TemporaryDirectory() as folder:
         for (width, height), size in (((640, 480), 224), ((64, 64), 64)):
             root = os.path.join(folder, f'{width}x{height}')
             write_jpegs(root, data_images, width, height)
-            dataset = ns['CocoCaptions'](root, 'train2017', WordTokenizer(), size, 30, train=True, seed=seed)
+            dataset = CocoCaptions(root, 'train2017', WordTokenizer(), size, 30, train=True, seed=seed)
             for i in range(4):
                 dataset[(0, i)]  # warm the file cache
             reset_peak_memory()

@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from configurator import configure
+from coco import load_eval_image, normalize, read_coco_split, to_uint8_tensor
+from configurator import configure, one_line_errors
 from model import VirTex
-from tokenizer import Tokenizer, read_coco_split
+from official import load_official
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ''               # this project's checkpoint (train.py); its tokenizer path is inside
@@ -58,33 +60,9 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.we
 warnings.simplefilter('error', Image.DecompressionBombWarning)
 
 
-def load_image(path: str, size: int) -> Image.Image:
-    """Decode any common image to RGB, resize the shorter side to size * 8/7, center crop size.
-    Raises with a one-line reason for non-images, truncated files and oversized images."""
-    with Image.open(path) as image:
-        if image.format == 'JPEG':  # decode at 1/2, 1/4 or 1/8 scale when that still covers the crop
-            image.draft('RGB', (size * 8 // 7, size * 8 // 7))
-        image.load()  # truncated files fail here, not later
-        if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):  # 16-bit or float grayscale: scale to 8 bits
-            pixels = np.asarray(image, dtype=np.float64)
-            pixels = pixels / 257 if pixels.max() > 255 else pixels
-            image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-        if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-            rgba = image.convert('RGBA')  # transparent pixels become white, not black
-            image = Image.new('RGB', rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel('A'))
-        image = image.convert('RGB')
-    W, H = image.size
-    side = min(W, H) * size / round(size * 8 / 7)
-    left, top = (W - side) / 2, (H - side) / 2
-    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-
-
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])).permute(0, 3, 1, 2)
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
-    return (pixels - mean) / std  # (B, 3, S, S)
+    """(B, 3, S, S) normalized model input from RGB PIL images."""
+    return normalize(torch.stack([to_uint8_tensor(image) for image in images]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,7 +131,8 @@ def sample(model: VirTex, memory: torch.Tensor, top_p: float = 0.9, temperature:
     logp, cache = model.decode_step(memory, last)
     finished = torch.zeros(B, dtype=torch.bool, device=dev)
     out = []
-    for step in range(min(max_steps, cfg.max_len)):
+    n_steps = min(max_steps, cfg.max_len)  # as in beam_search: the last word is predicted at position max_len - 1
+    for step in range(n_steps):
         logits = logp / temperature  # log-probs differ from logits by a per-row constant
         if step > 0:
             logits[torch.arange(B, device=dev), last] = -math.inf  # no word twice in a row
@@ -165,8 +144,8 @@ def sample(model: VirTex, memory: torch.Tensor, top_p: float = 0.9, temperature:
         word[finished] = cfg.pad_id
         out.append(word)
         finished |= word == cfg.eos_id
-        if finished.all():
-            break
+        if finished.all() or step == n_steps - 1:
+            break  # the next position would be max_len, which has no embedding
         last = word
         logp, cache = model.decode_step(None, word, cache)
     return [strip(row, cfg) for row in torch.stack(out, 1).tolist()]
@@ -311,7 +290,7 @@ def score(candidates: dict, references: dict) -> float:
     """CIDEr-D x 100 of {image_id: caption} against {image_id: [captions]}."""
     unknown = [k for k in candidates if k not in references][:5]
     if unknown:
-        raise SystemExit(f"error: results name images that are not in the annotations (e.g. {unknown})")
+        raise ValueError(f"results name images that are not in the annotations (e.g. {unknown})")
     refs = {k: [ptb_tokenize(r) for r in references[k]] for k in candidates}
     return 100 * cider_d(refs, {k: ptb_tokenize(c) for k, c in candidates.items()})[0]
 
@@ -319,6 +298,12 @@ def score(candidates: dict, references: dict) -> float:
 def main():
     global image_size
     paths = configure(globals())
+    for key in ('beam_size', 'candidates_per_beam', 'max_steps', 'batch_size'):
+        if globals()[key] <= 0:
+            raise SystemExit(f"error: --{key}={globals()[key]} must be positive")
+    if not 0 <= top_p <= 1 or temperature <= 0 or image_size < 0 or limit < 0:
+        raise SystemExit(f"error: need 0 <= top_p <= 1, temperature > 0, image_size >= 0, limit >= 0 "
+                         f"(got {top_p}, {temperature}, {image_size}, {limit})")
     if results:  # score an existing results file, caption nothing
         if not coco_root:
             raise SystemExit("error: --results needs --coco_root (and --split) for the references")
@@ -337,7 +322,7 @@ def main():
     # the model and its tokenizer
     if bool(ckpt) == bool(official):
         raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH (kdexd/virtex)")
-    model = VirTex.from_checkpoint(ckpt, device) if ckpt else VirTex.from_official(official, device)
+    model = VirTex.from_checkpoint(ckpt, device) if ckpt else load_official(official, device)
     source = ckpt or official
     tokenizer_path = tokenizer or model.train_config.get('tokenizer', '')
     if not tokenizer_path:
@@ -372,7 +357,7 @@ def main():
         batch, images = [], []
         for path in files[start:start + batch_size]:
             try:
-                images.append(load_image(path, image_size))
+                images.append(load_eval_image(path, image_size))
                 batch.append(path)
             except Exception as e:  # one bad file must not stop the others
                 failures += 1
@@ -417,4 +402,5 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    with one_line_errors():
+        main()

@@ -12,15 +12,21 @@ A bare `*.py` argument is a config file: it is executed and its assignments are 
 they were flags, in order, so later flags win. `--key=value` sets one value. Every key must
 already exist in the script (unknown keys are refused, naming the nearest known one), and the
 value must have the default's type: an int is accepted where a float is expected, booleans are
-`True`/`False` only, a `None` default takes any Python literal (or the raw string). Any other
-bare argument is returned for the script (e.g. caption.py's image paths). `--help` lists the
-keys with their values. Errors exit with a one-line message naming the key or file.
+`True`/`False` only, a `None` default takes a Python literal only (a number, or a string in quotes:
+a bare word is refused, so that a typo never becomes a string). Any other bare argument is returned
+for the script (e.g. caption.py's image paths). `--help` lists the keys with their values. Errors
+exit with a one-line message naming the key or file.
+
+`one_line_errors()` is the other half of the project's error policy: library code raises ordinary
+exceptions (ValueError, OSError) whose message names the file; a script wraps its loading steps in
+it, and such an exception ends the script with one line `error: <message>`, not a traceback.
 Standard library only, so every script can import it.
 """
 
 import ast
 import difflib
 import sys
+from contextlib import contextmanager
 
 CONFIG_TYPES = (bool, int, float, str, type(None))
 
@@ -42,7 +48,7 @@ def parse_value(key: str, text: str, default):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         if default is None:
-            return text  # a None default accepts a bare word as a string
+            raise ValueError(f"--{key} takes a number or a quoted string, got {text!r}") from None
         raise ValueError(f"--{key} takes a {type(default).__name__}, got {text!r}") from None
     return check_type(key, value, default)
 
@@ -118,3 +124,12 @@ def apply_config_file(config: dict, path: str, known: list[str]) -> None:
             config[key] = check_type(key, value, config[key])
         except ValueError as e:
             raise SystemExit(f"error: config file {path}: {e}") from None
+
+
+@contextmanager
+def one_line_errors():
+    """Turn the ValueError / OSError of a library call into the script's one-line `error: ...` exit."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -25,14 +25,16 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
-from PIL import Image
+
+from coco import load_eval_image, normalize, to_uint8_tensor
+from model import VirTex, load_file
 
 # -----------------------------------------------------------------------------
 voc_root = 'data/shapes/VOC2007'  # has ImageSets/Main/<class>_{trainval,test}.txt and JPEGImages/
 ckpt = ''               # this project's checkpoint (train.py); its backbone is evaluated
 init = ''               # or: 'random' | 'torchvision:PATH' | 'virtex:PATH' (official VirTex checkpoint or backbone)
 visual = 'resnet50'     # torchvision ResNet for --init=random|torchvision:... (a checkpoint knows its own)
-image_size = None       # crop size; None: the checkpoint's training image_size, else 224 (paper)
+image_size = 0          # crop size; 0: the checkpoint's training image_size, else 224 (paper)
 batch_size = 64         # images per forward pass (upstream: 128)
 num_workers = min(4, os.cpu_count() or 1)  # DataLoader processes decoding JPEGs
 log_interval = 10       # print extraction progress every this many batches
@@ -45,12 +47,11 @@ seed = 1337             # seeds --init=random
 zero_init_residual = True  # --init=random: the init a train.py run starts from (its zero_init_residual)
 # -----------------------------------------------------------------------------
 if __name__ == '__main__':  # importing this file (tests, dev/compare_svm.py) keeps the defaults
-    from configurator import configure
+    from configurator import configure, one_line_errors
     rest = configure(globals())
 SVM_COSTS = (0.01, 0.1, 1.0, 10.0)   # upstream's grid for C
 POSITIVE_WEIGHT = 2.0                # upstream class_weight={1: 2, -1: 1}
 N_FOLDS = 3                          # upstream cross_val_score(cv=3)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +217,7 @@ def read_voc(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
     main = os.path.join(root, 'ImageSets', 'Main')
     class_files = sorted(glob.glob(os.path.join(main, f'*_{split}.txt')))
     if not class_files:
-        raise SystemExit(f"error: {main}: no class files *_{split}.txt (is --voc_root a VOC2007 folder?)")
+        raise ValueError(f"{main}: no class files *_{split}.txt (is --voc_root a VOC2007 folder?)")
     reference = os.path.join(main, f'{split}.txt')  # the image order; VOC has it, else take the first class file
     reference = reference if os.path.exists(reference) else class_files[0]
     with open(reference) as f:
@@ -228,11 +229,11 @@ def read_voc(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
             for line_no, line in enumerate(f, 1):
                 fields = line.split()
                 if fields and (len(fields) != 2 or fields[1] not in ('1', '-1', '0')):
-                    raise SystemExit(f"error: {path}:{line_no}: expected '<image> <1|-1|0>', got {line.strip()!r}")
+                    raise ValueError(f"{path}:{line_no}: expected '<image> <1|-1|0>', got {line.strip()!r}")
                 file_labels.update([fields] if fields else [])
         if len(file_labels) != len(names) or not all(name in file_labels for name in names):
             missing, extra = len(set(names) - set(file_labels)), len(set(file_labels) - set(names))
-            raise SystemExit(f"error: {path}: lists other images than {reference} ({missing} missing, {extra} extra)")
+            raise ValueError(f"{path}: lists other images than {reference} ({missing} missing, {extra} extra)")
         labels.append([int(file_labels[name]) for name in names])
     class_names = [os.path.basename(p)[:-len(f'_{split}.txt')] for p in class_files]
     paths = [os.path.join(root, 'JPEGImages', name + '.jpg') for name in names]
@@ -240,16 +241,10 @@ def read_voc(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
 
 
 class VocImages(torch.utils.data.Dataset):
-    """Eval transform of upstream: shorter side to 8/7 of the crop (256 for 224), center crop, ImageNet norm."""
+    """The eval transform every stage shares (coco.load_eval_image): shorter side to 8/7 of the crop, center crop."""
 
     def __init__(self, paths: list[str], size: int):
-        self.paths = paths
-        self.transform = torchvision.transforms.Compose([
-            torchvision.transforms.Resize(round(size * 8 / 7)),
-            torchvision.transforms.CenterCrop(size),
-            torchvision.transforms.ToTensor(),
-            torchvision.transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-        self.size = size
+        self.paths, self.size = paths, size
 
     def __len__(self):
         return len(self.paths)
@@ -257,73 +252,77 @@ class VocImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         # a worker's exception reaches the main process as a multi-line traceback, so report failures as data
         try:
-            with Image.open(self.paths[i]) as image:
-                return self.transform(image.convert('RGB')), ''
+            return to_uint8_tensor(load_eval_image(self.paths[i], self.size)), ''
         except Exception as e:
-            return torch.zeros(3, self.size, self.size), f"{self.paths[i]}: cannot read image ({e})"
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{self.paths[i]}: cannot read image ({e})"
 
 
 # ------------------------------------------------------------------------------------------------
 # the backbone and its features
 
-def load_backbone() -> tuple[nn.Module, str, int]:
-    """The plain torchvision ResNet to evaluate (pooled output, fc removed), its name and the image size to use."""
-    size = image_size
+def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', image_size: int = 0, seed: int = 1337,
+                  zero_init_residual: bool = True) -> tuple[nn.Module, str, int]:
+    """The plain torchvision ResNet to evaluate (pooled output, fc removed), its name and the image size to use.
+
+    Exactly one weight source: ckpt (this project's checkpoint; its backbone and training image size) or init
+    ('random' with `visual`, seed and zero_init_residual; 'torchvision:PATH' a torchvision ResNet state dict;
+    'virtex:PATH' an official VirTex checkpoint or backbone). image_size 0: the checkpoint's, else 224.
+    """
     if bool(ckpt) + bool(init) != 1:
-        raise SystemExit("error: give exactly one weight source: --ckpt=PATH or --init=random|torchvision:PATH|"
+        raise ValueError("give exactly one weight source: --ckpt=PATH or --init=random|torchvision:PATH|"
                          "virtex:PATH (or --features=PATH.npz to skip the images)")
-    arch, state, source = visual, None, ckpt or init.partition(':')[2]
-    if ckpt or init.startswith('virtex:'):
-        from model import VirTex  # only these sources need the model code
-        model = VirTex.from_checkpoint(ckpt, 'cpu') if ckpt else VirTex.from_official(source)
+    arch, state, source, size = visual, None, ckpt or init.partition(':')[2], image_size
+    if ckpt:
+        model = VirTex.from_checkpoint(ckpt)
         arch, state = model.config.visual, model.backbone_state_dict()
-        if size is None and ckpt:
-            size = model.train_config.get('image_size', 224)  # features at the resolution it was trained at
-        del model
+        size = size or model.train_config.get('image_size', 224)  # features at the resolution it was trained at
+    elif init.startswith('virtex:'):
+        from official import load_official
+        model = load_official(source)
+        arch, state = model.config.visual, model.backbone_state_dict()
     elif init.startswith('torchvision:'):
-        try:
-            state = torch.load(source, map_location='cpu', weights_only=True)
-        except Exception as e:
-            raise SystemExit(f"error: {source}: cannot be read as a torch state dict ({type(e).__name__})") from None
+        state = load_file(source)
         for wrapper in ('state_dict', 'model'):  # old ImageNet example / torchvision references checkpoints
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
         if not isinstance(state, dict):
-            raise SystemExit(f"error: {source}: expected a dict of tensors")
+            raise ValueError(f"{source}: expected a dict of tensors")
         state = {k.removeprefix('module.'): v for k, v in state.items()}  # DataParallel's prefix
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the classifier is not evaluated
     elif init != 'random':
-        raise SystemExit(f"error: --init={init}: expected random, torchvision:PATH or virtex:PATH")
+        raise ValueError(f"--init={init}: expected random, torchvision:PATH or virtex:PATH")
     torch.manual_seed(seed)
     try:
         backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
     except ValueError:
-        raise SystemExit(f"error: --visual={arch}: not a torchvision model name (e.g. resnet50)") from None
+        raise ValueError(f"--visual={arch}: not a torchvision model name (e.g. resnet50)") from None
     backbone.fc = nn.Identity()  # forward now ends at the global average pool: (B, 2048) for ResNet-50
     if state is not None:
         try:
             backbone.load_state_dict(state)
         except RuntimeError as e:
             reason = ' '.join(str(e).split())[:300]
-            raise SystemExit(f"error: {source}: not a {arch} backbone: {reason}") from None
+            raise ValueError(f"{source}: not a {arch} backbone: {reason}") from None
     return backbone, arch, size or 224
 
 
 @torch.inference_mode()
-def extract_features(backbone: nn.Module, paths: list[str], size: int, split: str) -> torch.Tensor:
+def extract_features(backbone: nn.Module, paths: list[str], size: int, split: str = 'images', batch_size: int = 64,
+                     num_workers: int = 0, device: str = 'cpu', dtype: str = 'float32',
+                     log_interval: int = 10) -> torch.Tensor:
     """L2-normalized global average pools of layer4 for the images in paths: (N, D) float32 on the CPU."""
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
     loader = torch.utils.data.DataLoader(VocImages(paths, size), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.startswith('cuda'))
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise SystemExit(f"error: --dtype={dtype}: expected float32, bfloat16 or float16")
     autocast = torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype), enabled=dtype != 'float32')
     pooled_all, t0 = [], time.time()
     for i, (images, errors) in enumerate(loader):
         bad = [e for e in errors if e]
         if bad:
-            raise SystemExit(f"error: {bad[0]}")
+            raise ValueError(bad[0])
         with autocast:
-            pooled = backbone(images.to(device, non_blocking=True))                     # (B, D)
+            pooled = backbone(normalize(images.to(device, non_blocking=True)))                # (B, D)
         pooled_all.append(nn.functional.normalize(pooled.float(), dim=1).cpu())
         done = sum(len(p) for p in pooled_all)
         if (i + 1) % log_interval == 0 or done == len(paths):
@@ -339,7 +338,7 @@ def write_atomically(path: str, write) -> None:
             write(f)
         os.replace(tmp, path)
     except OSError as e:
-        raise SystemExit(f"error: {path}: cannot write ({e.strerror})") from None
+        raise OSError(f"{path}: cannot write ({e.strerror})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -351,30 +350,35 @@ def load_features(path: str):
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
-        raise SystemExit(f"error: {path}: cannot be read as .npz ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: cannot be read as .npz ({type(e).__name__}: {e})") from None
     missing = [k for k in ('train_x', 'train_y', 'test_x', 'test_y') if k not in arrays]
     if missing:
-        raise SystemExit(f"error: {path}: missing arrays {missing} (has {sorted(arrays)})")
+        raise ValueError(f"{path}: missing arrays {missing} (has {sorted(arrays)})")
     tx, ty, vx, vy = (arrays[k] for k in ('train_x', 'train_y', 'test_x', 'test_y'))
     if not (tx.ndim == ty.ndim == vx.ndim == vy.ndim == 2 and len(tx) == len(ty) and len(vx) == len(vy)
             and tx.shape[1] == vx.shape[1] and ty.shape[1] == vy.shape[1]):
-        raise SystemExit(f"error: {path}: shapes disagree: train_x {tx.shape}, train_y {ty.shape}, test_x {vx.shape}, "
+        raise ValueError(f"{path}: shapes disagree: train_x {tx.shape}, train_y {ty.shape}, test_x {vx.shape}, "
                          f"test_y {vy.shape} (want (N, D), (N, C), (M, D), (M, C))")
     if not (tx.dtype.kind == vx.dtype.kind == 'f' and np.isfinite(tx).all() and np.isfinite(vx).all()):
-        raise SystemExit(f"error: {path}: train_x and test_x must hold finite floats")
+        raise ValueError(f"{path}: train_x and test_x must hold finite floats")
     if not all(y.dtype.kind in 'iu' and np.isin(y, (1, 0, -1)).all() for y in (ty, vy)):
-        raise SystemExit(f"error: {path}: train_y and test_y must hold the integers 1, 0, -1 (VOC labels)")
+        raise ValueError(f"{path}: train_y and test_y must hold the integers 1, 0, -1 (VOC labels)")
     names = [str(n) for n in arrays.get('class_names', [f'class{c}' for c in range(ty.shape[1])])]
     if len(names) != ty.shape[1]:
-        raise SystemExit(f"error: {path}: {len(names)} class_names for {ty.shape[1]} label columns")
+        raise ValueError(f"{path}: {len(names)} class_names for {ty.shape[1]} label columns")
     return [torch.from_numpy(a) for a in (tx, ty, vx, vy)], names
 
 
 # ------------------------------------------------------------------------------------------------
 
-if __name__ == '__main__':
+def main():
     if rest:
         raise SystemExit(f"error: unexpected arguments {rest} (flags are --key=value)")
+    for key in ('batch_size', 'log_interval'):
+        if globals()[key] <= 0:
+            raise SystemExit(f"error: --{key}={globals()[key]} must be positive")
+    if image_size < 0 or num_workers < 0:
+        raise SystemExit(f"error: --image_size and --num_workers must be >= 0 (got {image_size}, {num_workers})")
     for path in (save_features, out_json):  # fail now, not after minutes of feature extraction
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise SystemExit(f"error: {path}: its folder does not exist")
@@ -387,12 +391,13 @@ if __name__ == '__main__':
         test_paths, test_y, test_names = read_voc(voc_root, 'test')
         if test_names != class_names:
             raise SystemExit(f"error: {voc_root}: test classes {test_names} differ from trainval classes {class_names}")
-        backbone, arch, size = load_backbone()
+        backbone, arch, size = load_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)
         backbone = backbone.to(device).eval()
         print(f"{len(train_paths)} trainval and {len(test_paths)} test images, {len(class_names)} classes, "
               f"{arch} at {size}px on {device}")
-        train_x = extract_features(backbone, train_paths, size, 'trainval')
-        test_x = extract_features(backbone, test_paths, size, 'test')
+        loading = dict(batch_size=batch_size, num_workers=num_workers, device=device, dtype=dtype, log_interval=log_interval)
+        train_x = extract_features(backbone, train_paths, size, 'trainval', **loading)
+        test_x = extract_features(backbone, test_paths, size, 'test', **loading)
         train_y, test_y = torch.from_numpy(train_y), torch.from_numpy(test_y)
         if save_features:
             arrays = dict(train_x=train_x.numpy(), train_y=train_y.numpy(), test_x=test_x.numpy(),
@@ -417,3 +422,8 @@ if __name__ == '__main__':
                   'source': features or ckpt or init}
         write_atomically(out_json, lambda f: f.write(json.dumps(result, indent=1).encode()))
     print(f"mAP: {mean_ap:.2f}")
+
+
+if __name__ == '__main__':
+    with one_line_errors():
+        main()

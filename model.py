@@ -7,15 +7,17 @@ The VirTex model: a ResNet visual backbone plus forward and backward Transformer
     grid = model.encode_images(images)                 # (B,2048,S/32,S/32): what evaluate.py pools
     memory = model.project(grid)                       # (B,S*S/1024,H): what the decoders attend to
     logp, cache = model.decode_step(memory, last_tokens, cache)   # one cached step of the forward decoder
-    model = VirTex.from_checkpoint('out/ckpt.pt')      # this project's checkpoints
-    model = VirTex.from_official('bicaptioning_R_50_L1_H2048.pth')  # checkpoints of the official code
+    model = VirTex.from_checkpoint('out/ckpt.pt')      # this project's checkpoints (official ones: official.py)
 
 Only the backbone is kept after pretraining; `backbone_state_dict()` loads into a plain
 `torchvision.models.resnet50()` (fc aside). Imports only torch and torchvision, so it can be
 copied alone. Architecture facts follow the paper and the official code (kdexd/virtex).
+Errors are ordinary exceptions (ValueError, FileNotFoundError) whose message names the file;
+the scripts turn them into one-line `error: ...` exits.
 """
 
 import math
+import pickle
 import re
 from dataclasses import asdict, dataclass
 
@@ -169,7 +171,10 @@ class VirTex(nn.Module):
         self.embedding_dropout = nn.Dropout(cfg.dropout)
         self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.layers_bwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer)) if cfg.bidirectional else None
-        self.final_norm = nn.LayerNorm(H) if cfg.norm_first else None  # pre-norm needs a last norm
+        # pre-norm layers need a last norm per direction (the official backward head is a deep copy of the
+        # forward one, final norm included); post-norm layers, the paper's, have none
+        self.final_norm = nn.LayerNorm(H) if cfg.norm_first else None
+        self.final_norm_bwd = nn.LayerNorm(H) if cfg.norm_first and cfg.bidirectional else None
         self.lm_head = nn.Linear(H, cfg.vocab_size)
         self.lm_head.weight = self.word_embedding.weight  # tied; the bias stays its own
         self.init_textual_weights()
@@ -192,7 +197,7 @@ class VirTex(nn.Module):
     def textual_modules(self):
         return [m for m in (self.visual_projection, self.word_embedding, self.position_embedding,
                             self.embedding_norm, self.layers_fwd, self.layers_bwd, self.final_norm,
-                            self.lm_head) if m is not None]
+                            self.final_norm_bwd, self.lm_head) if m is not None]
 
     # ------------------------------------------------------------------------------------------
     # images -> grid -> memory
@@ -222,21 +227,22 @@ class VirTex(nn.Module):
         x = self.embedding_dropout(x)
         return x * (tokens != self.config.pad_id).unsqueeze(-1).to(x.dtype)
 
-    def decode(self, memory, tokens, layers, start=0, cache=None):
-        """Run one direction's decoder: (B, T) ids -> (B, T, H) features (pre-logits)."""
+    def decode(self, memory, tokens, direction='fwd', start=0, cache=None):
+        """Run one direction's decoder ('fwd' or 'bwd'): (B, T) ids -> (B, T, H) features (pre-logits)."""
+        layers, final_norm = ((self.layers_fwd, self.final_norm) if direction == 'fwd' else
+                              (self.layers_bwd, self.final_norm_bwd))
         x = self.embed(tokens, start)
         for i, layer in enumerate(layers):
             x = layer(x, memory, None if cache is None else cache.setdefault(i, {}))
-        return x if self.final_norm is None else self.final_norm(x)
+        return x if final_norm is None else final_norm(x)
 
     def logits(self, memory: torch.Tensor, tokens: torch.Tensor, direction: str = 'fwd') -> torch.Tensor:
         """Full, uncached pass of one direction: (B, T) ids -> (B, T, V) next-token logits."""
-        layers = self.layers_fwd if direction == 'fwd' else self.layers_bwd
-        return self.lm_head(self.decode(memory, tokens, layers))
+        return self.lm_head(self.decode(memory, tokens, direction))
 
-    def caption_loss(self, memory, tokens, layers):
+    def caption_loss(self, memory, tokens, direction):
         """Mean next-token cross-entropy over the real (non-pad) targets of one direction."""
-        features = self.decode(memory, tokens[:, :-1], layers)  # (B, T-1, H)
+        features = self.decode(memory, tokens[:, :-1], direction)  # (B, T-1, H)
         targets = tokens[:, 1:]
         # the output layer is the biggest matmul: run it on real targets only, not on padding
         real = targets != self.config.pad_id
@@ -251,10 +257,14 @@ class VirTex(nn.Module):
         """
         if caption_tokens.ndim != 2 or caption_tokens.shape[0] != images.shape[0]:
             raise ValueError(f"caption_tokens must be (B, T) with B={images.shape[0]}, got {tuple(caption_tokens.shape)}")
+        return self.losses(self.project(self.encode_images(images)), caption_tokens)
+
+    def losses(self, memory: torch.Tensor, caption_tokens: torch.Tensor):
+        """forward() from the projected grid (B, N, H) on: scoring the same captions against other images
+        (train.py's image-reliance check) needs no second pass through the backbone."""
         if caption_tokens.shape[1] > self.config.max_len:
             raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed max_len={self.config.max_len}")
-        memory = self.project(self.encode_images(images))  # (B, N, H)
-        loss_fwd = self.caption_loss(memory, caption_tokens, self.layers_fwd)
+        loss_fwd = self.caption_loss(memory, caption_tokens, 'fwd')
         parts = {'fwd': loss_fwd.detach()}
         loss = loss_fwd
         if self.layers_bwd is not None:
@@ -262,7 +272,7 @@ class VirTex(nn.Module):
             real = (caption_tokens != self.config.pad_id).int()
             lengths = caption_tokens.shape[1] - real.flip(1).argmax(1)
             tokens_bwd = reverse_captions(caption_tokens, lengths)
-            loss_bwd = self.caption_loss(memory, tokens_bwd, self.layers_bwd)
+            loss_bwd = self.caption_loss(memory, tokens_bwd, 'bwd')
             parts['bwd'] = loss_bwd.detach()
             loss = loss + loss_bwd
         return loss, parts
@@ -281,7 +291,7 @@ class VirTex(nn.Module):
         """
         if cache is None:
             cache = {'pos': 0, 'layers': {}}
-        x = self.decode(memory, last_tokens[:, None], self.layers_fwd, cache['pos'], cache['layers'])
+        x = self.decode(memory, last_tokens[:, None], 'fwd', cache['pos'], cache['layers'])
         cache['pos'] += 1
         logp = F.log_softmax(self.lm_head(x[:, -1]).float(), dim=-1)
         if not return_attention:
@@ -315,7 +325,7 @@ class VirTex(nn.Module):
         """Three optimizer groups (few, so SGD can use its foreach/fused path): the backbone at
         cnn_lr; the textual head at lr, with weight decay except on the embedding and decoder
         layers' norm weights and biases (upstream's NO_DECAY rule)."""
-        no_decay_names = re.compile(r'^(embedding_norm\.|layers_(fwd|bwd)\.\d+\..*(norm\d\.|bias$)|final_norm\.)')
+        no_decay_names = re.compile(r'^(embedding_norm\.|layers_(fwd|bwd)\.\d+\..*(norm\d\.|bias$)|final_norm(_bwd)?\.)')
         visual, decay, no_decay = [], [], []
         for name, p in self.named_parameters():  # named_parameters lists the tied weight once
             if name.startswith('visual.'):
@@ -351,135 +361,104 @@ class VirTex(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str, device='cpu') -> 'VirTex':
-        """Rebuild a model from a train.py checkpoint (its 'model_args' and 'model' entries)."""
-        ckpt = load_file(path)
-        if not isinstance(ckpt, dict) or 'model' not in ckpt or 'model_args' not in ckpt:
-            raise SystemExit(f"error: checkpoint {path}: not a checkpoint of this project "
-                             f"(expected 'model' and 'model_args'; for official VirTex files use from_official)")
-        model = cls(VirTexConfig(**ckpt['model_args']))
-        load_strict(model, ckpt['model'], path)
-        model.train_config = ckpt.get('config', {})
-        return model.to(device).eval()
-
-    @classmethod
-    def from_official(cls, path: str, device='cpu') -> 'VirTex':
-        """Load a checkpoint of the official VirTex code (full model or backbone only); the
-        architecture is inferred from the weights. See official_to_ours for the key mapping."""
-        cfg, our_state = official_to_ours(load_file(path), path)
-        model = cls(cfg)
-        load_strict(model, our_state, path, backbone_only=not any(k.startswith('lm_head') for k in our_state))
-        return model.to(device).eval()
+        """Rebuild a model from a train.py checkpoint; raises ValueError naming the file if it is not one."""
+        return load_checkpoint(path)[0].to(device).eval()
 
 
 # ----------------------------------------------------------------------------------------------
 # loading weights: every file is untrusted input, read with weights_only=True
 
 def load_file(path: str):
+    """torch.load(path, weights_only=True), with one-line reasons for the files it refuses."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
-        raise SystemExit(f"error: checkpoint {path}: no such file") from None
-    except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file, ...
+        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        if 'weights only load failed' in str(e).lower():
+            raise ValueError(f"checkpoint {path}: holds Python objects, not only tensors; refused because "
+                             f"loading it could run code") from None
+        raise ValueError(f"checkpoint {path}: cannot be read (not a torch checkpoint)") from None
+    except Exception as e:  # truncated zip, not a torch file, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"error: checkpoint {path}: cannot be read ({reason[:200]})") from None
+        raise ValueError(f"checkpoint {path}: cannot be read ({reason[:200]})") from None
+
+
+def load_checkpoint(path: str) -> tuple[VirTex, dict]:
+    """A train.py checkpoint as (model with its weights, the whole checkpoint dict): the one loading path
+    of evaluate.py, caption.py and train.py's resume."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+        raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected 'model' and "
+                         f"'model_args'; official VirTex files load with official.py)")
+    try:
+        cfg = VirTexConfig(**ckpt['model_args'])
+        model = VirTex(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
+    state = dict(ckpt['model'])
+    if cfg.norm_first and cfg.bidirectional and 'final_norm_bwd.weight' not in state and 'final_norm.weight' in state:
+        # files from before each direction had its own final norm shared one: the same function
+        state.update({f'final_norm_bwd.{k}': state[f'final_norm.{k}'] for k in ('weight', 'bias')})
+    load_strict(model, state, path)
+    model.train_config = ckpt.get('config', {})
+    return model, ckpt
 
 
 def load_strict(model: nn.Module, state: dict, path: str, backbone_only: bool = False) -> None:
-    """load_state_dict that reports disagreeing keys and shapes on one line."""
+    """load_state_dict that reports disagreeing keys and shapes on one line (ValueError)."""
     ours = model.state_dict()
     expected = [k for k in ours if not backbone_only or k.startswith('visual.')]
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in ours]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
-              for k in expected if k in state and state[k].shape != ours[k].shape]
+              for k in expected if k in state and getattr(state[k], 'shape', None) != ours[k].shape]
     if missing or unexpected or shapes:
         problems = []
         for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
             if items:
                 problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-        raise SystemExit(f"error: checkpoint {path}: does not fit this architecture: {'; '.join(problems)}")
+        raise ValueError(f"checkpoint {path}: does not fit this architecture: {'; '.join(problems)}")
     model.load_state_dict(state, strict=not backbone_only)
 
 
 # ----------------------------------------------------------------------------------------------
-# official VirTex checkpoints (kdexd/virtex): key layout read from its code, mapped onto ours
+# the optimizer: SGD inside LookAhead, as in the paper
 
-RESNETS = {  # (blocks per stage, bottleneck, width of layer1) -> torchvision name
-    ((2, 2, 2, 2), False, 64): 'resnet18', ((3, 4, 6, 3), False, 64): 'resnet34',
-    ((3, 4, 6, 3), True, 64): 'resnet50', ((3, 4, 23, 3), True, 64): 'resnet101',
-    ((3, 8, 36, 3), True, 64): 'resnet152', ((3, 4, 6, 3), True, 128): 'wide_resnet50_2',
-    ((3, 4, 23, 3), True, 128): 'wide_resnet101_2',
-}
+class LookAhead:
+    """LookAhead (Zhang et al., 2019) around an inner optimizer: every k steps the slow weights move
+    alpha of the way to the fast weights, and the fast weights restart from the slow ones.
+    Unlike upstream, state_dict() holds the slow weights and the step counter: exact resume."""
 
+    def __init__(self, optimizer, k=5, alpha=0.5):
+        self.optimizer, self.k, self.alpha = optimizer, k, alpha
+        self.step_count = 0
+        self.slow = [p.detach().clone() for p in self.params()]
 
-def infer_resnet(visual: dict, path: str) -> str:
-    try:
-        blocks = tuple(1 + max(int(k.split('.')[1]) for k in visual if k.startswith(f'layer{i}.')) for i in range(1, 5))
-        key = (blocks, 'layer1.0.conv3.weight' in visual, visual['layer1.0.conv1.weight'].shape[0])
-    except (ValueError, KeyError):
-        raise SystemExit(f"error: checkpoint {path}: no ResNet layer1..layer4 weights found") from None
-    if key not in RESNETS:
-        raise SystemExit(f"error: checkpoint {path}: unknown ResNet layout {key}")
-    return RESNETS[key]
+    @property
+    def param_groups(self):  # GradScaler unscales and clips through this
+        return self.optimizer.param_groups
 
+    def params(self):
+        return [p for group in self.optimizer.param_groups for p in group['params']]
 
-def official_to_ours(state: dict, path: str):
-    """Map an official VirTex state dict onto this model's keys and infer its VirTexConfig.
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    Accepts a full checkpoint ({'model': ...} or bare: visual.cnn.*, textual.*, backward_textual.*)
-    or a backbone-only file (plain torchvision keys). Official layers are PyTorch's
-    nn.TransformerDecoderLayer: their fused in_proj of the cross-attention is split here into our
-    q and kv projections. Heads are not stored in weights: the official configs all use H / 64.
-    """
-    if not isinstance(state, dict):
-        raise SystemExit(f"error: checkpoint {path}: expected a dict of tensors")
-    if isinstance(state.get('model'), dict):
-        state = state['model']
-    if any(k.startswith('visual.cnn.') for k in state):
-        visual = {k[len('visual.cnn.'):]: v for k, v in state.items() if k.startswith('visual.cnn.')}
-    elif 'conv1.weight' in state:  # backbone-only file, e.g. the official torch.hub backbone
-        visual = dict(state)
-    else:
-        raise SystemExit(f"error: checkpoint {path}: neither an official VirTex checkpoint (visual.cnn.*) "
-                         f"nor a ResNet backbone file (conv1.weight)")
-    visual = {k: v for k, v in visual.items() if not k.startswith('fc.')}
-    ours = {'visual.' + k: v for k, v in visual.items()}
-    if 'textual.embedding.words.weight' not in state:
-        return VirTexConfig(visual=infer_resnet(visual, path)), ours  # backbone only: the head stays random
+    @torch.no_grad()
+    def step(self):
+        self.optimizer.step()
+        self.step_count += 1
+        if self.step_count % self.k == 0:
+            for slow, fast in zip(self.slow, self.params()):
+                slow.lerp_(fast, self.alpha)  # slow += alpha * (fast - slow)
+                fast.copy_(slow)
 
-    words = state['textual.embedding.words.weight']
-    V, H = words.shape
-    n_layer = len({k.split('.')[3] for k in state if k.startswith('textual.transformer.layers.')})
-    cfg = VirTexConfig(visual=infer_resnet(visual, path), vocab_size=V, n_layer=n_layer, n_embd=H,
-                       n_head=max(1, H // 64), max_len=state['textual.embedding.positions.weight'].shape[0],
-                       bidirectional=any(k.startswith('backward_textual.transformer.') for k in state),
-                       norm_first='textual.transformer.norm.weight' in state)
-    shared = {'visual_projection.weight': 'visual_projection.weight', 'visual_projection.bias': 'visual_projection.bias',
-              'word_embedding.weight': 'embedding.words.weight', 'position_embedding.weight': 'embedding.positions.weight',
-              'embedding_norm.weight': 'embedding.layer_norm.weight', 'embedding_norm.bias': 'embedding.layer_norm.bias',
-              'lm_head.weight': 'embedding.words.weight', 'lm_head.bias': 'output.bias'}
-    if cfg.norm_first:
-        shared.update({'final_norm.weight': 'transformer.norm.weight', 'final_norm.bias': 'transformer.norm.bias'})
-    for our_key, their_key in shared.items():
-        if 'textual.' + their_key not in state:
-            raise SystemExit(f"error: checkpoint {path}: missing key textual.{their_key}")
-        ours[our_key] = state['textual.' + their_key]
-        # the backward head shares these modules, so its copies must be identical
-        copy = state.get('backward_textual.' + their_key)
-        if cfg.bidirectional and copy is not None and not torch.equal(copy, ours[our_key]):
-            raise SystemExit(f"error: checkpoint {path}: backward_textual.{their_key} differs from textual.{their_key}")
-    directions = [('textual', 'layers_fwd')] + ([('backward_textual', 'layers_bwd')] if cfg.bidirectional else [])
-    for prefix, layers in directions:
-        for i in range(n_layer):
-            src, dst = f'{prefix}.transformer.layers.{i}.', f'{layers}.{i}.'
-            try:
-                for kind in ('weight', 'bias'):
-                    ours[dst + f'self_attn.qkv_proj.{kind}'] = state[src + f'self_attn.in_proj_{kind}']
-                    in_proj = state[src + f'multihead_attn.in_proj_{kind}']  # rows: [q; k; v]
-                    ours[dst + f'cross_attn.q_proj.{kind}'], ours[dst + f'cross_attn.kv_proj.{kind}'] = in_proj[:H], in_proj[H:]
-                    for name in ('self_attn.out_proj', 'linear1', 'linear2', 'norm1', 'norm2', 'norm3'):
-                        ours[dst + f'{name}.{kind}'] = state[src + f'{name}.{kind}']
-                    ours[dst + f'cross_attn.out_proj.{kind}'] = state[src + f'multihead_attn.out_proj.{kind}']
-            except KeyError as e:
-                raise SystemExit(f"error: checkpoint {path}: missing key {e.args[0]}") from None
-    return cfg, ours
+    def state_dict(self):
+        return {'optimizer': self.optimizer.state_dict(), 'slow': self.slow, 'step_count': self.step_count}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state['optimizer'])
+        for slow, saved in zip(self.slow, state['slow']):
+            slow.copy_(saved)
+        self.step_count = state['step_count']

@@ -63,9 +63,14 @@ def tiny_batch(B=3, T=8, S=64, vocab=40, seed=0):
 def test_configurator_types_files_and_errors(tmp_path):
     from configurator import configure
     config = {'lr': 0.1, 'batch_size': 8, 'compile': True, 'out_dir': 'out', 'init': None, '_private': 1}
-    rest = configure(config, ['--lr=1', '--compile=False', '--out_dir=123', '--init=random', 'image.jpg'])
+    rest = configure(config, ['--lr=1', '--compile=False', '--out_dir=123', '--init=7', 'image.jpg'])
     assert config['lr'] == 1.0 and isinstance(config['lr'], float), 'int accepted where a float is expected'
-    assert config['compile'] is False and config['out_dir'] == '123' and config['init'] == 'random'
+    assert config['compile'] is False and config['out_dir'] == '123' and config['init'] == 7
+    unset = {'init': None}
+    configure(unset, ['--init="random"'])
+    assert unset['init'] == 'random', 'a None default takes a quoted string'
+    with pytest.raises(SystemExit, match="--init takes a number or a quoted string, got 'abc'"):
+        configure({'init': None}, ['--init=abc'])  # a bare word is refused: a typo of a number never becomes a string
     assert rest == ['image.jpg'], 'bare non-.py arguments are returned to the script'
     cfg_file = tmp_path / 'c.py'
     cfg_file.write_text("batch_size = 32  # why\nimport math\n")
@@ -304,14 +309,86 @@ def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
         assert torch.equal(model.logits(memory, tokens), loaded.logits(loaded.project(loaded.encode_images(images)), tokens))
     other = tmp_path / 'other.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(tiny_cfg(n_embd=128))}, other)
-    with pytest.raises(SystemExit, match=r'other\.pt: does not fit this architecture: .*shape mismatches'):
+    with pytest.raises(ValueError, match=r'other\.pt: does not fit this architecture: .*shape mismatches'):
         VirTex.from_checkpoint(other)
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(SystemExit, match=r'truncated\.pt: cannot be read'):
+    with pytest.raises(ValueError, match=r'truncated\.pt: cannot be read'):
         VirTex.from_checkpoint(truncated)
-    with pytest.raises(SystemExit, match='no such file'):
+    with pytest.raises(FileNotFoundError, match='no such file'):
         VirTex.from_checkpoint(tmp_path / 'missing.pt')
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'state_dict': model.state_dict()}, foreign)
+    with pytest.raises(ValueError, match=r'foreign\.pt: not a checkpoint of this project'):
+        VirTex.from_checkpoint(foreign)
+
+
+class RunsCode:
+    """Unpickling this runs a command that leaves a file behind: a checkpoint must never be loaded that way."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, shapes):
+    from dataclasses import asdict
+    from evaluate import load_backbone
+    from model import VirTex
+    model = VirTex(tiny_cfg())
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'pickled.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'hook': RunsCode(marker)}, path)
+    reason = 'holds Python objects, not only tensors; refused because loading it could run code'
+    with pytest.raises(ValueError, match=re.escape(f'checkpoint {path}: {reason}')):
+        VirTex.from_checkpoint(path)
+    with pytest.raises(ValueError, match=reason):
+        load_backbone(init=f'torchvision:{path}', visual='resnet18')
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    for args in (['caption.py', f'--ckpt={path}', str(path)], ['evaluate.py', f'--voc_root={voc}', f'--ckpt={path}']):
+        proc = run(*args, check=False)
+        assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert 'weights_only' not in proc.stderr, 'never advise the unsafe way'
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(path.read_bytes())
+    proc = run(*train_args(shapes, out, '--max_iters=2', '--init_from=resume'), check=False)
+    assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not marker.exists(), 'nothing in the file ran'
+
+
+def toy_images_and_captions(B=32, seed=0):
+    """Dark images are captioned [SOS] 5 [EOS], bright ones [SOS] 6 [EOS]: the caption is in the image."""
+    g = torch.Generator().manual_seed(seed)
+    bright = torch.rand(B, generator=g) < 0.5
+    images = torch.randn(B, 3, 32, 32, generator=g) * 0.1 + torch.where(bright, 2.0, -2.0).view(B, 1, 1, 1)
+    tokens = torch.stack([torch.ones(B, dtype=torch.long), torch.where(bright, 6, 5), torch.full((B,), 2)], 1)
+    return images, tokens
+
+
+def test_image_reliance_gap_positive_when_trained_and_zero_without_the_image():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(dropout=0.0))
+    images, tokens = toy_images_and_captions()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss, _ = model(images, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        true, _ = model.losses(memory, tokens)
+        shuffled, _ = model.losses(memory.roll(1, 0), tokens)
+        assert shuffled - true > 0.3, f'a model that reads the image loses {shuffled - true:.3f} without it'
+        model.visual_projection.weight.zero_(), model.visual_projection.bias.zero_()
+        memory = model.project(model.encode_images(images))
+        assert torch.equal(model.losses(memory, tokens)[0], model.losses(memory.roll(1, 0), tokens)[0]), \
+            'with the image projected to zero, the shuffled loss is the same number'
 
 
 class OfficialEmbedding(nn.Module):
@@ -328,12 +405,14 @@ class OfficialTextualHead(nn.Module):
     """The official textual head's math on PyTorch's own nn.TransformerDecoder (as upstream uses it),
     with upstream's module names, so its state_dict has the official key layout."""
 
-    def __init__(self, C, V, H, L, max_len):
+    def __init__(self, C, V, H, L, max_len, norm_first=False):
         super().__init__()
         self.visual_projection = nn.Linear(C, H)
         self.embedding = OfficialEmbedding(V, H, max_len)
-        layer = nn.TransformerDecoderLayer(H, H // 64, 4 * H, dropout=0.1, activation='gelu', batch_first=True)
-        self.transformer = nn.TransformerDecoder(layer, L)
+        layer = nn.TransformerDecoderLayer(H, H // 64, 4 * H, dropout=0.1, activation='gelu', batch_first=True,
+                                           norm_first=norm_first)
+        # upstream adds a final LayerNorm for pre-norm layers
+        self.transformer = nn.TransformerDecoder(layer, L, norm=nn.LayerNorm(H) if norm_first else None)
         self.output = nn.Linear(H, V)
         self.output.weight = self.embedding.words.weight
 
@@ -348,16 +427,19 @@ class OfficialTextualHead(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
-def test_from_official_computes_the_official_function(tmp_path):
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize('norm_first', [False, True])
+def test_from_official_computes_the_official_function(tmp_path, norm_first):
     import torchvision
-    from model import VirTex, reverse_captions
+    from model import reverse_captions
+    from official import load_official
     torch.manual_seed(0)
     V, H, L, max_len = 40, 128, 2, 12
     official = nn.Module()
     official.visual = nn.Module()
     official.visual.cnn = torchvision.models.resnet18()
     official.visual.cnn.fc = nn.Identity()
-    official.textual = OfficialTextualHead(512, V, H, L, max_len)
+    official.textual = OfficialTextualHead(512, V, H, L, max_len, norm_first)
     official.backward_textual = copy.deepcopy(official.textual)
     for shared in ('visual_projection', 'embedding', 'output'):  # as upstream's bicaptioning model does
         setattr(official.backward_textual, shared, getattr(official.textual, shared))
@@ -370,10 +452,12 @@ def test_from_official_computes_the_official_function(tmp_path):
     official.eval()
     path = tmp_path / 'official.pth'
     torch.save({'model': official.state_dict(), 'iteration': 500000}, path)
-    model = VirTex.from_official(path)
+    model = load_official(path)
     assert (model.config.visual, model.config.n_layer, model.config.n_embd, model.config.n_head,
-            model.config.vocab_size, model.config.max_len, model.config.bidirectional) == \
-        ('resnet18', L, H, 2, V, max_len, True)
+            model.config.vocab_size, model.config.max_len, model.config.bidirectional, model.config.norm_first) == \
+        ('resnet18', L, H, 2, V, max_len, True, norm_first)
+    if norm_first:  # each direction keeps its own final norm; the random values make them differ
+        assert not torch.equal(official.textual.transformer.norm.weight, official.backward_textual.transformer.norm.weight)
     images, tokens = tiny_batch(S=64, T=9, vocab=V)
     lengths = (tokens != 0).sum(1)
     with torch.no_grad():
@@ -393,11 +477,11 @@ def test_from_official_computes_the_official_function(tmp_path):
     # the official torch.hub backbone file: plain torchvision keys, no fc
     backbone_path = tmp_path / 'backbone.pth'
     torch.save({k: v for k, v in official.visual.cnn.state_dict().items()}, backbone_path)
-    backbone = VirTex.from_official(backbone_path)
+    backbone = load_official(backbone_path)
     assert all(torch.equal(backbone.backbone_state_dict()[k], v) for k, v in official.visual.cnn.state_dict().items())
-    with pytest.raises(SystemExit, match='neither an official VirTex checkpoint'):
+    with pytest.raises(ValueError, match='neither an official VirTex checkpoint'):
         torch.save({'foo': torch.zeros(1)}, tmp_path / 'foo.pth')
-        VirTex.from_official(tmp_path / 'foo.pth')
+        load_official(tmp_path / 'foo.pth')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,10 +738,10 @@ def read_log(out_dir, event='train'):
 # train.py
 
 def test_lookahead_one_cycle_by_hand():
-    ns = definitions('train.py', 'LookAhead')
+    from model import LookAhead
     w = nn.Parameter(torch.tensor([1.0, -2.0]))
     sgd = torch.optim.SGD([w], lr=0.1)
-    opt = ns['LookAhead'](sgd, k=2, alpha=0.5)
+    opt = LookAhead(sgd, k=2, alpha=0.5)
     grads = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, -1.0])]
     for g in grads:
         w.grad = g.clone()
@@ -667,7 +751,7 @@ def test_lookahead_one_cycle_by_hand():
     assert torch.allclose(w.detach(), slow) and torch.allclose(opt.slow[0], slow), 'slow + alpha * (fast - slow)'
     state = opt.state_dict()
     clone_w = nn.Parameter(torch.zeros(2))
-    clone = ns['LookAhead'](torch.optim.SGD([clone_w], lr=0.1), k=2, alpha=0.5)
+    clone = LookAhead(torch.optim.SGD([clone_w], lr=0.1), k=2, alpha=0.5)
     clone.load_state_dict(state)
     assert clone.step_count == 2 and torch.allclose(clone.slow[0], slow), 'slow weights and counter are saved'
 
@@ -682,30 +766,64 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_flip_swaps_whole_words_only():
-    swap = definitions('train.py', 'swap_left_right')['swap_left_right']
+    from coco import swap_left_right as swap
     assert swap('a star left of a ring, right of a box') == 'a star right of a ring, left of a box'
     assert swap('the bright leftover copyright sign on the Left') == 'the bright leftover copyright sign on the right'
     assert swap(swap('left-hand right')) == 'left-hand right'
 
 
 def test_coco_dataset_and_collate(shapes):
+    from coco import CocoCaptions, collate
     from tokenizer import Tokenizer
-    ns = definitions('train.py', 'CocoCaptions', 'collate', 'swap_left_right')
     tok = Tokenizer(shapes / 'vocab.model')
-    data = ns['CocoCaptions'](str(shapes / 'coco'), 'train2017', tok, 48, 30, train=True, seed=0)
+    data = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 30, train=True, seed=0)
     assert len(data) == 64
     a, b = data[(0, 3)], data[(0, 3)]
     assert torch.equal(a['image'], b['image']) and torch.equal(a['tokens'], b['tokens']), 'pure function of the key'
     assert a['image'].shape == (3, 48, 48) and a['image'].dtype == torch.uint8
     assert a['tokens'][0] == tok.sos_id and a['tokens'][-1] == tok.eos_id
-    short = ns['CocoCaptions'](str(shapes / 'coco'), 'train2017', tok, 48, 6, train=True, seed=0)
+    short = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 6, train=True, seed=0)
     tokens = short[(0, 3)]['tokens']
     assert len(tokens) <= 6 and tokens[-1] == tok.eos_id, 'over-long captions drop words, never [EOS]'
-    images, padded, errors = ns['collate']([a, short[(0, 3)], {'error': 'x.jpg: broken'}])
+    images, padded, errors = collate([a, short[(0, 3)], {'error': 'x.jpg: broken'}])
     assert images.shape == (2, 3, 48, 48) and padded.shape == (2, len(a['tokens'])) and errors == ['x.jpg: broken']
     assert padded[1, len(tokens):].eq(0).all()
-    val = ns['CocoCaptions'](str(shapes / 'coco'), 'val2017', tok, 48, 30, train=False, seed=0)
+    val = CocoCaptions(str(shapes / 'coco'), 'val2017', tok, 48, 30, train=False, seed=0)
     assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), 'eval transform is deterministic'
+
+
+def test_one_eval_transform_for_every_stage(tmp_path):
+    """train.py's validation images, evaluate.py's VOC features and caption.py's input are the same pixels."""
+    import caption
+    from coco import CocoCaptions, load_eval_image, normalize
+    from evaluate import VocImages
+    # left half red, right half blue, with a green band at the top edge that the center crop must cut away
+    pixels = np.zeros((80, 100, 3), np.uint8)
+    pixels[:, :50] = (200, 0, 0)
+    pixels[:, 50:] = (0, 0, 200)
+    pixels[:4] = (0, 200, 0)
+    root = tmp_path / 'coco'
+    (root / 'val2017').mkdir(parents=True)
+    (root / 'annotations').mkdir()
+    Image.fromarray(pixels).save(root / 'val2017' / '000000000001.jpg', quality=95)
+    (root / 'annotations' / 'captions_val2017.json').write_text(json.dumps(
+        {'images': [{'id': 1, 'file_name': '000000000001.jpg'}], 'annotations': [{'image_id': 1, 'caption': 'x'}]}))
+    path, size = str(root / 'val2017' / '000000000001.jpg'), 32
+
+    class Words:
+        sos_id, eos_id = 1, 2
+
+        def encode(self, text):
+            return [5]
+    from_train = CocoCaptions(str(root), 'val2017', Words(), size, 30, train=False, seed=0)[(0, 0)]['image']
+    from_evaluate = VocImages([path], size)[0][0]
+    from_caption = caption.to_tensor([load_eval_image(path, size)])[0]
+    assert from_train.dtype == from_evaluate.dtype == torch.uint8 and from_train.shape == (3, size, size)
+    assert torch.equal(from_train, from_evaluate)
+    assert torch.allclose(normalize(from_train[None])[0], from_caption)
+    # shorter side 80 -> round(32 * 8/7) = 37, center 32: the top band is cropped away, the halves stay halves
+    image = from_train.permute(1, 2, 0).int()
+    assert image[:, :14, 0].min() > 150 and image[:, 18:, 2].min() > 150 and image[..., 1].max() < 60
 
 
 def test_training_reduces_the_loss(shapes, tmp_path):
@@ -754,7 +872,13 @@ def test_train_config_and_input_errors(shapes, tmp_path):
              (['--batch_size=0'], 'must be positive'),
              (['--data_root=/no/such/coco'], 'data_root=/no/such/coco: no such file'),
              (['--tokenizer=/no/such.model'], 'tokenizer=/no/such.model: no such file'),
-             (['--init_from=resume'], 'ckpt.pt does not exist')]
+             (['--init_from=resume'], 'ckpt.pt does not exist'),
+             (['--ckpt_interval=0'], '--ckpt_interval=0 must be positive'),
+             (['--log_interval=0'], '--log_interval=0 must be positive'),
+             (['--eval_interval=-1'], '--eval_interval=-1 must be >= 0 (0: never)'),
+             (['--eval_interval=5', '--eval_iters=0'], '--eval_iters=0 with --eval_interval > 0'),
+             (['--max_bad_images=-1'], '--max_bad_images=-1 must be >= 0'),
+             (['--n_layer=0'], '--n_layer=0 must be positive')]
     for extra, message in cases:
         proc = run(*train_args(shapes, tmp_path / 'errors', '--max_iters=1', *extra), check=False)
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr)
@@ -765,6 +889,44 @@ def test_train_config_and_input_errors(shapes, tmp_path):
     (broken / 'annotations' / 'captions_train2017.json').write_text('{"images": []')
     proc = run(*train_args(shapes, tmp_path / 'errors', f'--data_root={broken}'), check=False)
     assert 'captions_train2017.json: not a COCO captions file' in proc.stderr
+
+
+def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
+    from model import VirTex
+    run(*train_args(shapes, tmp_path / 'good', '--max_iters=1', '--warmup_iters=1'))
+    good = torch.load(tmp_path / 'good' / 'ckpt.pt', weights_only=True)
+    from model import VirTexConfig
+    other = VirTex(VirTexConfig(**{**good['model_args'], 'n_embd': 32}))
+    files = {'truncated': ((tmp_path / 'good' / 'ckpt.pt').read_bytes()[:3000], 'cannot be read'),
+             'foreign': ({'state_dict': good['model']}, 'not a checkpoint of this project'),
+             'architecture': ({**good, 'model': other.state_dict()}, 'does not fit this architecture'),
+             'model_only': ({'model': good['model'], 'model_args': good['model_args']}, 'cannot resume from it: no optimizer'),
+             'changed': ({**good, 'model_args': {**good['model_args'], 'n_embd': 32}, 'model': other.state_dict()},
+                         'the model differs from the config: n_embd=32 in the checkpoint, 64 now')}
+    for name, (content, message) in files.items():
+        out = tmp_path / name
+        out.mkdir()
+        if isinstance(content, bytes):
+            (out / 'ckpt.pt').write_bytes(content)
+        else:
+            torch.save(content, out / 'ckpt.pt')
+        before = (out / 'ckpt.pt').read_bytes()
+        proc = run(*train_args(shapes, out, '--max_iters=2', '--init_from=resume'), check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (name, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, (name, proc.stderr)
+        assert (out / 'ckpt.pt').read_bytes() == before, 'the file is left as it was'
+
+
+def test_validation_reports_the_image_gap(shapes, tmp_path):
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--eval_iters=2'))
+    line = next(l for l in proc.stdout.splitlines() if l.startswith('iter 2: val loss'))
+    assert re.fullmatch(r'iter 2: val loss \d+\.\d{4} \(fwd \d+\.\d{3} bwd \d+\.\d{3}\) \| shuffled images '
+                        r'\d+\.\d{4}: the image is worth -?\d+\.\d{3} nats/token', line), line
+    records = read_log(tmp_path, 'val')
+    assert [r['iter'] for r in records] == [2, 4]
+    for r in records:
+        assert r['image_gap'] == pytest.approx((r['loss_shuffled'] - r['loss']) / 2)
+        assert r['loss_shuffled'] == pytest.approx(r['loss_shuffled_fwd'] + r['loss_shuffled_bwd'], abs=1e-5)
 
 
 def test_bad_images_are_skipped_up_to_a_cap(shapes, tmp_path):
@@ -1074,32 +1236,27 @@ def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]  # atomic writes leave no temporary files
 
 
-def test_torchvision_init_equals_random_init_with_same_seed(tmp_path, monkeypatch):
+def test_torchvision_init_equals_random_init_with_same_seed(tmp_path):
     import torchvision
-    import evaluate
+    from evaluate import load_backbone
     torch.manual_seed(7)
     state = torchvision.models.resnet18(zero_init_residual=True).state_dict()
     path = tmp_path / 'r18.pth'
     torch.save({'state_dict': {'module.' + k: v for k, v in state.items()}}, path)  # DataParallel-style, with fc
-    for key, value in dict(visual='resnet18', image_size=32, seed=7, ckpt='', init='random').items():
-        monkeypatch.setattr(evaluate, key, value)
-    random_backbone, arch, size = evaluate.load_backbone()
-    monkeypatch.setattr(evaluate, 'init', f'torchvision:{path}')
-    loaded_backbone, _, _ = evaluate.load_backbone()
+    random_backbone, arch, size = load_backbone(init='random', visual='resnet18', image_size=32, seed=7)
+    loaded_backbone, _, _ = load_backbone(init=f'torchvision:{path}', visual='resnet18')
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(random_backbone.eval()(images), loaded_backbone.eval()(images))
     assert size == 32 and arch == 'resnet18'
-    monkeypatch.setattr(evaluate, 'visual', 'resnet34')  # resnet18 weights do not fit
-    with pytest.raises(SystemExit, match=re.escape(str(path)) + '.*not a resnet34 backbone'):
-        evaluate.load_backbone()
+    with pytest.raises(ValueError, match=re.escape(str(path)) + '.*not a resnet34 backbone'):
+        load_backbone(init=f'torchvision:{path}', visual='resnet34')  # resnet18 weights do not fit
 
 
-def test_checkpoint_backbone_and_its_image_size(tmp_path, monkeypatch):
-    pytest.importorskip('model')
+def test_checkpoint_backbone_and_its_image_size(tmp_path):
     from dataclasses import asdict
     import torchvision
-    import evaluate
+    from evaluate import load_backbone
     from model import VirTex, VirTexConfig
     torch.manual_seed(0)
     model = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, n_head=1, max_len=12))
@@ -1107,9 +1264,7 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path, monkeypatch):
         p.data.normal_(0, 0.1)
     path = tmp_path / 'ckpt.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 48}}, path)
-    for key, value in dict(visual='resnet50', image_size=None, ckpt=str(path), init='').items():
-        monkeypatch.setattr(evaluate, key, value)
-    backbone, arch, size = evaluate.load_backbone()
+    backbone, arch, size = load_backbone(ckpt=str(path), visual='resnet50')
     assert size == 48 and arch == 'resnet18'  # what the checkpoint was trained with, not --visual
     reference = torchvision.models.resnet18()
     reference.fc = torch.nn.Identity()
@@ -1117,8 +1272,7 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path, monkeypatch):
     images = torch.randn(2, 3, 48, 48)
     with torch.no_grad():
         assert torch.allclose(backbone.eval()(images), reference.eval()(images), atol=1e-6)
-    monkeypatch.setattr(evaluate, 'image_size', 40)
-    assert evaluate.load_backbone()[2] == 40  # an explicit --image_size wins
+    assert load_backbone(ckpt=str(path), image_size=40)[2] == 40  # an explicit --image_size wins
     # and the command line, end to end
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=12, n_test=9)
     proc = run('evaluate.py', f'--voc_root={voc}', f'--ckpt={path}', '--num_workers=0', '--device=cpu')
@@ -1126,19 +1280,16 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path, monkeypatch):
     assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1])
 
 
-def test_virtex_init_from_an_official_backbone_file(tmp_path, monkeypatch):
-    pytest.importorskip('model')
+def test_virtex_init_from_an_official_backbone_file(tmp_path):
     import torchvision
-    import evaluate
+    from evaluate import load_backbone
     torch.manual_seed(1)
     reference = torchvision.models.resnet18()
     for p in reference.parameters():
         p.data.normal_(0, 0.1)
     path = tmp_path / 'backbone.pth'
     torch.save(reference.state_dict(), path)  # plain torchvision keys, fc included, as the official torch.hub file
-    for key, value in dict(visual='resnet50', image_size=None, ckpt='', init=f'virtex:{path}').items():
-        monkeypatch.setattr(evaluate, key, value)
-    backbone, arch, size = evaluate.load_backbone()
+    backbone, arch, size = load_backbone(init=f'virtex:{path}', visual='resnet50')
     assert arch == 'resnet18' and size == 224  # architecture inferred from the weights; the paper's image size
     reference.fc = torch.nn.Identity()
     images = torch.randn(2, 3, 32, 32)
@@ -1153,7 +1304,7 @@ def test_bad_voc_folders(tmp_path):
     from evaluate import read_voc
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
     main = os.path.join(voc, 'ImageSets', 'Main')
-    with pytest.raises(SystemExit, match='no class files'):
+    with pytest.raises(ValueError, match='no class files'):
         read_voc(str(tmp_path / 'nowhere'), 'trainval')
     paths, labels, names = read_voc(voc, 'trainval')
     assert names == ['bird', 'cat', 'dog'] and labels.shape == (6, 3) and len(paths) == 6
@@ -1161,36 +1312,33 @@ def test_bad_voc_folders(tmp_path):
     good = open(cat).read()
     with open(cat, 'w') as f:
         f.write(good.replace(' 1\n', ' 2\n', 1) if ' 1\n' in good else good.replace('-1\n', ' 2\n', 1))
-    with pytest.raises(SystemExit, match=re.escape(cat) + r':\d+: expected'):
+    with pytest.raises(ValueError, match=re.escape(cat) + r':\d+: expected'):
         read_voc(voc, 'trainval')
     with open(cat, 'w') as f:
         f.write(''.join(good.splitlines(keepends=True)[:-1]))  # one image short of trainval.txt
-    with pytest.raises(SystemExit, match=re.escape(cat) + r'.*\(1 missing, 0 extra\)'):
+    with pytest.raises(ValueError, match=re.escape(cat) + r'.*\(1 missing, 0 extra\)'):
         read_voc(voc, 'trainval')
     with open(cat, 'w') as f:
         f.write(good.replace('000001', '000099'))  # an image that is not in trainval.txt
-    with pytest.raises(SystemExit, match=re.escape(cat)):
+    with pytest.raises(ValueError, match=re.escape(cat)):
         read_voc(voc, 'trainval')
 
 
-def test_undecodable_image(tmp_path, monkeypatch):
-    import evaluate
+def test_undecodable_image(tmp_path):
+    from evaluate import extract_features, read_voc
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    paths, _, _ = evaluate.read_voc(voc, 'trainval')
+    paths, _, _ = read_voc(voc, 'trainval')
     with open(paths[2], 'wb') as f:
         f.write(b'not a jpeg')
-    monkeypatch.setattr(evaluate, 'num_workers', 0)
-    monkeypatch.setattr(evaluate, 'device', 'cpu')
     backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    with pytest.raises(SystemExit, match=re.escape(paths[2]) + ': cannot read image'):
-        evaluate.extract_features(backbone, paths, 16, 'trainval')
+    with pytest.raises(ValueError, match=re.escape(paths[2]) + ': cannot read image'):
+        extract_features(backbone, paths, 16, 'trainval', num_workers=0)
     os.remove(paths[3])
-    monkeypatch.setattr(evaluate, 'num_workers', 1)  # the same one-line error from a worker process
-    with pytest.raises(SystemExit, match=re.escape(paths[2]) + ': cannot read image'):
-        evaluate.extract_features(backbone, paths, 16, 'trainval')
+    with pytest.raises(ValueError, match=re.escape(paths[2]) + ': cannot read image'):
+        extract_features(backbone, paths, 16, 'trainval', num_workers=1)  # the same one-line error from a worker
 
 
-def test_bad_feature_files_and_weight_sources(tmp_path, monkeypatch):
+def test_bad_feature_files_and_weight_sources(tmp_path):
     import evaluate
     good = dict(train_x=np.random.rand(6, 4).astype(np.float32), train_y=np.ones((6, 2), dtype=np.int64),
                 test_x=np.random.rand(5, 4).astype(np.float32), test_y=-np.ones((5, 2), dtype=np.int64))
@@ -1203,10 +1351,10 @@ def test_bad_feature_files_and_weight_sources(tmp_path, monkeypatch):
     for name, (arrays, message) in bad_files.items():
         path = tmp_path / f'{name}.npz'
         np.savez(path, **arrays)
-        with pytest.raises(SystemExit, match=re.escape(str(path)) + '.*' + message):
+        with pytest.raises(ValueError, match=re.escape(str(path)) + '.*' + message):
             evaluate.load_features(str(path))
     (tmp_path / 'junk.npz').write_text('junk')
-    with pytest.raises(SystemExit, match='junk.npz: cannot be read'):
+    with pytest.raises(ValueError, match='junk.npz: cannot be read'):
         evaluate.load_features(str(tmp_path / 'junk.npz'))
     # a failing run leaves an earlier result in place
     out = tmp_path / 'result.json'
@@ -1216,14 +1364,13 @@ def test_bad_feature_files_and_weight_sources(tmp_path, monkeypatch):
     assert out.read_text() == '{"mAP": 1.0}'
     # weight sources: exactly one
     for ckpt, init in (('', ''), ('a.pt', 'random')):
-        monkeypatch.setattr(evaluate, 'ckpt', ckpt)
-        monkeypatch.setattr(evaluate, 'init', init)
-        with pytest.raises(SystemExit, match='exactly one weight source'):
-            evaluate.load_backbone()
-    monkeypatch.setattr(evaluate, 'ckpt', '')
-    monkeypatch.setattr(evaluate, 'init', 'imagenet')
-    with pytest.raises(SystemExit, match='--init=imagenet'):
-        evaluate.load_backbone()
+        with pytest.raises(ValueError, match='exactly one weight source'):
+            evaluate.load_backbone(ckpt, init)
+    with pytest.raises(ValueError, match='--init=imagenet'):
+        evaluate.load_backbone(init='imagenet')
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    proc = run('evaluate.py', f'--voc_root={voc}', '--init=imagenet', check=False)  # the command line: one line
+    assert proc.returncode != 0 and proc.stderr.strip() == 'error: --init=imagenet: expected random, torchvision:PATH or virtex:PATH'
 
 
 def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
@@ -1345,6 +1492,23 @@ def test_nucleus_sampling_respects_top_p():
     assert caption.sample(model, torch.zeros(5, 1, 1), top_p=0.5, generator=g) == [[3]] * 5
 
 
+def test_sampling_on_a_real_model_fills_every_position_without_crashing():
+    import caption
+    model = spread_out_decoder(eos_bias=-1e4)  # captions never end: sampling must stop at max_len by itself
+    images, _ = tiny_batch(B=3)
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        want = greedy_uncached(model, memory, 11)  # [SOS] + 11 predictions use all 12 positions
+    g = torch.Generator().manual_seed(0)
+    sampled = caption.sample(model, memory, top_p=0.9, max_steps=30, generator=g)
+    assert [len(c) for c in sampled] == [model.config.max_len] * 3, 'one word per position, then stop'
+    greedy = caption.sample(model, memory, top_p=1e-9, max_steps=30, generator=g)  # only the top word is kept
+    cold = caption.sample(model, memory, top_p=1.0, temperature=1e-4, max_steps=30, generator=g)
+    assert [c[:11] for c in greedy] == [c[:11] for c in cold] == want
+    short = caption.sample(model, memory, top_p=0.9, max_steps=4, generator=g)
+    assert [len(c) for c in short] == [4] * 3
+
+
 def test_cider_d_by_hand():
     import caption
     refs = {'i1': ['dog dog runs', 'a cat sits'], 'i2': ['a bird flies', 'a bird sings']}
@@ -1386,11 +1550,12 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
     import caption
+    from coco import load_eval_image
     from model import VirTex
     from tokenizer import Tokenizer
     model = VirTex.from_checkpoint(tiny_ckpt)  # the same caption in-process, to know its ids
     with torch.no_grad():
-        image = caption.load_image(str(val / files[0]), model.train_config['image_size'])
+        image = load_eval_image(str(val / files[0]), model.train_config['image_size'])
         ids = caption.beam_search(model, model.project(model.encode_images(caption.to_tensor([image]))), beam_size=2)[0]
     assert lines[0].split('\t')[1] == Tokenizer(model.train_config['tokenizer']).decode(ids)
     figure = Image.open(tmp_path / 'att' / files[0].replace('.jpg', '.png'))
@@ -1403,6 +1568,8 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     assert len(entries) == 5 and all(isinstance(e['image_id'], int) for e in entries)
     rescored = run('caption.py', f'--results={tmp_path}/r.json', f'--coco_root={shapes}/coco')
     assert rescored.stdout.strip() == last, 'scoring the written results gives the same CIDEr'
+    sampled = run('caption.py', f'--ckpt={tiny_ckpt}', '--top_p=0.9', '--temperature=1.5', *[str(val / f) for f in files])
+    assert [line.split('\t')[0] for line in sampled.stdout.strip().splitlines()] == [str(val / f) for f in files]
 
 
 def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):

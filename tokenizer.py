@@ -14,7 +14,8 @@ lower-cased and stripped of accents both when training and when encoding. Ids 0-
 
 (The file is not called tokenize.py: that name would shadow the standard-library module
 `tokenize`, which `import torch` needs, for every script in this folder.)
-Imports only the standard library and sentencepiece, so it can be copied alone.
+Imports only the standard library and sentencepiece, so it can be copied alone. Errors are ValueError /
+OSError naming the file; the command line prints them as one line.
 """
 
 import argparse
@@ -49,7 +50,7 @@ class Tokenizer:
             with open(self.model_path, 'rb') as f:
                 proto = f.read()
         except OSError as e:
-            raise SystemExit(f"error: tokenizer {self.model_path}: {e.strerror}") from None
+            raise OSError(f"tokenizer {self.model_path}: {e.strerror}") from None
         self._load(proto)
 
     def _load(self, proto: bytes) -> None:
@@ -58,10 +59,10 @@ class Tokenizer:
         try:
             self.sp.LoadFromSerializedProto(proto)
         except (RuntimeError, OSError):
-            raise SystemExit(f"error: tokenizer {self.model_path}: not a SentencePiece model") from None
+            raise ValueError(f"tokenizer {self.model_path}: not a SentencePiece model") from None
         for i, piece in SPECIAL_PIECES.items():
             if self.sp.piece_to_id(piece) != i:
-                raise SystemExit(f"error: tokenizer {self.model_path}: expected {piece} at id {i} "
+                raise ValueError(f"tokenizer {self.model_path}: expected {piece} at id {i} "
                                  f"(train it with tokenizer.py)")
 
     def __getstate__(self):
@@ -85,39 +86,21 @@ class Tokenizer:
 
 
 def read_captions(path: str) -> list[str]:
-    """All caption strings of a COCO captions JSON file; exits with a one-line error if unusable."""
+    """All caption strings of a COCO captions JSON file; ValueError / OSError naming the file if unusable."""
     try:
         with open(path) as f:
             data = json.load(f)
     except OSError as e:
-        raise SystemExit(f"error: captions file {path}: {e.strerror}") from None
+        raise OSError(f"captions file {path}: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: captions file {path}: not valid JSON ({e})") from None
+        raise ValueError(f"captions file {path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get('annotations'), list):
-        raise SystemExit(f"error: captions file {path}: no 'annotations' list (expected COCO captions format)")
+        raise ValueError(f"captions file {path}: no 'annotations' list (expected COCO captions format)")
     captions = [a['caption'] for a in data['annotations']
                 if isinstance(a, dict) and isinstance(a.get('caption'), str) and a['caption'].strip()]
     if not captions:
-        raise SystemExit(f"error: captions file {path}: no captions in 'annotations'")
+        raise ValueError(f"captions file {path}: no captions in 'annotations'")
     return captions
-
-
-def read_coco_split(root: str, split: str) -> list[tuple[int, str, list[str]]]:
-    """(image id, image path, its captions) for each captioned image of a COCO-layout split, by id:
-    <root>/annotations/captions_<split>.json and <root>/<split>/. The reader train.py and caption.py share."""
-    path = os.path.join(root, 'annotations', f'captions_{split}.json')
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        files = {image['id']: image['file_name'] for image in data['images']}
-        captions = {}
-        for a in data['annotations']:
-            captions.setdefault(a['image_id'], []).append(a['caption'])
-    except OSError as e:
-        raise SystemExit(f"error: {path}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: {path}: not a COCO captions file ({type(e).__name__}: {e})") from None
-    return [(i, os.path.join(root, split, files[i]), captions[i]) for i in sorted(captions) if i in files]
 
 
 def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
@@ -138,9 +121,9 @@ def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
         # sentencepiece says "Vocabulary size is too high (N). Please set it to a value <= M."
         largest = re.search(r'<= (\d+)', str(e))
         if largest:
-            raise SystemExit(f"error: --vocab_size={vocab_size} is too large for these captions; "
+            raise ValueError(f"--vocab_size={vocab_size} is too large for these captions; "
                              f"the largest that works is {largest.group(1)}") from None
-        raise SystemExit(f"error: sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
+        raise ValueError(f"sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
     for suffix in ('.vocab', '.model'):  # .model last: its presence marks a complete vocabulary
         os.replace(tmp_prefix + suffix, out_prefix + suffix)
 
@@ -156,10 +139,13 @@ def main(argv=None) -> None:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise SystemExit(f"error: --out={args.out}: folder {out_dir} does not exist or is not writable")
-    captions = read_captions(args.captions)
-    print(f"training a {args.vocab_size}-piece BPE vocabulary on {len(captions):,} captions from {args.captions}")
-    train(captions, args.vocab_size, args.out)
-    tok = Tokenizer(args.out + '.model')
+    try:
+        captions = read_captions(args.captions)
+        print(f"training a {args.vocab_size}-piece BPE vocabulary on {len(captions):,} captions from {args.captions}")
+        train(captions, args.vocab_size, args.out)
+        tok = Tokenizer(args.out + '.model')
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     example = captions[0]
     print(f"example: {example!r} -> {[tok.sp.id_to_piece(i) for i in tok.encode(example)]}")
     print(f"wrote {args.out}.model and {args.out}.vocab ({len(tok)} pieces)")

@@ -20,17 +20,15 @@ import resource
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision.transforms.functional as TF
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
-from configurator import config_keys, configure
-from model import VirTex, VirTexConfig, load_file
-from tokenizer import Tokenizer, read_coco_split
+from coco import CocoCaptions, collate, normalize
+from configurator import config_keys, configure, one_line_errors
+from model import LookAhead, VirTex, VirTexConfig, load_checkpoint
+from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
 # config: defaults = the paper's best run; then a config/*.py file, then --key=value flags
@@ -86,9 +84,20 @@ choices = {'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfl
 for key, allowed in choices.items():
     if config[key] not in allowed:
         raise SystemExit(f"error: --{key}={config[key]!r}: choose one of {', '.join(allowed)}")
-for key in ('batch_size', 'max_iters', 'image_size', 'log_interval', 'gradient_accumulation_steps', 'lookahead_k'):
+# every count and interval, checked here rather than as a ZeroDivisionError deep in the loop
+for key in ('batch_size', 'max_iters', 'image_size', 'log_interval', 'ckpt_interval', 'gradient_accumulation_steps',
+            'lookahead_k', 'n_layer', 'n_embd', 'n_head', 'max_len'):
     if config[key] <= 0:
         raise SystemExit(f"error: --{key}={config[key]} must be positive")
+for key in ('eval_interval', 'eval_iters', 'warmup_iters', 'num_workers', 'max_bad_images', 'cnn_lr', 'lr',
+            'weight_decay', 'grad_clip', 'momentum'):
+    if config[key] < 0:
+        raise SystemExit(f"error: --{key}={config[key]} must be >= 0" + (' (0: never)' if key == 'eval_interval' else ''))
+if eval_interval and not eval_iters:
+    raise SystemExit("error: --eval_iters=0 with --eval_interval > 0: give eval_iters > 0 or eval_interval=0")
+if not (0 < min_crop_scale <= 1 and 0 < lookahead_alpha <= 1 and 0 <= dropout < 1):
+    raise SystemExit(f"error: need 0 < min_crop_scale <= 1, 0 < lookahead_alpha <= 1, 0 <= dropout < 1 "
+                     f"(got {min_crop_scale}, {lookahead_alpha}, {dropout})")
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
@@ -120,117 +129,16 @@ def print0(*args):
 
 
 # ----------------------------------------------------------------------------------------------
-# data: COCO captions
-
-def swap_left_right(caption):
-    """'a cat left of a dog' -> 'a cat right of a dog'; whole words only: 'bright', 'leftover' stay."""
-    return re.sub(r'\b(left|right)\b', lambda m: 'right' if m.group(1).lower() == 'left' else 'left',
-                  caption, flags=re.IGNORECASE)
-
-
-class CocoCaptions(Dataset):
-    """Images of one COCO split with their captions; an item is one image and one of its captions.
-
-    Items are addressed by (epoch, index): the random crop, flip, color jitter and caption choice are
-    drawn from a generator seeded with (seed, epoch, index), so they do not depend on the number of
-    workers and a resumed run sees exactly the batches an unbroken run would have seen.
-    """
-
-    def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2):
-        self.items = [(path, captions) for _, path, captions in read_coco_split(root, split)]
-        if not self.items:
-            raise SystemExit(f"error: {root}/annotations/captions_{split}.json: no images with captions")
-        self.tokenizer, self.image_size, self.max_len, self.train, self.seed = tokenizer, image_size, max_len, train, seed
-        self.min_crop_scale = min_crop_scale
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        path, captions = self.items[index]
-        rng = np.random.default_rng([self.seed, epoch, index])
-        caption = captions[rng.integers(len(captions))] if self.train else captions[0]
-        try:
-            with Image.open(path) as image:
-                image = self.augment(image, rng) if self.train else self.center(image)
-        except Exception as e:  # a corrupt or missing file must not end a long run: report and skip it
-            return {'error': f"{path}: {str(e) or type(e).__name__}"}
-        if self.train and rng.random() < 0.5:
-            # flipping the image makes "left" wrong, so swap left/right words in the caption too
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            caption = swap_left_right(caption)
-        if self.train and rng.random() < 0.8:
-            image = self.color_jitter(image, rng)
-        ids = self.tokenizer.encode(caption)[:self.max_len - 2]  # drop words, never [EOS]
-        tokens = [self.tokenizer.sos_id, *ids, self.tokenizer.eos_id]
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, S, S) uint8
-        return {'image': pixels, 'tokens': torch.tensor(tokens)}
-
-    def augment(self, image, rng):
-        """Random resized crop: area scale (min_crop_scale, 1), aspect ratio (3/4, 4/3), as torchvision draws it.
-        JPEG draft mode decodes at 1/2, 1/4 or 1/8 size when the crop keeps >= image_size pixels."""
-        W, H = image.size
-        for _ in range(10):
-            area = W * H * rng.uniform(self.min_crop_scale, 1.0)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-            if 0 < w <= W and 0 < h <= H:
-                left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
-                break
-        else:  # fall back to a central crop of the whole image
-            w, h = W, H
-            left, top = 0, 0
-        return self.resize(image, (left, top, left + w, top + h), min(w, h))
-
-    def center(self, image):
-        """Resize the shorter side to image_size * 8/7 (256 for 224), then center crop image_size."""
-        W, H = image.size
-        side = min(W, H) * self.image_size / round(self.image_size * 8 / 7)  # crop side in source pixels
-        left, top = (W - side) / 2, (H - side) / 2
-        return self.resize(image, (left, top, left + side, top + side), side)
-
-    def resize(self, image, box, crop_side):
-        W, H = image.size
-        reduce = crop_side / self.image_size
-        if image.format == 'JPEG' and reduce >= 2:
-            image.draft('RGB', (math.ceil(W / reduce), math.ceil(H / reduce)))
-        sx, sy = image.size[0] / W, image.size[1] / H  # draft may have shrunk the decoded image
-        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-        return image.convert('RGB').resize((self.image_size,) * 2, Image.Resampling.BILINEAR, box=box)
-
-    @staticmethod
-    def color_jitter(image, rng):
-        # brightness/contrast/saturation 0.4 and hue 0.1, in random order; hue kept small because
-        # captions name colors, and a large hue shift would make them false
-        b, c, s = rng.uniform(0.6, 1.4, size=3)
-        hue = rng.uniform(-0.1, 0.1)
-        ops = [lambda x: TF.adjust_brightness(x, b), lambda x: TF.adjust_contrast(x, c),
-               lambda x: TF.adjust_saturation(x, s), lambda x: TF.adjust_hue(x, hue)]
-        for i in rng.permutation(4):
-            image = ops[i](image)
-        return image
-
-
-def collate(samples):
-    """Stack images, right-pad captions with 0 to the longest in the batch; pass load errors on."""
-    good = [s for s in samples if 'error' not in s]
-    errors = [s['error'] for s in samples if 'error' in s]
-    if not good:
-        return None, None, errors
-    tokens = torch.zeros(len(good), max(len(s['tokens']) for s in good), dtype=torch.long)
-    for row, s in zip(tokens, good):
-        row[:len(s['tokens'])] = s['tokens']
-    return torch.stack([s['image'] for s in good]), tokens, errors
-
+# data: COCO captions (coco.py: the dataset, its augmentation and the eval transform)
 
 for path, what in ((data_root, 'data_root'), (tokenizer, 'tokenizer')):
     if not os.path.exists(path):
         raise SystemExit(f"error: {what}={path}: no such file or folder")
-tok = Tokenizer(tokenizer)
-train_set = CocoCaptions(data_root, 'train2017', tok, image_size, max_len, train=True, seed=seed,
-                         min_crop_scale=min_crop_scale)
-val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed) if eval_interval else None
+with one_line_errors():
+    tok = Tokenizer(tokenizer)
+    train_set = CocoCaptions(data_root, 'train2017', tok, image_size, max_len, train=True, seed=seed,
+                             min_crop_scale=min_crop_scale)
+    val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed) if eval_interval else None
 # the sampler shuffles with (seed, epoch); each process takes every N-th index of the permutation
 sampler = DistributedSampler(train_set, ddp_world_size, ddp_rank, shuffle=True, seed=seed, drop_last=True)
 batches_per_epoch = len(sampler) // micro_batch
@@ -254,63 +162,28 @@ def batch_stream(epoch, batch):
 
 # ----------------------------------------------------------------------------------------------
 # model and optimizer
-
-class LookAhead:
-    """LookAhead (Zhang et al., 2019) around an inner optimizer: every k steps the slow weights move
-    alpha of the way to the fast weights, and the fast weights restart from the slow ones.
-    Unlike upstream, state_dict() holds the slow weights and the step counter: exact resume."""
-
-    def __init__(self, optimizer, k=5, alpha=0.5):
-        self.optimizer, self.k, self.alpha = optimizer, k, alpha
-        self.step_count = 0
-        self.slow = [p.detach().clone() for p in self.params()]
-
-    @property
-    def param_groups(self):  # GradScaler unscales and clips through this
-        return self.optimizer.param_groups
-
-    def params(self):
-        return [p for group in self.optimizer.param_groups for p in group['params']]
-
-    def zero_grad(self, set_to_none=True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self):
-        self.optimizer.step()
-        self.step_count += 1
-        if self.step_count % self.k == 0:
-            for slow, fast in zip(self.slow, self.params()):
-                slow.lerp_(fast, self.alpha)  # slow += alpha * (fast - slow)
-                fast.copy_(slow)
-
-    def state_dict(self):
-        return {'optimizer': self.optimizer.state_dict(), 'slow': self.slow, 'step_count': self.step_count}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state['optimizer'])
-        for slow, saved in zip(self.slow, state['slow']):
-            slow.copy_(saved)
-        self.step_count = state['step_count']
-
+RESUME_KEYS = ('optimizer', 'scaler', 'iter_num', 'data_position', 'bad_images', 'rng_state', 'cuda_rng_state')
 
 model_args = dict(visual=visual, vocab_size=len(tok), n_layer=n_layer, n_embd=n_embd, n_head=n_head, max_len=max_len,
                   dropout=dropout, bidirectional=bidirectional, norm_first=norm_first, zero_init_residual=zero_init_residual,
                   pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ckpt = None
+torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"error: --init_from=resume: {ckpt_path} does not exist")
-    ckpt = load_file(ckpt_path)
+    with one_line_errors():  # the loading path of every stage: a bad file is one line, not a traceback
+        model, ckpt = load_checkpoint(ckpt_path)
     changed = [f"{k}={ckpt['model_args'].get(k)!r} in the checkpoint, {v!r} now" for k, v in model_args.items()
                if ckpt['model_args'].get(k) != v]
     if changed:
         raise SystemExit(f"error: {ckpt_path}: the model differs from the config: {'; '.join(changed)}")
-torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
-model = VirTex(VirTexConfig(**model_args))
-if ckpt is not None:
-    model.load_state_dict(ckpt['model'])
+    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {ckpt_path}: cannot resume from it: no {', '.join(missing)} (a model-only file?)")
+else:
+    model = VirTex(VirTexConfig(**model_args))
 # channels_last: cuDNN and oneDNN convolutions both run faster on NHWC (4x on a 2-core CPU for R-18 at 64 px)
 model = model.to(device, memory_format=torch.channels_last)
 raw_model = model  # the plain module: its state_dict is what checkpoints hold
@@ -326,7 +199,10 @@ scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 iter_num, data_position, bad_images = 0, (0, 0), 0
 if ckpt is not None:
     settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt['optimizer'])
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise SystemExit(f"error: {ckpt_path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
     for group, setting in zip(optimizer.param_groups, settings):
         group.update(setting)  # lrs, momentum and weight decay come from this run's config, not the file
     scaler.load_state_dict(ckpt['scaler'])
@@ -359,34 +235,36 @@ def get_lr(it):
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-MEAN = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
-STD = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
-
-
 def to_device(images, tokens):
     """uint8 images leave the workers (4x less to copy) and are normalized on the device."""
     images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-    return (images.float() - MEAN) / STD, tokens.to(device, non_blocking=True)
+    return normalize(images), tokens.to(device, non_blocking=True)
 
 
 @torch.no_grad()
 def estimate_val_loss():
+    """Validation losses, and the same captions scored against other images (each batch's images rolled by
+    one): the gap says how much the model reads from the image, the first number to watch in pretraining."""
     raw_model.eval()
     val_sampler = DistributedSampler(val_set, ddp_world_size, ddp_rank, shuffle=False)
     keys = [(0, i) for i in val_sampler][:eval_iters * micro_batch]
     loader = DataLoader(val_set, sampler=keys, generator=torch.Generator(), **{**loader_args, 'drop_last': False})
-    totals = torch.zeros(3, device=device)  # loss, fwd, bwd summed over batches
+    totals = torch.zeros(7, device=device)  # loss, fwd, bwd, then the same with shuffled images, summed; batches
     for images, tokens, _ in loader:
         if images is None:
             continue
+        images, tokens = to_device(images, tokens)
         with autocast:
-            loss, parts = raw_model(*to_device(images, tokens))
-        totals += torch.stack([loss, parts['fwd'], parts.get('bwd', torch.zeros_like(loss))]).float()
-    n = torch.tensor(float(len(loader)), device=device)
+            memory = raw_model.project(raw_model.encode_images(images))  # (B, N, H)
+            true = raw_model.losses(memory, tokens)
+            shuffled = raw_model.losses(memory.roll(1, 0), tokens)  # every caption paired with another image
+        for offset, (loss, parts) in ((0, true), (3, shuffled)):
+            totals[offset:offset + 3] += torch.stack([loss, parts['fwd'], parts.get('bwd', torch.zeros_like(loss))]).float()
+        totals[6] += 1
     if ddp:
-        dist.all_reduce(totals), dist.all_reduce(n)
+        dist.all_reduce(totals)
     raw_model.train()
-    return (totals / n.clamp(min=1)).tolist()
+    return (totals[:6] / totals[6].clamp(min=1)).tolist()
 
 
 def memory_gb():
@@ -417,9 +295,14 @@ for iter_num in range(start_iter, max_iters + 1):
     last_step = iter_num == max_iters
     # evaluation and checkpointing first, on their schedule; their time is not part of ms/iter
     if val_set is not None and (iter_num % eval_interval == 0 or last_step) and iter_num > 0:
-        val_loss, val_fwd, val_bwd = estimate_val_loss()
-        print0(f"iter {iter_num}: val loss {val_loss:.4f} (fwd {val_fwd:.3f} bwd {val_bwd:.3f})")
-        log({'event': 'val', 'iter': iter_num, 'loss': val_loss, 'loss_fwd': val_fwd, 'loss_bwd': val_bwd})
+        val_loss, val_fwd, val_bwd, shuf_loss, shuf_fwd, shuf_bwd = estimate_val_loss()
+        image_gap = (shuf_loss - val_loss) / (2 if bidirectional else 1)  # per token of one direction
+        directions = f"fwd {val_fwd:.3f} bwd {val_bwd:.3f}" if bidirectional else f"fwd {val_fwd:.3f}"
+        print0(f"iter {iter_num}: val loss {val_loss:.4f} ({directions}) | shuffled images {shuf_loss:.4f}: "
+               f"the image is worth {image_gap:.3f} nats/token")
+        log({'event': 'val', 'iter': iter_num, 'loss': val_loss, 'loss_fwd': val_fwd, 'loss_bwd': val_bwd,
+             'loss_shuffled': shuf_loss, 'loss_shuffled_fwd': shuf_fwd, 'loss_shuffled_bwd': shuf_bwd,
+             'image_gap': image_gap})
     if (iter_num % ckpt_interval == 0 or last_step) and iter_num > start_iter:
         # never replace a good checkpoint with a diverged model: check the losses and the weights
         weight_norm = torch.stack([p.detach().float().norm() for p in raw_model.parameters()]).sum()

@@ -1,0 +1,108 @@
+"""
+Checkpoints of the official VirTex code (kdexd/virtex), loaded into this project's model.
+
+    from official import load_official
+    model = load_official('bicaptioning_R_50_L1_H2048.pth')   # a VirTex, same function as the official model
+    model = load_official('backbone_R_50.pth')                 # a backbone-only file: the head stays random
+
+The architecture is read from the weights. The key layout below comes from reading the official code:
+its textual head is PyTorch's nn.TransformerDecoder under `textual.` (and a deep copy under
+`backward_textual.` that shares the visual projection, the embeddings and the output layer), its
+backbone a torchvision ResNet under `visual.cnn.`. Errors are ValueErrors that name the file.
+Imports torch and model.py only.
+"""
+
+import torch
+
+from model import VirTex, VirTexConfig, load_file, load_strict
+
+RESNETS = {  # (blocks per stage, bottleneck, width of layer1) -> torchvision name
+    ((2, 2, 2, 2), False, 64): 'resnet18', ((3, 4, 6, 3), False, 64): 'resnet34',
+    ((3, 4, 6, 3), True, 64): 'resnet50', ((3, 4, 23, 3), True, 64): 'resnet101',
+    ((3, 8, 36, 3), True, 64): 'resnet152', ((3, 4, 6, 3), True, 128): 'wide_resnet50_2',
+    ((3, 4, 23, 3), True, 128): 'wide_resnet101_2',
+}
+# our name -> the official one under textual. (the backward head holds copies of these, shared)
+SHARED = {'visual_projection.weight': 'visual_projection.weight', 'visual_projection.bias': 'visual_projection.bias',
+          'word_embedding.weight': 'embedding.words.weight', 'position_embedding.weight': 'embedding.positions.weight',
+          'embedding_norm.weight': 'embedding.layer_norm.weight', 'embedding_norm.bias': 'embedding.layer_norm.bias',
+          'lm_head.weight': 'embedding.words.weight', 'lm_head.bias': 'output.bias'}
+PER_LAYER = ('self_attn.out_proj', 'linear1', 'linear2', 'norm1', 'norm2', 'norm3')  # same names in both
+
+
+def load_official(path: str, device='cpu') -> VirTex:
+    """Load a checkpoint of the official VirTex code (full model or backbone only)."""
+    cfg, our_state = official_to_ours(load_file(path), path)
+    model = VirTex(cfg)
+    load_strict(model, our_state, path, backbone_only=not any(k.startswith('lm_head') for k in our_state))
+    return model.to(device).eval()
+
+
+def infer_resnet(visual: dict, path: str) -> str:
+    try:
+        blocks = tuple(1 + max(int(k.split('.')[1]) for k in visual if k.startswith(f'layer{i}.')) for i in range(1, 5))
+        key = (blocks, 'layer1.0.conv3.weight' in visual, visual['layer1.0.conv1.weight'].shape[0])
+    except (ValueError, KeyError):
+        raise ValueError(f"checkpoint {path}: no ResNet layer1..layer4 weights found") from None
+    if key not in RESNETS:
+        raise ValueError(f"checkpoint {path}: unknown ResNet layout {key}")
+    return RESNETS[key]
+
+
+def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
+    """Map an official VirTex state dict onto this model's keys and infer its VirTexConfig.
+
+    Accepts a full checkpoint ({'model': ...} or bare: visual.cnn.*, textual.*, backward_textual.*)
+    or a backbone-only file (plain torchvision keys). The official layers' fused in_proj of the
+    cross-attention is split into our q and kv projections. Heads are not stored in weights: the
+    official configs all use H / 64.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path}: expected a dict of tensors")
+    if isinstance(state.get('model'), dict):
+        state = state['model']
+    if any(k.startswith('visual.cnn.') for k in state):
+        visual = {k[len('visual.cnn.'):]: v for k, v in state.items() if k.startswith('visual.cnn.')}
+    elif 'conv1.weight' in state:  # backbone-only file, e.g. the official torch.hub backbone
+        visual = dict(state)
+    else:
+        raise ValueError(f"checkpoint {path}: neither an official VirTex checkpoint (visual.cnn.*) "
+                         f"nor a ResNet backbone file (conv1.weight)")
+    visual = {k: v for k, v in visual.items() if not k.startswith('fc.')}
+    ours = {'visual.' + k: v for k, v in visual.items()}
+    if 'textual.embedding.words.weight' not in state:
+        return VirTexConfig(visual=infer_resnet(visual, path)), ours  # backbone only: the head stays random
+
+    V, H = state['textual.embedding.words.weight'].shape
+    n_layer = len({k.split('.')[3] for k in state if k.startswith('textual.transformer.layers.')})
+    cfg = VirTexConfig(visual=infer_resnet(visual, path), vocab_size=V, n_layer=n_layer, n_embd=H,
+                       n_head=max(1, H // 64), max_len=state['textual.embedding.positions.weight'].shape[0],
+                       bidirectional=any(k.startswith('backward_textual.transformer.') for k in state),
+                       norm_first='textual.transformer.norm.weight' in state)
+
+    def take(key):
+        if key not in state:
+            raise ValueError(f"checkpoint {path}: missing key {key}")
+        return state[key]
+
+    for our_key, their_key in SHARED.items():
+        ours[our_key] = take('textual.' + their_key)
+        copy = state.get('backward_textual.' + their_key)  # the backward head shares it: copies must agree
+        if cfg.bidirectional and copy is not None and not torch.equal(copy, ours[our_key]):
+            raise ValueError(f"checkpoint {path}: backward_textual.{their_key} differs from textual.{their_key}")
+    directions = [('textual', 'layers_fwd', 'final_norm')]
+    if cfg.bidirectional:
+        directions.append(('backward_textual', 'layers_bwd', 'final_norm_bwd'))
+    for prefix, layers, final_norm in directions:
+        for kind in ('weight', 'bias'):
+            if cfg.norm_first:  # pre-norm: each direction has its own last LayerNorm
+                ours[f'{final_norm}.{kind}'] = take(f'{prefix}.transformer.norm.{kind}')
+            for i in range(n_layer):
+                src, dst = f'{prefix}.transformer.layers.{i}.', f'{layers}.{i}.'
+                ours[dst + f'self_attn.qkv_proj.{kind}'] = take(src + f'self_attn.in_proj_{kind}')
+                in_proj = take(src + f'multihead_attn.in_proj_{kind}')  # rows: [q; k; v]
+                ours[dst + f'cross_attn.q_proj.{kind}'], ours[dst + f'cross_attn.kv_proj.{kind}'] = in_proj[:H], in_proj[H:]
+                ours[dst + f'cross_attn.out_proj.{kind}'] = take(src + f'multihead_attn.out_proj.{kind}')
+                for name in PER_LAYER:
+                    ours[dst + f'{name}.{kind}'] = take(src + f'{name}.{kind}')
+    return cfg, ours
