@@ -19,7 +19,7 @@ the scripts turn them into one-line `error: ...` exits.
 import math
 import pickle
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

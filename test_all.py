@@ -201,7 +201,7 @@ def test_padding_never_changes_the_loss():
 
 
 def test_causal_mask_holds_in_both_directions():
-    from model import VirTex, reverse_captions
+    from model import VirTex
     torch.manual_seed(0)
     model = VirTex(tiny_cfg()).eval()
     images, tokens = tiny_batch()
@@ -1424,7 +1424,6 @@ def spread_out_decoder(eos_bias):
 
 def test_beam_size_one_equals_uncached_greedy():
     import caption
-    from model import VirTex
     model = spread_out_decoder(eos_bias=2.0)
     images, _ = tiny_batch(B=5)
     with torch.no_grad():
@@ -1436,7 +1435,6 @@ def test_beam_size_one_equals_uncached_greedy():
 
 def test_batched_beam_search_equals_one_image_at_a_time():
     import caption
-    from model import VirTex
     model = spread_out_decoder(eos_bias=1.0)
     images, _ = tiny_batch(B=4)
     with torch.no_grad():

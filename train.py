@@ -15,7 +15,6 @@ The defaults are the paper's best run (R-50, L1, H2048, batch 256, 500k iteratio
 import json
 import math
 import os
-import re
 import resource
 import time
 from contextlib import nullcontext

@@ -10,26 +10,22 @@ Texture, colour, size, place and background are drawn independently of the categ
   python tokenizer.py --captions=data/objects/coco/annotations/captions_train2017.json --vocab_size=1000 \
       --out=data/objects/vocab     # 286 words: from ~800 pieces on every word is one piece; 1414 is the most it takes
 
-Writes what data/shapes/prepare.py writes, in the same layout (none of its code is imported): OUT/coco/{train2017,
-val2017,annotations} and OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main}, plus scenes_*.json records of the truth.
+Writes what data/shapes/prepare.py writes, with its writers (this file only draws and captions the scenes):
+OUT/coco/{train2017,val2017,annotations} and OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main}, plus scenes_*.json.
 COCO and VOC images are disjoint. Images are seeded from (seed, split, index), so --workers does not change the
 output; all is built in a hidden folder inside OUT and renamed into place at the end.
 Measured: defaults in 99 s with 2 workers on 2 CPU cores shared with a training run, 78 MB (111 MB on disk);
 captions use 286 distinct words, at most 22 per caption (python 3.11, numpy 2.4, pillow 13).
 """
-import argparse
-import json
 import os
 import re
-import shutil
 import sys
-import tempfile
-import time
-import xml.etree.ElementTree as ET
-from multiprocessing import Pool
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'shapes'))
+import prepare  # noqa: E402  the COCO and VOC writers of the shapes world
 
 # -----------------------------------------------------------------------------
 CATEGORIES = ['cup', 'chair', 'tree', 'car', 'house', 'fish', 'bird', 'flower', 'key', 'umbrella', 'bottle', 'lamp']
@@ -520,130 +516,10 @@ def make_example(task):
     return scene, captions(scene, rng)
 
 
-def generate(pool, split, folder, names, args):
-    """The images of one split, in order (in parallel if a pool is given), printing progress."""
-    tasks = [(args.seed, split, i, args.size, os.path.join(folder, name)) for i, name in enumerate(names)]
-    results, t0 = [], time.time()
-    for i, result in enumerate(pool.imap(make_example, tasks, 16) if pool else map(make_example, tasks), 1):
-        results.append(result)
-        if i % 2000 == 0 or i == len(tasks):
-            print(f'{split} {i}/{len(tasks)} | {i / (time.time() - t0):.0f} img/s', flush=True)
-    return results
-
-
-def write_coco(root, pool, args):
-    os.makedirs(os.path.join(root, 'annotations'))
-    info = {'description': f'objects world (dev/objects_world.py, seed {args.seed}, size {args.size})',
-            'version': '1.0', 'year': 2017}
-    first, caption_id = 1, 1  # image and caption ids are unique across train and val, as in COCO
-    for split, n in (('train2017', args.n_train), ('val2017', args.n_val)):
-        os.makedirs(os.path.join(root, split))
-        ids, names = range(first, first + n), [f'{i:012d}.jpg' for i in range(first, first + n)]
-        results = generate(pool, split, os.path.join(root, split), names, args)
-        images = [{'license': 1, 'file_name': m, 'width': args.size, 'height': args.size, 'id': i}
-                  for i, m in zip(ids, names)]
-        annotations = [{'image_id': i, 'caption': c} for i, (_, caps) in zip(ids, results) for c in caps]
-        for k, a in enumerate(annotations, caption_id):
-            a['id'] = k
-        caption_id += len(annotations)
-        with open(os.path.join(root, 'annotations', f'captions_{split}.json'), 'w') as f:
-            json.dump({'info': info, 'licenses': [{'id': 1, 'name': 'synthetic, public domain', 'url': ''}],
-                       'images': images, 'annotations': annotations}, f)
-        with open(os.path.join(root, 'annotations', f'scenes_{split}.json'), 'w') as f:
-            json.dump([{'image_id': i, 'file_name': m, **s} for i, m, (s, _) in zip(ids, names, results)], f)
-        first += n
-
-
-def xml(tag, content):
-    """('size', [('width', 96), ...]) -> an Element with those children; any other content is its text."""
-    e = ET.Element(tag)
-    if isinstance(content, list):
-        e.extend(xml(*child) for child in content)
-    else:
-        e.text = str(content)
-    return e
-
-
-def voc_xml(name, scene):
-    """Annotations/<name>.xml with the elements (and tab indentation) of the real VOC2007 files."""
-    objects = [('object', [('name', o['category']), ('pose', 'Unspecified'), ('truncated', 0),
-                           ('difficult', int(o['difficult'])), ('bndbox', list(zip(('xmin', 'ymin', 'xmax', 'ymax'),
-                                                                                    o['bbox'])))])
-               for o in scene['objects']]
-    source = [('database', 'The objects world'), ('annotation', 'dev/objects_world.py'), ('image', 'synthetic')]
-    size = [('width', scene['size']), ('height', scene['size']), ('depth', 3)]
-    root = xml('annotation', [('folder', 'VOC2007'), ('filename', f'{name}.jpg'), ('source', source), ('size', size),
-                              ('segmented', 0), *objects])
-    ET.indent(root, '\t')
-    return ET.tostring(root, encoding='unicode') + '\n'
-
-
-def write_voc(root, pool, args):
-    main_dir = os.path.join(root, 'ImageSets', 'Main')
-    for d in (main_dir, os.path.join(root, 'JPEGImages'), os.path.join(root, 'Annotations')):
-        os.makedirs(d)
-    first = 1  # VOC image names go on from trainval into test, as in VOC2007
-    for split, n in (('trainval', args.n_voc_trainval), ('test', args.n_voc_test)):
-        names = [f'{i:06d}' for i in range(first, first + n)]
-        results = generate(pool, split, os.path.join(root, 'JPEGImages'), [m + '.jpg' for m in names], args)
-        scenes = [s for s, _ in results]
-        for name, scene in zip(names, scenes):
-            with open(os.path.join(root, 'Annotations', f'{name}.xml'), 'w') as f:
-                f.write(voc_xml(name, scene))
-        with open(os.path.join(main_dir, f'{split}.txt'), 'w') as f:
-            f.writelines(f'{m}\n' for m in names)
-        for c in CATEGORIES:  # VOC: 1 = a non-difficult instance, 0 = only difficult ones, -1 = absent
-            with open(os.path.join(main_dir, f'{c}_{split}.txt'), 'w') as f:
-                for name, scene in zip(names, scenes):
-                    flags = [o['difficult'] for o in scene['objects'] if o['category'] == c]
-                    f.write('%s %2d\n' % (name, -1 if not flags else 0 if all(flags) else 1))
-        with open(os.path.join(root, f'scenes_{split}.json'), 'w') as f:
-            json.dump([{'name': m, **s} for m, s in zip(names, scenes)], f)
-        first += n
-
-
 def main():
-    parser = argparse.ArgumentParser(description='Write the synthetic objects world in COCO + VOC2007 formats.')
-    parser.add_argument('--out', default='data/objects', help='writes OUT/coco and OUT/VOC2007')
-    for flag, default, what in (('n_train', 10000, 'COCO train2017 images'), ('n_val', 1000, 'COCO val2017 images'),
-                                ('n_voc_trainval', 2000, 'VOC2007 trainval images'),
-                                ('n_voc_test', 2000, 'VOC2007 test images'), ('size', 96, 'images are size x size px'),
-                                ('seed', 0, 'seeds all images'), ('workers', min(8, os.cpu_count() or 1), 'processes')):
-        parser.add_argument(f'--{flag}', type=int, default=default, help=what)
-    parser.error = lambda message: sys.exit(f'objects_world.py: error: {message}')  # one line, no usage dump
-    args = parser.parse_args()
-    for flag in ('n_train', 'n_val', 'n_voc_trainval', 'n_voc_test', 'workers'):
-        if getattr(args, flag) < 1:
-            parser.error(f'--{flag} must be >= 1 (got {getattr(args, flag)})')
-    if not 48 <= args.size <= 1024:
-        parser.error(f'--size must be between 48 and 1024 (got {args.size})')
-    if args.n_voc_trainval + args.n_voc_test > 999999:
-        parser.error('--n_voc_trainval + --n_voc_test must be <= 999999 (VOC names have 6 digits)')
-    try:  # build in a hidden folder inside OUT (the same file system, so the final renames are atomic)
-        os.makedirs(args.out, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix='.objects-', dir=args.out)
-    except OSError as e:
-        parser.error(f'cannot write to --out={args.out}: {e.strerror}')
-    t0, pool = time.time(), Pool(args.workers) if args.workers > 1 else None
-    try:
-        write_coco(os.path.join(tmp, 'coco'), pool, args)
-        write_voc(os.path.join(tmp, 'VOC2007'), pool, args)
-        for name in ('coco', 'VOC2007'):  # an earlier complete output is replaced only now
-            if os.path.lexists(os.path.join(args.out, name)):
-                os.rename(os.path.join(args.out, name), os.path.join(tmp, name + '.old'))
-            os.rename(os.path.join(tmp, name), os.path.join(args.out, name))
-    except OSError as e:
-        parser.error(f'writing to --out={args.out} failed: {e}')
-    except KeyboardInterrupt:
-        sys.exit(f'objects_world.py: interrupted; {args.out} was left as it was')
-    finally:
-        if pool:
-            pool.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
-    n_bytes = sum(os.path.getsize(os.path.join(d, f)) for name in ('coco', 'VOC2007')
-                  for d, _, files in os.walk(os.path.join(args.out, name)) for f in files)
-    print(f'wrote {args.n_train + args.n_val + args.n_voc_trainval + args.n_voc_test} images in '
-          f'{time.time() - t0:.1f} s, {n_bytes / 1e6:.1f} MB, to {args.out}')
+    args = prepare.command_line('Write the synthetic objects world in COCO + VOC2007 formats.', out='data/objects',
+                                size=96, min_size=48, prog='objects_world.py')
+    prepare.write_world(args, make_example, CATEGORIES, ('objects world', 'dev/objects_world.py'), 'objects_world.py')
 
 
 if __name__ == '__main__':

@@ -266,7 +266,11 @@ def make_example(task):
     return scene, captions(scene, rng)
 
 
-def generate(pool, split, paths, args):
+# ---------------------------------------------------------------------------------------------
+# the writers: COCO captions + VOC2007 classification from any world's scenes. dev/objects_world.py, the second
+# synthetic world, imports these and passes its own make_example and categories.
+
+def generate(pool, make_example, split, paths, args):
     """Make the images of one split (in parallel if a pool is given), printing progress; results in order."""
     tasks = [(args.seed, split, i, args.size, p) for i, p in enumerate(paths)]
     results, t0 = [], time.time()
@@ -277,16 +281,16 @@ def generate(pool, split, paths, args):
     return results
 
 
-def write_coco(root, pool, args):
+def write_coco(root, pool, make_example, source, args):
     os.makedirs(os.path.join(root, 'annotations'))
-    info = {'description': f'shapes world (data/shapes/prepare.py, seed {args.seed}, size {args.size})',
-            'version': '1.0', 'year': 2017}
+    info = {'description': f'{source[0]} ({source[1]}, seed {args.seed}, size {args.size})', 'version': '1.0',
+            'year': 2017}
     licenses = [{'id': 1, 'name': 'synthetic, public domain', 'url': ''}]
     image_id, caption_id = 1, 1  # ids unique across train and val, as in COCO
     for split, n in (('train2017', args.n_train), ('val2017', args.n_val)):
         os.makedirs(os.path.join(root, split))
         ids = range(image_id, image_id + n)
-        results = generate(pool, split, [os.path.join(root, split, f'{i:012d}.jpg') for i in ids], args)
+        results = generate(pool, make_example, split, [os.path.join(root, split, f'{i:012d}.jpg') for i in ids], args)
         images, annotations, scenes = [], [], []
         for i, (scene, caps) in zip(ids, results):
             images.append({'license': 1, 'file_name': f'{i:012d}.jpg', 'width': args.size, 'height': args.size,
@@ -295,15 +299,14 @@ def write_coco(root, pool, args):
                 annotations.append({'image_id': i, 'id': caption_id, 'caption': caption})
                 caption_id += 1
             scenes.append({'image_id': i, 'file_name': f'{i:012d}.jpg', **scene})
-        name = split.replace('2017', '')
-        with open(os.path.join(root, 'annotations', f'captions_{name}2017.json'), 'w') as f:
+        with open(os.path.join(root, 'annotations', f'captions_{split}.json'), 'w') as f:
             json.dump({'info': info, 'licenses': licenses, 'images': images, 'annotations': annotations}, f)
-        with open(os.path.join(root, 'annotations', f'scenes_{name}2017.json'), 'w') as f:
+        with open(os.path.join(root, 'annotations', f'scenes_{split}.json'), 'w') as f:
             json.dump(scenes, f)
         image_id += n
 
 
-def voc_xml(name, scene):
+def voc_xml(name, scene, source):
     """Annotations/<name>.xml with the elements (and tab indentation) of the real VOC2007 files."""
     def element(tag, *children, text=None):
         e = ET.Element(tag)
@@ -316,8 +319,8 @@ def voc_xml(name, scene):
                                                                                   o['bbox'])]))
                for o in scene['objects']]
     root = element('annotation', element('folder', text='VOC2007'), element('filename', text=f'{name}.jpg'),
-                   element('source', element('database', text='The shapes world'),
-                           element('annotation', text='data/shapes/prepare.py'), element('image', text='synthetic')),
+                   element('source', element('database', text=f'The {source[0]}'),
+                           element('annotation', text=source[1]), element('image', text='synthetic')),
                    element('size', element('width', text=size), element('height', text=size),
                            element('depth', text='3')),
                    element('segmented', text='0'), *objects)
@@ -325,21 +328,21 @@ def voc_xml(name, scene):
     return ET.tostring(root, encoding='unicode') + '\n'
 
 
-def write_voc(root, pool, args):
+def write_voc(root, pool, make_example, categories, source, args):
     main_dir = os.path.join(root, 'ImageSets', 'Main')
     for d in (main_dir, os.path.join(root, 'JPEGImages'), os.path.join(root, 'Annotations')):
         os.makedirs(d)
-    first = 1
+    first = 1  # VOC image names go on from trainval into test, as in VOC2007
     for split, n in (('trainval', args.n_voc_trainval), ('test', args.n_voc_test)):
         names = [f'{i:06d}' for i in range(first, first + n)]
-        results = generate(pool, split, [os.path.join(root, 'JPEGImages', f'{m}.jpg') for m in names], args)
+        results = generate(pool, make_example, split, [os.path.join(root, 'JPEGImages', f'{m}.jpg') for m in names], args)
         scenes = [scene for scene, _ in results]
         for name, scene in zip(names, scenes):
             with open(os.path.join(root, 'Annotations', f'{name}.xml'), 'w') as f:
-                f.write(voc_xml(name, scene))
+                f.write(voc_xml(name, scene, source))
         with open(os.path.join(main_dir, f'{split}.txt'), 'w') as f:
             f.writelines(f'{m}\n' for m in names)
-        for c in CATEGORIES:  # VOC: 1 = a non-difficult instance, 0 = only difficult ones, -1 = absent
+        for c in categories:  # VOC: 1 = a non-difficult instance, 0 = only difficult ones, -1 = absent
             with open(os.path.join(main_dir, f'{c}_{split}.txt'), 'w') as f:
                 for name, scene in zip(names, scenes):
                     flags = [o['difficult'] for o in scene['objects'] if o['category'] == c]
@@ -349,46 +352,53 @@ def write_voc(root, pool, args):
         first += n
 
 
-def main():
-    parser = argparse.ArgumentParser(description='Write the synthetic shapes world in COCO + VOC2007 formats.')
-    parser.add_argument('--out', default='data/shapes', help='writes OUT/coco and OUT/VOC2007')
+def command_line(description, out, size, min_size, prog):
+    """The arguments both worlds take, checked; errors are one line that starts with prog."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument('--out', default=out, help='writes OUT/coco and OUT/VOC2007')
     parser.add_argument('--n_train', type=int, default=10000, help='COCO train2017 images')
     parser.add_argument('--n_val', type=int, default=1000, help='COCO val2017 images')
     parser.add_argument('--n_voc_trainval', type=int, default=2000, help='VOC2007 trainval images')
     parser.add_argument('--n_voc_test', type=int, default=2000, help='VOC2007 test images')
-    parser.add_argument('--size', type=int, default=64, help='images are size x size pixels')
+    parser.add_argument('--size', type=int, default=size, help='images are size x size pixels')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='processes')
     # one line, not argparse's usage + error
-    parser.error = lambda message: sys.exit(f'prepare.py: error: {message}')
+    parser.error = lambda message: sys.exit(f'{prog}: error: {message}')
     args = parser.parse_args()
     for flag in ('n_train', 'n_val', 'n_voc_trainval', 'n_voc_test', 'workers'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag} must be >= 1 (got {getattr(args, flag)})')
-    if not 32 <= args.size <= 1024:
-        parser.error(f'--size must be between 32 and 1024 (got {args.size})')
+    if not min_size <= args.size <= 1024:
+        parser.error(f'--size must be between {min_size} and 1024 (got {args.size})')
     if args.n_voc_trainval + args.n_voc_test > 999999:
         parser.error('--n_voc_trainval + --n_voc_test must be <= 999999 (VOC names have 6 digits)')
+    args.error = parser.error
+    return args
 
-    # build everything in a hidden folder inside OUT, so an interrupted run leaves no half-written data set
+
+def write_world(args, make_example, categories, source, prog):
+    """Write OUT/coco and OUT/VOC2007, building everything in a hidden folder inside OUT first, so that an
+    interrupted run leaves no half-written data set; a previous complete output is replaced only at the end.
+    source = (the world's name, the script that makes it)."""
     try:
         os.makedirs(args.out, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix='.prepare-', dir=args.out)
     except OSError as e:
-        parser.error(f'cannot write to --out={args.out}: {e.strerror}')
+        args.error(f'cannot write to --out={args.out}: {e.strerror}')
     t0, pool = time.time(), Pool(args.workers) if args.workers > 1 else None
     try:
-        write_coco(os.path.join(tmp, 'coco'), pool, args)
-        write_voc(os.path.join(tmp, 'VOC2007'), pool, args)
-        for name in ('coco', 'VOC2007'):  # a previous complete output is replaced only now
+        write_coco(os.path.join(tmp, 'coco'), pool, make_example, source, args)
+        write_voc(os.path.join(tmp, 'VOC2007'), pool, make_example, categories, source, args)
+        for name in ('coco', 'VOC2007'):
             target = os.path.join(args.out, name)
             if os.path.lexists(target):
                 os.rename(target, os.path.join(tmp, name + '.old'))
             os.rename(os.path.join(tmp, name), target)
     except OSError as e:
-        parser.error(f'writing to --out={args.out} failed: {e}')
+        args.error(f'writing to --out={args.out} failed: {e}')
     except KeyboardInterrupt:
-        sys.exit(f'prepare.py: interrupted; {args.out} was left as it was')
+        sys.exit(f'{prog}: interrupted; {args.out} was left as it was')
     finally:
         if pool:
             pool.terminate()
@@ -397,6 +407,12 @@ def main():
                   for d, _, files in os.walk(os.path.join(args.out, name)) for f in files)
     print(f'wrote {args.n_train + args.n_val + args.n_voc_trainval + args.n_voc_test} images in '
           f'{time.time() - t0:.1f} s, {n_bytes / 1e6:.1f} MB, to {args.out}')
+
+
+def main():
+    args = command_line('Write the synthetic shapes world in COCO + VOC2007 formats.', out='data/shapes', size=64,
+                        min_size=32, prog='prepare.py')
+    write_world(args, make_example, CATEGORIES, ('shapes world', 'data/shapes/prepare.py'), 'prepare.py')
 
 
 if __name__ == '__main__':
