@@ -6,7 +6,7 @@ Measure every stage's speed and peak memory, for the CPU demo model and the pape
   python bench.py --stages=train,svm       # a subset: train, data, caption, svm
 
 Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU, MFU;
-the training data pipeline (decode, augment, tokenize) in images/s for one worker, from 640x480 JPEGs
+the training data pipeline (decode, augment, tokenize, batch) in images/s of one DataLoader worker, from 640x480 JPEGs
 to 224 px and from the shapes world's 64 px JPEGs; beam-search captioning (beam 5) in captions/s with
 the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048 trainval, 4952 x 2048 test,
 20 classes, 4 costs, 3 folds + refit) in seconds. Prints one table; nothing is stored.
@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from configurator import configure
-from coco import CocoCaptions
+from coco import CocoCaptions, collate
 from model import LookAhead, VirTex, VirTexConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -37,13 +37,14 @@ paper_batch = 0             # 0: 32 on a GPU (per GPU, as in the paper), 8 on a 
 shapes_batch = 64           # config/shapes.py
 warmup_steps = 3            # untimed steps first (compilation, allocator warm-up)
 timed_steps = 5
-data_images = 128           # images timed per data-pipeline measurement
+data_images = 256           # images per data-pipeline measurement (the first batch of 32 is not timed)
 caption_images = 8          # images per beam-search batch
 caption_steps = 13          # decoding steps per caption (a COCO caption is ~12 words + [EOS])
 peak_tflops = 989.0         # per-GPU bf16 dense peak for MFU (H100/H200 989, A100 312)
 seed = 0
 # ----------------------------------------------------------------------------------------------
-configure(globals())
+if __name__ == '__main__':  # dev/compare_pipeline.py imports this file for its JPEGs
+    configure(globals())
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if dtype == 'auto':
     dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
@@ -158,18 +159,22 @@ class WordTokenizer:
 
 
 def bench_data():
+    """Images/s that one DataLoader worker delivers to the training loop, as train.py runs it (decode, augment,
+    tokenize, batch, hand over), from the second batch on."""
     with tempfile.TemporaryDirectory() as folder:
         for (width, height), size in (((640, 480), 224), ((64, 64), 64)):
             root = os.path.join(folder, f'{width}x{height}')
             write_jpegs(root, data_images, width, height)
             dataset = CocoCaptions(root, 'train2017', WordTokenizer(), size, 30, train=True, seed=seed)
-            for i in range(4):
-                dataset[(0, i)]  # warm the file cache
-            reset_peak_memory()
-            t0 = time.perf_counter()
             for i in range(data_images):
-                dataset[(1, i)]
-            dt = (time.perf_counter() - t0) / data_images
+                dataset[(0, i)]  # warm the file cache
+            loader = torch.utils.data.DataLoader(dataset, sampler=[(1, i) for i in range(data_images)], batch_size=32,
+                                                 num_workers=1, collate_fn=collate)
+            batches = iter(loader)
+            next(batches)  # the worker's start-up
+            t0 = time.perf_counter()
+            count = sum(len(tokens) for _, tokens, _ in batches)
+            dt = (time.perf_counter() - t0) / count
             rows.append(('data pipeline', f'{width}x{height} JPEG', f"-> {size} px, 1 worker",
                          f"{1 / dt:.0f} img/s", f"{1000 * dt:.2f} ms/img", peak_memory_gb()))
 
@@ -224,23 +229,28 @@ def bench_svm():
                  f"{dt:.1f} s", peak_memory_gb()))
 
 
-chosen = stages.split(',')
-print(f"bench: {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-for name in models.split(','):
-    if 'train' in chosen:
-        bench_train(name)
-        print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
-    if 'caption' in chosen:
-        bench_caption(name)
-        print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
-if 'data' in chosen:
-    bench_data()
-if 'svm' in chosen:
-    bench_svm()
+def main():
+    chosen = stages.split(',')
+    print(f"bench: {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    for name in models.split(','):
+        if 'train' in chosen:
+            bench_train(name)
+            print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
+        if 'caption' in chosen:
+            bench_caption(name)
+            print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
+    if 'data' in chosen:
+        bench_data()
+    if 'svm' in chosen:
+        bench_svm()
 
-header = ('stage', 'what', 'setting', 'result', 'time', 'peak mem')
-table = [header] + [(*row[:5], f"{row[5]:.2f} GB") for row in rows]
-widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-print()
-for r in table:
-    print(' | '.join(cell.ljust(w) for cell, w in zip(r, widths)))
+    header = ('stage', 'what', 'setting', 'result', 'time', 'peak mem')
+    table = [header] + [(*row[:5], f"{row[5]:.2f} GB") for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    print()
+    for r in table:
+        print(' | '.join(cell.ljust(w) for cell, w in zip(r, widths)))
+
+
+if __name__ == '__main__':
+    main()

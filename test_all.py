@@ -792,6 +792,47 @@ def test_coco_dataset_and_collate(shapes):
     assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), 'eval transform is deterministic'
 
 
+def test_train_augmentation_matches_its_reference_ops(tmp_path):
+    """The fast tensor pipeline computes what PIL / torchvision compute: antialiased bilinear crops, and the
+    colour jitter as torchvision's adjust_* in the drawn order."""
+    import torchvision.transforms.functional as TF
+    from coco import color_jitter, random_resized_crop, shift_hue
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
+    photo = np.asarray(Image.fromarray(small).resize((200, 150), Image.Resampling.BICUBIC))
+    Image.fromarray(photo).save(tmp_path / 'a.jpg', quality=95)
+    Image.fromarray(photo).save(tmp_path / 'a.png')
+    decoded = np.asarray(Image.open(tmp_path / 'a.jpg').convert('RGB'))
+    # the first two decode in full; the third from a 1/4-scale DCT decode (its crop keeps 4x the pixels needed)
+    for name, box, size in (('a.jpg', (10, 20, 110, 140), 64), ('a.jpg', (0, 0, 200, 150), 100),
+                            ('a.png', (3, 7, 150, 120), 50), ('a.jpg', (5, 5, 185, 145), 32)):
+        with Image.open(tmp_path / name) as image:
+            ours = random_resized_crop(image, box, size)
+        source = photo if name.endswith('png') else decoded
+        want = np.asarray(Image.fromarray(source).resize((size, size), Image.Resampling.BILINEAR, box=box))
+        diff = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - want.astype(int))
+        assert ours.shape == (3, size, size) and ours.dtype == torch.uint8
+        scaled_decode = min(box[2] - box[0], box[3] - box[1]) >= 2 * size
+        assert diff.mean() < (3 if scaled_decode else 0.5), (box, diff.max(), diff.mean())
+    x = torch.from_numpy(photo.copy()).permute(2, 0, 1).float()
+    x[:, :5] = x[0, :5]  # greys: no hue
+    x[1, 5:10] = x[0, 5:10]  # ties between the max channels
+    for shift in (-0.1, 0.03, 0.1):
+        assert (shift_hue(x, shift) - TF.adjust_hue(x / 255, shift) * 255).abs().max() < 1e-2
+    pixels = torch.from_numpy(photo.copy()).permute(2, 0, 1)
+    for seed in range(6):
+        draw = np.random.default_rng(seed)
+        b, c, s = draw.uniform(0.6, 1.4, size=3)
+        hue = draw.uniform(-0.1, 0.1)
+        ops = [lambda y: TF.adjust_brightness(y, b), lambda y: TF.adjust_contrast(y, c),
+               lambda y: TF.adjust_saturation(y, s), lambda y: TF.adjust_hue(y, hue)]
+        want = pixels.float() / 255
+        for i in draw.permutation(4):
+            want = ops[i](want)
+        got = color_jitter(pixels, np.random.default_rng(seed)).float() / 255
+        assert (got - want).abs().max() < 2.5 / 255, seed  # torchvision rounds nothing; ours rounds once, at the end
+
+
 def test_one_eval_transform_for_every_stage(tmp_path):
     """train.py's validation images, evaluate.py's VOC features and caption.py's input are the same pixels."""
     import caption
