@@ -57,6 +57,23 @@ N_FOLDS = 3                          # upstream cross_val_score(cv=3)
 # ------------------------------------------------------------------------------------------------
 # the SVMs: self-contained, torch only
 
+def svm_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The eigenbasis fit_svms solves in, for features x (n, D): V (D+1, D+1), z = [x 1] V and z * z (n, D+1).
+
+    Pooled ReLU features share a big mean direction and are highly correlated, so the Hessian
+    I + 2 X^T diag(cost) X is badly conditioned. In the eigenbasis of X^T X it is nearly diagonal, and the
+    objective does not change under a rotation of (w, b) because the bias is penalized too: fit_svms solves for
+    u = V^T (w, b) on the rotated features z, with the Hessian's diagonal as the CG preconditioner.
+    """
+    xb = torch.cat([x, x.new_ones(len(x), 1)], 1)               # (n, D+1) the bias as a feature, as liblinear
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # LAPACK's eigh waits at many barriers: 0.6s on 1 core, up to 30s on 2 busy cores
+    _, V = torch.linalg.eigh(xb.T @ xb)                          # (D+1, D+1)
+    torch.set_num_threads(threads)
+    z = xb @ V
+    return V, z, z * z
+
+
 def fit_svms(x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, tol: float = 1e-4, max_newton: int = 50,
              max_cg: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve P linear SVMs on the same features at once; return weights (D, P) and biases (P,).
@@ -67,20 +84,10 @@ def fit_svms(x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, tol: float = 
         0.5 * (|w|^2 + b^2) + sum_i cost_ip * max(0, 1 - y_ip * (w.x_i + b))^2
     by truncated Newton: each Newton direction comes from preconditioned conjugate gradients, then an exact line
     search. Stops when |gradient| <= tol * |gradient at 0| for every problem.
+    (VOC07-sized: 6 Newton and ~30 CG steps in all; with the diagonal in the original basis, hundreds of CG steps)
     """
     n, D = x.shape
-    xb = torch.cat([x, x.new_ones(n, 1)], 1)                    # (n, D+1) the bias as a feature, as liblinear
-    # pooled ReLU features share a big mean direction and are highly correlated, so the Hessian
-    # I + 2 X^T diag(cost) X is badly conditioned. In the eigenbasis of X^T X it is nearly diagonal, and the
-    # objective does not change under a rotation of (w, b) because the bias is penalized too: solve for
-    # u = V^T (w, b) on the rotated features z = X V, with the Hessian's diagonal as the CG preconditioner.
-    # (VOC07-sized: 6 Newton and ~30 CG steps in all; with the diagonal in the original basis, hundreds of CG steps)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # LAPACK's eigh waits at many barriers: 0.6s on 1 core, up to 30s on 2 busy cores
-    _, V = torch.linalg.eigh(xb.T @ xb)                          # (D+1, D+1)
-    torch.set_num_threads(threads)
-    z = xb @ V                                                   # (n, D+1)
-    z2 = z * z
+    V, z, z2 = svm_basis(x)
     tiny = torch.finfo(x.dtype).tiny
     u = x.new_zeros(D + 1, y.shape[1])                           # (D+1, P)
     margin = x.new_zeros(y.shape)                                # (n, P) z @ u, kept up to date
@@ -98,21 +105,30 @@ def fit_svms(x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, tol: float = 
         if len(todo) == 0:
             break
         # Newton direction d: solve (I + 2 Z^T diag(active) Z) d = -grad loosely (truncated Newton); all
-        # problems share Z, so each CG step is two GEMMs against the (D+1, p) matrix of directions
+        # problems share Z, so each CG step is two GEMMs against the (D+1, k) matrix of the directions still
+        # being refined: a problem leaves the CG as soon as its residual is small enough (the first time, as
+        # liblinear's per-problem CG), which on hard features removes most of the columns after a few steps
         precond = 1 / (1 + 2 * z2.T @ active)                    # (D+1, p) inverse of the Hessian's diagonal
         cg_tol = torch.clamp(torch.sqrt(gnorm / gnorm0[todo]), max=0.1) * gnorm
         d, r = torch.zeros_like(grad), -grad                      # direction so far, residual -grad - H d
-        p = s = r * precond
-        rs = (r * s).sum(0)
+        p = r * precond
+        rs = (r * p).sum(0)
+        live = torch.arange(len(todo), device=x.device)           # columns whose CG goes on
         for _ in range(max_cg):
-            hp = p + 2 * z.T @ (active * (z @ p))                # (D+1, p) Hessian times p
-            alpha = rs / (p * hp).sum(0).clamp(min=tiny)         # 0 for a column whose residual is already 0
-            d, r = d + alpha * p, r - alpha * hp
-            if (r.norm(dim=0) <= cg_tol).all():
+            p_live = p[:, live]
+            hp = p_live + 2 * z.T @ (active[:, live] * (z @ p_live))   # (D+1, k) Hessian times p
+            alpha = rs[live] / (p_live * hp).sum(0).clamp(min=tiny)      # 0 for a column whose residual is 0
+            d[:, live] += alpha * p_live
+            r_live = r[:, live] - alpha * hp
+            r[:, live] = r_live
+            going = r_live.norm(dim=0) > cg_tol[live]
+            if not going.any():
                 break
-            s = r * precond
-            rs, rs_old = (r * s).sum(0), rs
-            p = s + (rs / rs_old.clamp(min=tiny)) * p
+            live, r_live, p_live = live[going], r_live[:, going], p_live[:, going]
+            s_live = r_live * precond[:, live]
+            rs_live = (r_live * s_live).sum(0)
+            p[:, live] = s_live + (rs_live / rs[live].clamp(min=tiny)) * p_live
+            rs[live] = rs_live
         # exact line search: along d the objective is a piecewise quadratic of the step t, its slope
         # f'(t) = u.d + t d.d - 2 sum_i cost_i yq_i max(0, 1 - y_i m_i - t yq_i) is increasing and piecewise
         # linear, so Newton's method on f' (kept inside a bracket) lands on its root in a few steps
