@@ -9,10 +9,11 @@ Images and captions in the COCO layout, and the image transforms every stage sha
 
 Train augmentation, as in the paper: random resized crop (area scale (0.2, 1), aspect ratio (3/4, 4/3)),
 horizontal flip with p=0.5 that swaps the words left/right in the caption, colour jitter (brightness,
-contrast, saturation 0.4, hue 0.1) with p=0.8. Every random choice of an item comes from a generator seeded
-with (seed, epoch, index), so batches do not depend on the number of workers and a resumed run sees exactly
-the batches an unbroken one would. Images stay uint8 until the device (`normalize`). Errors are ValueError /
-OSError naming the file; a sample that fails to decode is returned as {'error': ...} for the caller to count.
+contrast, saturation 0.4, hue 0.1) with p=0.8; the crop's smallest scale and the jitter's probability are
+arguments. Every random choice of an item comes from a generator seeded with (seed, epoch, index), so
+batches do not depend on the number of workers and a resumed run sees exactly the batches an unbroken one
+would. Images stay uint8 until the device (`normalize`). Errors are ValueError / OSError naming the file; a
+sample that fails to decode is returned as {'error': ...} for the caller to count.
 
 Speed (the training pipeline has to keep up with the GPUs on few cores): a JPEG whose crop keeps at least twice
 the output size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself; the crop is resized as a uint8 tensor
@@ -127,12 +128,12 @@ class CocoCaptions(torch.utils.data.Dataset):
     """Images of one COCO split with their captions; an item is one image and one of its captions,
     addressed by (epoch, index) so that its augmentation is a pure function of the key."""
 
-    def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2):
+    def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2, color_jitter=0.8):
         self.items = [(path, captions) for _, path, captions in read_coco_split(root, split)]
         if not self.items:
             raise ValueError(f"{root}/annotations/captions_{split}.json: no images with captions")
         self.tokenizer, self.image_size, self.max_len, self.train, self.seed = tokenizer, image_size, max_len, train, seed
-        self.min_crop_scale = min_crop_scale
+        self.min_crop_scale, self.color_jitter = min_crop_scale, color_jitter
 
     def __len__(self):
         return len(self.items)
@@ -153,7 +154,7 @@ class CocoCaptions(torch.utils.data.Dataset):
             # flipping the image makes "left" wrong, so swap left/right words in the caption too
             pixels = pixels.flip(-1)
             caption = swap_left_right(caption)
-        if rng.random() < 0.8:
+        if rng.random() < self.color_jitter:
             pixels = color_jitter(pixels, rng)
         return {'image': pixels.contiguous(), 'tokens': self.encode(caption)}
 

@@ -39,6 +39,7 @@ class VirTexConfig:
     bidirectional: bool = True  # False: the forward-only "captioning" ablation
     norm_first: bool = False    # False: post-norm layers, as in the paper
     zero_init_residual: bool = True  # the paper's backbone init (see VirTex.__init__)
+    init_std: float = 0.02      # std of the textual weights at init: BERT's, the paper's (see init_textual_weights)
     pad_id: int = 0             # <unk> doubles as padding, as upstream
     sos_id: int = 1
     eos_id: int = 2
@@ -180,17 +181,19 @@ class VirTex(nn.Module):
         self.init_textual_weights()
 
     def init_textual_weights(self):
-        # BERT-style: N(0, 0.02) for linear, attention and embedding weights; biases keep
-        # PyTorch's defaults (attention biases start at 0, as in nn.MultiheadAttention)
+        # BERT-style: N(0, init_std) for linear, attention and embedding weights; biases keep PyTorch's defaults
+        # (attention biases start at 0, as in nn.MultiheadAttention). The paper's 0.02 was chosen for widths of
+        # 768-2048, where a matrix of that std has a gain near 1 (0.02 * sqrt(2048) = 0.9); at width H the same
+        # gain takes 0.02 * sqrt(2048 / H) (0.057 at H=256), and the image reaches the logits through 3 such matrices
         for module in self.textual_modules():
             for m in module.modules():
                 if isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, std=0.02)
+                    nn.init.normal_(m.weight, std=self.config.init_std)
                 if isinstance(m, Attention):
                     for proj in m.children():
                         nn.init.zeros_(proj.bias)
         for embedding in (self.word_embedding, self.position_embedding):
-            nn.init.normal_(embedding.weight, std=0.02)
+            nn.init.normal_(embedding.weight, std=self.config.init_std)
         with torch.no_grad():
             self.word_embedding.weight[self.config.pad_id].zero_()  # last: lm_head shares it
 

@@ -18,6 +18,7 @@ import os
 import resource
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -44,9 +45,11 @@ dropout = 0.1
 bidirectional = True          # False: forward captioning only (an ablation in the paper)
 norm_first = False            # post-norm Transformer layers, as in the paper
 zero_init_residual = True     # each ResNet block starts as the identity, as in the paper
+init_std = 0.02               # textual weights at init ~ N(0, init_std), as in the paper (BERT's init)
 # data
 image_size = 224              # random-resized-crop size
 min_crop_scale = 0.2          # random-resized-crop keeps (min_crop_scale, 1) of the image area
+color_jitter = 0.8            # probability of the colour jitter (brightness/contrast/saturation 0.4, hue 0.1)
 batch_size = 256              # global; each of N processes gets batch_size // N (paper: 8 x 32)
 gradient_accumulation_steps = 1  # micro-batches per step per process, when a GPU can't hold its share
 num_workers = 4               # DataLoader workers per process
@@ -54,8 +57,9 @@ max_bad_images = 100          # unreadable images are skipped and counted; the r
 # optimization
 max_iters = 500_000
 warmup_iters = 10_000         # linear warmup from 0, then cosine decay to 0 at max_iters
-cnn_lr = 0.2                  # SGD lr for the backbone (upstream OPTIM.CNN_LR)
-lr = 0.001                    # SGD lr for the textual head (upstream OPTIM.LR)
+optimizer = 'sgd'             # inside LookAhead: 'sgd' (the paper) or 'adamw' (faster for short runs; momentum = beta1)
+cnn_lr = 0.2                  # lr for the backbone (upstream OPTIM.CNN_LR)
+lr = 0.001                    # lr for the textual head (upstream OPTIM.LR)
 momentum = 0.9
 weight_decay = 1e-4           # not on the textual embedding/decoder norms and biases
 lookahead_k = 5               # slow weights sync every k steps ...
@@ -66,6 +70,7 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'auto'                # auto: bfloat16 on GPUs that have it, else float16 (+GradScaler); float32 on CPU
 compile = torch.cuda.is_available()  # torch.compile: worth it on GPUs, slower than eager for short CPU runs
 seed = 0
+deterministic = False         # True: deterministic kernels, no TF32, no cudnn autotuning (bitwise resume on GPUs too)
 init_from = 'scratch'         # 'scratch' or 'resume' (from <out_dir>/ckpt.pt)
 eval_interval = 2000          # validation loss every this many iterations (0: never)
 eval_iters = 20               # validation batches per evaluation
@@ -79,7 +84,8 @@ if rest:
     raise SystemExit(f"error: unexpected arguments {rest} (config files end in .py, flags are --key=value)")
 config = {k: globals()[k] for k in configurable}  # resolved; saved in every checkpoint
 config['tokenizer'] = os.path.abspath(tokenizer)  # so caption.py finds it from any folder
-choices = {'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16')}
+choices = {'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
+           'optimizer': ('sgd', 'adamw')}
 for key, allowed in choices.items():
     if config[key] not in allowed:
         raise SystemExit(f"error: --{key}={config[key]!r}: choose one of {', '.join(allowed)}")
@@ -94,9 +100,9 @@ for key in ('eval_interval', 'eval_iters', 'warmup_iters', 'num_workers', 'max_b
         raise SystemExit(f"error: --{key}={config[key]} must be >= 0" + (' (0: never)' if key == 'eval_interval' else ''))
 if eval_interval and not eval_iters:
     raise SystemExit("error: --eval_iters=0 with --eval_interval > 0: give eval_iters > 0 or eval_interval=0")
-if not (0 < min_crop_scale <= 1 and 0 < lookahead_alpha <= 1 and 0 <= dropout < 1):
-    raise SystemExit(f"error: need 0 < min_crop_scale <= 1, 0 < lookahead_alpha <= 1, 0 <= dropout < 1 "
-                     f"(got {min_crop_scale}, {lookahead_alpha}, {dropout})")
+if not (0 < min_crop_scale <= 1 and 0 <= color_jitter <= 1 and 0 < lookahead_alpha <= 1 and 0 <= dropout < 1):
+    raise SystemExit(f"error: need 0 < min_crop_scale <= 1, 0 <= color_jitter <= 1, 0 < lookahead_alpha <= 1, "
+                     f"0 <= dropout < 1 (got {min_crop_scale}, {color_jitter}, {lookahead_alpha}, {dropout})")
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
@@ -117,9 +123,12 @@ device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if dtype == 'auto':
     dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+if device_type == 'cuda':  # fast by default; a resumed GPU run then matches an unbroken one closely, not bitwise
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+if deterministic:
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS needs it for deterministic GEMMs
+    torch.use_deterministic_algorithms(True)
 
 
 def print0(*args):
@@ -136,7 +145,7 @@ for path, what in ((data_root, 'data_root'), (tokenizer, 'tokenizer')):
 with one_line_errors():
     tok = Tokenizer(tokenizer)
     train_set = CocoCaptions(data_root, 'train2017', tok, image_size, max_len, train=True, seed=seed,
-                             min_crop_scale=min_crop_scale)
+                             min_crop_scale=min_crop_scale, color_jitter=color_jitter)
     val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed) if eval_interval else None
 # the sampler shuffles with (seed, epoch); each process takes every N-th index of the permutation
 sampler = DistributedSampler(train_set, ddp_world_size, ddp_rank, shuffle=True, seed=seed, drop_last=True)
@@ -165,7 +174,7 @@ RESUME_KEYS = ('optimizer', 'scaler', 'iter_num', 'data_position', 'bad_images',
 
 model_args = dict(visual=visual, vocab_size=len(tok), n_layer=n_layer, n_embd=n_embd, n_head=n_head, max_len=max_len,
                   dropout=dropout, bidirectional=bidirectional, norm_first=norm_first, zero_init_residual=zero_init_residual,
-                  pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id)
+                  init_std=init_std, pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ckpt = None
 torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
@@ -174,13 +183,16 @@ if init_from == 'resume':
         raise SystemExit(f"error: --init_from=resume: {ckpt_path} does not exist")
     with one_line_errors():  # the loading path of every stage: a bad file is one line, not a traceback
         model, ckpt = load_checkpoint(ckpt_path)
-    changed = [f"{k}={ckpt['model_args'].get(k)!r} in the checkpoint, {v!r} now" for k, v in model_args.items()
-               if ckpt['model_args'].get(k) != v]
+    saved = {**asdict(VirTexConfig()), **ckpt['model_args']}  # keys added since the file was written: defaults
+    changed = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in model_args.items() if saved[k] != v]
     if changed:
         raise SystemExit(f"error: {ckpt_path}: the model differs from the config: {'; '.join(changed)}")
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise SystemExit(f"error: {ckpt_path}: cannot resume from it: no {', '.join(missing)} (a model-only file?)")
+    saved_optimizer = ckpt.get('config', {}).get('optimizer', 'sgd')  # files from before the knob were SGD
+    if saved_optimizer != optimizer:
+        raise SystemExit(f"error: {ckpt_path}: was trained with --optimizer={saved_optimizer}, not {optimizer}")
 else:
     model = VirTex(VirTexConfig(**model_args))
 # channels_last: cuDNN and oneDNN convolutions both run faster on NHWC (4x on a 2-core CPU for R-18 at 64 px)
@@ -192,17 +204,21 @@ torch.manual_seed(seed + ddp_rank)  # a different dropout stream per process
 groups = model.param_groups(weight_decay, cnn_lr, lr)
 for group in groups:
     group['base_lr'] = group['lr']  # get_lr returns a multiplier: we have two base lrs
-sgd = torch.optim.SGD(groups, lr=lr, momentum=momentum, **({'fused': True} if device_type == 'cuda' else {'foreach': True}))
-optimizer = LookAhead(sgd, lookahead_k, lookahead_alpha)
+fast = {'fused': True} if device_type == 'cuda' else {'foreach': True}
+if optimizer == 'sgd':
+    inner = torch.optim.SGD(groups, lr=lr, momentum=momentum, **fast)
+else:  # each group keeps its weight decay (0 on norms and biases), applied decoupled as AdamW does
+    inner = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **fast)
+lookahead = LookAhead(inner, lookahead_k, lookahead_alpha)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 iter_num, data_position, bad_images = 0, (0, 0), 0
 if ckpt is not None:
-    settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    settings = [{k: v for k, v in group.items() if k != 'params'} for group in lookahead.param_groups]
     try:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        lookahead.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
         raise SystemExit(f"error: {ckpt_path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
-    for group, setting in zip(optimizer.param_groups, settings):
+    for group, setting in zip(lookahead.param_groups, settings):
         group.update(setting)  # lrs, momentum and weight decay come from this run's config, not the file
     scaler.load_state_dict(ckpt['scaler'])
     iter_num, data_position, bad_images = ckpt['iter_num'], tuple(ckpt['data_position']), ckpt['bad_images']
@@ -319,7 +335,7 @@ for iter_num in range(start_iter, max_iters + 1):
             if device_type == 'cuda':
                 dist.all_gather_object(cuda_rng_states, torch.cuda.get_rng_state())
         if master_process:
-            checkpoint = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
+            checkpoint = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': lookahead.state_dict(),
                           'scaler': scaler.state_dict(), 'iter_num': iter_num, 'data_position': list(data_position),
                           'bad_images': bad_images, 'rng_state': rng_states, 'cuda_rng_state': cuda_rng_states,
                           'config': config}
@@ -335,7 +351,7 @@ for iter_num in range(start_iter, max_iters + 1):
     # training step
     t0 = time.perf_counter()
     lr_mult = get_lr(iter_num)
-    for group in optimizer.param_groups:
+    for group in lookahead.param_groups:
         group['lr'] = group['base_lr'] * lr_mult
     loss_sum = torch.zeros(3, device=device)
     for micro_step in range(gradient_accumulation_steps):
@@ -355,11 +371,11 @@ for iter_num in range(start_iter, max_iters + 1):
         scaler.scale(loss / gradient_accumulation_steps).backward()
         loss_sum += torch.stack([loss.detach(), parts['fwd'], parts.get('bwd', torch.zeros_like(parts['fwd']))]).float()
     nonfinite |= ~torch.isfinite(loss_sum[0])
-    scaler.unscale_(optimizer)
+    scaler.unscale_(lookahead)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
-    scaler.step(optimizer)
+    scaler.step(lookahead)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    lookahead.zero_grad(set_to_none=True)
     # ------------------------------------------------------------------------------------------
     step = iter_num + 1
     if step % log_interval == 0 or step == max_iters:
