@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from PIL import Image, ImageDraw, ImageFont
+
 from configurator import configure
 
 # ----------------------------------------------------------------------------------------------
@@ -74,6 +76,37 @@ stage('attention figure', ['caption.py', f'--ckpt={out}/ckpt.pt', f'--attention_
       'attention.log')
 
 
+def draw_curves(records, path, width=640, height=360):
+    """Train loss, val loss and val loss with shuffled images against iterations, as a PNG (PIL only)."""
+    series = [('train loss', (60, 60, 200), [(r['iter'], r['loss']) for r in records if r['event'] == 'train']),
+              ('val loss', (20, 150, 40), [(r['iter'], r['loss']) for r in records if r['event'] == 'val']),
+              ('val loss, shuffled images', (210, 40, 40),
+               [(r['iter'], r['loss_shuffled']) for r in records if r['event'] == 'val' and 'loss_shuffled' in r])]
+    points = [p for _, _, s in series for p in s]
+    x_max, y_min, y_max = max(x for x, _ in points), min(y for _, y in points), max(y for _, y in points)
+    y_min, y_max = y_min - 0.05 * (y_max - y_min), y_max + 0.05 * (y_max - y_min)
+    left, top, right, bottom = 50, 20, width - 20, height - 40
+    image = Image.new('RGB', (width, height), 'white')
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+
+    def xy(x, y):
+        return left + (right - left) * x / x_max, bottom - (bottom - top) * (y - y_min) / (y_max - y_min)
+    draw.rectangle((left, top, right, bottom), outline='black')
+    for k in range(5):  # axis labels: iterations below, loss (sum over directions) on the left
+        y = y_min + (y_max - y_min) * k / 4
+        draw.text((4, xy(0, y)[1] - 6), f"{y:.2f}", fill='black', font=font)
+        draw.text((xy(x_max * k / 4, y_min)[0] - 10, bottom + 6), f"{round(x_max * k / 4)}", fill='black', font=font)
+    draw.text(((left + right) // 2 - 25, bottom + 22), 'iteration', fill='black', font=font)
+    for row, (name, colour, data) in enumerate(series):
+        if len(data) > 1:
+            draw.line([xy(x, y) for x, y in data], fill=colour, width=2)
+        for x, y in data if len(data) < 30 else []:
+            cx, cy = xy(x, y)
+            draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
+        draw.text((right - 170, top + 8 + 14 * row), name, fill=colour, font=font)
+    image.save(path)
+
+
 def last_number(lines, label):
     match = re.fullmatch(rf'{label}: ([\d.]+)', lines[-1].strip())
     if not match:
@@ -84,8 +117,12 @@ def last_number(lines, label):
 map_pretrained, map_random = last_number(pretrained, 'mAP'), last_number(random_init, 'mAP')
 cider = last_number(captions, 'CIDEr')
 with open(f'{out}/log.jsonl') as f:
-    train_records = [r for r in map(json.loads, f) if r['event'] == 'train']
+    records = [json.loads(line) for line in f]
+train_records = [r for r in records if r['event'] == 'train']
 images_per_s = sorted(r['img_s'] for r in train_records)[len(train_records) // 2]  # median over log windows
+val_records = [r for r in records if r['event'] == 'val']
+curves = os.path.join(out, 'losses.png')
+draw_curves(records, curves)
 figure = os.path.join(out, 'attention', os.path.splitext(os.path.basename(first_image))[0] + '.png')
 print("\nsome val captions (image<TAB>caption):")
 print(''.join(line for line in captions[:5]), end='')
@@ -96,7 +133,9 @@ table = [('VOC mAP, pretrained backbone', f"{map_pretrained:.2f}"),
          (f'CIDEr-D on {caption_limit} val images', f"{cider:.1f}"),
          ('pretraining time', f"{timings['pretrain'] / 60:.1f} min"),
          ('pretraining speed', f"{images_per_s:.0f} img/s"),
+         ('the image is worth (val, last)', f"{val_records[-1]['image_gap']:.3f} nats/token" if val_records else '-'),
          ('attention figure', figure),
+         ('loss curves', curves),
          ('total time', f"{(time.time() - start) / 60:.1f} min")]
 width = max(len(k) for k, _ in table)
 for key, value in table:
