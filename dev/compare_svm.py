@@ -16,6 +16,8 @@ Measured (2 CPU cores, torch 2.14, sklearn 1.9.1, 1-2 runs each; the machine was
   synthetic B: ours 2.6s (2 threads), 4.0-4.3s (1); LinearSVC 240s (2 processes, busy machine)
   random-init ResNet-50 on data/shapes at 64px (10 classes): ours 1.9s (2 threads); LinearSVC 251s (2 processes)
   mAP equal to 0.01 points on all three, per-class AP within 0.016 points, the same C for every class.
+  synthetic C (hard, quiet machine): ours 5.9s (2 threads), 11.0s (1); LinearSVC 57.6s (2 processes): 9.7x;
+  mAP 89.06 both, per-class AP within 0.002, the same C for every class.
 """
 import multiprocessing
 import time
@@ -37,6 +39,15 @@ seed = 0
 
 VOC07_TRAINVAL_COUNTS = [238, 243, 330, 181, 244, 186, 713, 337, 445, 141,   # positives of each class in VOC07
                          200, 421, 287, 245, 2008, 245, 96, 229, 261, 256]   # trainval (5011 images)
+
+
+def features_and_labels(pre, present, difficult):
+    """ReLU'd, L2-normalized float32 features and VOC labels (1 present, -1 absent, 0 difficult)."""
+    x = np.maximum(pre, 0)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = np.where(present, 1, -1)
+    y[difficult] = 0
+    return x.astype(np.float32), y
 
 
 def voc_like_features(seed, n_train=5011, n_test=4952, dim=2048, mean_scale=3.0, signal=0.3, nuisance=1.0, noise=1.0):
@@ -63,11 +74,7 @@ def voc_like_features(seed, n_train=5011, n_test=4952, dim=2048, mean_scale=3.0,
         pre = (mean_scale * rng.uniform(0.7, 1.3, (n, 1)) * mean + signal * (present * strength) @ class_dirs
                + nuisance * 3 / np.sqrt(rank) * rng.normal(0, 1, (n, rank)) @ nuisance_dirs
                + noise / np.sqrt(dim) * rng.normal(0, 1, (n, dim)))
-        x = np.maximum(pre, 0)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        y = np.where(present, 1, -1)
-        y[difficult] = 0
-        return x.astype(np.float32), y
+        return features_and_labels(pre, present, difficult)
     return (*split(n_train), *split(n_test))
 
 
@@ -82,11 +89,7 @@ def hard_features(seed, n_train=5011, n_test=4952, dim=2048, n_classes=20, stren
         present = rng.random((n, n_classes)) < rate
         difficult = rng.random((n, n_classes)) < 0.03
         pre = rng.normal(0, 1, (n, dim)) / np.sqrt(dim) + strength * present @ class_dirs
-        x = np.maximum(pre, 0)
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        y = np.where(present, 1, -1)
-        y[difficult] = 0
-        return x.astype(np.float32), y
+        return features_and_labels(pre, present, difficult)
     return (*split(n_train), *split(n_test))
 
 
