@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -913,9 +914,16 @@ def test_resume_is_exact(shapes, tmp_path):
 
 
 def test_torchrun_two_processes(shapes, tmp_path):
-    proc = run('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               *train_args(shapes, tmp_path, '--max_iters=3', '--warmup_iters=1', '--ckpt_interval=1000'),
-               env={'OMP_NUM_THREADS': '1'})
+    args = ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+            *train_args(shapes, tmp_path, '--max_iters=3', '--warmup_iters=1', '--ckpt_interval=1000'))
+    proc = run(*args, env={'OMP_NUM_THREADS': '1'}, check=False)
+    if proc.returncode != 0 and 'terminate called without an active exception' in proc.stderr:
+        # a rare abort inside gloo's teardown (seen twice on the 2-core development machine, after training
+        # had finished); anything else fails at once, and a second abort fails too
+        shutil.rmtree(tmp_path)
+        tmp_path.mkdir()
+        proc = run(*args, env={'OMP_NUM_THREADS': '1'}, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count('iter 3/3') == 1, 'only rank 0 logs'
     assert '2 process(es) x 1 micro-batches x 4 = 8 images' in proc.stdout
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)

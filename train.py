@@ -413,4 +413,5 @@ if step_times:
            f"ms/iter over the last {len(last)}; {batch_size * len(last) / sum(last):.1f} img/s; "
            f"peak memory {memory_gb():.2f}G; {bad_images} images skipped")
 if ddp:
+    dist.barrier()  # rank 0 may still be writing the last checkpoint: a rank that leaves early aborts the others
     dist.destroy_process_group()
