@@ -183,14 +183,14 @@ if init_from == 'resume':
         raise SystemExit(f"error: --init_from=resume: {ckpt_path} does not exist")
     with one_line_errors():  # the loading path of every stage: a bad file is one line, not a traceback
         model, ckpt = load_checkpoint(ckpt_path)
-    saved = {**asdict(VirTexConfig()), **ckpt['model_args']}  # keys added since the file was written: defaults
+    saved = asdict(model.config)  # keys added since the file was written hold their defaults
     changed = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in model_args.items() if saved[k] != v]
     if changed:
         raise SystemExit(f"error: {ckpt_path}: the model differs from the config: {'; '.join(changed)}")
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise SystemExit(f"error: {ckpt_path}: cannot resume from it: no {', '.join(missing)} (a model-only file?)")
-    saved_optimizer = ckpt.get('config', {}).get('optimizer', 'sgd')  # files from before the knob were SGD
+    saved_optimizer = model.train_config.get('optimizer', 'sgd')  # files from before the knob were SGD
     if saved_optimizer != optimizer:
         raise SystemExit(f"error: {ckpt_path}: was trained with --optimizer={saved_optimizer}, not {optimizer}")
 else:
