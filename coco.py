@@ -247,13 +247,18 @@ def shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     return torch.addcmul(top, chroma, w, value=-1)
 
 
+def pad_tokens(captions) -> torch.Tensor:
+    """Captions of ids (lists or 1-d tensors) right-padded with 0 to the longest: (B, T) long."""
+    tokens = torch.zeros(len(captions), max(len(c) for c in captions), dtype=torch.long)
+    for row, caption in zip(tokens, captions):
+        row[:len(caption)] = torch.as_tensor(caption)
+    return tokens
+
+
 def collate(samples):
     """Stack images, right-pad captions with 0 to the longest in the batch; pass load errors on."""
     good = [s for s in samples if 'error' not in s]
     errors = [s['error'] for s in samples if 'error' in s]
     if not good:
         return None, None, errors
-    tokens = torch.zeros(len(good), max(len(s['tokens']) for s in good), dtype=torch.long)
-    for row, s in zip(tokens, good):
-        row[:len(s['tokens'])] = s['tokens']
-    return torch.stack([s['image'] for s in good]), tokens, errors
+    return torch.stack([s['image'] for s in good]), pad_tokens([s['tokens'] for s in good]), errors

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from coco import load_eval_image, normalize, read_coco_split, to_uint8_tensor  # noqa: E402
+from coco import load_eval_image, normalize, pad_tokens, read_coco_split, to_uint8_tensor  # noqa: E402
 from configurator import configure  # noqa: E402
 from evaluate import read_voc, train_and_test_svms  # noqa: E402
 from model import VirTex, VirTexConfig  # noqa: E402
@@ -128,13 +128,6 @@ def targets(items, rung, rng):
     return out
 
 
-def pad(rows):
-    tokens = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-    for t, r in zip(tokens, rows):
-        t[:len(r)] = torch.tensor(r)
-    return tokens
-
-
 class Head(nn.Module):
     """The rung's head on top of the shared backbone (model.visual); the caption rungs reuse VirTex's modules."""
 
@@ -170,7 +163,7 @@ class Head(nn.Module):
                     row.index_add_(0, torch.tensor(ids), row.new_full((len(ids),), 1 / len(ids)))
             keep = y.sum(1) > 0
             return -(y[keep] * logits[keep].log_softmax(-1)).sum(1).mean()
-        tokens = pad(target)
+        tokens = pad_tokens(target)
         if self.rung in ('shallow', 'decoder'):  # the pooled image added to every position, no cross-attention
             image = m.visual_projection(grid.mean((2, 3)))[:, None]                  # (B, 1, H)
             x = m.embed(tokens[:, :-1]) + image * (tokens[:, :-1] != 0).unsqueeze(-1)
@@ -222,13 +215,13 @@ def text_only_decoder(train_rows, val_rows):
         rng = np.random.default_rng(seed)
         for step in range(steps):
             index = rng.integers(len(train_rows), size=batch_size)
-            tokens = pad([train_rows[i] for i in index])
+            tokens = pad_tokens([train_rows[i] for i in index])
             loss, _ = model.losses(torch.zeros(batch_size, 1, n_embd), tokens)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            tokens = pad(val_rows)
+            tokens = pad_tokens(val_rows)
             _, parts = model.losses(torch.zeros(len(val_rows), 1, n_embd), tokens)
         TEXT_ONLY[key] = (parts['fwd'].item(), (parts['fwd'].item() + parts['bwd'].item()) / 2)
     return TEXT_ONLY[key]
