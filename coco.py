@@ -1,9 +1,10 @@
 """
 Images and captions in the COCO layout, and the image transforms every stage shares.
 
-    from coco import CocoCaptions, collate, read_coco_split, load_eval_image, normalize
+    from coco import CocoCaptions, collate, read_coco_split, read_instances, load_eval_image, normalize
     data = CocoCaptions('data/coco', 'train2017', tokenizer, image_size=224, max_len=30, train=True, seed=0)
     sample = data[(epoch, index)]      # {'image': (3, S, S) uint8, 'tokens': (T,) long}, or {'error': '...'}
+    names, labels = read_instances('data/coco', 'train2017')   # for the multilabel pretext: labels=labels
     image = load_eval_image('photo.jpg', 224)   # shorter side to 256, center 224 crop: train.py's val,
                                                 # evaluate.py's VOC features and caption.py all use it
 
@@ -57,6 +58,37 @@ def read_coco_split(root: str, split: str) -> list[tuple[int, str, list[str]]]:
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
     return [(i, os.path.join(root, split, files[i]), captions[i]) for i in sorted(captions) if i in files]
+
+
+def read_instances(root: str, split: str) -> tuple[list[str], dict[int, list[int]]]:
+    """COCO instance annotations, <root>/annotations/instances_<split>.json, as (category names in file order,
+    {image id: its distinct category indices, sorted}). Indices run 1..K in file order, 0 being background /
+    padding (upstream's numbering: 81 outputs for COCO's 80 categories). Images without instances are absent
+    from the dict (upstream drops them); the file's images must be those of captions_<split>.json."""
+    path = os.path.join(root, 'annotations', f'instances_{split}.json')
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        index = {c['id']: i + 1 for i, c in enumerate(data['categories'])}
+        names = [c['name'] for c in data['categories']]
+        image_ids = {image['id'] for image in data['images']}
+        labels = {}
+        for a in data['annotations']:
+            if a['category_id'] not in index:
+                raise ValueError(f"{path}: annotation {a.get('id')} has category_id {a['category_id']}, not in categories")
+            if a['image_id'] not in image_ids:
+                raise ValueError(f"{path}: annotation {a.get('id')} is of image {a['image_id']}, not in images")
+            labels.setdefault(a['image_id'], set()).add(index[a['category_id']])
+    except OSError as e:
+        raise OSError(f"{path}: {e.strerror}") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a COCO instances file ({type(e).__name__}: {e})") from None
+    captioned = {i for i, _, _ in read_coco_split(root, split)}
+    if image_ids != captioned:
+        only_here, only_there = sorted(image_ids - captioned), sorted(captioned - image_ids)
+        raise ValueError(f"{path}: its images are not those of captions_{split}.json ({len(only_here)} only here, "
+                         f"{len(only_there)} only there; e.g. id {(only_here or only_there)[0]})")
+    return names, {i: sorted(v) for i, v in labels.items()}
 
 
 def swap_left_right(caption: str) -> str:
@@ -126,12 +158,17 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 
 class CocoCaptions(torch.utils.data.Dataset):
     """Images of one COCO split with their captions; an item is one image and one of its captions,
-    addressed by (epoch, index) so that its augmentation is a pure function of the key."""
+    addressed by (epoch, index) so that its augmentation is a pure function of the key. With `labels`
+    ({image id: category indices}, from read_instances), an item's tokens are its image's labels instead,
+    and images without labels are left out."""
 
-    def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2, color_jitter=0.8):
-        self.items = [(path, captions) for _, path, captions in read_coco_split(root, split)]
+    def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2, color_jitter=0.8,
+                 labels=None):
+        self.items = [(path, captions, None if labels is None else labels[i])
+                      for i, path, captions in read_coco_split(root, split) if labels is None or i in labels]
         if not self.items:
-            raise ValueError(f"{root}/annotations/captions_{split}.json: no images with captions")
+            raise ValueError(f"{root}/annotations/captions_{split}.json: no images with captions"
+                             + (' and instances' if labels is not None else ''))
         self.tokenizer, self.image_size, self.max_len, self.train, self.seed = tokenizer, image_size, max_len, train, seed
         self.min_crop_scale, self.color_jitter = min_crop_scale, color_jitter
 
@@ -140,12 +177,13 @@ class CocoCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        path, captions = self.items[index]
+        path, captions, labels = self.items[index]
         rng = np.random.default_rng([self.seed, epoch, index])
         caption = captions[rng.integers(len(captions))] if self.train else captions[0]
+        encode = self.encode if labels is None else lambda caption: torch.tensor(labels)
         try:
             if not self.train:
-                return {'image': to_uint8_tensor(load_eval_image(path, self.image_size)), 'tokens': self.encode(caption)}
+                return {'image': to_uint8_tensor(load_eval_image(path, self.image_size)), 'tokens': encode(caption)}
             with Image.open(path) as image:
                 pixels = random_resized_crop(image, self.random_box(*image.size, rng), self.image_size)
         except Exception as e:  # a corrupt or missing file must not end a long run: report and skip it
@@ -156,7 +194,7 @@ class CocoCaptions(torch.utils.data.Dataset):
             caption = swap_left_right(caption)
         if rng.random() < self.color_jitter:
             pixels = color_jitter(pixels, rng)
-        return {'image': pixels.contiguous(), 'tokens': self.encode(caption)}
+        return {'image': pixels.contiguous(), 'tokens': encode(caption)}
 
     def encode(self, caption):
         ids = self.tokenizer.encode(caption)[:self.max_len - 2]  # drop words, never [EOS]

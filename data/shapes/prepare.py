@@ -6,7 +6,8 @@ The built-in synthetic "shapes world": 1-4 coloured shapes on textured backgroun
   python data/shapes/prepare.py --out=/tmp/shapes --size=96 --n_train=50000 --workers=8
 
 Writes OUT/coco/{train2017,val2017,annotations} and OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main} in the
-public formats, plus each image's scene record (scenes_*.json) so tests can check captions against the truth.
+public formats (COCO: captions_*.json, and instances_*.json with every object's box, for the multilabel pretext),
+plus each image's scene record (scenes_*.json) so tests can check captions against the truth.
 The 10 categories differ only by shape; colour, size, rotation, position, count and background are drawn
 independently of them, so naming them takes shape (random conv features see colour and texture, not shape).
 Images are seeded from (seed, split, index), so --workers does not change the output. All is built in a
@@ -281,17 +282,27 @@ def generate(pool, make_example, split, paths, args):
     return results
 
 
-def write_coco(root, pool, make_example, source, args):
+def coco_instances(image_id, scene, first_id, category_ids):
+    """The scene's objects as COCO instance annotations: bbox [x, y, width, height] in 0-based pixels (VOC's is
+    1-based and inclusive), area of the box (no masks are written), ids counting from first_id."""
+    return [{'id': first_id + k, 'image_id': image_id, 'category_id': category_ids[o['category']],
+             'bbox': [x0 - 1, y0 - 1, x1 - x0 + 1, y1 - y0 + 1], 'area': (x1 - x0 + 1) * (y1 - y0 + 1), 'iscrowd': 0}
+            for k, o in enumerate(scene['objects']) for x0, y0, x1, y1 in [o['bbox']]]
+
+
+def write_coco(root, pool, make_example, categories, source, args):
     os.makedirs(os.path.join(root, 'annotations'))
     info = {'description': f'{source[0]} ({source[1]}, seed {args.seed}, size {args.size})', 'version': '1.0',
             'year': 2017}
     licenses = [{'id': 1, 'name': 'synthetic, public domain', 'url': ''}]
-    image_id, caption_id = 1, 1  # ids unique across train and val, as in COCO
+    image_id, caption_id, instance_id = 1, 1, 1  # ids unique across train and val, as in COCO
+    category_ids = {name: i + 1 for i, name in enumerate(categories)}
+    category_list = [{'id': i, 'name': name, 'supercategory': source[0]} for name, i in category_ids.items()]
     for split, n in (('train2017', args.n_train), ('val2017', args.n_val)):
         os.makedirs(os.path.join(root, split))
         ids = range(image_id, image_id + n)
         results = generate(pool, make_example, split, [os.path.join(root, split, f'{i:012d}.jpg') for i in ids], args)
-        images, annotations, scenes = [], [], []
+        images, annotations, scenes, instances = [], [], [], []
         for i, (scene, caps) in zip(ids, results):
             images.append({'license': 1, 'file_name': f'{i:012d}.jpg', 'width': args.size, 'height': args.size,
                            'id': i})
@@ -299,8 +310,13 @@ def write_coco(root, pool, make_example, source, args):
                 annotations.append({'image_id': i, 'id': caption_id, 'caption': caption})
                 caption_id += 1
             scenes.append({'image_id': i, 'file_name': f'{i:012d}.jpg', **scene})
+            instances += coco_instances(i, scene, instance_id, category_ids)
+            instance_id += len(scene['objects'])
         with open(os.path.join(root, 'annotations', f'captions_{split}.json'), 'w') as f:
             json.dump({'info': info, 'licenses': licenses, 'images': images, 'annotations': annotations}, f)
+        with open(os.path.join(root, 'annotations', f'instances_{split}.json'), 'w') as f:  # every object, as COCO
+            json.dump({'info': info, 'licenses': licenses, 'images': images, 'annotations': instances,
+                       'categories': category_list}, f)
         with open(os.path.join(root, 'annotations', f'scenes_{split}.json'), 'w') as f:
             json.dump(scenes, f)
         image_id += n
@@ -388,7 +404,7 @@ def write_world(args, make_example, categories, source, prog):
         args.error(f'cannot write to --out={args.out}: {e.strerror}')
     t0, pool = time.time(), Pool(args.workers) if args.workers > 1 else None
     try:
-        write_coco(os.path.join(tmp, 'coco'), pool, make_example, source, args)
+        write_coco(os.path.join(tmp, 'coco'), pool, make_example, categories, source, args)
         write_voc(os.path.join(tmp, 'VOC2007'), pool, make_example, categories, source, args)
         for name in ('coco', 'VOC2007'):
             target = os.path.join(args.out, name)
