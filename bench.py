@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 
 from configurator import configure
 from coco import CocoCaptions, collate
-from model import LookAhead, VirTex, VirTexConfig
+from lookahead import LookAhead
+from model import VirTex, VirTexConfig
 
 # ----------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'

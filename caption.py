@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from checkpoints import load_model, load_official
 from coco import load_eval_image, normalize, read_coco_split, to_uint8_tensor
 from configurator import configure, one_line_errors
 from model import VirTex
-from official import load_official
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -322,8 +322,11 @@ def main():
     # the model and its tokenizer
     if bool(ckpt) == bool(official):
         raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH (kdexd/virtex)")
-    model = VirTex.from_checkpoint(ckpt, device) if ckpt else load_official(official, device)
+    model = load_model(ckpt, device) if ckpt else load_official(official, device)
     source = ckpt or official
+    if model.config.pretext not in ('bicaptioning', 'captioning'):
+        raise SystemExit(f"error: {source}: a {model.config.pretext} checkpoint has no caption decoder; captions need "
+                         f"a bicaptioning or captioning one (evaluate.py takes the backbone of any)")
     tokenizer_path = tokenizer or model.train_config.get('tokenizer', '')
     if not tokenizer_path:
         raise SystemExit(f"error: {source} names no tokenizer: pass --tokenizer=PATH.model")

@@ -1,20 +1,93 @@
 """
-Checkpoints of the official VirTex code (kdexd/virtex), loaded into this project's model.
+Every weight file this project reads, read as untrusted input (torch.load with weights_only=True): its own
+train.py checkpoints and those of the official VirTex code (kdexd/virtex).
 
-    from official import load_official
+    from checkpoints import load_model, load_official
+    model = load_model('out/ckpt.pt')                          # a train.py checkpoint, any pretext
     model = load_official('bicaptioning_R_50_L1_H2048.pth')   # a VirTex, same function as the official model
     model = load_official('backbone_R_50.pth')                 # a backbone-only file: the head stays random
 
-The architecture is read from the weights. The key layout below comes from reading the official code:
-its textual head is PyTorch's nn.TransformerDecoder under `textual.` (and a deep copy under
-`backward_textual.` that shares the visual projection, the embeddings and the output layer), its
-backbone a torchvision ResNet under `visual.cnn.`. Errors are ValueErrors that name the file.
+For official files the architecture is read from the weights. The key layout below comes from reading the
+official code: its textual head is PyTorch's nn.TransformerDecoder under `textual.` (and a deep copy under
+`backward_textual.` that shares the visual projection, the embeddings and the output layer), its backbone a
+torchvision ResNet under `visual.cnn.`. The files of the classification pretexts (`textual.output.*`, a linear
+layer) load as backbones; a masked-LM file has the keys of a forward-captioning one and loads as one (only its
+backbone means anything). Errors are ValueErrors (FileNotFoundError for a missing file) that name the file.
 Imports torch and model.py only.
 """
 
-import torch
+import pickle
 
-from model import VirTex, VirTexConfig, load_file, load_strict
+import torch
+import torch.nn as nn
+
+from model import VirTex, VirTexConfig
+
+
+def load_file(path: str):
+    """torch.load(path, weights_only=True), with one-line reasons for the files it refuses."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
+    except pickle.UnpicklingError as e:
+        if 'weights only load failed' in str(e).lower():
+            raise ValueError(f"checkpoint {path}: holds Python objects, not only tensors; refused because "
+                             f"loading it could run code") from None
+        raise ValueError(f"checkpoint {path}: cannot be read (not a torch checkpoint)") from None
+    except Exception as e:  # truncated zip, not a torch file, ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {path}: cannot be read ({reason[:200]})") from None
+
+
+def load_model(path: str, device='cpu') -> VirTex:
+    """A train.py checkpoint as a model in eval mode; ValueError naming the file if it is not one."""
+    return load_checkpoint(path)[0].to(device).eval()
+
+
+def load_checkpoint(path: str) -> tuple[VirTex, dict]:
+    """A train.py checkpoint as (model with its weights, the whole checkpoint dict): the one loading path
+    of evaluate.py, caption.py and train.py's resume."""
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
+        raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected 'model' and "
+                         f"'model_args'; official VirTex files load with load_official)")
+    model_args = dict(ckpt['model_args'])
+    if 'bidirectional' in model_args:  # files from before `pretext` said it this way
+        model_args['pretext'] = 'bicaptioning' if model_args.pop('bidirectional') else 'captioning'
+    try:
+        cfg = VirTexConfig(**model_args)
+        model = VirTex(cfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
+    state = dict(ckpt['model'])
+    if cfg.norm_first and cfg.bidirectional and 'final_norm_bwd.weight' not in state and 'final_norm.weight' in state:
+        # files from before each direction had its own final norm shared one: the same function
+        state.update({f'final_norm_bwd.{k}': state[f'final_norm.{k}'] for k in ('weight', 'bias')})
+    load_strict(model, state, path)
+    model.train_config = ckpt.get('config', {})
+    return model, ckpt
+
+
+def load_strict(model: nn.Module, state: dict, path: str, backbone_only: bool = False) -> None:
+    """load_state_dict that reports disagreeing keys and shapes on one line (ValueError)."""
+    ours = model.state_dict()
+    expected = [k for k in ours if not backbone_only or k.startswith('visual.')]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in ours]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
+              for k in expected if k in state and getattr(state[k], 'shape', None) != ours[k].shape]
+    if missing or unexpected or shapes:
+        problems = []
+        for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+            if items:
+                problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        raise ValueError(f"checkpoint {path}: does not fit this architecture: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=not backbone_only)
+
+
+# ----------------------------------------------------------------------------------------------
+# the official code's checkpoints
 
 RESNETS = {  # (blocks per stage, bottleneck, width of layer1) -> torchvision name
     ((2, 2, 2, 2), False, 64): 'resnet18', ((3, 4, 6, 3), False, 64): 'resnet34',
@@ -77,7 +150,7 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
     n_layer = len({k.split('.')[3] for k in state if k.startswith('textual.transformer.layers.')})
     cfg = VirTexConfig(visual=infer_resnet(visual, path), vocab_size=V, n_layer=n_layer, n_embd=H,
                        n_head=max(1, H // 64), max_len=state['textual.embedding.positions.weight'].shape[0],
-                       bidirectional=any(k.startswith('backward_textual.transformer.') for k in state),
+                       pretext='bicaptioning' if any(k.startswith('backward_textual.transformer.') for k in state) else 'captioning',
                        norm_first='textual.transformer.norm.weight' in state)
 
     def take(key):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torchvision
 
 from coco import load_eval_image, normalize, to_uint8_tensor
-from model import VirTex, load_file
+from checkpoints import load_file, load_model, load_official
 
 # -----------------------------------------------------------------------------
 voc_root = 'data/shapes/VOC2007'  # has ImageSets/Main/<class>_{trainval,test}.txt and JPEGImages/
@@ -289,11 +289,10 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
                          "virtex:PATH (or --features=PATH.npz to skip the images)")
     arch, state, source, size = visual, None, ckpt or init.partition(':')[2], image_size
     if ckpt:
-        model = VirTex.from_checkpoint(ckpt)
+        model = load_model(ckpt)
         arch, state = model.config.visual, model.backbone_state_dict()
         size = size or model.train_config.get('image_size', 224)  # features at the resolution it was trained at
     elif init.startswith('virtex:'):
-        from official import load_official
         model = load_official(source)
         arch, state = model.config.visual, model.backbone_state_dict()
     elif init.startswith('torchvision:'):

@@ -1,5 +1,6 @@
 """
-The VirTex model: a ResNet visual backbone plus forward and backward Transformer caption decoders.
+The VirTex model: a ResNet visual backbone plus the head of one pretext task, by default forward and
+backward Transformer caption decoders.
 
     from model import VirTex, VirTexConfig
     model = VirTex(VirTexConfig(visual='resnet50', n_layer=1, n_embd=2048, n_head=32, vocab_size=10000))
@@ -7,17 +8,21 @@ The VirTex model: a ResNet visual backbone plus forward and backward Transformer
     grid = model.encode_images(images)                 # (B,2048,S/32,S/32): what evaluate.py pools
     memory = model.project(grid)                       # (B,S*S/1024,H): what the decoders attend to
     logp, cache = model.decode_step(memory, last_tokens, cache)   # one cached step of the forward decoder
-    model = VirTex.from_checkpoint('out/ckpt.pt')      # this project's checkpoints (official ones: official.py)
 
+The pretext tasks of the paper's ablation (its Table 2), `VirTexConfig.pretext`:
+  bicaptioning               forward + backward caption decoders, the loss their sum (the paper's method)
+  captioning                 the forward decoder alone
+  masked_lm                  one decoder without the causal mask predicts 15% of the words, hidden (BERT)
+  token_classification       a linear layer on the pooled grid predicts the caption's set of words
+  multilabel_classification  the same over COCO's instance categories (the "tokens" are category indices)
 Only the backbone is kept after pretraining; `backbone_state_dict()` loads into a plain
 `torchvision.models.resnet50()` (fc aside). Imports only torch and torchvision, so it can be
-copied alone. Architecture facts follow the paper and the official code (kdexd/virtex).
-Errors are ordinary exceptions (ValueError, FileNotFoundError) whose message names the file;
-the scripts turn them into one-line `error: ...` exits.
+copied alone; loading weight files is checkpoints.py's. Architecture facts follow the paper and
+the official code (kdexd/virtex). Errors are ValueErrors with a clear message; the scripts turn
+them into one-line `error: ...` exits.
 """
 
 import math
-import pickle
 import re
 from dataclasses import dataclass
 
@@ -36,13 +41,28 @@ class VirTexConfig:
     n_head: int = 32            # H / 64 in every official config
     max_len: int = 30           # caption length in ids, [SOS] and [EOS] included
     dropout: float = 0.1
-    bidirectional: bool = True  # False: the forward-only "captioning" ablation
+    pretext: str = 'bicaptioning'  # or one of the ablations, see PRETEXTS
     norm_first: bool = False    # False: post-norm layers, as in the paper
     zero_init_residual: bool = True  # the paper's backbone init (see VirTex.__init__)
     init_std: float = 0.02      # std of the textual weights at init: BERT's, the paper's (see init_textual_weights)
     pad_id: int = 0             # <unk> doubles as padding, as upstream
     sos_id: int = 1
     eos_id: int = 2
+    mask_id: int = 3            # [MASK], for masked_lm
+
+    @property
+    def bidirectional(self) -> bool:
+        return self.pretext == 'bicaptioning'
+
+    @property
+    def decoders(self) -> bool:  # a Transformer head (else a linear classifier on the pooled grid)
+        return self.pretext in ('bicaptioning', 'captioning', 'masked_lm')
+
+
+LOSS_PARTS = {'bicaptioning': ('fwd', 'bwd'), 'captioning': ('fwd',), 'masked_lm': ('masked_lm',),  # forward()'s parts
+              'token_classification': ('classification',), 'multilabel_classification': ('classification',)}
+PRETEXTS = tuple(LOSS_PARTS)
+MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)  # masked_lm: 15% of the words; of those 80% [MASK], 10% random, 10% kept
 
 
 def reverse_captions(caption_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -63,9 +83,9 @@ class Attention(nn.Module):
     k, v from the visual memory, which is done once per image when decoding.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, cross: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, cross: bool, causal: bool = True):
         super().__init__()
-        self.n_head, self.dropout, self.cross = n_head, dropout, cross
+        self.n_head, self.dropout, self.cross, self.causal = n_head, dropout, cross, causal
         if cross:
             self.q_proj = nn.Linear(n_embd, n_embd)
             self.kv_proj = nn.Linear(n_embd, 2 * n_embd)
@@ -81,9 +101,10 @@ class Attention(nn.Module):
         k, v = self.kv_proj(memory).chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)  # 2 x (B, nh, N, hs)
 
-    def forward(self, x, memory=None, cache=None):
-        """x (B, T, H). Self-attention is causal. With `cache` (a dict), x is the newest position(s)
-        and keys/values are appended to / read from the cache."""
+    def forward(self, x, memory=None, cache=None, key_mask=None):
+        """x (B, T, H). Self-attention is causal unless built otherwise (masked_lm), when key_mask (B, T), True
+        at real ids, hides padding. With `cache` (a dict), x is the newest position(s) and keys/values are
+        appended to / read from the cache."""
         dropout = self.dropout if self.training else 0.0
         if self.cross:
             q = self.split_heads(self.q_proj(x))
@@ -97,7 +118,9 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             q, k, v = map(self.split_heads, self.qkv_proj(x).chunk(3, dim=-1))
-            if cache is None:
+            if cache is None and not self.causal:  # every position sees every real id, before and after it
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout)
+            elif cache is None:
                 # causal masking alone suffices: padding sits at the end, so a real position never
                 # sees a pad key, and outputs at pad positions are ignored by the loss
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -117,14 +140,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One Transformer decoder layer: causal self-attention, cross-attention over the image grid,
-    GELU feed-forward of width 4H; post-norm (the paper) or pre-norm."""
+    """One Transformer decoder layer: self-attention (causal, except for masked_lm), cross-attention over the
+    image grid, GELU feed-forward of width 4H; post-norm (the paper) or pre-norm."""
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
         H = cfg.n_embd
         self.norm_first = cfg.norm_first
-        self.self_attn = Attention(H, cfg.n_head, cfg.dropout, cross=False)
+        self.self_attn = Attention(H, cfg.n_head, cfg.dropout, cross=False, causal=cfg.pretext != 'masked_lm')
         self.cross_attn = Attention(H, cfg.n_head, cfg.dropout, cross=True)
         self.linear1 = nn.Linear(H, 4 * H)
         self.linear2 = nn.Linear(4 * H, H)
@@ -134,16 +157,16 @@ class DecoderLayer(nn.Module):
     def feed_forward(self, x):
         return self.linear2(self.dropout(F.gelu(self.linear1(x))))
 
-    def forward(self, x, memory, cache=None):
+    def forward(self, x, memory, cache=None, key_mask=None):
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.setdefault('self', {}), cache.setdefault('cross', {})
         if self.norm_first:
-            x = x + self.dropout(self.self_attn(self.norm1(x), cache=self_cache))
+            x = x + self.dropout(self.self_attn(self.norm1(x), cache=self_cache, key_mask=key_mask))
             x = x + self.dropout(self.cross_attn(self.norm2(x), memory, cache=cross_cache))
             x = x + self.dropout(self.feed_forward(self.norm3(x)))
         else:
-            x = self.norm1(x + self.dropout(self.self_attn(x, cache=self_cache)))
+            x = self.norm1(x + self.dropout(self.self_attn(x, cache=self_cache, key_mask=key_mask)))
             x = self.norm2(x + self.dropout(self.cross_attn(x, memory, cache=cross_cache)))
             x = self.norm3(x + self.dropout(self.feed_forward(x)))
         return x
@@ -153,16 +176,22 @@ class VirTex(nn.Module):
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
+        if cfg.pretext not in PRETEXTS:
+            raise ValueError(f"pretext={cfg.pretext!r}: choose one of {', '.join(PRETEXTS)}")
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         self.config = cfg
-        self.train_config = {}  # the training run's config, filled by from_checkpoint
+        self.train_config = {}  # the training run's config, filled by checkpoints.load_checkpoint
         # zero_init_residual: each block starts as identity, which helps training from scratch.
         # At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only strided 1x1
         # shortcuts, so the caption loss barely reaches the convolutions: the demo turns it off.
         self.visual = torchvision.models.get_model(cfg.visual, weights=None, zero_init_residual=cfg.zero_init_residual)
         self.visual_width = self.visual.fc.in_features  # 2048 for resnet50, 512 for resnet18
         del self.visual.fc, self.visual.avgpool  # we keep the layer4 grid, not a pooled vector
+        if not cfg.decoders:
+            # the classification pretexts: one linear layer on the pooled grid, PyTorch's default init as upstream
+            self.classifier = nn.Linear(self.visual_width, cfg.vocab_size)
+            return
         H = cfg.n_embd
         # shared by both directions: visual projection, embeddings, output layer
         self.visual_projection = nn.Linear(self.visual_width, H)
@@ -170,7 +199,7 @@ class VirTex(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_len, H)
         self.embedding_norm = nn.LayerNorm(H, eps=1e-8)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
-        self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))  # masked_lm's decoder too
         self.layers_bwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer)) if cfg.bidirectional else None
         # pre-norm layers need a last norm per direction (the official backward head is a deep copy of the
         # forward one, final norm included); post-norm layers, the paper's, have none
@@ -235,8 +264,9 @@ class VirTex(nn.Module):
         layers, final_norm = ((self.layers_fwd, self.final_norm) if direction == 'fwd' else
                               (self.layers_bwd, self.final_norm_bwd))
         x = self.embed(tokens, start)
+        key_mask = tokens != self.config.pad_id  # read only by masked_lm's unmasked self-attention
         for i, layer in enumerate(layers):
-            x = layer(x, memory, None if cache is None else cache.setdefault(i, {}))
+            x = layer(x, memory, None if cache is None else cache.setdefault(i, {}), key_mask)
         return x if final_norm is None else final_norm(x)
 
     def logits(self, memory: torch.Tensor, tokens: torch.Tensor, direction: str = 'fwd') -> torch.Tensor:
@@ -252,21 +282,54 @@ class VirTex(nn.Module):
         logits = self.lm_head(features[real])  # (N, V)
         return F.cross_entropy(logits.float(), targets[real])
 
-    def forward(self, images: torch.Tensor, caption_tokens: torch.Tensor):
-        """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id.
+    def masked_lm_loss(self, memory, tokens, generator=None):
+        """Cross-entropy at the words mask_words chose, predicted from the corrupted caption seen both ways."""
+        inputs, labels = mask_words(tokens, self.config, generator)
+        features = self.decode(memory, inputs)  # (B, T, H)
+        chosen = labels != self.config.pad_id
+        return F.cross_entropy(self.lm_head(features[chosen]).float(), labels[chosen])
 
-        Returns (loss, parts): loss = forward CE + backward CE (a scalar with grad); parts holds the
-        detached per-direction losses {'fwd': .., 'bwd': ..} ('bwd' only when bidirectional).
+    def classification_loss(self, pooled, labels):
+        """Cross-entropy against the K-hot / K target of each row's set of labels (upstream's loss): the mean
+        of -log p over the distinct ids of a row, pad (and, for caption words, [SOS] [EOS] [MASK]) left out."""
+        logp = F.log_softmax(self.classifier(pooled).float(), dim=-1)  # (B, V)
+        targets = torch.zeros_like(logp).scatter_(1, labels, 1.0)  # repeated ids count once
+        special = [self.config.pad_id]
+        if self.config.pretext == 'token_classification':
+            special += [self.config.sos_id, self.config.eos_id, self.config.mask_id]
+        targets[:, special] = 0
+        per_row = -(logp * targets).sum(1) / targets.sum(1).clamp(min=1)
+        return per_row.sum() / (targets.sum(1) > 0).sum().clamp(min=1)  # rows without labels do not count
+
+    def visual_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the pretext head reads: the projected grid (B, N, H) for decoders, the pooled grid (B, C) else."""
+        grid = self.encode_images(images)
+        return self.project(grid) if self.config.decoders else grid.mean((2, 3))
+
+    def forward(self, images: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
+        """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id (for
+        multilabel_classification: category indices 1.., padded with 0). generator: masked_lm's draw.
+
+        Returns (loss, parts): loss = forward CE + backward CE for bicaptioning, the one loss otherwise (a scalar
+        with grad); parts holds its detached terms, {'fwd': .., 'bwd': ..}, {'fwd'}, {'masked_lm'} or
+        {'classification'}.
         """
         if caption_tokens.ndim != 2 or caption_tokens.shape[0] != images.shape[0]:
             raise ValueError(f"caption_tokens must be (B, T) with B={images.shape[0]}, got {tuple(caption_tokens.shape)}")
-        return self.losses(self.project(self.encode_images(images)), caption_tokens)
+        return self.losses(self.visual_features(images), caption_tokens, generator)
 
-    def losses(self, memory: torch.Tensor, caption_tokens: torch.Tensor):
-        """forward() from the projected grid (B, N, H) on: scoring the same captions against other images
-        (train.py's image-reliance check) needs no second pass through the backbone."""
-        if caption_tokens.shape[1] > self.config.max_len:
+    def losses(self, visual_features: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
+        """forward() from visual_features() on: scoring the same captions against other images (train.py's
+        image-reliance check) needs no second pass through the backbone."""
+        if caption_tokens.shape[1] > self.config.max_len and self.config.decoders:
             raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed max_len={self.config.max_len}")
+        if not self.config.decoders:
+            loss = self.classification_loss(visual_features, caption_tokens)
+            return loss, {'classification': loss.detach()}
+        memory = visual_features
+        if self.config.pretext == 'masked_lm':
+            loss = self.masked_lm_loss(memory, caption_tokens, generator)
+            return loss, {'masked_lm': loss.detach()}
         loss_fwd = self.caption_loss(memory, caption_tokens, 'fwd')
         parts = {'fwd': loss_fwd.detach()}
         loss = loss_fwd
@@ -362,106 +425,26 @@ class VirTex(nn.Module):
         with strict=False, missing only fc.weight and fc.bias."""
         return {k: v.detach().clone() for k, v in self.visual.state_dict().items()}
 
-    @classmethod
-    def from_checkpoint(cls, path: str, device='cpu') -> 'VirTex':
-        """Rebuild a model from a train.py checkpoint; raises ValueError naming the file if it is not one."""
-        return load_checkpoint(path)[0].to(device).eval()
 
+def mask_words(tokens: torch.Tensor, cfg: VirTexConfig, generator=None):
+    """BERT's corruption for masked_lm: (B, T) captions -> (inputs, labels), both (B, T).
 
-# ----------------------------------------------------------------------------------------------
-# loading weights: every file is untrusted input, read with weights_only=True
-
-def load_file(path: str):
-    """torch.load(path, weights_only=True), with one-line reasons for the files it refuses."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
-    except pickle.UnpicklingError as e:
-        if 'weights only load failed' in str(e).lower():
-            raise ValueError(f"checkpoint {path}: holds Python objects, not only tensors; refused because "
-                             f"loading it could run code") from None
-        raise ValueError(f"checkpoint {path}: cannot be read (not a torch checkpoint)") from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: cannot be read ({reason[:200]})") from None
-
-
-def load_checkpoint(path: str) -> tuple[VirTex, dict]:
-    """A train.py checkpoint as (model with its weights, the whole checkpoint dict): the one loading path
-    of evaluate.py, caption.py and train.py's resume."""
-    ckpt = load_file(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
-        raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected 'model' and "
-                         f"'model_args'; official VirTex files load with official.py)")
-    try:
-        cfg = VirTexConfig(**ckpt['model_args'])
-        model = VirTex(cfg)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
-    state = dict(ckpt['model'])
-    if cfg.norm_first and cfg.bidirectional and 'final_norm_bwd.weight' not in state and 'final_norm.weight' in state:
-        # files from before each direction had its own final norm shared one: the same function
-        state.update({f'final_norm_bwd.{k}': state[f'final_norm.{k}'] for k in ('weight', 'bias')})
-    load_strict(model, state, path)
-    model.train_config = ckpt.get('config', {})
-    return model, ckpt
-
-
-def load_strict(model: nn.Module, state: dict, path: str, backbone_only: bool = False) -> None:
-    """load_state_dict that reports disagreeing keys and shapes on one line (ValueError)."""
-    ours = model.state_dict()
-    expected = [k for k in ours if not backbone_only or k.startswith('visual.')]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in ours]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(ours[k].shape)}"
-              for k in expected if k in state and getattr(state[k], 'shape', None) != ours[k].shape]
-    if missing or unexpected or shapes:
-        problems = []
-        for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
-            if items:
-                problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-        raise ValueError(f"checkpoint {path}: does not fit this architecture: {'; '.join(problems)}")
-    model.load_state_dict(state, strict=not backbone_only)
-
-
-# ----------------------------------------------------------------------------------------------
-# the optimizer: SGD inside LookAhead, as in the paper
-
-class LookAhead:
-    """LookAhead (Zhang et al., 2019) around an inner optimizer: every k steps the slow weights move
-    alpha of the way to the fast weights, and the fast weights restart from the slow ones.
-    Unlike upstream, state_dict() holds the slow weights and the step counter: exact resume."""
-
-    def __init__(self, optimizer, k=5, alpha=0.5):
-        self.optimizer, self.k, self.alpha = optimizer, k, alpha
-        self.step_count = 0
-        self.slow = [p.detach().clone() for p in self.params()]
-
-    @property
-    def param_groups(self):  # GradScaler unscales and clips through this
-        return self.optimizer.param_groups
-
-    def params(self):
-        return [p for group in self.optimizer.param_groups for p in group['params']]
-
-    def zero_grad(self, set_to_none=True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    @torch.no_grad()
-    def step(self):
-        self.optimizer.step()
-        self.step_count += 1
-        if self.step_count % self.k == 0:
-            for slow, fast in zip(self.slow, self.params()):
-                slow.lerp_(fast, self.alpha)  # slow += alpha * (fast - slow)
-                fast.copy_(slow)
-
-    def state_dict(self):
-        return {'optimizer': self.optimizer.state_dict(), 'slow': self.slow, 'step_count': self.step_count}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state['optimizer'])
-        for slow, saved in zip(self.slow, state['slow']):
-            slow.copy_(saved)
-        self.step_count = state['step_count']
+    Of each caption's n words (the ids between [SOS] and [EOS]), ceil(0.15 n) positions are chosen uniformly;
+    a chosen id becomes [MASK] with p=0.8, a random word id with p=0.1 and stays with p=0.1. labels hold the
+    original id at every chosen position, pad elsewhere: the loss is on all chosen words, as in BERT (the
+    official code labels only the [MASK]ed ones). Draws from `generator` (default: the global RNG).
+    """
+    pad, (p_mask, p_random) = cfg.pad_id, MASK_PROBS
+    words = (tokens != pad) & (tokens != cfg.sos_id) & (tokens != cfg.eos_id)  # (B, T)
+    n_words = words.sum(1)
+    if (n_words == 0).any():
+        raise ValueError("masked_lm: a caption has no words to mask (only [SOS] and [EOS])")
+    n_chosen = torch.ceil(n_words * MASK_FRACTION).long()  # >= 1
+    scores = torch.rand(tokens.shape, device=tokens.device, generator=generator).masked_fill(~words, 2.0)
+    rank = scores.argsort(1).argsort(1)  # each position's place in its row's random order; non-words last
+    chosen = rank < n_chosen[:, None]
+    action = torch.rand(tokens.shape, device=tokens.device, generator=generator)
+    random_ids = torch.randint(cfg.mask_id + 1, cfg.vocab_size, tokens.shape, device=tokens.device, generator=generator)
+    inputs = torch.where(chosen & (action < p_mask), cfg.mask_id, tokens)
+    inputs = torch.where(chosen & (action >= p_mask) & (action < p_mask + p_random), random_ids, inputs)
+    return inputs, torch.where(chosen, tokens, pad)

@@ -160,7 +160,7 @@ def test_model_shapes_and_parts():
     assert grid.shape == (3, 512, 2, 2)
     assert model.project(grid).shape == (3, 4, 64)
     assert model.logits(model.project(grid), tokens).shape == (3, 8, 40)
-    uni = VirTex(tiny_cfg(bidirectional=False))
+    uni = VirTex(tiny_cfg(pretext='captioning'))
     assert set(uni(images, tokens)[1]) == {'fwd'} and uni.layers_bwd is None
     # the paper's init zeroes each block's last BN scale; the demo's knob keeps torchvision's ones
     last_bn = lambda m: m.visual.layer4[1].bn2.weight
@@ -173,7 +173,7 @@ def test_paper_parameter_counts_and_the_init_std_knob():
     the small-scale init knob changes values only, and defaults to the paper's 0.02."""
     from model import VirTex, VirTexConfig
     assert sum(p.numel() for p in VirTex(VirTexConfig()).parameters()) == 182_555_472  # bicaptioning R-50 L1 H2048
-    assert sum(p.numel() for p in VirTex(VirTexConfig(bidirectional=False)).parameters()) == 115_407_696
+    assert sum(p.numel() for p in VirTex(VirTexConfig(pretext='captioning')).parameters()) == 115_407_696
     assert sum(p.numel() for p in VirTex(VirTexConfig(n_embd=1024, n_head=16)).parameters()) == 69_482_320
     torch.manual_seed(0)
     paper, wide = VirTex(tiny_cfg(n_embd=256, n_head=4)), VirTex(tiny_cfg(n_embd=256, n_head=4, init_std=0.0566))
@@ -193,6 +193,107 @@ def test_model_bad_inputs():
         model(images, torch.ones(3, 13, dtype=torch.long))
     with pytest.raises(ValueError, match='not divisible'):
         VirTex(tiny_cfg(n_head=3))
+
+
+# ---- the pretext tasks of the paper's ablation ----------------------------------------------------
+
+def test_every_pretext_has_the_official_parameter_count():
+    """R-50, vocabulary 10,000, L1 H2048 where there is a Transformer; counted from the official code's modules."""
+    from model import PRETEXTS, VirTex, VirTexConfig
+    official = {'bicaptioning': 182_555_472, 'captioning': 115_407_696, 'masked_lm': 115_407_696,
+                'token_classification': 43_998_032, 'multilabel_classification': 23_674_001}
+    assert set(official) == set(PRETEXTS)
+    with torch.device('meta'):  # sizes only: no memory, no init time
+        for pretext, count in official.items():
+            vocab = 81 if pretext == 'multilabel_classification' else 10000  # COCO's 80 categories + background
+            model = VirTex(VirTexConfig(pretext=pretext, vocab_size=vocab))
+            assert sum(p.numel() for p in model.parameters()) == count, pretext
+    with pytest.raises(ValueError, match="pretext='mlm': choose one of bicaptioning, captioning, masked_lm"):
+        VirTex(tiny_cfg(pretext='mlm'))
+
+
+@pytest.mark.parametrize('pretext', ['token_classification', 'multilabel_classification'])
+def test_classification_losses_equal_a_loop_over_each_rows_labels(pretext):
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(pretext=pretext))
+    images, _ = tiny_batch()
+    # repeated ids count once; padding always, and for caption words [SOS] [EOS] [MASK] too, are no labels
+    labels = torch.tensor([[1, 7, 7, 9, 2, 0], [1, 3, 12, 2, 0, 0], [1, 5, 6, 30, 31, 2]])
+    loss, parts = model(images, labels)
+    assert set(parts) == {'classification'}
+    logp = F.log_softmax(model.classifier(model.encode_images(images).mean((2, 3))), dim=-1)
+    special = {0, 1, 2, 3} if pretext == 'token_classification' else {0}
+    want = torch.stack([-logp[b, sorted(set(row.tolist()) - special)].mean() for b, row in enumerate(labels)]).mean()
+    assert torch.allclose(loss, want, atol=1e-6)
+    loss.backward()
+    assert model.visual.conv1.weight.grad.abs().sum() > 0, 'the loss reaches the backbone'
+
+
+def test_mask_words_draws_bert_positions_and_labels():
+    from model import MASK_FRACTION, mask_words
+    cfg = tiny_cfg(pretext='masked_lm', vocab_size=40)
+    lengths = [3, 7, 12, 1]  # words per caption
+    tokens = torch.zeros(len(lengths), 14, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        tokens[b, 0], tokens[b, n + 1] = 1, 2
+        tokens[b, 1:n + 1] = torch.arange(10, 10 + n)
+    inputs, labels = mask_words(tokens, cfg, torch.Generator().manual_seed(0))
+    again = mask_words(tokens, cfg, torch.Generator().manual_seed(0))
+    assert torch.equal(inputs, again[0]) and torch.equal(labels, again[1]), 'a seeded draw repeats'
+    chosen = labels != 0
+    for b, n in enumerate(lengths):
+        positions = chosen[b].nonzero().flatten().tolist()
+        assert len(positions) == math.ceil(n * MASK_FRACTION) and all(1 <= p <= n for p in positions), (b, positions)
+    assert torch.equal(labels[chosen], tokens[chosen]), 'labels: the original words at every chosen position'
+    assert torch.equal(inputs[~chosen], tokens[~chosen]), 'nothing else changes'
+    # over many draws: of the chosen words 80% [MASK], 10% a random word id (never a special id), 10% kept
+    many = tokens.repeat(2000, 1)
+    inputs, labels = mask_words(many, cfg, torch.Generator().manual_seed(1))
+    chosen = labels != 0
+    masked, kept = (inputs[chosen] == 3).float().mean(), (inputs[chosen] == many[chosen]).float().mean()
+    assert abs(masked - 0.8) < 0.02 and 0.09 < kept < 0.125, (masked, kept)  # a random id may be the word itself
+    assert inputs[chosen].min() >= 3 and inputs.max() < 40
+    with pytest.raises(ValueError, match='no words to mask'):
+        mask_words(torch.tensor([[1, 2, 0]]), cfg)
+
+
+def test_masked_lm_loss_sees_both_ways_and_ignores_padding():
+    from model import VirTex, mask_words
+    torch.manual_seed(0)
+    mlm, captioning = VirTex(tiny_cfg(pretext='masked_lm')).eval(), VirTex(tiny_cfg(pretext='captioning')).eval()
+    images, tokens = tiny_batch()
+    with torch.no_grad():
+        memory = mlm.project(mlm.encode_images(images))
+        later = tokens.clone()
+        later[:, 4] = 39
+        # no causal mask: a later word changes an earlier position's output; in the captioning decoder it cannot
+        assert not torch.allclose(mlm.decode(memory, tokens)[:, 1], mlm.decode(memory, later)[:, 1])
+        memory_c = captioning.project(captioning.encode_images(images))
+        assert torch.allclose(captioning.decode(memory_c, tokens)[:, 1], captioning.decode(memory_c, later)[:, 1])
+        # padding is hidden from the unmasked attention: more of it changes no real position
+        padded = F.pad(tokens, (0, 3))
+        real = tokens != 0
+        assert torch.allclose(mlm.decode(memory, tokens)[real], mlm.decode(memory, padded)[:, :8][real], atol=1e-5)
+        # the loss: cross-entropy at the chosen positions of the same seeded draw
+        loss, parts = mlm.losses(memory, tokens, torch.Generator().manual_seed(3))
+        inputs, labels = mask_words(tokens, mlm.config, torch.Generator().manual_seed(3))
+        chosen = labels != 0
+        want = F.cross_entropy(mlm.logits(memory, inputs)[chosen], labels[chosen])
+    assert set(parts) == {'masked_lm'} and torch.allclose(loss, want, atol=1e-6)
+
+
+def test_checkpoints_from_before_the_pretext_key_load(tmp_path):
+    from dataclasses import asdict
+    from checkpoints import load_model
+    from model import VirTex
+    model = VirTex(tiny_cfg(pretext='captioning'))
+    args = asdict(model.config)
+    del args['pretext'], args['mask_id']
+    for bidirectional, pretext in ((False, 'captioning'), (True, 'bicaptioning')):
+        state = model.state_dict() if not bidirectional else VirTex(tiny_cfg()).state_dict()
+        torch.save({'model': state, 'model_args': {**args, 'bidirectional': bidirectional}}, tmp_path / 'old.pt')
+        assert load_model(tmp_path / 'old.pt').config.pretext == pretext
 
 
 def test_reverse_captions_keeps_pads_and_is_its_own_inverse():
@@ -312,12 +413,13 @@ def test_backbone_exports_into_torchvision():
 
 def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
     from dataclasses import asdict
+    from checkpoints import load_model
     from model import VirTex
     torch.manual_seed(0)
     model = VirTex(tiny_cfg()).eval()
     path = tmp_path / 'ckpt.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 64}}, path)
-    loaded = VirTex.from_checkpoint(path)
+    loaded = load_model(path)
     assert loaded.train_config == {'image_size': 64}
     images, tokens = tiny_batch()
     with torch.no_grad():
@@ -326,17 +428,17 @@ def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
     other = tmp_path / 'other.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(tiny_cfg(n_embd=128))}, other)
     with pytest.raises(ValueError, match=r'other\.pt: does not fit this architecture: .*shape mismatches'):
-        VirTex.from_checkpoint(other)
+        load_model(other)
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(ValueError, match=r'truncated\.pt: cannot be read'):
-        VirTex.from_checkpoint(truncated)
+        load_model(truncated)
     with pytest.raises(FileNotFoundError, match='no such file'):
-        VirTex.from_checkpoint(tmp_path / 'missing.pt')
+        load_model(tmp_path / 'missing.pt')
     foreign = tmp_path / 'foreign.pt'
     torch.save({'state_dict': model.state_dict()}, foreign)
     with pytest.raises(ValueError, match=r'foreign\.pt: not a checkpoint of this project'):
-        VirTex.from_checkpoint(foreign)
+        load_model(foreign)
 
 
 class RunsCode:
@@ -352,6 +454,7 @@ class RunsCode:
 def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, shapes):
     from dataclasses import asdict
     from evaluate import load_backbone
+    from checkpoints import load_model
     from model import VirTex
     model = VirTex(tiny_cfg())
     marker = tmp_path / 'code_ran'
@@ -359,7 +462,7 @@ def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, s
     torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'hook': RunsCode(marker)}, path)
     reason = 'holds Python objects, not only tensors; refused because loading it could run code'
     with pytest.raises(ValueError, match=re.escape(f'checkpoint {path}: {reason}')):
-        VirTex.from_checkpoint(path)
+        load_model(path)
     with pytest.raises(ValueError, match=reason):
         load_backbone(init=f'torchvision:{path}', visual='resnet18')
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
@@ -448,7 +551,7 @@ class OfficialTextualHead(nn.Module):
 def test_from_official_computes_the_official_function(tmp_path, norm_first):
     import torchvision
     from model import reverse_captions
-    from official import load_official
+    from checkpoints import load_official
     torch.manual_seed(0)
     V, H, L, max_len = 40, 128, 2, 12
     official = nn.Module()
@@ -560,6 +663,71 @@ def test_coco_json_well_formed(world):
     assert len(image_ids) == len(set(image_ids)), 'image ids repeat across train and val'
     assert len(caption_ids) == len(set(caption_ids)), 'caption ids repeat'
     assert not list(world.glob('.prepare-*')), 'temporary folder left behind'
+
+
+def test_coco_instances_json_well_formed_and_true_to_the_scenes(world):
+    from coco import read_instances
+    for split in ('train2017', 'val2017'):
+        d = load_json(world / 'coco' / 'annotations' / f'instances_{split}.json')
+        assert set(d) >= {'info', 'licenses', 'images', 'annotations', 'categories'}, split
+        assert d['categories'] == [{'id': i + 1, 'name': c, 'supercategory': 'shapes world'}
+                                   for i, c in enumerate(prep.CATEGORIES)]
+        captions = load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')
+        assert d['images'] == captions['images']
+        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
+        per_image = {}
+        for a in d['annotations']:
+            assert set(a) >= {'id', 'image_id', 'category_id', 'bbox', 'area', 'iscrowd'} and a['iscrowd'] == 0, a
+            per_image.setdefault(a['image_id'], []).append(a)
+        for image_id, scene in scenes.items():
+            got = sorted((d['categories'][a['category_id'] - 1]['name'], *a['bbox']) for a in per_image[image_id])
+            # VOC's boxes are 1-based and inclusive, COCO's [x, y, width, height] from 0
+            want = sorted((o['category'], o['bbox'][0] - 1, o['bbox'][1] - 1, o['bbox'][2] - o['bbox'][0] + 1,
+                           o['bbox'][3] - o['bbox'][1] + 1) for o in scene['objects'])
+            assert got == want, image_id
+            assert all(a['area'] == a['bbox'][2] * a['bbox'][3] for a in per_image[image_id])
+        names, labels = read_instances(str(world / 'coco'), split)
+        assert names == prep.CATEGORIES
+        assert labels == {i: sorted({prep.CATEGORIES.index(o['category']) + 1 for o in s['objects']})
+                          for i, s in scenes.items()}
+    ids = [a['id'] for split in ('train2017', 'val2017')
+           for a in load_json(world / 'coco' / 'annotations' / f'instances_{split}.json')['annotations']]
+    assert len(ids) == len(set(ids)), 'instance ids are unique across splits, as in COCO'
+
+
+def test_read_instances_errors_name_the_file(world, tmp_path):
+    from coco import read_instances
+    root = tmp_path / 'coco'
+    shutil.copytree(world / 'coco' / 'annotations', root / 'annotations')
+    path = root / 'annotations' / 'instances_val2017.json'
+    good = load_json(path)
+
+    def broken(change):
+        d = copy.deepcopy(good)
+        change(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(ValueError) as error:
+            read_instances(str(root), 'val2017')
+        assert str(path) in str(error.value)
+        return str(error.value)
+
+    assert 'has category_id 99, not in categories' in broken(lambda d: d['annotations'][0].update(category_id=99))
+    assert 'is of image 12345, not in images' in broken(lambda d: d['annotations'][0].update(image_id=12345))
+
+    def drop_last_image(d):
+        last = d['images'].pop()['id']
+        d['annotations'] = [a for a in d['annotations'] if a['image_id'] != last]
+    assert 'images are not those of captions_val2017.json (0 only here, 1 only there' in broken(drop_last_image)
+    assert 'not a COCO instances file' in broken(lambda d: d.pop('categories'))
+    # an image with no instances is left out (upstream drops them), not an error
+    d = copy.deepcopy(good)
+    first = d['images'][0]['id']
+    d['annotations'] = [a for a in d['annotations'] if a['image_id'] != first]
+    path.write_text(json.dumps(d))
+    assert first not in read_instances(str(root), 'val2017')[1]
+    path.unlink()
+    with pytest.raises(OSError, match=re.escape(f'{path}: No such file')):
+        read_instances(str(root), 'val2017')
 
 
 def test_voc_files_consistent(world):
@@ -754,7 +922,7 @@ def read_log(out_dir, event='train'):
 # train.py
 
 def test_lookahead_one_cycle_by_hand():
-    from model import LookAhead
+    from lookahead import LookAhead
     w = nn.Parameter(torch.tensor([1.0, -2.0]))
     sgd = torch.optim.SGD([w], lr=0.1)
     opt = LookAhead(sgd, k=2, alpha=0.5)
@@ -894,10 +1062,14 @@ def test_training_reduces_the_loss(shapes, tmp_path):
     assert ckpt['iter_num'] == 40 and ckpt['config']['max_iters'] == 40 and ckpt['model_args']['vocab_size'] == 96
 
 
-def test_resume_is_exact(shapes, tmp_path):
+@pytest.mark.parametrize('pretext', ['bicaptioning', 'captioning', 'masked_lm', 'token_classification',
+                                     'multilabel_classification'])
+def test_resume_is_exact(shapes, tmp_path, pretext):
     # warmup longer than the run keeps the LR schedule independent of max_iters; k=3 puts a
-    # LookAhead sync in the resumed half, so the saved slow weights matter
-    common = ['--warmup_iters=10', '--lookahead_k=3', '--ckpt_interval=2', '--dropout=0.1', '--deterministic=True']
+    # LookAhead sync in the resumed half, so the saved slow weights matter. The validation at iteration 2 runs
+    # twice in the resumed run (before the save, and again after resuming): it must not touch the training RNG
+    common = ['--warmup_iters=10', '--lookahead_k=3', '--ckpt_interval=2', '--dropout=0.1', '--deterministic=True',
+              f'--pretext={pretext}', '--eval_interval=2', '--eval_iters=1']
     run(*train_args(shapes, tmp_path / 'whole', '--max_iters=4', *common))
     run(*train_args(shapes, tmp_path / 'split', '--max_iters=2', *common))
     (tmp_path / 'split' / 'ckpt.pt.tmp').write_bytes(b'a save that was killed half way')
@@ -911,6 +1083,13 @@ def test_resume_is_exact(shapes, tmp_path):
     for a, b in zip(whole['optimizer']['slow'], split['optimizer']['slow']):
         assert torch.equal(a, b)
     assert [r['loss'] for r in read_log(tmp_path / 'whole')][2:] == [r['loss'] for r in read_log(tmp_path / 'split')][2:]
+    from model import LOSS_PARTS
+    parts = LOSS_PARTS[pretext]
+    record, val = read_log(tmp_path / 'whole')[-1], read_log(tmp_path / 'whole', 'val')[-1]
+    assert record['loss'] == pytest.approx(sum(record[f'loss_{p}'] for p in parts), rel=1e-5)
+    assert val['image_gap'] == pytest.approx((val['loss_shuffled'] - val['loss']) / len(parts))
+    expected_outputs = 11 if pretext == 'multilabel_classification' else 96  # 10 shapes + background; the vocabulary
+    assert whole['model_args']['pretext'] == pretext and whole['model_args']['vocab_size'] == expected_outputs
 
 
 def test_torchrun_two_processes(shapes, tmp_path):
@@ -954,6 +1133,35 @@ def test_train_config_and_input_errors(shapes, tmp_path):
     (broken / 'annotations' / 'captions_train2017.json').write_text('{"images": []')
     proc = run(*train_args(shapes, tmp_path / 'errors', f'--data_root={broken}'), check=False)
     assert 'captions_train2017.json: not a COCO captions file' in proc.stderr
+
+
+def test_pretext_input_errors_are_one_line(shapes, tmp_path):
+    no_instances = tmp_path / 'coco'
+    shutil.copytree(shapes / 'coco', no_instances)
+    (no_instances / 'annotations' / 'instances_train2017.json').unlink()
+    mismatched = tmp_path / 'coco_mismatch'
+    shutil.copytree(shapes / 'coco', mismatched)
+    instances = mismatched / 'annotations' / 'instances_val2017.json'
+    d = load_json(instances)
+    d['images'] = d['images'][1:]
+    d['annotations'] = [a for a in d['annotations'] if a['image_id'] in {im['id'] for im in d['images']}]
+    instances.write_text(json.dumps(d))
+    wordless = tmp_path / 'coco_wordless'
+    shutil.copytree(shapes / 'coco', wordless)
+    captions = wordless / 'annotations' / 'captions_train2017.json'
+    d = load_json(captions)
+    d['annotations'][3]['caption'] = '   '
+    captions.write_text(json.dumps(d))
+    cases = [(['--pretext=mlm'], "--pretext='mlm': choose one of bicaptioning, captioning, masked_lm"),
+             (['--pretext=multilabel_classification', f'--data_root={no_instances}'],
+              f'{no_instances}/annotations/instances_train2017.json does not exist'),
+             (['--pretext=multilabel_classification', f'--data_root={mismatched}', '--eval_interval=5'],
+              f'{instances}: its images are not those of captions_val2017.json'),
+             (['--pretext=masked_lm', f'--data_root={wordless}'], 'has a caption without words (nothing to mask)')]
+    for extra, message in cases:
+        proc = run(*train_args(shapes, tmp_path / 'errors', '--max_iters=1', *extra), check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
@@ -1345,6 +1553,42 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path):
     assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.parametrize('pretext', ['masked_lm', 'token_classification', 'multilabel_classification'])
+def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption(tmp_path, pretext):
+    from dataclasses import asdict
+    from evaluate import load_backbone
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(pretext=pretext, vocab_size=11 if 'multilabel' in pretext else 40))
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 32}}, path)
+    backbone, arch, size = load_backbone(ckpt=str(path))
+    assert (arch, size) == ('resnet18', 32)
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in model.visual.state_dict().items())
+    proc = run('caption.py', f'--ckpt={path}', str(path), check=False)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f'a {pretext} checkpoint has no caption decoder' in proc.stderr
+
+
+def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
+    """The official classification files hold a linear layer under textual.output; masked LM's the keys of a
+    captioning head. For evaluation both give their backbone."""
+    import torchvision
+    from evaluate import load_backbone
+    torch.manual_seed(2)
+    cnn = torchvision.models.resnet18()
+    cnn.fc = nn.Identity()
+    for p in cnn.parameters():
+        p.data.normal_(0, 0.1)
+    state = {f'visual.cnn.{k}': v for k, v in cnn.state_dict().items()}
+    path = tmp_path / 'token_classification_R_18.pth'
+    torch.save({'model': {**state, 'textual.output.weight': torch.randn(40, 512), 'textual.output.bias': torch.zeros(40)},
+                'optimizer': {}}, path)
+    backbone, arch, _ = load_backbone(init=f'virtex:{path}', visual='resnet50')
+    assert arch == 'resnet18'
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in cnn.state_dict().items())
+
+
 def test_virtex_init_from_an_official_backbone_file(tmp_path):
     import torchvision
     from evaluate import load_backbone
@@ -1613,10 +1857,10 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
     import caption
+    from checkpoints import load_model
     from coco import load_eval_image
-    from model import VirTex
     from tokenizer import Tokenizer
-    model = VirTex.from_checkpoint(tiny_ckpt)  # the same caption in-process, to know its ids
+    model = load_model(tiny_ckpt)  # the same caption in-process, to know its ids
     with torch.no_grad():
         image = load_eval_image(str(val / files[0]), model.train_config['image_size'])
         ids = caption.beam_search(model, model.project(model.encode_images(caption.to_tensor([image]))), beam_size=2)[0]
@@ -1682,7 +1926,7 @@ def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
 
 def test_readme_line_counts_and_self_contained_modules():
     """The README's file table states line counts: keep them honest (within 10 lines). model.py and
-    tokenizer.py are meant to be copied alone, so they import nothing from this folder."""
+    tokenizer.py (and lookahead.py) are meant to be copied alone, so they import nothing from this folder."""
     readme = open(os.path.join(HERE, 'README.md')).read()
     rows = re.findall(r'^\| `([\w/]+\.py)` \| (\d+) \|', readme, flags=re.M)
     assert len(rows) >= 9
@@ -1691,7 +1935,7 @@ def test_readme_line_counts_and_self_contained_modules():
             actual = sum(1 for _ in f)
         assert abs(actual - int(stated)) <= 10, f"README says {path} has {stated} lines, it has {actual}"
     local = {os.path.splitext(name)[0] for name in os.listdir(HERE) if name.endswith('.py')}
-    for path in ['model.py', 'tokenizer.py']:
+    for path in ['model.py', 'tokenizer.py', 'lookahead.py']:
         source = open(os.path.join(HERE, path)).read()
         imported = set(re.findall(r'^(?:from|import) (\w+)', source, flags=re.M))
         assert not imported & local, f"{path} imports {imported & local}"

@@ -1,5 +1,6 @@
 """
-Pretrain VirTex: a ResNet plus forward and backward caption decoders, trained from scratch on COCO captions.
+Pretrain VirTex: a ResNet plus forward and backward caption decoders, trained from scratch on COCO captions
+(or with one of the paper's other pretext tasks: --pretext, see model.py).
 
   CPU demo (minutes):  python train.py config/shapes.py
   one GPU:             python train.py config/virtex_r50_l1_h2048.py
@@ -8,7 +9,8 @@ Pretrain VirTex: a ResNet plus forward and backward caption decoders, trained fr
   resume:              python train.py config/shapes.py --init_from=resume
 
 Reads <data_root>/ (COCO layout: train2017/, val2017/, annotations/captions_{train,val}2017.json) and
-<tokenizer> (a .model from tokenizer.py); writes <out_dir>/ckpt.pt and <out_dir>/log.jsonl.
+<tokenizer> (a .model from tokenizer.py), and annotations/instances_{train,val}2017.json for the multilabel
+pretext; writes <out_dir>/ckpt.pt and <out_dir>/log.jsonl.
 The defaults are the paper's best run (R-50, L1, H2048, batch 256, 500k iterations).
 """
 
@@ -25,9 +27,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from coco import CocoCaptions, collate, normalize
+from coco import CocoCaptions, collate, normalize, read_instances
 from configurator import config_keys, configure, one_line_errors
-from model import LookAhead, VirTex, VirTexConfig, load_checkpoint
+from checkpoints import load_checkpoint
+from lookahead import LookAhead
+from model import LOSS_PARTS, PRETEXTS, VirTex, VirTexConfig
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ n_embd = 2048                 # H
 n_head = 32                   # H / 64
 max_len = 30                  # caption ids, [SOS] and [EOS] included
 dropout = 0.1
-bidirectional = True          # False: forward captioning only (an ablation in the paper)
+pretext = 'bicaptioning'      # the paper; or captioning, masked_lm, token_classification, multilabel_classification
 norm_first = False            # post-norm Transformer layers, as in the paper
 zero_init_residual = True     # each ResNet block starts as the identity, as in the paper
 init_std = 0.02               # textual weights at init ~ N(0, init_std), as in the paper (BERT's init)
@@ -85,7 +89,7 @@ if rest:
 config = {k: globals()[k] for k in configurable}  # resolved; saved in every checkpoint
 config['tokenizer'] = os.path.abspath(tokenizer)  # so caption.py finds it from any folder
 choices = {'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
-           'optimizer': ('sgd', 'adamw')}
+           'optimizer': ('sgd', 'adamw'), 'pretext': PRETEXTS}
 for key, allowed in choices.items():
     if config[key] not in allowed:
         raise SystemExit(f"error: --{key}={config[key]!r}: choose one of {', '.join(allowed)}")
@@ -144,9 +148,23 @@ for path, what in ((data_root, 'data_root'), (tokenizer, 'tokenizer')):
         raise SystemExit(f"error: {what}={path}: no such file or folder")
 with one_line_errors():
     tok = Tokenizer(tokenizer)
+    labels, n_classes = {}, len(tok)  # multilabel_classification: its targets are COCO categories, not words
+    if pretext == 'multilabel_classification':
+        for split in ('train2017', 'val2017') if eval_interval else ('train2017',):
+            if not os.path.exists(os.path.join(data_root, 'annotations', f'instances_{split}.json')):
+                raise SystemExit(f"error: --pretext=multilabel_classification reads COCO instance labels, and "
+                                 f"{data_root}/annotations/instances_{split}.json does not exist")
+            names, labels[split] = read_instances(data_root, split)
+        n_classes = len(names) + 1  # index 0 is background / padding
     train_set = CocoCaptions(data_root, 'train2017', tok, image_size, max_len, train=True, seed=seed,
-                             min_crop_scale=min_crop_scale, color_jitter=color_jitter)
-    val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed) if eval_interval else None
+                             min_crop_scale=min_crop_scale, color_jitter=color_jitter, labels=labels.get('train2017'))
+    val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed,
+                           labels=labels.get('val2017')) if eval_interval else None
+if pretext == 'masked_lm':  # a caption with no word to hide would stop the run at its batch: refuse it now
+    for data in (train_set, val_set) if val_set else (train_set,):
+        empty = next((path for path, captions, _ in data.items for c in captions if not tok.encode(c)), None)
+        if empty:
+            raise SystemExit(f"error: --pretext=masked_lm: {empty} has a caption without words (nothing to mask)")
 # the sampler shuffles with (seed, epoch); each process takes every N-th index of the permutation
 sampler = DistributedSampler(train_set, ddp_world_size, ddp_rank, shuffle=True, seed=seed, drop_last=True)
 batches_per_epoch = len(sampler) // micro_batch
@@ -170,11 +188,12 @@ def batch_stream(epoch, batch):
 
 # ----------------------------------------------------------------------------------------------
 # model and optimizer
+PART_NAMES = LOSS_PARTS[pretext]  # the terms of the loss, logged beside it
 RESUME_KEYS = ('optimizer', 'scaler', 'iter_num', 'data_position', 'bad_images', 'rng_state', 'cuda_rng_state')
 
-model_args = dict(visual=visual, vocab_size=len(tok), n_layer=n_layer, n_embd=n_embd, n_head=n_head, max_len=max_len,
-                  dropout=dropout, bidirectional=bidirectional, norm_first=norm_first, zero_init_residual=zero_init_residual,
-                  init_std=init_std, pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id)
+model_args = dict(visual=visual, vocab_size=n_classes, n_layer=n_layer, n_embd=n_embd, n_head=n_head, max_len=max_len,
+                  dropout=dropout, pretext=pretext, norm_first=norm_first, zero_init_residual=zero_init_residual,
+                  init_std=init_std, pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id, mask_id=tok.mask_id)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 ckpt = None
 torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
@@ -235,8 +254,9 @@ if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 params = raw_model.num_params()
-print0(f"model: {visual} L{n_layer} H{n_embd}, {params['visual'] / 1e6:.1f}M backbone + {params['textual'] / 1e6:.1f}M "
-       f"textual parameters; vocabulary {len(tok)}")
+head = f"L{n_layer} H{n_embd} decoders" if raw_model.config.decoders else 'linear classifier'
+print0(f"model: {pretext}, {visual} + {head}, {params['visual'] / 1e6:.1f}M backbone + {params['textual'] / 1e6:.1f}M "
+       f"head parameters; {n_classes} {'classes' if pretext == 'multilabel_classification' else 'pieces'}")
 print0(f"data: {len(train_set):,} training images, {batches_per_epoch} steps per epoch; {ddp_world_size} process(es) "
        f"x {gradient_accumulation_steps} micro-batches x {micro_batch} = {batch_size} images per iteration; "
        f"{max_iters * batch_size / len(train_set):.1f} epochs in all; {device} {dtype}")
@@ -259,27 +279,33 @@ def to_device(images, tokens):
 @torch.no_grad()
 def estimate_val_loss():
     """Validation losses, and the same captions scored against other images (each batch's images rolled by
-    one): the gap says how much the model reads from the image, the first number to watch in pretraining."""
+    one): the gap says how much the model reads from the image, the first number to watch in pretraining.
+    Returns ({'loss': .., and each part}, the same with shuffled images)."""
     raw_model.eval()
     val_sampler = DistributedSampler(val_set, ddp_world_size, ddp_rank, shuffle=False)
     keys = [(0, i) for i in val_sampler][:eval_iters * micro_batch]
     loader = DataLoader(val_set, sampler=keys, generator=torch.Generator(), **{**loader_args, 'drop_last': False})
-    totals = torch.zeros(7, device=device)  # loss, fwd, bwd, then the same with shuffled images, summed; batches
-    for images, tokens, _ in loader:
+    totals, batches = torch.zeros(2, 1 + len(PART_NAMES), device=device), 0  # (true, shuffled) x (loss, parts)
+    for batch, (images, tokens, _) in enumerate(loader):
         if images is None:
             continue
         images, tokens = to_device(images, tokens)
         with autocast:
-            memory = raw_model.project(raw_model.encode_images(images))  # (B, N, H)
-            true = raw_model.losses(memory, tokens)
-            shuffled = raw_model.losses(memory.roll(1, 0), tokens)  # every caption paired with another image
-        for offset, (loss, parts) in ((0, true), (3, shuffled)):
-            totals[offset:offset + 3] += torch.stack([loss, parts['fwd'], parts.get('bwd', torch.zeros_like(loss))]).float()
-        totals[6] += 1
+            features = raw_model.visual_features(images)  # (B, N, H) or pooled (B, C)
+            for row, features in enumerate((features, features.roll(1, 0))):  # every caption with another image
+                # masked_lm hides the same words in both passes, and never draws from the training RNG
+                generator = torch.Generator(device).manual_seed(seed + batch)
+                loss, parts = raw_model.losses(features, tokens, generator)
+                totals[row] += torch.stack([loss, *parts.values()]).float()
+        batches += 1
     if ddp:
+        totals = torch.cat([totals.flatten(), torch.tensor([batches], device=device, dtype=totals.dtype)])
         dist.all_reduce(totals)
+        totals, batches = totals[:-1].view(2, -1), totals[-1].item()
     raw_model.train()
-    return (totals[:6] / totals[6].clamp(min=1)).tolist()
+    true, shuffled = (totals / max(batches, 1)).tolist()
+    names = ('loss', *PART_NAMES)
+    return dict(zip(names, true)), dict(zip(names, shuffled))
 
 
 def memory_gb():
@@ -310,13 +336,13 @@ for iter_num in range(start_iter, max_iters + 1):
     last_step = iter_num == max_iters
     # evaluation and checkpointing first, on their schedule; their time is not part of ms/iter
     if val_set is not None and (iter_num % eval_interval == 0 or last_step) and iter_num > 0:
-        val_loss, val_fwd, val_bwd, shuf_loss, shuf_fwd, shuf_bwd = estimate_val_loss()
-        image_gap = (shuf_loss - val_loss) / (2 if bidirectional else 1)  # per token of one direction
-        directions = f"fwd {val_fwd:.3f} bwd {val_bwd:.3f}" if bidirectional else f"fwd {val_fwd:.3f}"
-        print0(f"iter {iter_num}: val loss {val_loss:.4f} ({directions}) | shuffled images {shuf_loss:.4f}: "
-               f"the image is worth {image_gap:.3f} nats/token")
-        log({'event': 'val', 'iter': iter_num, 'loss': val_loss, 'loss_fwd': val_fwd, 'loss_bwd': val_bwd,
-             'loss_shuffled': shuf_loss, 'loss_shuffled_fwd': shuf_fwd, 'loss_shuffled_bwd': shuf_bwd,
+        val, shuffled = estimate_val_loss()
+        image_gap = (shuffled['loss'] - val['loss']) / len(PART_NAMES)  # per target of one term (one direction)
+        terms = ' '.join(f"{name} {val[name]:.3f}" for name in PART_NAMES)
+        print0(f"iter {iter_num}: val loss {val['loss']:.4f} ({terms}) | shuffled images {shuffled['loss']:.4f}: "
+               f"the image is worth {image_gap:.3f} nats/{'label' if 'classification' in PART_NAMES else 'token'}")
+        log({'event': 'val', 'iter': iter_num, 'loss': val['loss'], **{f'loss_{n}': val[n] for n in PART_NAMES},
+             'loss_shuffled': shuffled['loss'], **{f'loss_shuffled_{n}': shuffled[n] for n in PART_NAMES},
              'image_gap': image_gap})
     if (iter_num % ckpt_interval == 0 or last_step) and iter_num > start_iter:
         # never replace a good checkpoint with a diverged model: check the losses and the weights
@@ -353,7 +379,7 @@ for iter_num in range(start_iter, max_iters + 1):
     lr_mult = get_lr(iter_num)
     for group in lookahead.param_groups:
         group['lr'] = group['base_lr'] * lr_mult
-    loss_sum = torch.zeros(3, device=device)
+    loss_sum = torch.zeros(1 + len(PART_NAMES), device=device)  # loss, its terms
     for micro_step in range(gradient_accumulation_steps):
         data_position, (images, tokens, errors) = next(stream)
         for error in errors:
@@ -369,7 +395,7 @@ for iter_num in range(start_iter, max_iters + 1):
         with autocast:
             loss, parts = model(*to_device(images, tokens))
         scaler.scale(loss / gradient_accumulation_steps).backward()
-        loss_sum += torch.stack([loss.detach(), parts['fwd'], parts.get('bwd', torch.zeros_like(parts['fwd']))]).float()
+        loss_sum += torch.stack([loss.detach(), *parts.values()]).float()
     nonfinite |= ~torch.isfinite(loss_sum[0])
     scaler.unscale_(lookahead)
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float('inf'))
@@ -383,7 +409,7 @@ for iter_num in range(start_iter, max_iters + 1):
         if ddp:
             dist.all_reduce(losses, op=dist.ReduceOp.AVG)
             dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-        loss_value, loss_fwd, loss_bwd = losses.tolist()  # .tolist() waits for the device: dt is honest
+        loss_value, *terms = losses.tolist()  # .tolist() waits for the device: dt is honest
         if nonfinite.item():
             raise SystemExit(f"error: non-finite loss ({loss_value}) by iteration {step}; "
                              f"the last good checkpoint stays at {ckpt_path}")
@@ -399,10 +425,10 @@ for iter_num in range(start_iter, max_iters + 1):
         mfu = f"{100 * flops_per_image * images_per_s / (peak_tflops * 1e12 * ddp_world_size):.1f}%" \
             if flops_per_image and step - start_iter > 5 else '-'
         eta_s = (dt_ema or ms) / 1000 * (max_iters - step)
-        print0(f"iter {step}/{max_iters} | loss {loss_value:.3f} (fwd {loss_fwd:.3f} bwd {loss_bwd:.3f}) | "
+        print0(f"iter {step}/{max_iters} | loss {loss_value:.3f} ({' '.join(f'{n} {v:.3f}' for n, v in zip(PART_NAMES, terms))}) | "
                f"lr {cnn_lr * lr_mult:.4f} | gnorm {grad_norm.item():.2f} | {ms:.0f}ms | {images_per_s:.0f} img/s | "
                f"mfu {mfu} | mem {memory_gb():.1f}G | eta {int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m")
-        log({'event': 'train', 'iter': step, 'loss': loss_value, 'loss_fwd': loss_fwd, 'loss_bwd': loss_bwd,
+        log({'event': 'train', 'iter': step, 'loss': loss_value, **{f'loss_{n}': v for n, v in zip(PART_NAMES, terms)},
              'lr': cnn_lr * lr_mult, 'grad_norm': grad_norm.item(), 'ms': ms, 'img_s': images_per_s,
              'mem_gb': memory_gb(), 'time': time.time() - run_start})
         window_time, window_iters = 0.0, 0

@@ -136,8 +136,9 @@ class Head(nn.Module):
         self.rung = rung
         paper = rung == 'paper_init'
         self.caption = rung not in ('labels', 'category_words', 'caption_words')
+        pretext = 'bicaptioning' if rung in ('bicaptioning', 'paper_init', 'sorted_names') else 'captioning'
         cfg = VirTexConfig(visual='resnet18', vocab_size=len(tok), n_layer=1, n_embd=n_embd, n_head=n_head,
-                           dropout=0.1 if paper else dropout, bidirectional=rung in ('bicaptioning', 'paper_init', 'sorted_names'),
+                           dropout=0.1 if paper else dropout, pretext=pretext,
                            zero_init_residual=False, init_std=0.02 if paper else init_std)
         torch.manual_seed(seed)  # the same backbone init on every rung
         self.model = VirTex(cfg)
