@@ -3,7 +3,7 @@ Judge a frozen visual backbone the VirTex way: linear SVMs on its pooled feature
 
   this project's checkpoint:  python evaluate.py --voc_root=data/shapes/VOC2007 --ckpt=out/ckpt.pt
   no pretraining (baseline):  python evaluate.py --voc_root=PATH/VOC2007 --init=random --visual=resnet50
-  other weights:              python evaluate.py --voc_root=PATH/VOC2007 --init=torchvision:PATH (or virtex:PATH)
+  other weights:              python evaluate.py --voc_root=PATH/VOC2007 --init=torchvision:PATH (or virtex:, moco:)
   SVMs only, saved features:  python evaluate.py --features=feats.npz
 
 Reads <voc_root>/ImageSets/Main/*_{trainval,test}.txt and JPEGImages/. Features are the layer4 global average
@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from checkpoints import infer_resnet, load_file, load_model, load_official
 from coco import load_eval_image, normalize, to_uint8_tensor
-from checkpoints import load_file, load_model, load_official
 
 # -----------------------------------------------------------------------------
 voc_root = 'data/shapes/VOC2007'  # has ImageSets/Main/<class>_{trainval,test}.txt and JPEGImages/
 ckpt = ''               # this project's checkpoint (train.py); its backbone is evaluated
-init = ''               # or: 'random' | 'torchvision:PATH' | 'virtex:PATH' (official VirTex checkpoint or backbone)
+init = ''               # or: 'random' | 'torchvision:PATH' | 'virtex:PATH' (official VirTex file) | 'moco:PATH' (MoCo v1/v2)
 visual = 'resnet50'     # torchvision ResNet for --init=random|torchvision:... (a checkpoint knows its own)
 image_size = 0          # crop size; 0: the checkpoint's training image_size, else 224 (paper)
 batch_size = 64         # images per forward pass (upstream: 128)
@@ -282,11 +282,12 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
 
     Exactly one weight source: ckpt (this project's checkpoint; its backbone and training image size) or init
     ('random' with `visual`, seed and zero_init_residual; 'torchvision:PATH' a torchvision ResNet state dict;
-    'virtex:PATH' an official VirTex checkpoint or backbone). image_size 0: the checkpoint's, else 224.
+    'virtex:PATH' an official VirTex checkpoint or backbone; 'moco:PATH' an official MoCo v1/v2 release, its query
+    encoder without the fc / projection head). image_size 0: the checkpoint's, else 224.
     """
     if bool(ckpt) + bool(init) != 1:
         raise ValueError("give exactly one weight source: --ckpt=PATH or --init=random|torchvision:PATH|"
-                         "virtex:PATH (or --features=PATH.npz to skip the images)")
+                         "virtex:PATH|moco:PATH (or --features=PATH.npz to skip the images)")
     arch, state, source, size = visual, None, ckpt or init.partition(':')[2], image_size
     if ckpt:
         model = load_model(ckpt)
@@ -304,8 +305,15 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
             raise ValueError(f"{source}: expected a dict of tensors")
         state = {k.removeprefix('module.'): v for k, v in state.items()}  # DataParallel's prefix
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the classifier is not evaluated
+    elif init.startswith('moco:'):  # {'state_dict': {'module.encoder_q.<torchvision key>': ...}, ...}
+        state = load_file(source)
+        state, prefix = state.get('state_dict') if isinstance(state, dict) else None, 'module.encoder_q.'
+        if not isinstance(state, dict) or not any(k.startswith(prefix) for k in state):
+            raise ValueError(f"{source}: not a MoCo checkpoint (expected 'state_dict' with {prefix}* keys)")
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}
+        arch = infer_resnet(state, source)
     elif init != 'random':
-        raise ValueError(f"--init={init}: expected random, torchvision:PATH or virtex:PATH")
+        raise ValueError(f"--init={init}: expected random, torchvision:PATH, virtex:PATH or moco:PATH")
     torch.manual_seed(seed)
     try:
         backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)

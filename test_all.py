@@ -1164,6 +1164,24 @@ def test_pretext_input_errors_are_one_line(shapes, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_train_fraction_is_a_seeded_subset_kept_on_resume(shapes, tmp_path):
+    runs = {}
+    for name, extra in (('a', ['--seed=0']), ('b', ['--seed=0']), ('c', ['--seed=1'])):
+        proc = run(*train_args(shapes, tmp_path / name, '--max_iters=1', '--train_fraction=0.5', *extra))
+        assert 'data: 32 training images (0.5 of 64)' in proc.stdout
+        runs[name] = torch.load(tmp_path / name / 'ckpt.pt', weights_only=True)['train_subset']
+    assert runs['a'] == runs['b'] and runs['a'] != runs['c'], 'the subset is a function of the seed'
+    assert len(runs['a']) == 32 and runs['a'] == sorted(set(runs['a'])) and 0 <= min(runs['a']) and max(runs['a']) < 64
+    proc = run(*train_args(shapes, tmp_path / 'a', '--max_iters=2', '--train_fraction=0.25', '--init_from=resume'),
+               check=False)
+    assert proc.returncode != 0 and 'was trained on other images (--train_fraction=0.5, --seed=0)' in proc.stderr
+    run(*train_args(shapes, tmp_path / 'a', '--max_iters=2', '--train_fraction=0.5', '--init_from=resume'))
+    for bad, message in (('0', 'must be in (0, 1]'), ('1.5', 'must be in (0, 1]'),
+                         ('0.01', '1 training images (0.01 of 64) are fewer than one batch')):
+        proc = run(*train_args(shapes, tmp_path / 'd', '--max_iters=1', f'--train_fraction={bad}'), check=False)
+        assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
 def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
     from model import VirTex
     run(*train_args(shapes, tmp_path / 'good', '--max_iters=1', '--warmup_iters=1'))
@@ -1587,6 +1605,62 @@ def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
     backbone, arch, _ = load_backbone(init=f'virtex:{path}', visual='resnet50')
     assert arch == 'resnet18'
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in cnn.state_dict().items())
+
+
+def test_moco_init_takes_the_query_encoder_and_refuses_other_layouts(tmp_path):
+    import torchvision
+    from evaluate import load_backbone
+    torch.manual_seed(3)
+    encoder = torchvision.models.resnet18()
+    for p in encoder.parameters():
+        p.data.normal_(0, 0.1)
+    # the official MoCo v2 layout: DataParallel prefix, query and key encoders, an MLP projection head as fc
+    state = {f'module.encoder_q.{k}': v for k, v in encoder.state_dict().items() if not k.startswith('fc.')}
+    state.update({'module.encoder_q.fc.0.weight': torch.zeros(512, 512), 'module.encoder_q.fc.2.weight': torch.zeros(128, 512),
+                  'module.encoder_k.conv1.weight': torch.zeros(64, 3, 7, 7), 'module.queue': torch.zeros(128, 16)})
+    path = tmp_path / 'moco_v2_800ep_pretrain.pth.tar'
+    torch.save({'epoch': 800, 'arch': 'resnet18', 'state_dict': state, 'optimizer': {}}, path)
+    backbone, arch, _ = load_backbone(init=f'moco:{path}', visual='resnet50')
+    assert arch == 'resnet18'
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in encoder.state_dict().items() if not k.startswith('fc.'))
+    torch.save({'state_dict': encoder.state_dict()}, tmp_path / 'plain.pth')
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    proc = run('evaluate.py', f'--voc_root={voc}', f'--init=moco:{tmp_path}/plain.pth', check=False)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "plain.pth: not a MoCo checkpoint (expected 'state_dict' with module.encoder_q.* keys)" in proc.stderr
+
+
+def test_detectron2_names_are_a_bijection_for_resnet50(tmp_path):
+    import torchvision
+    from export import from_detectron2, to_detectron2
+    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith('fc.')}
+    d2 = to_detectron2(state)
+    assert len(d2) == len(state) and from_detectron2(d2).keys() == state.keys()
+    assert all(d2[to] is state[k] for k, to in zip(state, d2)), 'the values are carried over, in order'
+    for key in ('stem.conv1.weight', 'stem.conv1.norm.running_var', 'res2.0.conv1.weight', 'res2.0.conv3.norm.bias',
+                'res2.0.shortcut.weight', 'res2.0.shortcut.norm.running_mean', 'res5.2.conv2.norm.weight'):
+        assert key in d2, key
+    pattern = re.compile(r'^(stem\.conv1(\.norm)?|res[2-5]\.\d+\.(conv[123](\.norm)?|shortcut(\.norm)?))\.'
+                         r'(weight|bias|running_mean|running_var|num_batches_tracked)$')
+    assert all(pattern.match(k) for k in d2), [k for k in d2 if not pattern.match(k)][:3]
+
+
+def test_export_writes_both_layouts_from_a_checkpoint(tmp_path):
+    from dataclasses import asdict
+    import torchvision
+    from model import VirTex
+    model = VirTex(tiny_cfg(pretext='token_classification'))
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, path)
+    run('export.py', f'--ckpt={path}', f'--out={tmp_path}/tv.pth')
+    result = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / 'tv.pth', weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
+    run('export.py', f'--ckpt={path}', '--format=detectron2', f'--out={tmp_path}/d2.pth')
+    d2 = torch.load(tmp_path / 'd2.pth', weights_only=True)
+    assert d2['matching_heuristics'] is True and '__author__' in d2
+    assert torch.equal(d2['model']['res5.1.conv2.norm.running_var'], model.visual.layer4[1].bn2.running_var)
+    proc = run('export.py', f'--ckpt={path}', '--format=onnx', f'--out={tmp_path}/x.pth', check=False)
+    assert proc.returncode != 0 and "--format='onnx': choose torchvision or detectron2" in proc.stderr
 
 
 def test_virtex_init_from_an_official_backbone_file(tmp_path):

@@ -58,6 +58,7 @@ batch_size = 256              # global; each of N processes gets batch_size // N
 gradient_accumulation_steps = 1  # micro-batches per step per process, when a GPU can't hold its share
 num_workers = 4               # DataLoader workers per process
 max_bad_images = 100          # unreadable images are skipped and counted; the run stops past this many
+train_fraction = 1.0          # train on this share of the images, a subset drawn with `seed` (data-efficiency runs)
 # optimization
 max_iters = 500_000
 warmup_iters = 10_000         # linear warmup from 0, then cosine decay to 0 at max_iters
@@ -104,6 +105,8 @@ for key in ('eval_interval', 'eval_iters', 'warmup_iters', 'num_workers', 'max_b
         raise SystemExit(f"error: --{key}={config[key]} must be >= 0" + (' (0: never)' if key == 'eval_interval' else ''))
 if eval_interval and not eval_iters:
     raise SystemExit("error: --eval_iters=0 with --eval_interval > 0: give eval_iters > 0 or eval_interval=0")
+if not 0 < train_fraction <= 1:
+    raise SystemExit(f"error: --train_fraction={train_fraction} must be in (0, 1]")
 if not (0 < min_crop_scale <= 1 and 0 <= color_jitter <= 1 and 0 < lookahead_alpha <= 1 and 0 <= dropout < 1):
     raise SystemExit(f"error: need 0 < min_crop_scale <= 1, 0 <= color_jitter <= 1, 0 < lookahead_alpha <= 1, "
                      f"0 <= dropout < 1 (got {min_crop_scale}, {color_jitter}, {lookahead_alpha}, {dropout})")
@@ -160,6 +163,12 @@ with one_line_errors():
                              min_crop_scale=min_crop_scale, color_jitter=color_jitter, labels=labels.get('train2017'))
     val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed,
                            labels=labels.get('val2017')) if eval_interval else None
+train_subset, subset = None, ''  # or the indices of the images kept, saved in checkpoints
+if train_fraction < 1:  # the same subset on every process and on resume: a pure function of (seed, fraction)
+    keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
+    train_subset = keep[:round(train_fraction * len(train_set))].sort().values.tolist()
+    subset = f" ({train_fraction:g} of {len(train_set)})"
+    train_set.items = [train_set.items[i] for i in train_subset]
 if pretext == 'masked_lm':  # a caption with no word to hide would stop the run at its batch: refuse it now
     for data in (train_set, val_set) if val_set else (train_set,):
         empty = next((path for path, captions, _ in data.items for c in captions if not tok.encode(c)), None)
@@ -169,7 +178,7 @@ if pretext == 'masked_lm':  # a caption with no word to hide would stop the run 
 sampler = DistributedSampler(train_set, ddp_world_size, ddp_rank, shuffle=True, seed=seed, drop_last=True)
 batches_per_epoch = len(sampler) // micro_batch
 if batches_per_epoch == 0:
-    raise SystemExit(f"error: {len(train_set)} training images are fewer than one batch of {micro_batch} per process")
+    raise SystemExit(f"error: {len(train_set)} training images{subset} are fewer than one batch of {micro_batch} per process")
 loader_args = dict(batch_size=micro_batch, num_workers=num_workers, collate_fn=collate, drop_last=True,
                    pin_memory=device_type == 'cuda', persistent_workers=False)
 
@@ -209,6 +218,9 @@ if init_from == 'resume':
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise SystemExit(f"error: {ckpt_path}: cannot resume from it: no {', '.join(missing)} (a model-only file?)")
+    if ckpt.get('train_subset') != train_subset:  # --train_fraction or --seed changed: other images
+        raise SystemExit(f"error: {ckpt_path}: was trained on other images (--train_fraction="
+                         f"{model.train_config.get('train_fraction', 1.0)}, --seed={model.train_config.get('seed')})")
     saved_optimizer = model.train_config.get('optimizer', 'sgd')  # files from before the knob were SGD
     if saved_optimizer != optimizer:
         raise SystemExit(f"error: {ckpt_path}: was trained with --optimizer={saved_optimizer}, not {optimizer}")
@@ -257,7 +269,7 @@ params = raw_model.num_params()
 head = f"L{n_layer} H{n_embd} decoders" if raw_model.config.decoders else 'linear classifier'
 print0(f"model: {pretext}, {visual} + {head}, {params['visual'] / 1e6:.1f}M backbone + {params['textual'] / 1e6:.1f}M "
        f"head parameters; {n_classes} {'classes' if pretext == 'multilabel_classification' else 'pieces'}")
-print0(f"data: {len(train_set):,} training images, {batches_per_epoch} steps per epoch; {ddp_world_size} process(es) "
+print0(f"data: {len(train_set):,} training images{subset}, {batches_per_epoch} steps per epoch; {ddp_world_size} process(es) "
        f"x {gradient_accumulation_steps} micro-batches x {micro_batch} = {batch_size} images per iteration; "
        f"{max_iters * batch_size / len(train_set):.1f} epochs in all; {device} {dtype}")
 
@@ -364,7 +376,7 @@ for iter_num in range(start_iter, max_iters + 1):
             checkpoint = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': lookahead.state_dict(),
                           'scaler': scaler.state_dict(), 'iter_num': iter_num, 'data_position': list(data_position),
                           'bad_images': bad_images, 'rng_state': rng_states, 'cuda_rng_state': cuda_rng_states,
-                          'config': config}
+                          'train_subset': train_subset, 'config': config}
             # written to a temporary file and renamed: a crash mid-save leaves the previous checkpoint intact
             torch.save(checkpoint, ckpt_path + '.tmp')
             os.replace(ckpt_path + '.tmp', ckpt_path)
