@@ -185,7 +185,7 @@ class CocoCaptions(torch.utils.data.Dataset):
             if not self.train:
                 return {'image': to_uint8_tensor(load_eval_image(path, self.image_size)), 'tokens': encode(caption)}
             with Image.open(path) as image:
-                pixels = random_resized_crop(image, self.random_box(*image.size, rng), self.image_size)
+                pixels = random_resized_crop(image, random_box(*image.size, rng, self.min_crop_scale), self.image_size)
         except Exception as e:  # a corrupt or missing file must not end a long run: report and skip it
             return {'error': f"{path}: {str(e) or type(e).__name__}"}
         if rng.random() < 0.5:
@@ -200,16 +200,17 @@ class CocoCaptions(torch.utils.data.Dataset):
         ids = self.tokenizer.encode(caption)[:self.max_len - 2]  # drop words, never [EOS]
         return torch.tensor([self.tokenizer.sos_id, *ids, self.tokenizer.eos_id])
 
-    def random_box(self, W, H, rng):
-        """Random resized crop: area scale (min_crop_scale, 1), aspect ratio (3/4, 4/3), drawn as torchvision does."""
-        for _ in range(10):
-            area = W * H * rng.uniform(self.min_crop_scale, 1.0)
-            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-            if 0 < w <= W and 0 < h <= H:
-                left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
-                return left, top, left + w, top + h
-        return 0, 0, W, H  # fall back to the whole image
+
+def random_box(W, H, rng, min_scale):
+    """Random resized crop's box: area scale (min_scale, 1), aspect ratio (3/4, 4/3), drawn as torchvision does."""
+    for _ in range(10):
+        area = W * H * rng.uniform(min_scale, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
+            return left, top, left + w, top + h
+    return 0, 0, W, H  # fall back to the whole image
 
 
 def random_resized_crop(image: Image.Image, box, size: int) -> torch.Tensor:

@@ -607,7 +607,8 @@ def test_from_official_computes_the_official_function(tmp_path, norm_first):
 # data/shapes/prepare.py: the synthetic world, in COCO and VOC formats
 
 PREPARE = os.path.join(HERE, 'data', 'shapes', 'prepare.py')
-TINY = ['--n_train=30', '--n_val=10', '--n_voc_trainval=30', '--n_voc_test=30', '--size=64', '--seed=3']
+TINY = ['--n_train=30', '--n_val=10', '--n_voc_trainval=30', '--n_voc_test=30', '--n_folder_train=20', '--n_folder_val=10',
+        '--size=64', '--seed=3']
 
 
 def run_prepare(*args):
@@ -629,7 +630,7 @@ def world(tmp_path_factory):
     out = tmp_path_factory.mktemp('shapes')
     result = run_prepare(f'--out={out}', *TINY, '--workers=1')
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].startswith('wrote 100 images'), result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith('wrote 130 images'), result.stdout
     return out
 
 
@@ -767,6 +768,18 @@ def test_voc_files_consistent(world):
     assert len(os.listdir(world / 'VOC2007' / 'JPEGImages')) == 60
 
 
+def test_imagefolder_files_each_image_under_its_largest_object(world):
+    root = world / 'imagefolder'
+    for split, n in (('train', 20), ('val', 10)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(prep.CATEGORIES), 'a folder per category'
+        files = {p.stem: p.parent.name for p in (root / split).glob('*/*.jpg')}
+        assert len(files) == n
+        for s in load_json(root / f'scenes_{split}.json'):
+            shown = [o for o in s['objects'] if not o['difficult']]
+            area = lambda o: (o['bbox'][2] - o['bbox'][0] + 1) * (o['bbox'][3] - o['bbox'][1] + 1)
+            assert files[s['name']] == s['category'] == max(shown, key=area)['category'], s
+
+
 def test_coco_and_voc_disjoint(world):
     files = {'coco': list((world / 'coco').glob('*2017/*.jpg')), 'voc': list((world / 'VOC2007').glob('JPEGImages/*'))}
     pixels = {k: {np.asarray(Image.open(p)).tobytes() for p in v} for k, v in files.items()}
@@ -887,7 +900,7 @@ def test_bad_inputs_fail_cleanly(tmp_path):
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp('shapes')
     run('data/shapes/prepare.py', f'--out={root}', '--n_train=64', '--n_val=16', '--n_voc_trainval=40',
-        '--n_voc_test=40', '--size=64', '--seed=1', '--workers=1')
+        '--n_voc_test=40', '--n_folder_train=60', '--n_folder_val=30', '--size=64', '--seed=1', '--workers=1')
     run('tokenizer.py', f'--captions={root}/coco/annotations/captions_train2017.json', '--vocab_size=96',
         f'--out={root}/vocab')
     return root
@@ -1993,6 +2006,55 @@ def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
     assert proc.returncode != 0 and 'has 80 pieces but' in proc.stderr and 'trained with 96' in proc.stderr
     proc = run('caption.py', image, check=False)
     assert proc.returncode != 0 and 'give exactly one of --ckpt' in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# probe.py
+
+def make_imagefolder(root, classes=3, per_class=(30, 15), seed=0):
+    """ROOT/{train,val}/c<k>/*.jpg: noisy images whose colour is the class."""
+    rng = np.random.default_rng(seed)
+    colours = [(220, 30, 30), (30, 200, 30), (30, 60, 220), (230, 230, 30)]
+    for split, n in zip(('train', 'val'), per_class):
+        for c in range(classes):
+            os.makedirs(root / split / f'c{c}', exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8) + np.array(colours[c], np.uint8) // 2
+                Image.fromarray(pixels).save(root / split / f'c{c}' / f'{i:03d}.jpg')
+    return root
+
+
+@pytest.mark.parametrize('augment', [True, False])
+def test_probe_learns_a_world_its_backbone_sees(tmp_path, augment):
+    root = make_imagefolder(tmp_path / 'folder')
+    common = [f'--data_root={root}', '--init=random', '--visual=resnet18', '--image_size=32', '--epochs=6',
+              '--batch_size=16', '--log_interval=1', '--num_workers=0', f'--augment={augment}']
+    proc = run('probe.py', *common, f'--out_json={tmp_path}/probe.json')
+    losses = [float(x) for x in re.findall(r'loss ([\d.]+)', proc.stdout)]
+    assert len(losses) == 6 * (90 // 16) and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+    assert proc.stdout.strip().splitlines()[-1] == 'top-1: 100.00', proc.stdout  # random features tell colours apart
+    result = load_json(tmp_path / 'probe.json')
+    assert result['top1'] == 100.0 and result['val_images'] == 45 and 'top5' not in result  # 3 classes: no top-5
+
+
+def test_probe_bad_folders_and_images(tmp_path):
+    root = make_imagefolder(tmp_path / 'folder', per_class=(4, 2))
+    common = ['--init=random', '--visual=resnet18', '--image_size=32', '--epochs=1', '--batch_size=4', '--num_workers=0']
+    (tmp_path / 'none' / 'train').mkdir(parents=True)
+    empty = make_imagefolder(tmp_path / 'empty', per_class=(4, 2))
+    (empty / 'train' / 'c3').mkdir()
+    differ = make_imagefolder(tmp_path / 'differ', per_class=(4, 2))
+    shutil.rmtree(differ / 'val' / 'c2')
+    cases = [(tmp_path / 'missing', 'missing/train: no such folder'), (tmp_path / 'none', 'none/train: no class folders'),
+             (empty, 'empty/train/c3: no images'), (differ, "train and val have different classes (e.g. 'c2'")]
+    for data_root, message in cases:
+        proc = run('probe.py', f'--data_root={data_root}', *common, check=False)
+        assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (root / 'train' / 'c0' / 'broken.jpg').write_bytes(b'not a jpeg')
+    proc = run('probe.py', f'--data_root={root}', *common)
+    assert 'warning: skipped' in proc.stdout and 'broken.jpg' in proc.stdout and '1 images skipped' in proc.stdout
+    proc = run('probe.py', f'--data_root={root}', *common, '--max_bad_images=0', check=False)
+    assert proc.returncode != 0 and 'more than max_bad_images=0 images failed to load' in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,7 +89,7 @@ MAX_WORDS = 22      # so [SOS] caption [EOS] fits max_len = 30 ids with a few wo
 MIN_CONTRAST = 140  # RGB distance between an object's colour and the mean backdrop under it (farthest if none)
 SUPERSAMPLE = 4     # silhouettes drawn at 4x then box-filtered: anti-aliased edges and fractional masks
 JPEG_QUALITY = 90
-SPLIT_CODES = {'train2017': 0, 'val2017': 1, 'trainval': 2, 'test': 3}  # part of each image's seed
+SPLIT_CODES = {'train2017': 0, 'val2017': 1, 'trainval': 2, 'test': 3, 'train': 4, 'val': 5}  # part of each image's seed
 # -----------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ The built-in synthetic "shapes world": 1-4 coloured shapes on textured backgroun
 
 Writes OUT/coco/{train2017,val2017,annotations} and OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main} in the
 public formats (COCO: captions_*.json, and instances_*.json with every object's box, for the multilabel pretext),
+OUT/imagefolder/{train,val}/<category>/ for a linear probe (each image filed under its largest object),
 plus each image's scene record (scenes_*.json) so tests can check captions against the truth.
 The 10 categories differ only by shape; colour, size, rotation, position, count and background are drawn
 independently of them, so naming them takes shape (random conv features see colour and texture, not shape).
@@ -46,7 +47,7 @@ MAX_TOKENS = 24     # words + punctuation per caption, so [SOS] caption [EOS] fi
 MIN_CONTRAST = 100  # RGB distance between an object's colour and the background's colours
 SUPERSAMPLE = 4     # shapes drawn at 4x then box-filtered: anti-aliased edges and fractional masks
 JPEG_QUALITY = 90
-SPLIT_CODES = {'train2017': 0, 'val2017': 1, 'trainval': 2, 'test': 3}  # part of each image's seed
+SPLIT_CODES = {'train2017': 0, 'val2017': 1, 'trainval': 2, 'test': 3, 'train': 4, 'val': 5}  # part of each image's seed
 # -----------------------------------------------------------------------------
 
 
@@ -368,6 +369,27 @@ def write_voc(root, pool, make_example, categories, source, args):
         first += n
 
 
+def largest_object(scene):
+    """The category an ImageFolder files a scene under: its largest box among the objects that are not difficult."""
+    def area(o):
+        return (o['bbox'][2] - o['bbox'][0] + 1) * (o['bbox'][3] - o['bbox'][1] + 1)
+    return max((o for o in scene['objects'] if not o['difficult']), key=area)['category']
+
+
+def write_imagefolder(root, pool, make_example, categories, args):
+    """ROOT/{train,val}/<category>/<name>.jpg, each image filed under its largest object (a linear probe's data)."""
+    for split, n in (('train', args.n_folder_train), ('val', args.n_folder_val)):
+        for c in categories:
+            os.makedirs(os.path.join(root, split, c))
+        names = [f'{i:06d}' for i in range(1, n + 1)]
+        flat = [os.path.join(root, split, f'{m}.jpg') for m in names]
+        scenes = [scene for scene, _ in generate(pool, make_example, split, flat, args)]
+        for name, path, scene in zip(names, flat, scenes):
+            os.rename(path, os.path.join(root, split, largest_object(scene), f'{name}.jpg'))
+        with open(os.path.join(root, f'scenes_{split}.json'), 'w') as f:  # beside the class folders, not in them
+            json.dump([{'name': m, 'category': largest_object(s), **s} for m, s in zip(names, scenes)], f)
+
+
 def command_line(description, out, size, min_size, prog):
     """The arguments both worlds take, checked; errors are one line that starts with prog."""
     parser = argparse.ArgumentParser(description=description)
@@ -376,13 +398,15 @@ def command_line(description, out, size, min_size, prog):
     parser.add_argument('--n_val', type=int, default=1000, help='COCO val2017 images')
     parser.add_argument('--n_voc_trainval', type=int, default=2000, help='VOC2007 trainval images')
     parser.add_argument('--n_voc_test', type=int, default=2000, help='VOC2007 test images')
+    parser.add_argument('--n_folder_train', type=int, default=2000, help='imagefolder/train images')
+    parser.add_argument('--n_folder_val', type=int, default=1000, help='imagefolder/val images')
     parser.add_argument('--size', type=int, default=size, help='images are size x size pixels')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='processes')
     # one line, not argparse's usage + error
     parser.error = lambda message: sys.exit(f'{prog}: error: {message}')
     args = parser.parse_args()
-    for flag in ('n_train', 'n_val', 'n_voc_trainval', 'n_voc_test', 'workers'):
+    for flag in ('n_train', 'n_val', 'n_voc_trainval', 'n_voc_test', 'n_folder_train', 'n_folder_val', 'workers'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag} must be >= 1 (got {getattr(args, flag)})')
     if not min_size <= args.size <= 1024:
@@ -394,7 +418,7 @@ def command_line(description, out, size, min_size, prog):
 
 
 def write_world(args, make_example, categories, source, prog):
-    """Write OUT/coco and OUT/VOC2007, building everything in a hidden folder inside OUT first, so that an
+    """Write OUT/coco, OUT/VOC2007 and OUT/imagefolder, building everything in a hidden folder inside OUT first, so that an
     interrupted run leaves no half-written data set; a previous complete output is replaced only at the end.
     source = (the world's name, the script that makes it)."""
     try:
@@ -406,7 +430,8 @@ def write_world(args, make_example, categories, source, prog):
     try:
         write_coco(os.path.join(tmp, 'coco'), pool, make_example, categories, source, args)
         write_voc(os.path.join(tmp, 'VOC2007'), pool, make_example, categories, source, args)
-        for name in ('coco', 'VOC2007'):
+        write_imagefolder(os.path.join(tmp, 'imagefolder'), pool, make_example, categories, args)
+        for name in ('coco', 'VOC2007', 'imagefolder'):
             target = os.path.join(args.out, name)
             if os.path.lexists(target):
                 os.rename(target, os.path.join(tmp, name + '.old'))
@@ -419,9 +444,10 @@ def write_world(args, make_example, categories, source, prog):
         if pool:
             pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
-    n_bytes = sum(os.path.getsize(os.path.join(d, f)) for name in ('coco', 'VOC2007')
+    n_bytes = sum(os.path.getsize(os.path.join(d, f)) for name in ('coco', 'VOC2007', 'imagefolder')
                   for d, _, files in os.walk(os.path.join(args.out, name)) for f in files)
-    print(f'wrote {args.n_train + args.n_val + args.n_voc_trainval + args.n_voc_test} images in '
+    n_images = args.n_train + args.n_val + args.n_voc_trainval + args.n_voc_test + args.n_folder_train + args.n_folder_val
+    print(f'wrote {n_images} images in '
           f'{time.time() - t0:.1f} s, {n_bytes / 1e6:.1f} MB, to {args.out}')
 
 
