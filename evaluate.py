@@ -40,6 +40,7 @@ num_workers = min(4, os.cpu_count() or 1)  # DataLoader processes decoding JPEGs
 log_interval = 10       # print extraction progress every this many batches
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # also where the SVMs are solved
 dtype = 'float32'       # extraction precision: float32 (upstream) | bfloat16 | float16 (autocast, faster on GPU)
+svm_dtype = 'auto'      # the SVM solver's CG products: auto = bfloat16 where it is fast (see cg_dtype), float32
 features = ''           # an .npz from --save_features: skip the images, train and test SVMs only
 save_features = ''      # write the extracted features here (.npz: train_x, train_y, test_x, test_y, class_names)
 out_json = ''           # also write the per-class table and mAP here
@@ -75,7 +76,7 @@ def svm_basis(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def fit_svms(x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, tol: float = 1e-4, max_newton: int = 50,
-             max_cg: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+             max_cg: int = 100, cg_dtype: torch.dtype = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve P linear SVMs on the same features at once; return weights (D, P) and biases (P,).
 
     x (n, D) features; y (n, P) labels +-1; cost (n, P) per-sample cost C * class weight (0 leaves a sample out).
@@ -85,9 +86,12 @@ def fit_svms(x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, tol: float = 
     by truncated Newton: each Newton direction comes from preconditioned conjugate gradients, then an exact line
     search. Stops when |gradient| <= tol * |gradient at 0| for every problem.
     (VOC07-sized: 6 Newton and ~30 CG steps in all; with the diagonal in the original basis, hundreds of CG steps)
+    cg_dtype (default x's) is the precision of the CG's Hessian products, most of the time: bfloat16 only bends
+    each Newton direction a little, while the gradient, the line search and the stopping test stay in x's dtype.
     """
     n, D = x.shape
     V, z, z2 = svm_basis(x)
+    z_cg = z.to(cg_dtype or x.dtype)                             # (n, D+1) what the CG's products read
     tiny = torch.finfo(x.dtype).tiny
     u = x.new_zeros(D + 1, y.shape[1])                           # (D+1, P)
     margin = x.new_zeros(y.shape)                                # (n, P) z @ u, kept up to date
@@ -109,6 +113,7 @@ def fit_svms(x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, tol: float = 
         # being refined: a problem leaves the CG as soon as its residual is small enough (the first time, as
         # liblinear's per-problem CG), which on hard features removes most of the columns after a few steps
         precond = 1 / (1 + 2 * z2.T @ active)                    # (D+1, p) inverse of the Hessian's diagonal
+        active_cg = active.to(z_cg.dtype)
         cg_tol = torch.clamp(torch.sqrt(gnorm / gnorm0[todo]), max=0.1) * gnorm
         d, r = torch.zeros_like(grad), -grad                      # direction so far, residual -grad - H d
         p = r * precond
@@ -116,7 +121,7 @@ def fit_svms(x: torch.Tensor, y: torch.Tensor, cost: torch.Tensor, tol: float = 
         live = torch.arange(len(todo), device=x.device)           # columns whose CG goes on
         for _ in range(max_cg):
             p_live = p[:, live]
-            hp = p_live + 2 * z.T @ (active[:, live] * (z @ p_live))   # (D+1, k) Hessian times p
+            hp = p_live + 2 * (z_cg.T @ (active_cg[:, live] * (z_cg @ p_live.to(z_cg.dtype)))).to(x.dtype)  # (D+1, k) H p
             alpha = rs[live] / (p_live * hp).sum(0).clamp(min=tiny)      # 0 for a column whose residual is 0
             d[:, live] += alpha * p_live
             r_live = r[:, live] - alpha * hp
@@ -189,7 +194,20 @@ def stratified_folds(labels: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
     return folds
 
 
-def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS):
+def cg_dtype(device, choice: str = 'auto') -> torch.dtype:
+    """The precision of fit_svms' CG products. auto: bfloat16 where the hardware multiplies it natively (CUDA GPUs
+    with bf16; CPUs with AVX512-BF16 or AMX, whose bf16 GEMMs ran 3.8x faster than float32 on the development
+    machine), else float32. On VOC-like features it changed no chosen cost and no class AP by more than 0.011."""
+    if choice not in ('auto', 'float32', 'bfloat16'):
+        raise ValueError(f"--svm_dtype={choice}: expected auto, float32 or bfloat16")
+    if choice != 'auto':
+        return getattr(torch, choice)
+    if torch.device(device).type == 'cuda':
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS, cg_dtype=None):
     """Upstream's protocol for VOC labels (N, C) in {1, -1, 0}: returns test AP (C,), index of the chosen cost
     (C,) and the cross-validated AP (C, K) of every cost.
 
@@ -207,7 +225,7 @@ def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS):
     cost_grid = torch.tensor(costs, dtype=train_x.dtype, device=dev).repeat(C)    # (C*K,) class-major
     cost = (keep * weight).repeat_interleave(K, 2) * cost_grid                    # (S, n, C*K)
     cost = cost.permute(1, 0, 2).reshape(n, S * C * K)                            # (n, S*C*K)
-    w, b = fit_svms(train_x, y.repeat_interleave(K, 1).repeat(1, S), cost)        # (D, S*C*K), (S*C*K,)
+    w, b = fit_svms(train_x, y.repeat_interleave(K, 1).repeat(1, S), cost, cg_dtype=cg_dtype)  # (D, S*C*K), (S*C*K,)
     scores = (train_x @ w + b).view(n, S, C, K)                                   # decision values on trainval
     cv_ap = torch.zeros(C, K, dtype=torch.float64)
     for f in range(N_FOLDS):
@@ -428,11 +446,12 @@ def main():
             write_atomically(save_features, lambda f: np.savez(f, **arrays))
             print(f"saved features to {save_features}")
 
-    t0 = time.time()
+    t0, products = time.time(), cg_dtype(device, svm_dtype)
     test_ap, best, cv_ap = train_and_test_svms(train_x.to(device, torch.float32), train_y.to(device),
-                                               test_x.to(device, torch.float32), test_y.to(device))
+                                               test_x.to(device, torch.float32), test_y.to(device), cg_dtype=products)
     print(f"SVMs: {len(class_names)} classes x {len(SVM_COSTS)} costs x {N_FOLDS + 1} fits in {time.time() - t0:.1f}s "
-          f"({train_x.shape[0]} trainval, {test_x.shape[0]} test, {train_x.shape[1]}-d)")
+          f"({train_x.shape[0]} trainval, {test_x.shape[0]} test, {train_x.shape[1]}-d; "
+          f"CG products in {str(products).removeprefix('torch.')})")
     width = max(len(n) for n in class_names)
     print(f"{'class':<{width}}  {'C':>5}  {'cv AP':>6}  {'test AP':>7}")
     for c, name in enumerate(class_names):

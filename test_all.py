@@ -1421,6 +1421,16 @@ def test_fit_svms_float32_and_leaving_out_equals_dropping():
     w32, b32 = fit_svms(x.float(), y.float(), cost.float())  # defaults: float32, tol 1e-4
     scores64, scores32 = x @ w64 + b64, (x.float() @ w32 + b32).double()
     assert torch.allclose(scores32, scores64, atol=2e-3 * scores64.abs().max()), (scores32 - scores64).abs().max()
+    # bfloat16 CG products bend the Newton directions only: the float32 gradient test still stops it at the optimum
+    w16, b16 = fit_svms(x.float(), y.float(), cost.float(), cg_dtype=torch.bfloat16)
+    grad0 = svm_gradient(torch.zeros_like(w16), torch.zeros_like(b16), x.float(), y.float(), cost.float()).norm(dim=0)
+    assert (svm_gradient(w16, b16, x.float(), y.float(), cost.float()).norm(dim=0) <= 1e-4 * grad0).all()
+    scores16 = (x.float() @ w16 + b16).double()
+    assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), (scores16 - scores64).abs().max()
+    from evaluate import cg_dtype
+    assert cg_dtype('cpu', 'float32') == torch.float32 and cg_dtype('cpu') in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match='--svm_dtype=fp8: expected auto, float32 or bfloat16'):
+        cg_dtype('cpu', 'fp8')
     # a sample with cost 0 is out of the problem: the same as solving without its row
     kept = cost[:, 2] > 0
     w_sub, b_sub = fit_svms(x[kept], y[kept, 2:3], cost[kept, 2:3], tol=1e-10)

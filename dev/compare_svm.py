@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from evaluate import SVM_COSTS, load_features, train_and_test_svms
+from evaluate import SVM_COSTS, cg_dtype, load_features, train_and_test_svms
 
 # -----------------------------------------------------------------------------
 synthetic = 'A'        # A: mAP 85, mean cosine 0.62, mostly C=1; B: mAP 83, mean cosine 0.71, mostly C=10; C: hard, mAP 89
@@ -34,6 +34,7 @@ features = ''          # an .npz with train_x, train_y, test_x, test_y instead o
 processes = 2          # LinearSVC processes (upstream: mp.Pool over the classes); 1 runs them in this process
 dual = 'True'          # LinearSVC dual: True (sklearn 0.21.3, the paper), False or auto
 sklearn = True         # False times only our solver
+svm_dtype = 'auto'     # our CG products, as evaluate.py's --svm_dtype
 seed = 0
 # -----------------------------------------------------------------------------
 
@@ -136,14 +137,16 @@ if __name__ == '__main__':
     print(f"features: {name}: trainval {train_x.shape}, test {test_x.shape}, mean cosine {cos:.2f}, "
           f"eigenvalues of [X 1]^T [X 1] from {eig[0]:.2e} to {eig[-1]:.2e}")
     args = [torch.from_numpy(a) for a in (train_x, train_y, test_x, test_y)]
-    train_and_test_svms(*(a[:500] for a in args))  # warm-up, untimed
+    products = cg_dtype('cpu', svm_dtype)
+    train_and_test_svms(*(a[:500] for a in args), cg_dtype=products)  # warm-up, untimed
     t_ours = {}
     for n_threads in sorted({1, torch.get_num_threads()}):  # 1 thread is the fair match for one LinearSVC process
         torch.set_num_threads(n_threads)
         t0 = time.time()
-        ours_ap, ours_best, _ = train_and_test_svms(*args)
+        ours_ap, ours_best, _ = train_and_test_svms(*args, cg_dtype=products)
         t_ours[n_threads] = time.time() - t0
-        print(f"ours:      mAP {100 * ours_ap.mean():.2f} in {t_ours[n_threads]:.1f}s ({n_threads} torch threads)")
+        print(f"ours:      mAP {100 * ours_ap.mean():.2f} in {t_ours[n_threads]:.1f}s ({n_threads} torch threads, "
+              f"CG products in {str(products).removeprefix('torch.')})")
     if sklearn:
         jobs = [(train_x, train_y[:, c], test_x, test_y[:, c], {'True': True, 'False': False}.get(dual, dual))
                 for c in range(train_y.shape[1])]
