@@ -209,7 +209,7 @@ def bench_caption(name):
 
 
 def bench_svm():
-    from evaluate import train_and_test_svms
+    from evaluate import cg_dtype, train_and_test_svms
     g = torch.Generator().manual_seed(seed)
     C, D = 20, 2048
     # VOC07-like stand-ins: nonnegative, L2-normalized, correlated features with a class signal
@@ -223,10 +223,12 @@ def bench_svm():
     test_x, test_y = features(4952)
     reset_peak_memory()
     t0 = time.perf_counter()
-    test_ap, _, _ = train_and_test_svms(train_x, train_y, test_x, test_y)
+    products = cg_dtype(device)  # as evaluate.py's default
+    test_ap, _, _ = train_and_test_svms(train_x, train_y, test_x, test_y, cg_dtype=products)
     sync()
     dt = time.perf_counter() - t0
-    rows.append(('svm (VOC07 size)', '320 SVMs', '5011 x 2048, 20 classes', f"mAP {100 * test_ap.mean():.1f}",
+    rows.append(('svm (VOC07 size)', '320 SVMs', f"5011 x 2048, 20 classes, CG in {str(products)[6:]}",
+                 f"mAP {100 * test_ap.mean():.1f}",
                  f"{dt:.1f} s", peak_memory_gb()))
 
 

@@ -1167,7 +1167,7 @@ def test_pretext_input_errors_are_one_line(shapes, tmp_path):
     captions.write_text(json.dumps(d))
     cases = [(['--pretext=mlm'], "--pretext='mlm': choose one of bicaptioning, captioning, masked_lm"),
              (['--pretext=multilabel_classification', f'--data_root={no_instances}'],
-              f'{no_instances}/annotations/instances_train2017.json does not exist'),
+              f'{no_instances}/annotations/instances_train2017.json: No such file or directory'),
              (['--pretext=multilabel_classification', f'--data_root={mismatched}', '--eval_interval=5'],
               f'{instances}: its images are not those of captions_val2017.json'),
              (['--pretext=masked_lm', f'--data_root={wordless}'], 'has a caption without words (nothing to mask)')]

@@ -154,10 +154,7 @@ with one_line_errors():
     labels, n_classes = {}, len(tok)  # multilabel_classification: its targets are COCO categories, not words
     if pretext == 'multilabel_classification':
         for split in ('train2017', 'val2017') if eval_interval else ('train2017',):
-            if not os.path.exists(os.path.join(data_root, 'annotations', f'instances_{split}.json')):
-                raise SystemExit(f"error: --pretext=multilabel_classification reads COCO instance labels, and "
-                                 f"{data_root}/annotations/instances_{split}.json does not exist")
-            names, labels[split] = read_instances(data_root, split)
+            names, labels[split] = read_instances(data_root, split)  # annotations/instances_<split>.json
         n_classes = len(names) + 1  # index 0 is background / padding
     train_set = CocoCaptions(data_root, 'train2017', tok, image_size, max_len, train=True, seed=seed,
                              min_crop_scale=min_crop_scale, color_jitter=color_jitter, labels=labels.get('train2017'))
