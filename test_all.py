@@ -1776,7 +1776,7 @@ def test_bad_feature_files_and_weight_sources(tmp_path):
         evaluate.load_backbone(init='imagenet')
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
     proc = run('evaluate.py', f'--voc_root={voc}', '--init=imagenet', check=False)  # the command line: one line
-    assert proc.returncode != 0 and proc.stderr.strip() == 'error: --init=imagenet: expected random, torchvision:PATH or virtex:PATH'
+    assert proc.returncode != 0 and proc.stderr.strip() == 'error: --init=imagenet: expected random, torchvision:PATH, virtex:PATH or moco:PATH'
 
 
 def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
