@@ -18,6 +18,9 @@ Measured (2 CPU cores, torch 2.14, sklearn 1.9.1, 1-2 runs each; the machine was
   mAP equal to 0.01 points on all three, per-class AP within 0.016 points, the same C for every class.
   synthetic C (hard, quiet machine): ours 5.9s (2 threads), 11.0s (1); LinearSVC 57.6s (2 processes): 9.7x;
   mAP 89.06 both, per-class AP within 0.002, the same C for every class.
+  The lines above are float32 CG products. With bfloat16 ones (--svm_dtype=auto on this AVX512-BF16 machine), quiet:
+  C: ours 3.4s (2 threads), 5.3s (1); LinearSVC 56.8s in the same run: 16.6x, mAP 89.06 both, the same C per class.
+  A: 2.4s, B: 2.3s (2 threads), mAP 84.98 and 82.78 as in float32.
 """
 import multiprocessing
 import time

@@ -15,15 +15,12 @@ Prints a table and writes out/ablation/results.json.
 
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
-from checkpoints import load_file  # noqa: E402
-from configurator import configure  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runs import HERE, config_max_iters, finished, random_init_map, train, train_minutes, voc_map  # noqa: E402
+from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
 from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -42,69 +39,29 @@ for p in pretext_list:
 for path in (f'{data}/coco/annotations/instances_train2017.json', f'{data}/vocab.model', f'{data}/VOC2007', config):
     if not os.path.exists(os.path.join(HERE, path)):
         raise SystemExit(f"error: {path} does not exist (python data/shapes/prepare.py, then the tokenizer: see README)")
-with open(os.path.join(HERE, config)) as f:
-    max_iters = int(re.search(r'^max_iters\s*=\s*([\d_]+)', f.read(), re.M).group(1))
-voc = f'--voc_root={data}/VOC2007'
-
-
-def run(args, log_path):
-    """A project script, its output kept in log_path; returns the output."""
-    t0 = time.time()
-    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
-    with open(os.path.join(HERE, log_path), 'w') as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise SystemExit(f"error: {' '.join(args)} failed; its output is in {log_path}")
-    print(f"  {os.path.basename(args[0])} done in {time.time() - t0:.0f} s", flush=True)
-    return proc.stdout
-
-
-def finished(run_dir, pretext, seed):
-    """True if run_dir holds the last checkpoint of train.py with this pretext and seed."""
-    path = os.path.join(HERE, run_dir, 'ckpt.pt')
-    if not os.path.exists(path):
-        return False
-    ckpt = load_file(path)
-    cfg = ckpt['config']
-    saved_pretext = cfg.get('pretext', 'bicaptioning' if cfg.get('bidirectional', True) else 'captioning')
-    return saved_pretext == pretext and cfg['seed'] == seed and ckpt['iter_num'] == cfg['max_iters'] == max_iters
-
-
-def train_minutes(run_dir):
-    """Training minutes of a run, from its log's last record."""
-    with open(os.path.join(HERE, run_dir, 'log.jsonl')) as f:
-        records = [json.loads(line) for line in f]
-    return [r for r in records if r['event'] == 'train'][-1]['time'] / 60
-
-
-def voc_map(output):
-    return float(re.findall(r'^mAP: ([\d.]+)', output, re.M)[-1])
-
+max_iters = config_max_iters(config)
+voc = f'{data}/VOC2007'
 
 os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
 results = {}  # (pretext, seed) -> {'map':, 'train_min':}
 t_start = time.time()
 for seed in seed_list:
     print(f"seed {seed}: random init", flush=True)
-    output = run(['evaluate.py', voc, '--init=random', '--visual=resnet18', '--image_size=64',
-                  '--zero_init_residual=False', f'--seed={seed}'], f'{out_dir}/random_seed{seed}.log')
-    results[('random init', seed)] = {'map': voc_map(output), 'train_min': 0.0}
+    results[('random init', seed)] = {'map': random_init_map(voc, seed, f'{out_dir}/random_seed{seed}.log'),
+                                      'train_min': 0.0}
     for pretext in pretext_list:
-        run_dir = f'{out_dir}/{pretext}_seed{seed}'
-        demo_dir = f'out/demo_seed{seed}'
-        if pretext == 'bicaptioning' and not finished(run_dir, pretext, seed) and finished(demo_dir, pretext, seed):
+        run_dir, demo_dir = f'{out_dir}/{pretext}_seed{seed}', f'out/demo_seed{seed}'
+        if pretext == 'bicaptioning' and not finished(run_dir, max_iters, pretext=pretext, seed=seed) \
+                and finished(demo_dir, max_iters, pretext=pretext, seed=seed, train_fraction=1.0):
             run_dir = demo_dir
-        os.makedirs(os.path.join(HERE, run_dir), exist_ok=True)
-        if finished(run_dir, pretext, seed):
+        if finished(run_dir, max_iters, pretext=pretext, seed=seed):
             print(f"seed {seed}: {pretext}: trained already in {run_dir}", flush=True)
         else:
             print(f"seed {seed}: {pretext}: training into {run_dir}", flush=True)
-            if os.path.exists(os.path.join(HERE, run_dir, 'log.jsonl')):
-                os.remove(os.path.join(HERE, run_dir, 'log.jsonl'))  # a stale log of an unfinished run
-            run(['train.py', config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model', f'--pretext={pretext}',
-                 f'--seed={seed}', f'--out_dir={run_dir}'], f'{run_dir}/train.log')
-        output = run(['evaluate.py', voc, f'--ckpt={run_dir}/ckpt.pt'], f'{run_dir}/evaluate.log')
-        results[(pretext, seed)] = {'map': voc_map(output), 'train_min': train_minutes(run_dir), 'run': run_dir}
+            train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model', f'--pretext={pretext}',
+                            f'--seed={seed}'])
+        results[(pretext, seed)] = {'map': voc_map(voc, [f'--ckpt={run_dir}/ckpt.pt'], f'{run_dir}/evaluate.log'),
+                                    'train_min': train_minutes(run_dir), 'run': run_dir}
         print(f"seed {seed}: {pretext}: VOC07 mAP {results[(pretext, seed)]['map']:.2f}", flush=True)
 
 # ----------------------------------------------------------------------------------------------

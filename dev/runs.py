@@ -1,0 +1,75 @@
+"""
+Helpers of the dev experiments that train and judge several backbones (pretext_ablation.py, data_efficiency.py):
+run a project script with its output kept in a log, tell a finished train.py run from an unfinished one, read
+the numbers the scripts print last.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+from checkpoints import load_file  # noqa: E402
+
+
+def run(args, log_path):
+    """A project script (paths relative to the repository), its output kept in log_path; returns its stdout."""
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
+    with open(os.path.join(HERE, log_path), 'w') as f:
+        f.write(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise SystemExit(f"error: {' '.join(args)} failed; its output is in {log_path}")
+    print(f"  {os.path.basename(args[0])} done in {time.time() - t0:.0f} s", flush=True)
+    return proc.stdout
+
+
+def config_max_iters(config):
+    """max_iters as a config/*.py file sets it."""
+    with open(os.path.join(HERE, config)) as f:
+        return int(re.search(r'^max_iters\s*=\s*([\d_]+)', f.read(), re.M).group(1))
+
+
+def finished(run_dir, max_iters, **expected):
+    """True if run_dir holds train.py's last checkpoint of a max_iters run whose config has the expected values
+    (pretext: also from files written before the key, which said `bidirectional`)."""
+    path = os.path.join(HERE, run_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        return False
+    ckpt = load_file(path)
+    cfg = dict(ckpt['config'])
+    cfg.setdefault('pretext', 'bicaptioning' if cfg.get('bidirectional', True) else 'captioning')
+    cfg.setdefault('train_fraction', 1.0)
+    return ckpt['iter_num'] == cfg['max_iters'] == max_iters and all(cfg[k] == v for k, v in expected.items())
+
+
+def train(run_dir, args):
+    """train.py with args into run_dir, unless it finished there already."""
+    os.makedirs(os.path.join(HERE, run_dir), exist_ok=True)
+    log = os.path.join(HERE, run_dir, 'log.jsonl')
+    if os.path.exists(log):
+        os.remove(log)  # a stale log of an unfinished run
+    run(['train.py', *args, f'--out_dir={run_dir}'], f'{run_dir}/train.log')
+
+
+def train_minutes(run_dir):
+    """Training minutes of a run, from its log's last record."""
+    with open(os.path.join(HERE, run_dir, 'log.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if r['event'] == 'train'][-1]['time'] / 60
+
+
+def voc_map(voc_root, source_args, log_path):
+    """evaluate.py's VOC07 mAP for a weight source (e.g. ['--ckpt=...'])."""
+    output = run(['evaluate.py', f'--voc_root={voc_root}', *source_args], log_path)
+    return float(re.findall(r'^mAP: ([\d.]+)', output, re.M)[-1])
+
+
+def random_init_map(voc_root, seed, log_path):
+    """The baseline every table shows: config/shapes.py's R-18 at random init, at 64 px."""
+    return voc_map(voc_root, ['--init=random', '--visual=resnet18', '--image_size=64', '--zero_init_residual=False',
+                              f'--seed={seed}'], log_path)
