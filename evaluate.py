@@ -25,9 +25,8 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-import torchvision
 
-from checkpoints import infer_resnet, load_file, load_model, load_official
+from checkpoints import load_backbone
 from coco import load_eval_image, normalize, to_uint8_tensor
 
 # -----------------------------------------------------------------------------
@@ -294,59 +293,6 @@ class VocImages(torch.utils.data.Dataset):
 
 # ------------------------------------------------------------------------------------------------
 # the backbone and its features
-
-def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', image_size: int = 0, seed: int = 1337,
-                  zero_init_residual: bool = True) -> tuple[nn.Module, str, int]:
-    """The plain torchvision ResNet to evaluate (pooled output, fc removed), its name and the image size to use.
-
-    Exactly one weight source: ckpt (this project's checkpoint; its backbone and training image size) or init
-    ('random' with `visual`, seed and zero_init_residual; 'torchvision:PATH' a torchvision ResNet state dict;
-    'virtex:PATH' an official VirTex checkpoint or backbone; 'moco:PATH' an official MoCo v1/v2 release, its query
-    encoder without the fc / projection head). image_size 0: the checkpoint's, else 224.
-    """
-    if bool(ckpt) + bool(init) != 1:
-        raise ValueError("give exactly one weight source: --ckpt=PATH or --init=random|torchvision:PATH|"
-                         "virtex:PATH|moco:PATH (or --features=PATH.npz to skip the images)")
-    arch, state, source, size = visual, None, ckpt or init.partition(':')[2], image_size
-    if ckpt:
-        model = load_model(ckpt)
-        arch, state = model.config.visual, model.backbone_state_dict()
-        size = size or model.train_config.get('image_size', 224)  # features at the resolution it was trained at
-    elif init.startswith('virtex:'):
-        model = load_official(source)
-        arch, state = model.config.visual, model.backbone_state_dict()
-    elif init.startswith('torchvision:'):
-        state = load_file(source)
-        for wrapper in ('state_dict', 'model'):  # old ImageNet example / torchvision references checkpoints
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-        if not isinstance(state, dict):
-            raise ValueError(f"{source}: expected a dict of tensors")
-        state = {k.removeprefix('module.'): v for k, v in state.items()}  # DataParallel's prefix
-        state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the classifier is not evaluated
-    elif init.startswith('moco:'):  # {'state_dict': {'module.encoder_q.<torchvision key>': ...}, ...}
-        state = load_file(source)
-        state, prefix = state.get('state_dict') if isinstance(state, dict) else None, 'module.encoder_q.'
-        if not isinstance(state, dict) or not any(k.startswith(prefix) for k in state):
-            raise ValueError(f"{source}: not a MoCo checkpoint (expected 'state_dict' with {prefix}* keys)")
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}
-        arch = infer_resnet(state, source)
-    elif init != 'random':
-        raise ValueError(f"--init={init}: expected random, torchvision:PATH, virtex:PATH or moco:PATH")
-    torch.manual_seed(seed)
-    try:
-        backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
-    except ValueError:
-        raise ValueError(f"--visual={arch}: not a torchvision model name (e.g. resnet50)") from None
-    backbone.fc = nn.Identity()  # forward now ends at the global average pool: (B, 2048) for ResNet-50
-    if state is not None:
-        try:
-            backbone.load_state_dict(state)
-        except RuntimeError as e:
-            reason = ' '.join(str(e).split())[:300]
-            raise ValueError(f"{source}: not a {arch} backbone: {reason}") from None
-    return backbone, arch, size or 224
-
 
 @torch.inference_mode()
 def extract_features(backbone: nn.Module, paths: list[str], size: int, split: str = 'images', batch_size: int = 64,

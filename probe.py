@@ -26,8 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from checkpoints import load_backbone
 from coco import load_eval_image, normalize, random_box, random_resized_crop, to_uint8_tensor
-from evaluate import load_backbone, write_atomically
+from evaluate import write_atomically
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
 

@@ -453,7 +453,7 @@ class RunsCode:
 
 def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, shapes):
     from dataclasses import asdict
-    from evaluate import load_backbone
+    from checkpoints import load_backbone
     from checkpoints import load_model
     from model import VirTex
     model = VirTex(tiny_cfg())
@@ -1552,7 +1552,7 @@ def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
 
 def test_torchvision_init_equals_random_init_with_same_seed(tmp_path):
     import torchvision
-    from evaluate import load_backbone
+    from checkpoints import load_backbone
     torch.manual_seed(7)
     state = torchvision.models.resnet18(zero_init_residual=True).state_dict()
     path = tmp_path / 'r18.pth'
@@ -1570,7 +1570,7 @@ def test_torchvision_init_equals_random_init_with_same_seed(tmp_path):
 def test_checkpoint_backbone_and_its_image_size(tmp_path):
     from dataclasses import asdict
     import torchvision
-    from evaluate import load_backbone
+    from checkpoints import load_backbone
     from model import VirTex, VirTexConfig
     torch.manual_seed(0)
     model = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, n_head=1, max_len=12))
@@ -1597,7 +1597,7 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path):
 @pytest.mark.parametrize('pretext', ['masked_lm', 'token_classification', 'multilabel_classification'])
 def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption(tmp_path, pretext):
     from dataclasses import asdict
-    from evaluate import load_backbone
+    from checkpoints import load_backbone
     from model import VirTex
     torch.manual_seed(0)
     model = VirTex(tiny_cfg(pretext=pretext, vocab_size=11 if 'multilabel' in pretext else 40))
@@ -1615,7 +1615,7 @@ def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
     """The official classification files hold a linear layer under textual.output; masked LM's the keys of a
     captioning head. For evaluation both give their backbone."""
     import torchvision
-    from evaluate import load_backbone
+    from checkpoints import load_backbone
     torch.manual_seed(2)
     cnn = torchvision.models.resnet18()
     cnn.fc = nn.Identity()
@@ -1632,7 +1632,7 @@ def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
 
 def test_moco_init_takes_the_query_encoder_and_refuses_other_layouts(tmp_path):
     import torchvision
-    from evaluate import load_backbone
+    from checkpoints import load_backbone
     torch.manual_seed(3)
     encoder = torchvision.models.resnet18()
     for p in encoder.parameters():
@@ -1688,7 +1688,7 @@ def test_export_writes_both_layouts_from_a_checkpoint(tmp_path):
 
 def test_virtex_init_from_an_official_backbone_file(tmp_path):
     import torchvision
-    from evaluate import load_backbone
+    from checkpoints import load_backbone
     torch.manual_seed(1)
     reference = torchvision.models.resnet18()
     for p in reference.parameters():
@@ -1746,6 +1746,7 @@ def test_undecodable_image(tmp_path):
 
 def test_bad_feature_files_and_weight_sources(tmp_path):
     import evaluate
+    from checkpoints import load_backbone
     good = dict(train_x=np.random.rand(6, 4).astype(np.float32), train_y=np.ones((6, 2), dtype=np.int64),
                 test_x=np.random.rand(5, 4).astype(np.float32), test_y=-np.ones((5, 2), dtype=np.int64))
     bad_files = {
@@ -1771,9 +1772,9 @@ def test_bad_feature_files_and_weight_sources(tmp_path):
     # weight sources: exactly one
     for ckpt, init in (('', ''), ('a.pt', 'random')):
         with pytest.raises(ValueError, match='exactly one weight source'):
-            evaluate.load_backbone(ckpt, init)
+            load_backbone(ckpt, init)
     with pytest.raises(ValueError, match='--init=imagenet'):
-        evaluate.load_backbone(init='imagenet')
+        load_backbone(init='imagenet')
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
     proc = run('evaluate.py', f'--voc_root={voc}', '--init=imagenet', check=False)  # the command line: one line
     assert proc.returncode != 0 and proc.stderr.strip() == 'error: --init=imagenet: expected random, torchvision:PATH, virtex:PATH or moco:PATH'
