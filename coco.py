@@ -175,6 +175,20 @@ class CocoCaptions(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
+    def keep_fraction(self, fraction, seed):
+        """Keep round(fraction * len) of the images, drawn with seed (the same subset on every process and on
+        resume); returns the kept indices, sorted, or None when fraction is 1 and all stay."""
+        if fraction >= 1:
+            return None
+        draw = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(seed))
+        kept = draw[:round(fraction * len(self.items))].sort().values.tolist()
+        self.items = [self.items[i] for i in kept]
+        return kept
+
+    def wordless_caption(self):
+        """The path of the first image with a caption the tokenizer turns into no ids, or None."""
+        return next((path for path, captions, _ in self.items for c in captions if not self.tokenizer.encode(c)), None)
+
     def __getitem__(self, key):
         epoch, index = key
         path, captions, labels = self.items[index]

@@ -160,17 +160,12 @@ with one_line_errors():
                              min_crop_scale=min_crop_scale, color_jitter=color_jitter, labels=labels.get('train2017'))
     val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed,
                            labels=labels.get('val2017')) if eval_interval else None
-train_subset, subset = None, ''  # or the indices of the images kept, saved in checkpoints
-if train_fraction < 1:  # the same subset on every process and on resume: a pure function of (seed, fraction)
-    keep = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))
-    train_subset = keep[:round(train_fraction * len(train_set))].sort().values.tolist()
-    subset = f" ({train_fraction:g} of {len(train_set)})"
-    train_set.items = [train_set.items[i] for i in train_subset]
+subset = f" ({train_fraction:g} of {len(train_set)})" if train_fraction < 1 else ''
+train_subset = train_set.keep_fraction(train_fraction, seed)  # indices kept (None: all), saved in checkpoints
 if pretext == 'masked_lm':  # a caption with no word to hide would stop the run at its batch: refuse it now
-    for data in (train_set, val_set) if val_set else (train_set,):
-        empty = next((path for path, captions, _ in data.items for c in captions if not tok.encode(c)), None)
-        if empty:
-            raise SystemExit(f"error: --pretext=masked_lm: {empty} has a caption without words (nothing to mask)")
+    empty = next(filter(None, (data.wordless_caption() for data in (train_set, val_set) if data)), None)
+    if empty:
+        raise SystemExit(f"error: --pretext=masked_lm: {empty} has a caption without words (nothing to mask)")
 # the sampler shuffles with (seed, epoch); each process takes every N-th index of the permutation
 sampler = DistributedSampler(train_set, ddp_world_size, ddp_rank, shuffle=True, seed=seed, drop_last=True)
 batches_per_epoch = len(sampler) // micro_batch
@@ -301,10 +296,10 @@ def estimate_val_loss():
         images, tokens = to_device(images, tokens)
         with autocast:
             features = raw_model.visual_features(images)  # (B, N, H) or pooled (B, C)
-            for row, features in enumerate((features, features.roll(1, 0))):  # every caption with another image
+            for row, paired in enumerate((features, features.roll(1, 0))):  # then every caption with another image
                 # masked_lm hides the same words in both passes, and never draws from the training RNG
                 generator = torch.Generator(device).manual_seed(seed + batch)
-                loss, parts = raw_model.losses(features, tokens, generator)
+                loss, parts = raw_model.losses(paired, tokens, generator)
                 totals[row] += torch.stack([loss, *parts.values()]).float()
         batches += 1
     if ddp:
