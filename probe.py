@@ -94,9 +94,28 @@ class FolderImages(torch.utils.data.Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, f"{self.paths[i]}: cannot read image ({e})"
 
 
-def batches(dataset, keys, batch_size, num_workers, bad, max_bad):
+class EpochKeys(torch.utils.data.Sampler):
+    """The (epoch, index) keys of the next pass. main() sets .keys before each epoch, so one loader and its workers
+    serve the whole run (a new loader per epoch would start new worker processes every time)."""
+
+    def __init__(self, keys=()):
+        self.keys = list(keys)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
+def loader(dataset, keys, batch_size, num_workers):
+    """A DataLoader over the keys' items whose workers live as long as it does."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers,
+                                       persistent_workers=num_workers > 0)
+
+
+def batches(loader, bad, max_bad):
     """Yield (uint8 images, labels) of the readable images, counting unreadable ones in bad[0] (stop past max_bad)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers)
     for images, labels, errors in loader:
         for error in (e for e in errors if e):
             bad[0] += 1
@@ -147,11 +166,11 @@ def main():
     print(f"{len(train_paths)} train and {len(val_paths)} val images, {len(classes)} classes; {arch} at {size}px, "
           f"frozen; {epochs} epochs x {steps_per_epoch} steps of {batch_size}; {'augmented' if augment else 'fixed features'}")
     bad = [0]
-    train_set = FolderImages(train_paths, train_labels, size, train=augment, seed=seed)
+    train_keys = EpochKeys((0, i) for i in range(len(train_paths)))
+    train_loader = loader(FolderImages(train_paths, train_labels, size, train=augment, seed=seed), train_keys,
+                          batch_size, num_workers)
     if not augment:  # the features never change: compute them once
-        keys = [(0, i) for i in range(len(train_paths))]
-        feats, labels = zip(*((pooled(backbone, x, device), y) for x, y in
-                              batches(train_set, keys, batch_size, num_workers, bad, max_bad_images)))
+        feats, labels = zip(*((pooled(backbone, x, device), y) for x, y in batches(train_loader, bad, max_bad_images)))
         cached = torch.cat(feats), torch.cat(labels).to(device)
         steps_per_epoch = len(cached[0]) // batch_size or 1  # readable images only
         total_steps = epochs * steps_per_epoch
@@ -160,9 +179,8 @@ def main():
     for epoch in range(epochs):
         permutation = torch.randperm(len(cached[0]) if not augment else len(train_paths), generator=order).tolist()
         if augment:
-            stream = batches(train_set, [(epoch, i) for i in permutation[:steps_per_epoch * batch_size]], batch_size,
-                             num_workers, bad, max_bad_images)
-            stream = ((pooled(backbone, x, device), y.to(device)) for x, y in stream)
+            train_keys.keys = [(epoch, i) for i in permutation[:steps_per_epoch * batch_size]]
+            stream = ((pooled(backbone, x, device), y.to(device)) for x, y in batches(train_loader, bad, max_bad_images))
         else:
             stream = ((cached[0][permutation[i:i + batch_size]], cached[1][permutation[i:i + batch_size]])
                       for i in range(0, steps_per_epoch * batch_size, batch_size))
@@ -179,10 +197,10 @@ def main():
                 print(f"epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | loss {loss.item():.4f} | "
                       f"lr {optimizer.param_groups[0]['lr']:.4f} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
 
-    val_set = FolderImages(val_paths, val_labels, size, train=False, seed=seed)
-    logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y) for x, y in
-                           batches(val_set, [(0, i) for i in range(len(val_paths))], batch_size, num_workers, bad,
-                                   max_bad_images)))
+    del train_loader  # its workers
+    val_loader = loader(FolderImages(val_paths, val_labels, size, train=False, seed=seed),
+                        EpochKeys((0, i) for i in range(len(val_paths))), batch_size, num_workers)
+    logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y) for x, y in batches(val_loader, bad, max_bad_images)))
     logits, labels = torch.cat(logits), torch.cat(labels)
     result = {'top1': round(100 * accuracy(logits, labels, 1), 2), 'classes': len(classes), 'train_images': len(train_paths),
               'val_images': len(labels), 'epochs': epochs, 'augment': augment, 'skipped_images': bad[0],
