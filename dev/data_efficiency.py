@@ -6,7 +6,7 @@ share of the training images it saw, beside random init.
   python dev/data_efficiency.py --fractions=0.1,1.0 --seeds=0,1
 
 Every run is `python train.py config/shapes.py --train_fraction=F --seed=S`: the same 2500 iterations of 64 images
-whatever the fraction (so fewer images are seen more often, as in the paper's runs on 10-100 % of COCO), then
+whatever the fraction (so a smaller subset is seen more often: the budget stays, the images change), then
 evaluate.py. Runs go to out/data_efficiency/F_seedS/; the 100 % run is the demo's own when `python demo.py --seed=S`
 wrote out/demo_seedS/. Prints a table and draws out/data_efficiency/map.png (mAP against the fraction, PIL only).
 """
@@ -40,10 +40,11 @@ os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
 
 
 def plot(rows, path, width=560, height=360):
-    """mAP against the fraction of images (log axis), one line per seed, random init dashed; a PNG."""
-    left, top, right, bottom = 50, 20, width - 20, height - 45
+    """mAP against the fraction of images (log axis), one line per seed and init; a PNG."""
+    left, top, right, bottom = 56, 20, width - 24, height - 45
     maps = [m for r in rows for m in (r['map'], r['random'])]
-    lo, hi = min(maps) - 2, max(maps) + 2
+    step = next(s for s in (1, 2, 5, 10, 20) if (max(maps) - min(maps)) / s <= 6)  # at most ~7 round ticks
+    lo, hi = step * math.floor(min(maps) / step - 0.5), step * math.ceil(max(maps) / step + 0.5)
     f_lo, f_hi = min(fraction_list), max(fraction_list)
 
     def xy(fraction, value):
@@ -53,11 +54,15 @@ def plot(rows, path, width=560, height=360):
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
     draw.rectangle((left, top, right, bottom), outline='black')
     for f in fraction_list:
-        draw.text((xy(f, lo)[0] - 12, bottom + 6), f"{100 * f:g}%", fill='black', font=font)
-    for k in range(5):
-        value = lo + (hi - lo) * k / 4
-        draw.text((6, xy(f_lo, value)[1] - 6), f"{value:.0f}", fill='black', font=font)
+        x = xy(f, lo)[0]
+        draw.line((x, bottom, x, bottom + 4), fill='black')
+        draw.text((x - 12, bottom + 6), f"{100 * f:g}%", fill='black', font=font)
+    for value in range(lo, hi + 1, step):
+        y = xy(f_lo, value)[1]
+        draw.line((left - 4, y, left, y), fill='black')
+        draw.text((left - 26, y - 6), f"{value}", fill='black', font=font)
     draw.text(((left + right) // 2 - 60, bottom + 24), 'share of training images', fill='black', font=font)
+    draw.text((4, 4), 'VOC07 mAP', fill='black', font=font)
     for seed in seed_list:
         for key, colour in (('map', (40, 80, 200)), ('random', (200, 60, 40))):
             points = [xy(r['fraction'], r[key]) for r in rows if r['seed'] == seed]
