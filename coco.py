@@ -156,6 +156,20 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # the pretraining dataset
 
+class EpochKeys(torch.utils.data.Sampler):
+    """A sampler of the (epoch, index) keys of the next pass. Setting .keys before each epoch lets one DataLoader,
+    and its persistent workers, serve a whole run: a new loader per epoch starts new worker processes every time."""
+
+    def __init__(self, keys=()):
+        self.keys = list(keys)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self):
+        return len(self.keys)
+
+
 class CocoCaptions(torch.utils.data.Dataset):
     """Images of one COCO split with their captions; an item is one image and one of its captions,
     addressed by (epoch, index) so that its augmentation is a pure function of the key. With `labels`

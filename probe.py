@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoints import load_backbone
-from coco import load_eval_image, normalize, random_box, random_resized_crop, to_uint8_tensor
+from coco import EpochKeys, load_eval_image, normalize, random_box, random_resized_crop, to_uint8_tensor
 from evaluate import write_atomically
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
@@ -92,20 +92,6 @@ class FolderImages(torch.utils.data.Dataset):
             return (pixels.flip(-1) if rng.random() < 0.5 else pixels), self.labels[i], ''
         except Exception as e:
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, f"{self.paths[i]}: cannot read image ({e})"
-
-
-class EpochKeys(torch.utils.data.Sampler):
-    """The (epoch, index) keys of the next pass. main() sets .keys before each epoch, so one loader and its workers
-    serve the whole run (a new loader per epoch would start new worker processes every time)."""
-
-    def __init__(self, keys=()):
-        self.keys = list(keys)
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self):
-        return len(self.keys)
 
 
 def loader(dataset, keys, batch_size, num_workers):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from coco import CocoCaptions, collate, normalize, read_instances
+from coco import CocoCaptions, EpochKeys, collate, normalize, read_instances
 from configurator import config_keys, configure, one_line_errors
 from checkpoints import load_checkpoint
 from lookahead import LookAhead
@@ -172,17 +172,20 @@ batches_per_epoch = len(sampler) // micro_batch
 if batches_per_epoch == 0:
     raise SystemExit(f"error: {len(train_set)} training images{subset} are fewer than one batch of {micro_batch} per process")
 loader_args = dict(batch_size=micro_batch, num_workers=num_workers, collate_fn=collate, drop_last=True,
-                   pin_memory=device_type == 'cuda', persistent_workers=False)
+                   pin_memory=device_type == 'cuda')
+# one loader for the run, its workers kept between epochs; a private generator: iterating a loader must not draw
+# from the global RNG (dropout uses it). The images' randomness comes from their (seed, epoch, index) keys.
+train_keys = EpochKeys()
+train_loader = DataLoader(train_set, sampler=train_keys, generator=torch.Generator().manual_seed(seed),
+                          persistent_workers=num_workers > 0, **loader_args)
 
 
 def batch_stream(epoch, batch):
     """Yield ((epoch, batches done in it), (images, tokens, errors)) forever, from a given position."""
     while True:
         sampler.set_epoch(epoch)
-        keys = [(epoch, i) for i in list(sampler)[batch * micro_batch:]]
-        # a private generator: creating a loader must not draw from the global RNG (dropout uses it)
-        loader = DataLoader(train_set, sampler=keys, generator=torch.Generator().manual_seed(seed), **loader_args)
-        for batch, data in enumerate(loader, start=batch + 1):
+        train_keys.keys = [(epoch, i) for i in list(sampler)[batch * micro_batch:]]
+        for batch, data in enumerate(train_loader, start=batch + 1):
             yield (epoch, batch), data
         epoch, batch = epoch + 1, 0
 
