@@ -100,9 +100,9 @@ def loader(dataset, keys, batch_size, num_workers):
                                        persistent_workers=num_workers > 0)
 
 
-def batches(loader, bad, max_bad):
+def batches(data_loader, bad, max_bad):
     """Yield (uint8 images, labels) of the readable images, counting unreadable ones in bad[0] (stop past max_bad)."""
-    for images, labels, errors in loader:
+    for images, labels, errors in data_loader:
         for error in (e for e in errors if e):
             bad[0] += 1
             print(f"warning: skipped {error} ({bad[0]} skipped so far)", flush=True)

@@ -453,8 +453,7 @@ class RunsCode:
 
 def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, shapes):
     from dataclasses import asdict
-    from checkpoints import load_backbone
-    from checkpoints import load_model
+    from checkpoints import load_backbone, load_model
     from model import VirTex
     model = VirTex(tiny_cfg())
     marker = tmp_path / 'code_ran'

@@ -48,7 +48,7 @@ def finished(run_dir, max_iters, **expected):
 
 
 def train(run_dir, args):
-    """train.py with args into run_dir, unless it finished there already."""
+    """train.py with args into run_dir, from the start (the callers skip runs that finished: see finished())."""
     os.makedirs(os.path.join(HERE, run_dir), exist_ok=True)
     log = os.path.join(HERE, run_dir, 'log.jsonl')
     if os.path.exists(log):
