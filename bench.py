@@ -5,7 +5,8 @@ Measure every stage's speed and peak memory, for the CPU demo model and the pape
   python bench.py --device=cuda            # GPU: bf16 autocast + torch.compile, paper batch 32 per GPU
   python bench.py --stages=train,svm       # a subset: train, data, caption, svm
 
-Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU, MFU;
+Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU, MFU, in each
+of `dtypes` (on a CPU with native bfloat16: float32 and bfloat16 side by side);
 the training data pipeline (decode, augment, tokenize, batch) in images/s of one DataLoader worker, from 640x480 JPEGs
 to 224 px and from the shapes world's 64 px JPEGs; beam-search captioning (beam 5) in captions/s with
 the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048 trainval, 4952 x 2048 test,
@@ -26,11 +27,12 @@ from PIL import Image, ImageDraw
 from configurator import configure
 from coco import CocoCaptions, collate
 from lookahead import LookAhead
-from model import VirTex, VirTexConfig
+from model import VirTex, VirTexConfig, native_bf16
 
 # ----------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'              # auto: bfloat16 autocast on GPUs, float32 on CPU
+dtypes = 'auto'             # training precisions to time, e.g. float32,bfloat16; auto: float32 and, where the
+                            # hardware has it, bfloat16 on a CPU; bfloat16 (else float16) on a GPU
 compile = torch.cuda.is_available()  # torch.compile the training step (GPU default)
 stages = 'train,data,caption,svm'
 models = 'shapes,paper'     # which model configs to time for train and caption
@@ -47,9 +49,16 @@ seed = 0
 if __name__ == '__main__':  # dev/compare_pipeline.py imports this file for its JPEGs
     configure(globals())
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+if dtypes == 'auto':
+    dtypes = ('bfloat16' if native_bf16(device) else 'float16') if device_type == 'cuda' else \
+        'float32,bfloat16' if native_bf16(device) else 'float32'
+dtype_list = dtypes.split(',')
+
+
+def autocast(dtype):
+    return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
 paper_batch = paper_batch or (32 if device_type == 'cuda' else 8)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -97,7 +106,7 @@ def random_batch(cfg, size, B):
 rows = []  # (stage, what, setting, result, time, peak memory in GB)
 
 
-def bench_train(name):
+def bench_train(name, dtype):
     cfg, size, B = MODELS[name]
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last)
@@ -109,7 +118,7 @@ def bench_train(name):
     images, tokens = random_batch(cfg, size, B)
 
     def step():
-        with autocast:
+        with autocast(dtype):
             loss, _ = step_model(images, tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -190,7 +199,7 @@ def bench_caption(name):
         # caption_steps steps, a COCO caption's length, so that runs are comparable
         model.lm_head.bias[cfg.eos_id] = -1e4
     images, _ = random_batch(cfg, size, caption_images)
-    with torch.no_grad(), autocast:
+    with torch.no_grad():  # caption.py decodes in float32
         for _ in range(2):
             beam_search(model, model.project(model.encode_images(images)), max_steps=caption_steps)
         sync()
@@ -234,10 +243,11 @@ def bench_svm():
 
 def main():
     chosen = stages.split(',')
-    print(f"bench: {device} {dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"bench: {device} ({', '.join(dtype_list)}), torch {torch.__version__}, {torch.get_num_threads()} threads",
+          flush=True)
     for name in models.split(','):
-        if 'train' in chosen:
-            bench_train(name)
+        for dtype in dtype_list if 'train' in chosen else []:
+            bench_train(name, dtype)
             print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
         if 'caption' in chosen:
             bench_caption(name)

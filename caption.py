@@ -18,11 +18,9 @@ together and finished images stop costing work.
 import json
 import math
 import os
-import re
 import sys
 import time
 import warnings
-from collections import Counter
 
 import numpy as np
 import torch
@@ -30,34 +28,33 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from checkpoints import load_model, load_official
-from coco import load_eval_image, normalize, read_coco_split, to_uint8_tensor
-from configurator import configure, one_line_errors
-from model import VirTex
+from cider import score
+from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split, to_uint8_tensor
+from configurator import NON_NEGATIVE, POSITIVE, PROBABILITY, configure, one_line_errors, write_atomically
+from model import VirTex, check_device
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ''               # this project's checkpoint (train.py); its tokenizer path is inside
 official = ''           # or an official VirTex checkpoint (kdexd/virtex); needs --tokenizer
 tokenizer = ''          # a tokenizer .model; overrides the checkpoint's
-image_size = 0          # 0: the size the checkpoint was trained at (224 for official checkpoints)
-beam_size = 5           # 1 is greedy decoding
-candidates_per_beam = 2  # words each live beam proposes per step (upstream per_node_beam_size)
-max_steps = 30          # at most this many generated ids, [EOS] included
-top_p = 0.0             # > 0: nucleus sampling with this p instead of beam search
-temperature = 1.0       # for sampling
+image_size: NON_NEGATIVE = 0  # 0: the size the checkpoint was trained at (224 for official checkpoints)
+beam_size: POSITIVE = 5  # 1 is greedy decoding
+candidates_per_beam: POSITIVE = 2  # words each live beam proposes per step (upstream per_node_beam_size)
+max_steps: POSITIVE = 30  # at most this many generated ids, [EOS] included
+top_p: PROBABILITY = 0.0  # > 0: nucleus sampling with this p instead of beam search
+parallel = False        # a cappa checkpoint: every word at once from [MASK] inputs (argmax per position)
+temperature: POSITIVE = 1.0  # for sampling
 seed = 0                # for sampling
-batch_size = 8
+batch_size: POSITIVE = 8
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 coco_root = ''          # COCO layout: caption <coco_root>/<split>/ and score it against the annotations
 split = 'val2017'
-limit = 0               # with coco_root: caption only the first `limit` images (0: all)
+limit: NON_NEGATIVE = 0  # with coco_root: caption only the first `limit` images (0: all)
 results = ''            # score this COCO results JSON instead of captioning (needs coco_root)
 out = ''                # write the captions as a COCO results JSON here
 attention_dir = ''      # write one attention figure per image here
 # ----------------------------------------------------------------------------------------------
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-# images larger than this (PIL's own limit) are refused as possible decompression bombs
-warnings.simplefilter('error', Image.DecompressionBombWarning)
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
@@ -119,6 +116,14 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candida
         cache = VirTex.select_cache(cache, row_of.gather(1, parent)[alive])
     best = tokens[torch.arange(B, device=dev), scores.argmax(-1)]  # (B, t)
     return [strip(row.tolist(), cfg) for row in best]
+
+
+@torch.no_grad()
+def parallel_decode(model: VirTex, memory: torch.Tensor) -> list[list[int]]:
+    """cappa's parallel mode: every position's most likely id at once from [MASK] inputs, up to the first
+    [EOS]. One decoder pass; shows what the backbone and decoder read from the image with no words given."""
+    ids = model.parallel_logits(memory).argmax(-1)  # (B, max_len - 1)
+    return [strip(row, model.config) for row in ids.tolist()]
 
 
 @torch.no_grad()
@@ -196,114 +201,20 @@ def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tenso
     return figure
 
 
-# ----------------------------------------------------------------------------------------------
-# CIDEr-D, as the COCO caption evaluation computes it (tylin/coco-caption), with a Python PTB tokenizer
-
-# The COCO evaluation runs Stanford's PTBTokenizer (Java) with -lowerCase, then drops these tokens.
-# Its list also names -LRB- etc., but they are lower-cased first and never match: brackets survive.
-PUNCTUATION = {"''", "'", "``", "`", '.', '?', '!', ',', ':', '-', '--', '...', ';'}
-BRACKETS = {'(': '-lrb-', ')': '-rrb-', '[': '-lsb-', ']': '-rsb-', '{': '-lcb-', '}': '-rcb-'}
-SPLIT_WORDS = {'cannot': 'can not', 'gonna': 'gon na', 'wanna': 'wan na', 'gotta': 'got ta', 'gimme': 'gim me',
-               'lemme': 'lem me'}
-SPLIT_WORDS_RE = re.compile(r'\b(%s)\b' % '|'.join(SPLIT_WORDS))
-CLITICS = re.compile(r"(\w)(n't|'s|'re|'ll|'ve|'m|'d)(?!\w)")  # "don't" -> "do n't", "man's" -> "man 's"
-ABBREVIATIONS = 'mr|mrs|ms|dr|prof|st|jr|sr|vs|etc|inc|co|corp|ltd|ave|mt|ft|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec'
-PTB_TOKEN = re.compile(r"""
-    (?:[a-z]\.)+(?!\w)                      # initials and acronyms keep their dots: u.s.
-  | (?:%s)\.(?!\w)                          # common abbreviations keep their period
-  | '(?:s|re|ll|ve|m|d|em|cause|\d\ds)(?!\w) # clitics split off above; 'em 'cause '90s
-  | no\.(?=\s+\d)                           # "no. 5"
-  | (?:[-+]?\.?(?=\d))?                      # sign or leading point of a number
-    \w+(?:(?:[-./']|(?<=\d)[,:](?=\d))\w+)*   # a word; inner - . / ' and 1,000 or 10:30 stay
-  | \.+ | -+ | [!?]+                        # runs of punctuation (PTB keeps "!!" and "?!" whole)
-  | \S                                      # any other symbol alone
-""" % ABBREVIATIONS, re.VERBOSE)
-
-
-def ptb_tokenize(text: str) -> str:
-    """A Python stand-in for the COCO evaluation's tokenization: PTB rules, lower case, punctuation dropped."""
-    text = text.lower().replace('\u2018', "'").replace('\u2019', "'")
-    text = re.sub('[\u201c\u201d]', '"', text)
-    text = re.sub('[\u2013\u2014]', ' -- ', text)  # PTB turns en and em dashes into "--"
-    text = CLITICS.sub(r'\1 \2', SPLIT_WORDS_RE.sub(lambda m: SPLIT_WORDS[m.group(1)], text))
-    kept = []
-    for token in (BRACKETS.get(t, t) for t in PTB_TOKEN.findall(text)):
-        if token == '"' or set(token) == {'.'} or token in PUNCTUATION:
-            continue  # PTB turns " into `` or '' and dot runs into "...": all dropped
-        if set(token) == {'-'} and len(token) <= 4:
-            continue  # 2-4 hyphens become "--" (dropped); 5 or more stay
-        kept.append(token)
-    return ' '.join(kept)
-
-
-def ngrams(sentence: str, n: int = 4) -> Counter:
-    words = sentence.split()
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-def cider_d(references: dict, candidates: dict, n: int = 4, sigma: float = 6.0) -> tuple[float, dict]:
-    """CIDEr-D of tokenized candidates against tokenized references: (mean, per-image scores).
-
-    Per n-gram order: tf-idf vectors (tf = raw count; df = number of images whose references hold
-    the n-gram; idf = log(#images) - log(max(1, df))); similarity = sum of min(hyp, ref) * ref
-    (the clipping that makes it "-D") over the norms, times exp(-(len_hyp - len_ref)^2 / (2 sigma^2))
-    with len = number of bigrams; mean over orders, then over references, times 10.
-    """
-    missing = [k for k in references if k not in candidates][:5]
-    if missing or len(candidates) != len(references):
-        raise ValueError(f"candidates and references cover different images (e.g. {missing})")
-    if any(not refs for refs in references.values()):
-        raise ValueError("every image needs at least one reference caption")
-    ref_counts = {k: [ngrams(r, n) for r in refs] for k, refs in references.items()}
-    doc_freq = Counter(g for counts in ref_counts.values() for g in set().union(*counts))
-    log_images = math.log(len(references))
-
-    def vectors(counts):
-        vec = [{} for _ in range(n)]
-        for gram, tf in counts.items():
-            vec[len(gram) - 1][gram] = tf * (log_images - math.log(max(1.0, doc_freq[gram])))
-        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
-        return vec, norms, sum(tf for gram, tf in counts.items() if len(gram) == 2)
-
-    scores = {}
-    for key, counts in ref_counts.items():
-        hyp, hyp_norm, hyp_len = vectors(ngrams(candidates[key], n))
-        total = 0.0
-        for ref_c in counts:
-            ref, ref_norm, ref_len = vectors(ref_c)
-            penalty = math.exp(-(hyp_len - ref_len) ** 2 / (2 * sigma ** 2))
-            for k in range(n):
-                dot = sum(min(w, ref[k].get(g, 0.0)) * ref[k].get(g, 0.0) for g, w in hyp[k].items())
-                if hyp_norm[k] and ref_norm[k]:
-                    total += penalty * dot / (hyp_norm[k] * ref_norm[k])
-        scores[key] = 10.0 * total / n / len(counts)
-    return sum(scores.values()) / len(scores), scores
-
-
 def image_id(path: str):
     """COCO results use the integer id in a COCO file name (000000397133.jpg -> 397133)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     return int(stem) if stem.isdigit() else stem
 
 
-def score(candidates: dict, references: dict) -> float:
-    """CIDEr-D x 100 of {image_id: caption} against {image_id: [captions]}."""
-    unknown = [k for k in candidates if k not in references][:5]
-    if unknown:
-        raise ValueError(f"results name images that are not in the annotations (e.g. {unknown})")
-    refs = {k: [ptb_tokenize(r) for r in references[k]] for k in candidates}
-    return 100 * cider_d(refs, {k: ptb_tokenize(c) for k, c in candidates.items()})[0]
-
-
 def main():
     global image_size
     paths = configure(globals())
-    for key in ('beam_size', 'candidates_per_beam', 'max_steps', 'batch_size'):
-        if globals()[key] <= 0:
-            raise SystemExit(f"error: --{key}={globals()[key]} must be positive")
-    if not 0 <= top_p <= 1 or temperature <= 0 or image_size < 0 or limit < 0:
-        raise SystemExit(f"error: need 0 <= top_p <= 1, temperature > 0, image_size >= 0, limit >= 0 "
-                         f"(got {top_p}, {temperature}, {image_size}, {limit})")
+    # images larger than PIL's own limit are refused as possible decompression bombs
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    check_device(device)
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise SystemExit(f"error: --out={out}: its folder does not exist")  # now, not after captioning
     if results:  # score an existing results file, caption nothing
         if not coco_root:
             raise SystemExit("error: --results needs --coco_root (and --split) for the references")
@@ -324,9 +235,11 @@ def main():
         raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH (kdexd/virtex)")
     model = load_model(ckpt, device) if ckpt else load_official(official, device)
     source = ckpt or official
-    if model.config.pretext not in ('bicaptioning', 'captioning'):
+    if not model.config.captions:
         raise SystemExit(f"error: {source}: a {model.config.pretext} checkpoint has no caption decoder; captions need "
-                         f"a bicaptioning or captioning one (evaluate.py takes the backbone of any)")
+                         f"a bicaptioning, captioning or cappa one (evaluate.py takes the backbone of any)")
+    if parallel and model.config.pretext != 'cappa':
+        raise SystemExit(f"error: --parallel=True needs a cappa checkpoint; {source} is {model.config.pretext}")
     tokenizer_path = tokenizer or model.train_config.get('tokenizer', '')
     if not tokenizer_path:
         raise SystemExit(f"error: {source} names no tokenizer: pass --tokenizer=PATH.model")
@@ -345,7 +258,7 @@ def main():
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_SUFFIXES))
+            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
         else:
             files.append(p)
     if not files:
@@ -374,7 +287,9 @@ def main():
             torch.cuda.synchronize()
         t_backbone += time.perf_counter() - t0
         memory = model.project(grid)
-        if top_p > 0:
+        if parallel:
+            words = parallel_decode(model, memory)
+        elif top_p > 0:
             words = sample(model, memory, top_p, temperature, max_steps, generator)
         else:
             words = beam_search(model, memory, beam_size, candidates_per_beam, max_steps)
@@ -395,9 +310,7 @@ def main():
               f"{100 * t_backbone / elapsed:.0f}% of it in the backbone); {failures} failed", file=sys.stderr)
     if out:
         entries = [{'image_id': image_id(p), 'caption': c} for p, c in captions.items()]
-        with open(out + '.tmp', 'w') as f:
-            json.dump(entries, f)
-        os.replace(out + '.tmp', out)
+        write_atomically(out, lambda f: json.dump(entries, f), mode='w')
     if references is not None and captions:
         print(f"CIDEr: {score({image_id(p): c for p, c in captions.items()}, references):.1f}")
     if failures:

@@ -1,6 +1,7 @@
 """
 Every weight file this project reads, read as untrusted input (torch.load with weights_only=True): its own
-train.py checkpoints and those of the official VirTex code (kdexd/virtex).
+train.py checkpoints, those of the official VirTex code (kdexd/virtex), and the torchvision, MoCo and VISSL
+backbones that evaluate.py and probe.py judge.
 
     from checkpoints import load_model, load_official
     model = load_model('out/ckpt.pt')                          # a train.py checkpoint, any pretext
@@ -18,6 +19,7 @@ Imports torch, torchvision and model.py only.
 """
 
 import pickle
+import re
 
 import torch
 import torch.nn as nn
@@ -33,9 +35,10 @@ def load_file(path: str):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path}: no such file") from None
     except pickle.UnpicklingError as e:
-        if 'weights only load failed' in str(e).lower():
-            raise ValueError(f"checkpoint {path}: holds Python objects, not only tensors; refused because "
-                             f"loading it could run code") from None
+        found = re.search(r'unsupported (?:global: )?GLOBAL (\S+)', str(e), re.IGNORECASE)
+        if found:
+            raise ValueError(f"checkpoint {path}: holds Python objects ({found.group(1)}), not only tensors; refused "
+                             f"because loading it could run code") from None
         raise ValueError(f"checkpoint {path}: cannot be read (not a torch checkpoint)") from None
     except Exception as e:  # truncated zip, not a torch file, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -54,19 +57,12 @@ def load_checkpoint(path: str) -> tuple[VirTex, dict]:
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
         raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected 'model' and "
                          f"'model_args'; official VirTex files load with load_official)")
-    model_args = dict(ckpt['model_args'])
-    if 'bidirectional' in model_args:  # files from before `pretext` said it this way
-        model_args['pretext'] = 'bicaptioning' if model_args.pop('bidirectional') else 'captioning'
     try:
-        cfg = VirTexConfig(**model_args)
+        cfg = VirTexConfig(**ckpt['model_args'])
         model = VirTex(cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
-    state = dict(ckpt['model'])
-    if cfg.norm_first and cfg.bidirectional and 'final_norm_bwd.weight' not in state and 'final_norm.weight' in state:
-        # files from before each direction had its own final norm shared one: the same function
-        state.update({f'final_norm_bwd.{k}': state[f'final_norm.{k}'] for k in ('weight', 'bias')})
-    load_strict(model, state, path)
+    load_strict(model, ckpt['model'], path)
     model.train_config = ckpt.get('config', {})
     return model, ckpt
 
@@ -193,11 +189,12 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
     Exactly one weight source: ckpt (this project's checkpoint; its backbone and training image size) or init
     ('random' with `visual`, seed and zero_init_residual; 'torchvision:PATH' a torchvision ResNet state dict;
     'virtex:PATH' an official VirTex checkpoint or backbone; 'moco:PATH' an official MoCo v1/v2 release, its query
-    encoder without the fc / projection head). image_size 0: the checkpoint's, else 224.
+    encoder without the fc / projection head; 'vissl:PATH' a VISSL / ClassyVision release such as PIRL's or SwAV's,
+    its trunk without the heads). image_size 0: the checkpoint's, else 224.
     """
     if bool(ckpt) + bool(init) != 1:
         raise ValueError("give exactly one weight source: --ckpt=PATH or --init=random|torchvision:PATH|"
-                         "virtex:PATH|moco:PATH (or --features=PATH.npz to skip the images)")
+                         "virtex:PATH|moco:PATH|vissl:PATH (or --features=PATH.npz to skip the images)")
     arch, state, source, size = visual, None, ckpt or init.partition(':')[2], image_size
     if ckpt:
         model = load_model(ckpt)
@@ -222,8 +219,11 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
             raise ValueError(f"{source}: not a MoCo checkpoint (expected 'state_dict' with {prefix}* keys)")
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}
         arch = infer_resnet(state, source)
+    elif init.startswith('vissl:'):
+        state = vissl_trunk(load_file(source), source)
+        arch = infer_resnet(state, source)
     elif init != 'random':
-        raise ValueError(f"--init={init}: expected random, torchvision:PATH, virtex:PATH or moco:PATH")
+        raise ValueError(f"--init={init}: expected random, torchvision:PATH, virtex:PATH, moco:PATH or vissl:PATH")
     torch.manual_seed(seed)
     try:
         backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
@@ -237,3 +237,20 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
             reason = ' '.join(str(e).split())[:300]
             raise ValueError(f"{source}: not a {arch} backbone: {reason}") from None
     return backbone, arch, size or 224
+
+
+def vissl_trunk(state, path: str) -> dict:
+    """The ResNet trunk of a VISSL checkpoint in torchvision names. VISSL (facebookresearch/vissl) keeps it under
+    classy_state_dict -> base_model -> model -> trunk (its own checkpoints: PIRL, SimCLR, SwAV, ...) or under
+    model_state_dict (its converted files), with keys _feature_blocks.<torchvision key>; the heads sit beside the
+    trunk and are not read. Its extra_scripts/convert_vissl_to_torchvision.py strips the same prefix."""
+    trunk = state
+    for key in ('classy_state_dict', 'base_model', 'model', 'trunk'):
+        trunk = trunk.get(key, trunk) if isinstance(trunk, dict) else trunk
+    if isinstance(trunk, dict) and isinstance(trunk.get('model_state_dict'), dict):
+        trunk = trunk['model_state_dict']
+    prefix = '_feature_blocks.'
+    if not isinstance(trunk, dict) or not any(str(k).startswith(prefix) for k in trunk):
+        raise ValueError(f"{path}: not a VISSL checkpoint (expected classy_state_dict -> base_model -> model -> "
+                         f"trunk, or model_state_dict, with {prefix}* keys)")
+    return {k[len(prefix):]: v for k, v in trunk.items() if k.startswith(prefix)}

@@ -18,8 +18,8 @@ sample that fails to decode is returned as {'error': ...} for the caller to coun
 
 Speed (the training pipeline has to keep up with the GPUs on few cores): a JPEG whose crop keeps at least twice
 the output size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself; the crop is resized as a uint8 tensor
-(torch's vectorized antialiased bilinear, the same filter as PIL's); flip and jitter run on the 224 px crop in
-float32, each op clamped to [0, 255] as torchvision's are. `python dev/compare_pipeline.py` times it against the
+(torch's vectorized antialiased bilinear, the same filter as PIL's); the flip runs on the uint8 crop, and the
+jitter in float32, each op clamped to [0, 255] as torchvision's are. `python dev/compare_pipeline.py` times it against the
 official OpenCV + albumentations pipeline on the same JPEGs.
 """
 
@@ -34,29 +34,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tokenizer import read_coco_captions
+
 try:  # torchvision >= 0.8; its image decoders are announced to move to torchcodec: PIL takes over then
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:
     decode_jpeg = None
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif', '.tiff', '.webp')  # PIL reads these
 
 
 def read_coco_split(root: str, split: str) -> list[tuple[int, str, list[str]]]:
     """(image id, image path, its captions) for each captioned image of a COCO-layout split, by id:
     <root>/annotations/captions_<split>.json and <root>/<split>/."""
-    path = os.path.join(root, 'annotations', f'captions_{split}.json')
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        files = {image['id']: image['file_name'] for image in data['images']}
-        captions = {}
-        for a in data['annotations']:
-            captions.setdefault(a['image_id'], []).append(a['caption'])
-    except OSError as e:
-        raise OSError(f"{path}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
+    files, captions = read_coco_captions(os.path.join(root, 'annotations', f'captions_{split}.json'))
     return [(i, os.path.join(root, split, files[i]), captions[i]) for i in sorted(captions) if i in files]
 
 
@@ -199,10 +191,6 @@ class CocoCaptions(torch.utils.data.Dataset):
         self.items = [self.items[i] for i in kept]
         return kept
 
-    def wordless_caption(self):
-        """The path of the first image with a caption the tokenizer turns into no ids, or None."""
-        return next((path for path, captions, _ in self.items for c in captions if not self.tokenizer.encode(c)), None)
-
     def __getitem__(self, key):
         epoch, index = key
         path, captions, labels = self.items[index]
@@ -314,18 +302,33 @@ def shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     return torch.addcmul(top, chroma, w, value=-1)
 
 
-def pad_tokens(captions) -> torch.Tensor:
-    """Captions of ids (lists or 1-d tensors) right-padded with 0 to the longest: (B, T) long."""
-    tokens = torch.zeros(len(captions), max(len(c) for c in captions), dtype=torch.long)
+def pad_tokens(captions, pad_to: int = 0) -> torch.Tensor:
+    """Captions of ids (lists or 1-d tensors) right-padded with 0 to the longest (or to pad_to): (B, T) long."""
+    tokens = torch.zeros(len(captions), max(pad_to, *(len(c) for c in captions)), dtype=torch.long)
     for row, caption in zip(tokens, captions):
         row[:len(caption)] = torch.as_tensor(caption)
     return tokens
 
 
-def collate(samples):
-    """Stack images, right-pad captions with 0 to the longest in the batch; pass load errors on."""
+def collate(samples, pad_to: int = 0):
+    """Stack images, right-pad captions with 0 to the longest in the batch (or to pad_to: one shape for every
+    batch, as torch.compile wants); pass load errors on."""
     good = [s for s in samples if 'error' not in s]
     errors = [s['error'] for s in samples if 'error' in s]
     if not good:
         return None, None, errors
-    return torch.stack([s['image'] for s in good]), pad_tokens([s['tokens'] for s in good]), errors
+    return torch.stack([s['image'] for s in good]), pad_tokens([s['tokens'] for s in good], pad_to), errors
+
+
+class BadImages:
+    """Counts the images that failed to load, with a warning for each; past `cap` of them, a ValueError."""
+
+    def __init__(self, cap: int, count: int = 0):
+        self.cap, self.count = cap, count
+
+    def add(self, errors):
+        for error in errors:
+            self.count += 1
+            print(f"warning: skipped {error} ({self.count} skipped so far)", flush=True)
+            if self.count > self.cap:
+                raise ValueError(f"more than max_bad_images={self.cap} images failed to load; last: {error}")

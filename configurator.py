@@ -1,39 +1,90 @@
 """
-Override a script's plain config values from the command line, nanoGPT-style, but validated.
+The scripts' contract with their user: nanoGPT-style config overrides, validated; one-line errors; files
+written whole or not at all. Standard library only, so every script can import it.
 
     python train.py config/shapes.py --batch_size=64 --compile=False
 
-A script declares its config as module-level values and calls, right after them,
+A script declares its config as module-level values, each check next to its value as an annotation
+(standard typing, so linters and type checkers read them too), and calls, right after them,
 
-    from configurator import configure
-    args = configure(globals())          # returns the bare arguments that are not config files
+    from configurator import FRACTION, POSITIVE, configure
+    batch_size: POSITIVE = 256                         # > 0
+    train_fraction: FRACTION = 1.0                     # in (0, 1]
+    dtype: Literal['float32', 'bfloat16'] = 'float32'  # one of these
+    max_len: Annotated[int, Interval('[3, inf)')] = 30
+    args = configure(globals())              # returns the bare arguments that are not config files
 
-A bare `*.py` argument is a config file: it is executed and its assignments are applied as if
-they were flags, in order, so later flags win. `--key=value` sets one value. Every key must
-already exist in the script (unknown keys are refused, naming the nearest known one), and the
-value must have the default's type: an int is accepted where a float is expected, booleans are
-`True`/`False` only, a `None` default takes a Python literal only (a number, or a string in quotes:
-a bare word is refused, so that a typo never becomes a string). Any other bare argument is returned
-for the script (e.g. caption.py's image paths). `--help` lists the keys with their values. Errors
-exit with a one-line message naming the key or file.
+A bare `*.py` argument is a config file: it is executed and its assignments are applied as if they were
+flags, in order, so later flags win. `--key=value` sets one value. Every key must already exist in the
+script (unknown keys are refused, naming the nearest known one), and the value must have the default's
+type: an int is accepted where a float is expected, booleans are `True`/`False` only, a `None` default
+takes a Python literal only (a number, or a string in quotes: a bare word is refused, so that a typo never
+becomes a string). Then every annotated check runs on the final values (None means unset and passes). Any other bare argument is
+returned for the script (e.g. caption.py's image paths). `--help` lists the keys with their values.
+Errors exit with a one-line message naming the key or file.
 
-`one_line_errors()` is the other half of the project's error policy: library code raises ordinary
-exceptions (ValueError, OSError) whose message names the file; a script wraps its loading steps in
-it, and such an exception ends the script with one line `error: <message>`, not a traceback.
-Standard library only, so every script can import it.
+`one_line_errors()` is the other half of the error policy: library code raises ordinary exceptions
+(ValueError, OSError) whose message names the file; a script wraps its loading steps in it, and such an
+exception ends the script with one line `error: <message>`, not a traceback. `write_atomically()` is
+how every file the project writes is written: to a temporary file, then renamed over the target, so a
+crash or a full disk leaves the previous file intact and never half a file.
 """
 
 import ast
 import difflib
+import math
+import os
 import sys
 from contextlib import contextmanager
+from typing import Annotated, Literal, get_args, get_origin
 
 CONFIG_TYPES = (bool, int, float, str, type(None))
+
+
+class Interval:
+    """A check: the value lies in an interval written as in mathematics, e.g. '(0, 1]' or '[1, inf)'."""
+
+    def __init__(self, text: str):
+        low, high = text[1:-1].split(',')
+        self.text, self.low, self.high = text, float(low), float(high)
+        self.low_open, self.high_open = text[0] == '(', text[-1] == ')'
+
+    def problem(self, value):
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        if above and below:
+            return None
+        if self.high == math.inf:
+            return 'must be positive' if self.low == 0 and self.low_open else f'must be >= {self.low:g}'
+        return f'must be in {self.text}'
+
+
+POSITIVE = Annotated[float, Interval('(0, inf)')]  # annotations for config values; int values pass too
+NON_NEGATIVE = Annotated[float, Interval('[0, inf)')]
+FRACTION = Annotated[float, Interval('(0, 1]')]
+PROBABILITY = Annotated[float, Interval('[0, 1]')]
 
 
 def config_keys(config: dict) -> list[str]:
     """The overridable keys of a script's globals(): public names bound to plain values."""
     return [k for k, v in config.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+
+
+def problem(annotation, value):
+    """What is wrong with `value` for its annotation (Literal[...] or Annotated[type, Interval]), or None."""
+    if get_origin(annotation) is Literal and value not in get_args(annotation):
+        return f"choose one of {', '.join(map(str, get_args(annotation)))}"
+    if get_origin(annotation) is Annotated:
+        return next(filter(None, (check.problem(value) for check in annotation.__metadata__)), None)
+    return None
+
+
+def declared_annotations(config: dict) -> dict:
+    """The annotations of a script's globals()."""
+    annotations = config.get('__annotations__')
+    if annotations is None and '__annotate__' in config:  # Python 3.14 evaluates them when asked
+        annotations = config['__annotate__'](1)  # 1: annotationlib.Format.VALUE
+    return annotations or {}
 
 
 def parse_value(key: str, text: str, default):
@@ -75,10 +126,8 @@ def unknown_key_message(key: str, known: list[str], where: str) -> str:
 
 
 def configure(config: dict, argv: list[str] | None = None) -> list[str]:
-    """Apply config files and --key=value flags in `argv` to `config` (a script's globals()).
-
-    Returns the bare arguments that are not config files. Exits with a one-line message on error.
-    """
+    """Apply config files and --key=value flags in `argv` to `config` (a script's globals()), then run the
+    declared checks. Returns the bare arguments that are not config files. Exits with one line on error."""
     argv = sys.argv[1:] if argv is None else argv
     known = config_keys(config)
     rest = []
@@ -101,6 +150,10 @@ def configure(config: dict, argv: list[str] | None = None) -> list[str]:
             apply_config_file(config, arg, known)
         else:
             rest.append(arg)
+    for key, annotation in declared_annotations(config).items():
+        wrong = config[key] is not None and problem(annotation, config[key])  # None: left unset
+        if wrong:
+            raise SystemExit(f"error: --{key}={config[key]!r}: {wrong}")
     return rest
 
 
@@ -133,3 +186,24 @@ def one_line_errors():
         yield
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def write_atomically(path: str, write, mode: str = 'wb') -> None:
+    """write(file) into a temporary file beside `path`, then rename it over `path`: the file is whole or
+    absent, and a crash, a signal or a full disk leaves the previous one as it was. On failure the
+    temporary file is removed and an OSError names the file and the cause (e.g. No space left on device)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename makes it the file
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as a RuntimeError
+        cause = e if isinstance(e, OSError) else e.__context__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
+        raise OSError(f"{path}: cannot write ({reason})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,19 +29,21 @@ import torch.nn as nn
 
 from checkpoints import load_backbone
 from coco import load_eval_image, normalize, to_uint8_tensor
+from configurator import NON_NEGATIVE, POSITIVE, write_atomically
+from model import check_device, native_bf16
 
 # -----------------------------------------------------------------------------
 voc_root = 'data/shapes/VOC2007'  # has ImageSets/Main/<class>_{trainval,test}.txt and JPEGImages/
 ckpt = ''               # this project's checkpoint (train.py); its backbone is evaluated
 init = ''               # or: 'random' | 'torchvision:PATH' | 'virtex:PATH' (official VirTex file) | 'moco:PATH' (MoCo v1/v2)
 visual = 'resnet50'     # torchvision ResNet for --init=random|torchvision:... (a checkpoint knows its own)
-image_size = 0          # crop size; 0: the checkpoint's training image_size, else 224 (paper)
-batch_size = 64         # images per forward pass (upstream: 128)
-num_workers = min(4, os.cpu_count() or 1)  # DataLoader processes decoding JPEGs
-log_interval = 10       # print extraction progress every this many batches
+image_size: NON_NEGATIVE = 0  # crop size; 0: the checkpoint's training image_size, else 224 (paper)
+batch_size: POSITIVE = 64  # images per forward pass (upstream: 128)
+num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)  # DataLoader processes decoding JPEGs
+log_interval: NON_NEGATIVE = 10  # print extraction progress every this many batches (0: never)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # also where the SVMs are solved
-dtype = 'float32'       # extraction precision: float32 (upstream) | bfloat16 | float16 (autocast, faster on GPU)
-svm_dtype = 'auto'      # the SVM solver's CG products: auto = bfloat16 where it is fast (see cg_dtype), float32
+dtype: Literal['float32', 'bfloat16', 'float16'] = 'float32'  # extraction precision (autocast): upstream's fp32
+svm_dtype: Literal['auto', 'float32', 'bfloat16'] = 'auto'  # the SVM solver's CG products (see cg_dtype)
 features = ''           # an .npz from --save_features: skip the images, train and test SVMs only
 save_features = ''      # write the extracted features here (.npz: train_x, train_y, test_x, test_y, class_names)
 out_json = ''           # also write the per-class table and mAP here
@@ -195,16 +198,14 @@ def stratified_folds(labels: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
 
 
 def cg_dtype(device, choice: str = 'auto') -> torch.dtype:
-    """The precision of fit_svms' CG products. auto: bfloat16 where the hardware multiplies it natively (CUDA GPUs
-    with bf16; CPUs with AVX512-BF16 or AMX, whose bf16 GEMMs ran 3.8x faster than float32 on the development
-    machine), else float32. On VOC-like features it changed no chosen cost and no class AP by more than 0.011."""
+    """The precision of fit_svms' CG products. auto: bfloat16 where the hardware multiplies it natively
+    (model.native_bf16; its GEMMs ran 3.8x faster than float32 on the development machine's AMX), else float32.
+    On VOC-like features it changed no chosen cost and no class AP by more than 0.011."""
     if choice not in ('auto', 'float32', 'bfloat16'):
         raise ValueError(f"--svm_dtype={choice}: expected auto, float32 or bfloat16")
     if choice != 'auto':
         return getattr(torch, choice)
-    if torch.device(device).type == 'cuda':
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS, cg_dtype=None):
@@ -269,6 +270,8 @@ def read_voc(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
             missing, extra = len(set(names) - set(file_labels)), len(set(file_labels) - set(names))
             raise ValueError(f"{path}: lists other images than {reference} ({missing} missing, {extra} extra)")
         labels.append([int(file_labels[name]) for name in names])
+        if 1 not in labels[-1]:  # an AP needs positives: without them it would be a silent 0
+            raise ValueError(f"{path}: no image is labelled 1, so the class cannot give an AP")
     class_names = [os.path.basename(p)[:-len(f'_{split}.txt')] for p in class_files]
     paths = [os.path.join(root, 'JPEGImages', name + '.jpg') for name in names]
     return paths, np.array(labels, dtype=np.int64).T, class_names
@@ -313,23 +316,9 @@ def extract_features(backbone: nn.Module, paths: list[str], size: int, split: st
             pooled = backbone(normalize(images.to(device, non_blocking=True)))                # (B, D)
         pooled_all.append(nn.functional.normalize(pooled.float(), dim=1).cpu())
         done = sum(len(p) for p in pooled_all)
-        if (i + 1) % log_interval == 0 or done == len(paths):
+        if log_interval and ((i + 1) % log_interval == 0 or done == len(paths)):  # 0: quiet
             print(f"{split} {done}/{len(paths)} | {done / (time.time() - t0):.1f} images/s", flush=True)
     return torch.cat(pooled_all)
-
-
-def write_atomically(path: str, write) -> None:
-    """write(file) to a temporary file next to path, then rename it over path: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, 'wb') as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"{path}: cannot write ({e.strerror})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_features(path: str):
@@ -347,6 +336,9 @@ def load_features(path: str):
             and tx.shape[1] == vx.shape[1] and ty.shape[1] == vy.shape[1]):
         raise ValueError(f"{path}: shapes disagree: train_x {tx.shape}, train_y {ty.shape}, test_x {vx.shape}, "
                          f"test_y {vy.shape} (want (N, D), (N, C), (M, D), (M, C))")
+    if min(tx.shape + ty.shape + vx.shape) == 0:  # else the SVMs fail later with an opaque numpy/torch message
+        raise ValueError(f"{path}: empty: {len(tx)} train and {len(vx)} test samples, {tx.shape[1]}-d, "
+                         f"{ty.shape[1]} classes (need at least one of each)")
     if not (tx.dtype.kind == vx.dtype.kind == 'f' and np.isfinite(tx).all() and np.isfinite(vx).all()):
         raise ValueError(f"{path}: train_x and test_x must hold finite floats")
     if not all(y.dtype.kind in 'iu' and np.isin(y, (1, 0, -1)).all() for y in (ty, vy)):
@@ -354,6 +346,10 @@ def load_features(path: str):
     names = [str(n) for n in arrays.get('class_names', [f'class{c}' for c in range(ty.shape[1])])]
     if len(names) != ty.shape[1]:
         raise ValueError(f"{path}: {len(names)} class_names for {ty.shape[1]} label columns")
+    hopeless = [name for c, name in enumerate(names) if not ((ty[:, c] == 1).any() and (vy[:, c] == 1).any())]
+    if hopeless:  # an AP needs positives: without them it would be a silent 0
+        raise ValueError(f"{path}: class {hopeless[0]} has no positive (label 1) in train_y or test_y, so it cannot "
+                         f"give an AP")
     return [torch.from_numpy(a) for a in (tx, ty, vx, vy)], names
 
 
@@ -362,11 +358,7 @@ def load_features(path: str):
 def main():
     if rest:
         raise SystemExit(f"error: unexpected arguments {rest} (flags are --key=value)")
-    for key in ('batch_size', 'log_interval'):
-        if globals()[key] <= 0:
-            raise SystemExit(f"error: --{key}={globals()[key]} must be positive")
-    if image_size < 0 or num_workers < 0:
-        raise SystemExit(f"error: --image_size and --num_workers must be >= 0 (got {image_size}, {num_workers})")
+    check_device(device)
     for path in (save_features, out_json):  # fail now, not after minutes of feature extraction
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise SystemExit(f"error: {path}: its folder does not exist")

@@ -14,12 +14,12 @@ MODEL.RESNETS.NORM=SyncBN to fine-tune the normalisation layers.
 """
 
 import os
+from typing import Literal
 
 import torch
 
 from checkpoints import load_model
-from configurator import configure, one_line_errors
-from evaluate import write_atomically
+from configurator import configure, one_line_errors, write_atomically
 
 # torchvision -> Detectron2, applied in this order to each key (the official code's renaming)
 DETECTRON2_NAMES = (('layer1.', 'res2.'), ('layer2.', 'res3.'), ('layer3.', 'res4.'), ('layer4.', 'res5.'),
@@ -54,17 +54,17 @@ def from_detectron2(state: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ''              # a train.py checkpoint (any pretext: only its backbone is written)
-format = 'torchvision'  # or 'detectron2'
+format: Literal['torchvision', 'detectron2'] = 'torchvision'
 out = ''               # the file to write
 
 if __name__ == '__main__':
     with one_line_errors():
         if configure(globals()):
             raise SystemExit("error: this script takes only --key=value flags")
-        if format not in ('torchvision', 'detectron2'):
-            raise SystemExit(f"error: --format={format!r}: choose torchvision or detectron2")
         if not ckpt or not out:
             raise SystemExit("error: give --ckpt=PATH (a train.py checkpoint) and --out=PATH")
+        if out.endswith(os.sep) or os.path.isdir(out):
+            raise SystemExit(f"error: --out={out} is a folder; give the file to write, e.g. {out.rstrip(os.sep)}/backbone.pth")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise SystemExit(f"error: {out}: its folder does not exist")
         model = load_model(ckpt)

@@ -1,13 +1,26 @@
 """
-LookAhead (Zhang et al., 2019), the paper's wrapper around SGD; train.py and bench.py use it.
+The paper's optimization pieces: LookAhead (Zhang et al., 2019) around SGD, and the learning-rate schedule,
+linear warmup then cosine decay to 0. train.py, probe.py and bench.py use them.
 
-    from lookahead import LookAhead
+    from lookahead import LookAhead, warmup_cosine
     optimizer = LookAhead(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), k=5, alpha=0.5)
+    lr = 0.2 * warmup_cosine(step, warmup=10_000, total=500_000)
 
 Imports torch only.
 """
 
+import math
+
 import torch
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """The lr multiplier at `step`: linear warmup from 0 over `warmup` steps, then cosine decay to 0 at `total`
+    (upstream's schedule; warmup=0 is the linear probe's plain cosine)."""
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class LookAhead:

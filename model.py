@@ -15,6 +15,8 @@ The pretext tasks of the paper's ablation (its Table 2), `VirTexConfig.pretext`:
   masked_lm                  one decoder without the causal mask predicts 15% of the words, hidden (BERT)
   token_classification       a linear layer on the pooled grid predicts the caption's set of words
   multilabel_classification  the same over COCO's instance categories (the "tokens" are category indices)
+  cappa                      the forward decoder, but for a share of the captions (parallel_fraction) every input
+                             is [MASK] and nothing is causal: all words at once, from the image alone (CapPa)
 Only the backbone is kept after pretraining; `backbone_state_dict()` loads into a plain
 `torchvision.models.resnet50()` (fc aside). Imports only torch and torchvision, so it can be
 copied alone; loading weight files is checkpoints.py's. Architecture facts follow the paper and
@@ -30,6 +32,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+
+
+LOSS_PARTS = {  # the terms forward() returns beside the loss
+    'bicaptioning': ('fwd', 'bwd'), 'captioning': ('fwd',), 'masked_lm': ('masked_lm',),
+    'token_classification': ('classification',), 'multilabel_classification': ('classification',),
+    'cappa': ('parallel', 'autoregressive')}
+PRETEXTS = tuple(LOSS_PARTS)
+VISUALS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2', 'wide_resnet101_2')
+MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)  # masked_lm: 15% of the words; of those 80% [MASK], 10% random, 10% kept
 
 
 @dataclass
@@ -48,21 +59,32 @@ class VirTexConfig:
     pad_id: int = 0             # <unk> doubles as padding, as upstream
     sos_id: int = 1
     eos_id: int = 2
-    mask_id: int = 3            # [MASK], for masked_lm
+    mask_id: int = 3            # [MASK], for masked_lm and cappa
+    parallel_fraction: float = 0.75  # cappa: share of captions predicted in parallel (big_vision's masked_pred_prob)
+
+    def __post_init__(self):  # refused here, so that a script can check a config before any work
+        if self.pretext not in PRETEXTS:
+            raise ValueError(f"pretext={self.pretext!r}: choose one of {', '.join(PRETEXTS)}")
+        if self.visual not in VISUALS:
+            raise ValueError(f"visual={self.visual!r}: choose one of {', '.join(VISUALS)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.max_len < 3:
+            raise ValueError(f"max_len={self.max_len} cannot hold [SOS] word [EOS]: it must be at least 3")
+        if not 0 <= self.parallel_fraction <= 1:
+            raise ValueError(f"parallel_fraction={self.parallel_fraction} must be in [0, 1]")
 
     @property
     def bidirectional(self) -> bool:
         return self.pretext == 'bicaptioning'
 
     @property
-    def decoders(self) -> bool:  # a Transformer head (else a linear classifier on the pooled grid)
-        return self.pretext in ('bicaptioning', 'captioning', 'masked_lm')
+    def has_decoder(self) -> bool:  # a Transformer head (else a linear classifier on the pooled grid)
+        return self.pretext in ('bicaptioning', 'captioning', 'masked_lm', 'cappa')
 
-
-LOSS_PARTS = {'bicaptioning': ('fwd', 'bwd'), 'captioning': ('fwd',), 'masked_lm': ('masked_lm',),  # forward()'s parts
-              'token_classification': ('classification',), 'multilabel_classification': ('classification',)}
-PRETEXTS = tuple(LOSS_PARTS)
-MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)  # masked_lm: 15% of the words; of those 80% [MASK], 10% random, 10% kept
+    @property
+    def captions(self) -> bool:  # a forward decoder that writes captions word by word
+        return self.pretext in ('bicaptioning', 'captioning', 'cappa')
 
 
 def reverse_captions(caption_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -83,9 +105,9 @@ class Attention(nn.Module):
     k, v from the visual memory, which is done once per image when decoding.
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float, cross: bool, causal: bool = True):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, cross: bool):
         super().__init__()
-        self.n_head, self.dropout, self.cross, self.causal = n_head, dropout, cross, causal
+        self.n_head, self.dropout, self.cross = n_head, dropout, cross
         if cross:
             self.q_proj = nn.Linear(n_embd, n_embd)
             self.kv_proj = nn.Linear(n_embd, 2 * n_embd)
@@ -102,9 +124,9 @@ class Attention(nn.Module):
         return self.split_heads(k), self.split_heads(v)  # 2 x (B, nh, N, hs)
 
     def forward(self, x, memory=None, cache=None, key_mask=None):
-        """x (B, T, H). Self-attention is causal unless built otherwise (masked_lm), when key_mask (B, T), True
-        at real ids, hides padding. With `cache` (a dict), x is the newest position(s) and keys/values are
-        appended to / read from the cache."""
+        """x (B, T, H). Self-attention is causal, unless key_mask (B, T) is given: then every position sees
+        every key where key_mask is True, before and after it (masked_lm, cappa's parallel mode). With `cache`
+        (a dict), x is the newest position(s) and keys/values are appended to / read from the cache."""
         dropout = self.dropout if self.training else 0.0
         if self.cross:
             q = self.split_heads(self.q_proj(x))
@@ -118,7 +140,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:
             q, k, v = map(self.split_heads, self.qkv_proj(x).chunk(3, dim=-1))
-            if cache is None and not self.causal:  # every position sees every real id, before and after it
+            if cache is None and key_mask is not None:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout)
             elif cache is None:
                 # causal masking alone suffices: padding sits at the end, so a real position never
@@ -140,14 +162,14 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """One Transformer decoder layer: self-attention (causal, except for masked_lm), cross-attention over the
+    """One Transformer decoder layer: self-attention (causal unless given a key_mask), cross-attention over the
     image grid, GELU feed-forward of width 4H; post-norm (the paper) or pre-norm."""
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
         H = cfg.n_embd
         self.norm_first = cfg.norm_first
-        self.self_attn = Attention(H, cfg.n_head, cfg.dropout, cross=False, causal=cfg.pretext != 'masked_lm')
+        self.self_attn = Attention(H, cfg.n_head, cfg.dropout, cross=False)
         self.cross_attn = Attention(H, cfg.n_head, cfg.dropout, cross=True)
         self.linear1 = nn.Linear(H, 4 * H)
         self.linear2 = nn.Linear(4 * H, H)
@@ -176,10 +198,6 @@ class VirTex(nn.Module):
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
-        if cfg.pretext not in PRETEXTS:
-            raise ValueError(f"pretext={cfg.pretext!r}: choose one of {', '.join(PRETEXTS)}")
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
         self.config = cfg
         self.train_config = {}  # the training run's config, filled by checkpoints.load_checkpoint
         # zero_init_residual: each block starts as identity, which helps training from scratch.
@@ -188,7 +206,7 @@ class VirTex(nn.Module):
         self.visual = torchvision.models.get_model(cfg.visual, weights=None, zero_init_residual=cfg.zero_init_residual)
         self.visual_width = self.visual.fc.in_features  # 2048 for resnet50, 512 for resnet18
         del self.visual.fc, self.visual.avgpool  # we keep the layer4 grid, not a pooled vector
-        if not cfg.decoders:
+        if not cfg.has_decoder:
             # the classification pretexts: one linear layer on the pooled grid, PyTorch's default init as upstream
             self.classifier = nn.Linear(self.visual_width, cfg.vocab_size)
             return
@@ -199,7 +217,7 @@ class VirTex(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_len, H)
         self.embedding_norm = nn.LayerNorm(H, eps=1e-8)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
-        self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))  # masked_lm's decoder too
+        self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))  # every pretext's decoder
         self.layers_bwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer)) if cfg.bidirectional else None
         # pre-norm layers need a last norm per direction (the official backward head is a deep copy of the
         # forward one, final norm included); post-norm layers, the paper's, have none
@@ -259,12 +277,13 @@ class VirTex(nn.Module):
         x = self.embedding_dropout(x)
         return x * (tokens != self.config.pad_id).unsqueeze(-1).to(x.dtype)
 
-    def decode(self, memory, tokens, direction='fwd', start=0, cache=None):
-        """Run one direction's decoder ('fwd' or 'bwd'): (B, T) ids -> (B, T, H) features (pre-logits)."""
+    def decode(self, memory, tokens, direction='fwd', start=0, cache=None, causal=True):
+        """Run one direction's decoder ('fwd' or 'bwd'): (B, T) ids -> (B, T, H) features (pre-logits).
+        causal=False: every position sees every other real one (masked_lm, cappa's parallel mode)."""
         layers, final_norm = ((self.layers_fwd, self.final_norm) if direction == 'fwd' else
                               (self.layers_bwd, self.final_norm_bwd))
         x = self.embed(tokens, start)
-        key_mask = tokens != self.config.pad_id  # read only by masked_lm's unmasked self-attention
+        key_mask = None if causal else tokens != self.config.pad_id
         for i, layer in enumerate(layers):
             x = layer(x, memory, None if cache is None else cache.setdefault(i, {}), key_mask)
         return x if final_norm is None else final_norm(x)
@@ -273,21 +292,63 @@ class VirTex(nn.Module):
         """Full, uncached pass of one direction: (B, T) ids -> (B, T, V) next-token logits."""
         return self.lm_head(self.decode(memory, tokens, direction))
 
-    def caption_loss(self, memory, tokens, direction):
-        """Mean next-token cross-entropy over the real (non-pad) targets of one direction."""
+    def parallel_inputs(self, n) -> torch.Tensor:
+        """cappa's parallel mode reads (n, max_len - 1) [MASK]s: every input position, the one [SOS] held too
+        (big_vision has no BOS in this mode), whatever the caption: no word, not even its length, only the image."""
+        return torch.full((int(n), self.config.max_len - 1), self.config.mask_id, device=self.lm_head.weight.device)
+
+    def parallel_logits(self, memory: torch.Tensor) -> torch.Tensor:
+        """cappa's parallel mode: (B, N, H) memory -> (B, max_len - 1, V) logits of every position at once."""
+        return self.lm_head(self.decode(memory, self.parallel_inputs(len(memory)), causal=False))
+
+    def caption_loss(self, memory, tokens, direction, reduction='mean'):
+        """Next-token cross-entropy over the real (non-pad) targets of one direction: their mean, or sum."""
         features = self.decode(memory, tokens[:, :-1], direction)  # (B, T-1, H)
-        targets = tokens[:, 1:]
+        return self.word_loss(features, tokens[:, 1:], reduction)
+
+    def word_loss(self, features, targets, reduction='mean'):
+        """Cross-entropy of the output layer on (B, T, H) features against (B, T) targets, pad ids left out."""
+        if torch.compiler.is_compiling():  # one static shape, one graph: every position, padding ignored
+            logits = self.lm_head(features).flatten(0, 1).float()
+            return F.cross_entropy(logits, targets.flatten(), ignore_index=self.config.pad_id, reduction=reduction)
         # the output layer is the biggest matmul: run it on real targets only, not on padding
         real = targets != self.config.pad_id
-        logits = self.lm_head(features[real])  # (N, V)
-        return F.cross_entropy(logits.float(), targets[real])
+        return F.cross_entropy(self.lm_head(features[real]).float(), targets[real], reduction=reduction)
 
     def masked_lm_loss(self, memory, tokens, generator=None):
         """Cross-entropy at the words mask_words chose, predicted from the corrupted caption seen both ways."""
         inputs, labels = mask_words(tokens, self.config, generator)
-        features = self.decode(memory, inputs)  # (B, T, H)
-        chosen = labels != self.config.pad_id
-        return F.cross_entropy(self.lm_head(features[chosen]).float(), labels[chosen])
+        return self.word_loss(self.decode(memory, inputs, causal=False), labels)  # labels: pad where not chosen
+
+    def cappa_loss(self, memory, tokens, generator=None):
+        """CapPa: each caption is drawn, with probability parallel_fraction, into the parallel mode (every word
+        predicted at once from [MASK] inputs, parallel_logits) and otherwise into plain forward captioning. The
+        targets and the loss are captioning's: the mean cross-entropy over all real targets of the batch.
+        In eval mode every caption is scored both ways and the loss is their expectation (nothing is drawn).
+        Returns (loss, {'parallel': mean over its rows' targets, 'autoregressive': ...}); a mode that drew no
+        caption has NaN."""
+        targets = tokens[:, 1:]  # (B, T-1): what position t predicts, in both modes
+        if self.training:
+            parallel = draw_parallel(len(tokens), self.config.parallel_fraction, tokens.device, generator)
+            rows = {'parallel': parallel, 'autoregressive': ~parallel}  # (B,) each
+        else:
+            every = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
+            rows = {'parallel': every, 'autoregressive': every}
+        sums, counts = {}, {}
+        for mode, chosen in rows.items():
+            counts[mode] = (targets[chosen] != self.config.pad_id).sum()
+            if mode == 'parallel':
+                features = self.decode(memory[chosen], self.parallel_inputs(chosen.sum()), causal=False)
+                sums[mode] = self.word_loss(features[:, :targets.shape[1]], targets[chosen], 'sum')  # then pads
+            else:
+                sums[mode] = self.caption_loss(memory[chosen], tokens[chosen], 'fwd', reduction='sum')
+        means = {mode: sums[mode] / counts[mode] for mode in rows}  # 0 / 0 is NaN
+        if self.training:
+            loss = (sums['parallel'] + sums['autoregressive']) / (counts['parallel'] + counts['autoregressive'])
+        else:
+            fraction = self.config.parallel_fraction
+            loss = fraction * means['parallel'] + (1 - fraction) * means['autoregressive']
+        return loss, {mode: mean.detach() for mode, mean in means.items()}
 
     def classification_loss(self, pooled, labels):
         """Cross-entropy against the K-hot / K target of each row's set of labels (upstream's loss): the mean
@@ -304,14 +365,16 @@ class VirTex(nn.Module):
     def visual_features(self, images: torch.Tensor) -> torch.Tensor:
         """What the pretext head reads: the projected grid (B, N, H) for decoders, the pooled grid (B, C) else."""
         grid = self.encode_images(images)
-        return self.project(grid) if self.config.decoders else grid.mean((2, 3))
+        return self.project(grid) if self.config.has_decoder else grid.mean((2, 3))
 
     def forward(self, images: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
         """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id (for
-        multilabel_classification: category indices 1.., padded with 0). generator: masked_lm's draw.
+        multilabel_classification: category indices 1.., padded with 0). generator: the draws of masked_lm's
+        words and of cappa's modes (default: the global RNG).
 
-        Returns (loss, parts): loss = forward CE + backward CE for bicaptioning, the one loss otherwise (a scalar
-        with grad); parts holds its detached terms, {'fwd': .., 'bwd': ..}, {'fwd'}, {'masked_lm'} or
+        Returns (loss, parts): a scalar with grad, and its detached terms (LOSS_PARTS): for bicaptioning the
+        loss is forward CE + backward CE, parts {'fwd': .., 'bwd': ..}; for cappa the mean over both modes'
+        targets, parts each mode's own mean; otherwise the one loss, parts {'fwd'}, {'masked_lm'} or
         {'classification'}.
         """
         if caption_tokens.ndim != 2 or caption_tokens.shape[0] != images.shape[0]:
@@ -321,15 +384,17 @@ class VirTex(nn.Module):
     def losses(self, visual_features: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
         """forward() from visual_features() on: scoring the same captions against other images (train.py's
         image-reliance check) needs no second pass through the backbone."""
-        if caption_tokens.shape[1] > self.config.max_len and self.config.decoders:
+        if caption_tokens.shape[1] > self.config.max_len and self.config.has_decoder:
             raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed max_len={self.config.max_len}")
-        if not self.config.decoders:
+        if not self.config.has_decoder:
             loss = self.classification_loss(visual_features, caption_tokens)
             return loss, {'classification': loss.detach()}
         memory = visual_features
         if self.config.pretext == 'masked_lm':
             loss = self.masked_lm_loss(memory, caption_tokens, generator)
             return loss, {'masked_lm': loss.detach()}
+        if self.config.pretext == 'cappa':
+            return self.cappa_loss(memory, caption_tokens, generator)
         loss_fwd = self.caption_loss(memory, caption_tokens, 'fwd')
         parts = {'fwd': loss_fwd.detach()}
         loss = loss_fwd
@@ -426,6 +491,11 @@ class VirTex(nn.Module):
         return {k: v.detach().clone() for k, v in self.visual.state_dict().items()}
 
 
+def draw_parallel(n: int, fraction: float, device=None, generator=None) -> torch.Tensor:
+    """cappa's choice of mode for n captions: (n,) bool, True (parallel) with probability `fraction` each."""
+    return torch.rand(n, device=device, generator=generator) < fraction
+
+
 def mask_words(tokens: torch.Tensor, cfg: VirTexConfig, generator=None):
     """BERT's corruption for masked_lm: (B, T) captions -> (inputs, labels), both (B, T).
 
@@ -448,3 +518,33 @@ def mask_words(tokens: torch.Tensor, cfg: VirTexConfig, generator=None):
     inputs = torch.where(chosen & (action < p_mask), cfg.mask_id, tokens)
     inputs = torch.where(chosen & (action >= p_mask) & (action < p_mask + p_random), random_ids, inputs)
     return inputs, torch.where(chosen, tokens, pad)
+
+
+# ----------------------------------------------------------------------------------------------
+# where it runs
+
+def check_device(device: str) -> None:
+    """ValueError with one line if `device` is not one torch can use here (e.g. cuda on a machine without it)."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device={device}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    available = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise ValueError(f"--device={device}: not available on this machine (use --device=cpu)")
+    index = torch.device(device).index
+    if kind == 'cuda' and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device={device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def native_bf16(device) -> bool:
+    """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs with AVX512-BF16
+    or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later). Elsewhere oneDNN emulates bf16,
+    slower than float32, so 'auto' precisions (train.py's dtype, evaluate.py's svm_dtype) pick float32 there."""
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:  # a private call, but the only one that names the CPU's bf16 instructions
+        capability = torch._C._cpu._get_cpu_capability()
+    except AttributeError:
+        return False
+    return bool(capability.get('avx512_bf16') or capability.get('amx_bf16'))

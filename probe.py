@@ -16,9 +16,9 @@ much faster, not the paper's protocol. Unreadable images are skipped and counted
 """
 
 import json
-import math
 import os
 import time
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -27,29 +27,30 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoints import load_backbone
-from coco import EpochKeys, load_eval_image, normalize, random_box, random_resized_crop, to_uint8_tensor
-from evaluate import write_atomically
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')
+from coco import (IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize, random_box, random_resized_crop,
+                  to_uint8_tensor)
+from configurator import NON_NEGATIVE, POSITIVE, Interval, write_atomically
+from lookahead import warmup_cosine
+from model import check_device
 
 # ----------------------------------------------------------------------------------------------
 data_root = 'data/shapes/imagefolder'  # has train/<class>/ and val/<class>/
 ckpt = ''               # this project's checkpoint, or:
-init = ''               # 'random' | 'torchvision:PATH' | 'virtex:PATH' | 'moco:PATH', as in evaluate.py
+init = ''               # 'random' | 'torchvision:PATH' | 'virtex:PATH' | 'moco:PATH' | 'vissl:PATH', as evaluate.py
 visual = 'resnet50'     # for --init=random|torchvision:
 zero_init_residual = True  # for --init=random
-image_size = 0          # 0: the checkpoint's training image size, else 224
-epochs = 100
-batch_size = 256
-lr = 0.3
-momentum = 0.9
-weight_decay = 0.0
+image_size: NON_NEGATIVE = 0  # 0: the checkpoint's training image size, else 224
+epochs: POSITIVE = 100
+batch_size: POSITIVE = 256
+lr: POSITIVE = 0.3
+momentum: Annotated[float, Interval('[0, 1)')] = 0.9
+weight_decay: NON_NEGATIVE = 0.0
 augment = True          # False: fixed val-transform features of the training images (fast, not the protocol)
-num_workers = min(4, os.cpu_count() or 1)
-max_bad_images = 100
+num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)
+max_bad_images: NON_NEGATIVE = 100
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 seed = 0                # the fc init, the batch order and the augmentation (and --init=random)
-log_interval = 20       # iterations between progress lines
+log_interval: POSITIVE = 20  # iterations between progress lines
 out_json = ''           # also write the result here
 # ----------------------------------------------------------------------------------------------
 
@@ -100,14 +101,10 @@ def loader(dataset, keys, batch_size, num_workers):
                                        persistent_workers=num_workers > 0)
 
 
-def batches(data_loader, bad, max_bad):
-    """Yield (uint8 images, labels) of the readable images, counting unreadable ones in bad[0] (stop past max_bad)."""
+def batches(data_loader, bad: BadImages):
+    """Yield (uint8 images, labels) of the readable images, counting the unreadable ones in `bad`."""
     for images, labels, errors in data_loader:
-        for error in (e for e in errors if e):
-            bad[0] += 1
-            print(f"warning: skipped {error} ({bad[0]} skipped so far)", flush=True)
-            if bad[0] > max_bad:
-                raise ValueError(f"more than max_bad_images={max_bad} images failed to load; last: {error}")
+        bad.add([e for e in errors if e])
         ok = labels >= 0
         if ok.any():
             yield images[ok], labels[ok]
@@ -125,11 +122,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 def main():
-    for key in ('epochs', 'batch_size', 'log_interval'):
-        if globals()[key] <= 0:
-            raise SystemExit(f"error: --{key}={globals()[key]} must be positive")
-    if lr <= 0 or weight_decay < 0 or not 0 <= momentum < 1 or num_workers < 0 or max_bad_images < 0:
-        raise SystemExit("error: need lr > 0, weight_decay >= 0, 0 <= momentum < 1, num_workers >= 0, max_bad_images >= 0")
+    check_device(device)
     if out_json and not os.path.isdir(os.path.dirname(os.path.abspath(out_json))):
         raise SystemExit(f"error: {out_json}: its folder does not exist")
     train_paths, train_labels, classes = read_imagefolder(data_root, 'train')
@@ -151,12 +144,12 @@ def main():
     total_steps = epochs * steps_per_epoch
     print(f"{len(train_paths)} train and {len(val_paths)} val images, {len(classes)} classes; {arch} at {size}px, "
           f"frozen; {epochs} epochs x {steps_per_epoch} steps of {batch_size}; {'augmented' if augment else 'fixed features'}")
-    bad = [0]
+    bad = BadImages(max_bad_images)
     train_keys = EpochKeys((0, i) for i in range(len(train_paths)))
     train_loader = loader(FolderImages(train_paths, train_labels, size, train=augment, seed=seed), train_keys,
                           batch_size, num_workers)
     if not augment:  # the features never change: compute them once
-        feats, labels = zip(*((pooled(backbone, x, device), y) for x, y in batches(train_loader, bad, max_bad_images)))
+        feats, labels = zip(*((pooled(backbone, x, device), y) for x, y in batches(train_loader, bad)))
         cached = torch.cat(feats), torch.cat(labels).to(device)
         steps_per_epoch = len(cached[0]) // batch_size or 1  # readable images only
         total_steps = epochs * steps_per_epoch
@@ -166,13 +159,13 @@ def main():
         permutation = torch.randperm(len(cached[0]) if not augment else len(train_paths), generator=order).tolist()
         if augment:
             train_keys.keys = [(epoch, i) for i in permutation[:steps_per_epoch * batch_size]]
-            stream = ((pooled(backbone, x, device), y.to(device)) for x, y in batches(train_loader, bad, max_bad_images))
+            stream = ((pooled(backbone, x, device), y.to(device)) for x, y in batches(train_loader, bad))
         else:
             stream = ((cached[0][permutation[i:i + batch_size]], cached[1][permutation[i:i + batch_size]])
                       for i in range(0, steps_per_epoch * batch_size, batch_size))
         for features, labels in stream:
             for group in optimizer.param_groups:  # cosine from lr to 0 over the run, per step
-                group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+                group['lr'] = lr * warmup_cosine(step, 0, total_steps)
             loss = F.cross_entropy(fc(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -186,16 +179,16 @@ def main():
     del train_loader  # its workers
     val_loader = loader(FolderImages(val_paths, val_labels, size, train=False, seed=seed),
                         EpochKeys((0, i) for i in range(len(val_paths))), batch_size, num_workers)
-    logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y) for x, y in batches(val_loader, bad, max_bad_images)))
+    logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y) for x, y in batches(val_loader, bad)))
     logits, labels = torch.cat(logits), torch.cat(labels)
     result = {'top1': round(100 * accuracy(logits, labels, 1), 2), 'classes': len(classes), 'train_images': len(train_paths),
-              'val_images': len(labels), 'epochs': epochs, 'augment': augment, 'skipped_images': bad[0],
+              'val_images': len(labels), 'epochs': epochs, 'augment': augment, 'skipped_images': bad.count,
               'source': ckpt or init, 'minutes': round((time.time() - t0) / 60, 2)}
     if len(classes) >= 5:
         result['top5'] = round(100 * accuracy(logits, labels, 5), 2)
     if out_json:
         write_atomically(out_json, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    print(f"probe done in {result['minutes']:.1f} min; {bad[0]} images skipped")
+    print(f"probe done in {result['minutes']:.1f} min; {bad.count} images skipped")
     if 'top5' in result:
         print(f"top-5: {result['top5']:.2f}")
     print(f"top-1: {result['top1']:.2f}")

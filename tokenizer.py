@@ -1,14 +1,15 @@
 """
 Train a SentencePiece BPE vocabulary on COCO-format captions, and encode/decode captions with it.
 
-    python tokenizer.py --captions=data/coco/annotations/captions_train2017.json --vocab_size=10000 --out=data/coco/vocab
+    python tokenizer.py --captions=data/coco/annotations/captions_train2017.json --vocab_size=10000 \
+        --out=data/coco/coco_10k
 
 writes PREFIX.model and PREFIX.vocab. As in the paper: BPE, character coverage 1.0, captions
 lower-cased and stripped of accents both when training and when encoding. Ids 0-3 are fixed:
 <unk> = 0 (also used as padding), [SOS] = 1, [EOS] = 2, [MASK] = 3.
 
     from tokenizer import Tokenizer
-    tok = Tokenizer('data/coco/vocab.model')
+    tok = Tokenizer('data/coco/coco_10k.model')
     ids = tok.encode('A Café on the LEFT')     # pieces only; callers add [SOS] / [EOS]
     tok.decode(ids)                            # 'a cafe on the left'
 
@@ -19,6 +20,7 @@ OSError naming the file; the command line prints them as one line.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -84,23 +86,34 @@ class Tokenizer:
         # special ids (padding, [SOS], [EOS], [MASK]) are dropped, not printed
         return self.sp.decode([int(i) for i in ids if int(i) > MASK_ID])
 
+    def pieces_hash(self) -> str:
+        """A hash of the pieces in id order: two vocabularies with it equal give every id the same piece."""
+        pieces = '\n'.join(self.sp.id_to_piece(i) for i in range(len(self)))
+        return hashlib.sha256(pieces.encode()).hexdigest()
 
-def read_captions(path: str) -> list[str]:
-    """All caption strings of a COCO captions JSON file; ValueError / OSError naming the file if unusable."""
+
+def read_coco_captions(path: str) -> tuple[dict[int, str], dict[int, list[str]]]:
+    """A COCO captions JSON file as ({image id: file name}, {image id: its captions}), every caption checked
+    to be text with a word in it, so a bad one stops a run at start-up, not when its image is first drawn.
+    ValueError / OSError naming the file if it is unusable. (coco.py reads its splits with it.)"""
     try:
         with open(path) as f:
             data = json.load(f)
+        files = {image['id']: image['file_name'] for image in data.get('images', [])}  # the tokenizer needs none
+        captions = {}
+        for a in data['annotations']:
+            caption = a['caption']
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"{path}: annotation {a.get('id')} of image {a['image_id']} has the caption "
+                                 f"{caption!r}: not text with words")
+            captions.setdefault(a['image_id'], []).append(caption)
     except OSError as e:
-        raise OSError(f"captions file {path}: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"captions file {path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get('annotations'), list):
-        raise ValueError(f"captions file {path}: no 'annotations' list (expected COCO captions format)")
-    captions = [a['caption'] for a in data['annotations']
-                if isinstance(a, dict) and isinstance(a.get('caption'), str) and a['caption'].strip()]
+        raise OSError(f"{path}: {e.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a COCO captions file ({type(e).__name__}: {e})") from None
     if not captions:
-        raise ValueError(f"captions file {path}: no captions in 'annotations'")
-    return captions
+        raise ValueError(f"{path}: no captions in 'annotations'")
+    return files, captions
 
 
 def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
@@ -140,7 +153,7 @@ def main(argv=None) -> None:
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
         raise SystemExit(f"error: --out={args.out}: folder {out_dir} does not exist or is not writable")
     try:
-        captions = read_captions(args.captions)
+        captions = [c for image_captions in read_coco_captions(args.captions)[1].values() for c in image_captions]
         print(f"training a {args.vocab_size}-piece BPE vocabulary on {len(captions):,} captions from {args.captions}")
         train(captions, args.vocab_size, args.out)
         tok = Tokenizer(args.out + '.model')

@@ -1,37 +1,50 @@
 """
 Pretrain VirTex: a ResNet plus forward and backward caption decoders, trained from scratch on COCO captions
-(or with one of the paper's other pretext tasks: --pretext, see model.py).
+(or with one of the paper's other pretext tasks, or CapPa's: --pretext, see model.py).
 
   CPU demo (minutes):  python train.py config/shapes.py
   one GPU:             python train.py config/virtex_r50_l1_h2048.py
   8 GPUs:              torchrun --standalone --nproc_per_node=8 train.py config/virtex_r50_l1_h2048.py
-  several machines:    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
-  resume:              python train.py config/shapes.py --init_from=resume
+  resume:              python train.py config/shapes.py --init_from=resume   (auto: resume if there is a checkpoint)
 
 Reads <data_root>/ (COCO layout: train2017/, val2017/, annotations/captions_{train,val}2017.json) and
 <tokenizer> (a .model from tokenizer.py), and annotations/instances_{train,val}2017.json for the multilabel
-pretext; writes <out_dir>/ckpt.pt and <out_dir>/log.jsonl.
+pretext; writes <out_dir>/ckpt.pt, <out_dir>/log.jsonl and, with --voc_root, <out_dir>/best.pt.
 The defaults are the paper's best run (R-50, L1, H2048, batch 256, 500k iterations).
+
+Long runs: a scratch run refuses an out_dir that holds a run (--overwrite=True replaces it), and a second run
+into the same out_dir is refused while the first holds out_dir/.lock. SIGTERM, SIGINT (Ctrl-C) and SIGUSR1
+(Slurm's --signal) finish the current iteration, save the checkpoint and exit with status 128 + the signal's
+number (143, 130, 138), as the signal itself would have, so schedulers see an interrupted job; a second Ctrl-C
+stops at once. Every file is written whole or not at all (a full disk leaves the previous checkpoint).
 """
 
+import atexit
 import json
 import math
 import os
 import resource
+import signal
+import socket
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from functools import partial
+from typing import Annotated, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from coco import CocoCaptions, EpochKeys, collate, normalize, read_instances
-from configurator import config_keys, configure, one_line_errors
 from checkpoints import load_checkpoint
-from lookahead import LookAhead
-from model import LOSS_PARTS, PRETEXTS, VirTex, VirTexConfig
+from coco import BadImages, CocoCaptions, EpochKeys, collate, normalize, read_instances
+from configurator import (FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Interval, config_keys, configure,
+                          one_line_errors, write_atomically)
+from lookahead import LookAhead, warmup_cosine
+from model import LOSS_PARTS, PRETEXTS, VISUALS, VirTex, VirTexConfig, check_device, native_bf16
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -39,77 +52,71 @@ from tokenizer import Tokenizer
 data_root = 'data/coco'       # COCO layout, see the header
 tokenizer = 'data/coco/coco_10k.model'  # from tokenizer.py; the vocabulary size comes from it
 out_dir = 'out'
+overwrite = False             # True: a scratch run may replace the run already in out_dir
 # model
-visual = 'resnet50'           # torchvision ResNet, random init
-n_layer = 1                   # L
-n_embd = 2048                 # H
-n_head = 32                   # H / 64
-max_len = 30                  # caption ids, [SOS] and [EOS] included
-dropout = 0.1
-pretext = 'bicaptioning'      # the paper; or captioning, masked_lm, token_classification, multilabel_classification
+visual: Literal[VISUALS] = 'resnet50'  # torchvision ResNet, random init
+n_layer: POSITIVE = 1         # L
+n_embd: POSITIVE = 2048       # H
+n_head: POSITIVE = 32         # H / 64
+max_len: Annotated[int, Interval('[3, inf)')] = 30  # caption ids, [SOS] and [EOS] included
+dropout: Annotated[float, Interval('[0, 1)')] = 0.1
+pretext: Literal[PRETEXTS] = 'bicaptioning'  # the paper; or another pretext of model.py
+parallel_fraction: PROBABILITY = None  # cappa: share of captions predicted in parallel (default 0.75)
 norm_first = False            # post-norm Transformer layers, as in the paper
 zero_init_residual = True     # each ResNet block starts as the identity, as in the paper
-init_std = 0.02               # textual weights at init ~ N(0, init_std), as in the paper (BERT's init)
+init_std: POSITIVE = 0.02     # textual weights at init ~ N(0, init_std), as in the paper (BERT's init)
 # data
-image_size = 224              # random-resized-crop size
-min_crop_scale = 0.2          # random-resized-crop keeps (min_crop_scale, 1) of the image area
-color_jitter = 0.8            # probability of the colour jitter (brightness/contrast/saturation 0.4, hue 0.1)
-batch_size = 256              # global; each of N processes gets batch_size // N (paper: 8 x 32)
-gradient_accumulation_steps = 1  # micro-batches per step per process, when a GPU can't hold its share
-num_workers = 4               # DataLoader workers per process
-max_bad_images = 100          # unreadable images are skipped and counted; the run stops past this many
-train_fraction = 1.0          # train on this share of the images, a subset drawn with `seed` (data-efficiency runs)
+image_size: POSITIVE = 224    # random-resized-crop size
+min_crop_scale: FRACTION = 0.2  # random-resized-crop keeps (min_crop_scale, 1) of the image area
+color_jitter: PROBABILITY = 0.8  # probability of the colour jitter (brightness/contrast/saturation .4, hue .1)
+batch_size: POSITIVE = 256    # global; each of N processes gets batch_size // N (paper: 8 x 32)
+gradient_accumulation_steps: POSITIVE = 1  # micro-batches per step per process, when a GPU can't hold its share
+num_workers: NON_NEGATIVE = 4  # DataLoader workers per process
+max_bad_images: NON_NEGATIVE = 100  # unreadable images are skipped and counted; the run stops past this many
+train_fraction: FRACTION = 1.0  # train on this share of the images, drawn with `seed` (data efficiency)
 # optimization
-max_iters = 500_000
-warmup_iters = 10_000         # linear warmup from 0, then cosine decay to 0 at max_iters
-optimizer = 'sgd'             # inside LookAhead: 'sgd' (the paper) or 'adamw' (faster for short runs; momentum = beta1)
-cnn_lr = 0.2                  # lr for the backbone (upstream OPTIM.CNN_LR)
-lr = 0.001                    # lr for the textual head (upstream OPTIM.LR)
-momentum = 0.9
-weight_decay = 1e-4           # not on the textual embedding/decoder norms and biases
-lookahead_k = 5               # slow weights sync every k steps ...
-lookahead_alpha = 0.5         # ... moving alpha of the way to the fast weights
-grad_clip = 10.0              # max global grad norm; 0 turns clipping off
+max_iters: POSITIVE = 500_000
+warmup_iters: NON_NEGATIVE = 10_000  # linear warmup from 0, then cosine decay to 0 at max_iters
+optimizer: Literal['sgd', 'adamw'] = 'sgd'  # inside LookAhead: sgd (the paper) or adamw (momentum = beta1)
+cnn_lr: NON_NEGATIVE = 0.2    # lr of the backbone (upstream OPTIM.CNN_LR)
+lr: NON_NEGATIVE = 0.001      # lr of the textual head (upstream OPTIM.LR)
+momentum: NON_NEGATIVE = 0.9
+weight_decay: NON_NEGATIVE = 1e-4  # not on the textual embedding/decoder norms and biases
+lookahead_k: POSITIVE = 5     # slow weights sync every k steps ...
+lookahead_alpha: FRACTION = 0.5  # ... moving alpha of the way to the fast weights (1: no LookAhead)
+grad_clip: NON_NEGATIVE = 10.0  # max global grad norm; 0 turns clipping off
 # system
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtype = 'auto'                # auto: bfloat16 on GPUs that have it, else float16 (+GradScaler); float32 on CPU
-compile = torch.cuda.is_available()  # torch.compile: worth it on GPUs, slower than eager for short CPU runs
+dtype: Literal['auto', 'float32', 'bfloat16', 'float16'] = 'auto'  # auto: bfloat16 where the hardware has it
+compile = torch.cuda.is_available()  # torch.compile: worth it on GPUs, not for short CPU runs
 seed = 0
 deterministic = False         # True: deterministic kernels, no TF32, no cudnn autotuning (bitwise resume on GPUs too)
-init_from = 'scratch'         # 'scratch' or 'resume' (from <out_dir>/ckpt.pt)
-eval_interval = 2000          # validation loss every this many iterations (0: never)
-eval_iters = 20               # validation batches per evaluation
-ckpt_interval = 2000          # checkpoint every this many iterations (and at the end)
-log_interval = 20
-peak_tflops = 989.0           # per-GPU peak for MFU (bf16 dense: H100/H200 989, A100 312)
+init_from: Literal['scratch', 'resume', 'auto'] = 'scratch'  # resume from <out_dir>/ckpt.pt; auto: if it exists
+eval_interval: NON_NEGATIVE = 2000  # validation loss every this many iterations (0: never)
+eval_iters: NON_NEGATIVE = 20  # validation batches per evaluation
+voc_root = ''                 # a VOC2007 folder: judge the backbone by its VOC mAP, keep the best in best.pt
+voc_interval: NON_NEGATIVE = 0  # with voc_root: every this many iterations (0: only at the end)
+ckpt_interval: POSITIVE = 2000  # checkpoint every this many iterations (and at the end)
+log_interval: POSITIVE = 20
+peak_tflops: POSITIVE = 989.0  # per-GPU peak for MFU (bf16 dense: H100/H200 989, A100 312)
 # ----------------------------------------------------------------------------------------------
 configurable = config_keys(globals())
 rest = configure(globals())
 if rest:
     raise SystemExit(f"error: unexpected arguments {rest} (config files end in .py, flags are --key=value)")
-config = {k: globals()[k] for k in configurable}  # resolved; saved in every checkpoint
-config['tokenizer'] = os.path.abspath(tokenizer)  # so caption.py finds it from any folder
-choices = {'init_from': ('scratch', 'resume'), 'dtype': ('auto', 'float32', 'bfloat16', 'float16'),
-           'optimizer': ('sgd', 'adamw'), 'pretext': PRETEXTS}
-for key, allowed in choices.items():
-    if config[key] not in allowed:
-        raise SystemExit(f"error: --{key}={config[key]!r}: choose one of {', '.join(allowed)}")
-# every count and interval, checked here rather than as a ZeroDivisionError deep in the loop
-for key in ('batch_size', 'max_iters', 'image_size', 'log_interval', 'ckpt_interval', 'gradient_accumulation_steps',
-            'lookahead_k', 'n_layer', 'n_embd', 'n_head', 'max_len'):
-    if config[key] <= 0:
-        raise SystemExit(f"error: --{key}={config[key]} must be positive")
-for key in ('eval_interval', 'eval_iters', 'warmup_iters', 'num_workers', 'max_bad_images', 'cnn_lr', 'lr',
-            'weight_decay', 'grad_clip', 'momentum'):
-    if config[key] < 0:
-        raise SystemExit(f"error: --{key}={config[key]} must be >= 0" + (' (0: never)' if key == 'eval_interval' else ''))
+if parallel_fraction is not None and pretext != 'cappa':
+    raise SystemExit(f"error: --parallel_fraction is for --pretext=cappa only, not {pretext}")
 if eval_interval and not eval_iters:
     raise SystemExit("error: --eval_iters=0 with --eval_interval > 0: give eval_iters > 0 or eval_interval=0")
-if not 0 < train_fraction <= 1:
-    raise SystemExit(f"error: --train_fraction={train_fraction} must be in (0, 1]")
-if not (0 < min_crop_scale <= 1 and 0 <= color_jitter <= 1 and 0 < lookahead_alpha <= 1 and 0 <= dropout < 1):
-    raise SystemExit(f"error: need 0 < min_crop_scale <= 1, 0 <= color_jitter <= 1, 0 < lookahead_alpha <= 1, "
-                     f"0 <= dropout < 1 (got {min_crop_scale}, {color_jitter}, {lookahead_alpha}, {dropout})")
+if voc_interval and not voc_root:
+    raise SystemExit("error: --voc_interval needs --voc_root (a VOC2007 folder)")
+if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise SystemExit(f"error: --out_dir={out_dir} is a file, not a folder")
+with one_line_errors():
+    check_device(device)
+    VirTexConfig(visual=visual, n_embd=n_embd, n_head=n_head, max_len=max_len)  # n_embd % n_head, before any work
+config = {k: globals()[k] for k in configurable}  # resolved; saved in every checkpoint
+config['tokenizer'] = os.path.abspath(tokenizer)  # so caption.py finds it from any folder
 
 # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = 'RANK' in os.environ
@@ -127,8 +134,8 @@ if batch_size % (ddp_world_size * gradient_accumulation_steps):
                      f"x {gradient_accumulation_steps} accumulation steps")
 micro_batch = batch_size // (ddp_world_size * gradient_accumulation_steps)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtype == 'auto':
-    dtype = 'float32' if device_type == 'cpu' else 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+if dtype == 'auto':  # bf16 where the hardware multiplies it natively; else fp16 on GPUs, fp32 on CPUs
+    dtype = 'bfloat16' if native_bf16(device) else 'float16' if device_type == 'cuda' else 'float32'
 autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
 if device_type == 'cuda':  # fast by default; a resumed GPU run then matches an unbroken one closely, not bitwise
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
@@ -142,6 +149,71 @@ def print0(*args):
     if master_process:
         print(*args, flush=True)
 
+
+if dtype in ('bfloat16', 'float16') and device_type == 'cpu' and not native_bf16(device):
+    print0(f"warning: --dtype={dtype} is emulated on this CPU and slower than float32")
+elif dtype == 'float16' and device_type == 'cpu':
+    print0("warning: --dtype=float16 is emulated on CPUs (~25x slower than float32 here): use bfloat16")
+
+# ----------------------------------------------------------------------------------------------
+# the out_dir: one run at a time, and never a run replaced by mistake
+ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
+log_path, lock_path = os.path.join(out_dir, 'log.jsonl'), os.path.join(out_dir, '.lock')
+auto_start = init_from == 'auto'
+if auto_start:
+    init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
+
+
+def take_lock():
+    """Create out_dir/.lock (pid and host) atomically, whole; refuse if a live run holds it, take over a stale one."""
+    mine = f"{lock_path}.{os.getpid()}"
+    try:
+        write_atomically(mine, lambda f: f.write(f"{os.getpid()} {socket.gethostname()}\n"), mode='w')
+    except OSError as e:
+        raise SystemExit(f"error: {e}") from None
+    for _ in range(2):
+        try:
+            os.link(mine, lock_path)  # fails if the lock exists: no two runs ever both take it
+        except FileExistsError:
+            with open(lock_path) as f:
+                pid, _, host = f.read().strip().partition(' ')
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+                print0(f"note: {lock_path} was left by pid {pid}, which has ended: taking it over")
+                os.remove(lock_path)
+                continue
+            os.remove(mine)
+            raise SystemExit(f"error: {out_dir} is in use by another run (pid {pid} on {host}, {lock_path}); wait "
+                             f"for it, write elsewhere with --out_dir, or remove {lock_path} if no run is using it")
+        os.remove(mine)
+        atexit.register(os.remove, lock_path)
+        return
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    take_lock()
+    for name in os.listdir(out_dir):  # the temporary files of saves that were killed
+        if name.startswith(('ckpt.pt.tmp', 'best.pt.tmp')):
+            os.remove(os.path.join(out_dir, name))
+    earlier = [p for p in (ckpt_path, best_path, log_path) if os.path.exists(p) and os.path.getsize(p)]
+    if auto_start and earlier == [log_path]:  # a run that died before its first checkpoint: start it again
+        earlier = []
+    if init_from == 'scratch' and earlier and not overwrite:
+        raise SystemExit(f"error: {out_dir} holds a run ({', '.join(map(os.path.basename, earlier))}): resume it "
+                         f"with --init_from=resume, write elsewhere with --out_dir, or replace it with --overwrite=True")
+    if init_from == 'scratch':
+        for path in earlier:
+            os.remove(path)
 
 # ----------------------------------------------------------------------------------------------
 # data: COCO captions (coco.py: the dataset, its augmentation and the eval transform)
@@ -162,22 +234,34 @@ with one_line_errors():
                            labels=labels.get('val2017')) if eval_interval else None
 subset = f" ({train_fraction:g} of {len(train_set)})" if train_fraction < 1 else ''
 train_subset = train_set.keep_fraction(train_fraction, seed)  # indices kept (None: all), saved in checkpoints
-if pretext == 'masked_lm':  # a caption with no word to hide would stop the run at its batch: refuse it now
-    empty = next(filter(None, (data.wordless_caption() for data in (train_set, val_set) if data)), None)
-    if empty:
-        raise SystemExit(f"error: --pretext=masked_lm: {empty} has a caption without words (nothing to mask)")
 # the sampler shuffles with (seed, epoch); each process takes every N-th index of the permutation
 sampler = DistributedSampler(train_set, ddp_world_size, ddp_rank, shuffle=True, seed=seed, drop_last=True)
 batches_per_epoch = len(sampler) // micro_batch
 if batches_per_epoch == 0:
-    raise SystemExit(f"error: {len(train_set)} training images{subset} are fewer than one batch of {micro_batch} per process")
-loader_args = dict(batch_size=micro_batch, num_workers=num_workers, collate_fn=collate, drop_last=True,
-                   pin_memory=device_type == 'cuda')
-# one loader for the run, its workers kept between epochs; a private generator: iterating a loader must not draw
-# from the global RNG (dropout uses it). The images' randomness comes from their (seed, epoch, index) keys.
+    raise SystemExit(f"error: {len(train_set)} training images{subset} are fewer than one batch of {micro_batch} "
+                     f"per process")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C (sent to the terminal's whole process group) and SIGUSR1 to the main
+    process, which stops them after saving. SIGTERM keeps its default: it is how the workers are shut down."""
+    for signum in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+# one loader per split for the run, its workers kept between epochs; a private generator: iterating a loader
+# must not draw from the global RNG (dropout uses it). The images' randomness comes from their (seed, epoch,
+# index) keys. With compile, captions are padded to max_len: one shape, one compiled graph.
+loader_args = dict(batch_size=micro_batch, num_workers=num_workers, drop_last=True,
+                   collate_fn=partial(collate, pad_to=max_len if compile else 0),
+                   pin_memory=device_type == 'cuda', persistent_workers=num_workers > 0,
+                   worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(seed))
 train_keys = EpochKeys()
-train_loader = DataLoader(train_set, sampler=train_keys, generator=torch.Generator().manual_seed(seed),
-                          persistent_workers=num_workers > 0, **loader_args)
+train_loader = DataLoader(train_set, sampler=train_keys, **loader_args)
+if val_set is not None:
+    val_keys = [(0, i) for i in DistributedSampler(val_set, ddp_world_size, ddp_rank, shuffle=False)]
+    val_loader = DataLoader(val_set, sampler=val_keys[:eval_iters * micro_batch], **{**loader_args, 'drop_last': False})
 
 
 def batch_stream(epoch, batch):
@@ -191,34 +275,47 @@ def batch_stream(epoch, batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# model and optimizer
+# model and optimizer, from scratch or from the checkpoint
 PART_NAMES = LOSS_PARTS[pretext]  # the terms of the loss, logged beside it
-RESUME_KEYS = ('optimizer', 'scaler', 'iter_num', 'data_position', 'bad_images', 'rng_state', 'cuda_rng_state')
-
 model_args = dict(visual=visual, vocab_size=n_classes, n_layer=n_layer, n_embd=n_embd, n_head=n_head, max_len=max_len,
                   dropout=dropout, pretext=pretext, norm_first=norm_first, zero_init_residual=zero_init_residual,
                   init_std=init_std, pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id, mask_id=tok.mask_id)
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if parallel_fraction is not None:
+    model_args['parallel_fraction'] = parallel_fraction
+
+
+def load_for_resume(path):
+    """The model and training state of `path`, refused with one line if they cannot continue this run."""
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --init_from=resume: {path} does not exist")
+    with one_line_errors():  # the loading path of every stage: a bad file is one line, not a traceback
+        model, ckpt = load_checkpoint(path)
+    saved = asdict(model.config)
+    changed = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in model_args.items() if saved[k] != v]
+    if changed:
+        raise SystemExit(f"error: {path}: the model differs from the config: {'; '.join(changed)}")
+    missing = [k for k in ('optimizer', 'iter_num', 'data_position', 'rng_state', 'world_size') if k not in ckpt]
+    if missing:
+        raise SystemExit(f"error: {path}: cannot resume from it: no {', '.join(missing)} (a model-only file?)")
+    if ckpt['tokenizer_pieces'] != tok.pieces_hash():
+        raise SystemExit(f"error: {path}: was trained with another tokenizer than {tokenizer} (its pieces differ, "
+                         f"so the ids would mean other words)")
+    if ckpt['train_subset'] != train_subset:  # --train_fraction or --seed changed: other images
+        raise SystemExit(f"error: {path}: was trained on other images (--train_fraction="
+                         f"{model.train_config['train_fraction']}, --seed={model.train_config['seed']})")
+    if model.train_config['optimizer'] != optimizer:
+        raise SystemExit(f"error: {path}: was trained with --optimizer={model.train_config['optimizer']}, "
+                         f"not {optimizer}")
+    if ckpt['iter_num'] >= max_iters:
+        raise SystemExit(f"error: {path}: is at iteration {ckpt['iter_num']} already; give --max_iters above it "
+                         f"to train on (the learning-rate schedule follows max_iters)")
+    return model, ckpt
+
+
 ckpt = None
 torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
 if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: --init_from=resume: {ckpt_path} does not exist")
-    with one_line_errors():  # the loading path of every stage: a bad file is one line, not a traceback
-        model, ckpt = load_checkpoint(ckpt_path)
-    saved = asdict(model.config)  # keys added since the file was written hold their defaults
-    changed = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in model_args.items() if saved[k] != v]
-    if changed:
-        raise SystemExit(f"error: {ckpt_path}: the model differs from the config: {'; '.join(changed)}")
-    missing = [k for k in RESUME_KEYS if k not in ckpt]
-    if missing:
-        raise SystemExit(f"error: {ckpt_path}: cannot resume from it: no {', '.join(missing)} (a model-only file?)")
-    if ckpt.get('train_subset') != train_subset:  # --train_fraction or --seed changed: other images
-        raise SystemExit(f"error: {ckpt_path}: was trained on other images (--train_fraction="
-                         f"{model.train_config.get('train_fraction', 1.0)}, --seed={model.train_config.get('seed')})")
-    saved_optimizer = model.train_config.get('optimizer', 'sgd')  # files from before the knob were SGD
-    if saved_optimizer != optimizer:
-        raise SystemExit(f"error: {ckpt_path}: was trained with --optimizer={saved_optimizer}, not {optimizer}")
+    model, ckpt = load_for_resume(ckpt_path)
 else:
     model = VirTex(VirTexConfig(**model_args))
 # channels_last: cuDNN and oneDNN convolutions both run faster on NHWC (4x on a 2-core CPU for R-18 at 64 px)
@@ -229,7 +326,7 @@ torch.manual_seed(seed + ddp_rank)  # a different dropout stream per process
 
 groups = model.param_groups(weight_decay, cnn_lr, lr)
 for group in groups:
-    group['base_lr'] = group['lr']  # get_lr returns a multiplier: we have two base lrs
+    group['base_lr'] = group['lr']  # the schedule gives a multiplier: we have two base lrs
 fast = {'fused': True} if device_type == 'cuda' else {'foreach': True}
 if optimizer == 'sgd':
     inner = torch.optim.SGD(groups, lr=lr, momentum=momentum, **fast)
@@ -237,20 +334,29 @@ else:  # each group keeps its weight decay (0 on norms and biases), applied deco
     inner = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **fast)
 lookahead = LookAhead(inner, lookahead_k, lookahead_alpha)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-iter_num, data_position, bad_images = 0, (0, 0), 0
+iter_num, data_position, bad_images, best_voc = 0, (0, 0), BadImages(max_bad_images), {'map': -1.0, 'iter': 0}
 if ckpt is not None:
     settings = [{k: v for k, v in group.items() if k != 'params'} for group in lookahead.param_groups]
     try:
         lookahead.load_state_dict(ckpt['optimizer'])
     except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise SystemExit(f"error: {ckpt_path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
+        raise SystemExit(f"error: {ckpt_path}: its optimizer state does not fit this run ({type(e).__name__}: "
+                         f"{e})") from None
     for group, setting in zip(lookahead.param_groups, settings):
         group.update(setting)  # lrs, momentum and weight decay come from this run's config, not the file
     scaler.load_state_dict(ckpt['scaler'])
-    iter_num, data_position, bad_images = ckpt['iter_num'], tuple(ckpt['data_position']), ckpt['bad_images']
-    torch.set_rng_state(ckpt['rng_state'][ddp_rank])
-    if device_type == 'cuda':
-        torch.cuda.set_rng_state(ckpt['cuda_rng_state'][ddp_rank])
+    iter_num, data_position, best_voc = ckpt['iter_num'], tuple(ckpt['data_position']), ckpt['best_voc']
+    bad_images.count = ckpt['bad_images']
+    if ckpt['world_size'] == ddp_world_size:
+        torch.set_rng_state(ckpt['rng_state'][ddp_rank])
+        if device_type == 'cuda':
+            torch.cuda.set_rng_state(ckpt['cuda_rng_state'][ddp_rank])
+    else:  # the same images per iteration, split over other processes: close to, not bitwise, an unbroken run
+        epoch, batch = data_position
+        data_position = (epoch, batch * ckpt['world_size'] // ddp_world_size)
+        print0(f"note: {ckpt_path} was written by {ckpt['world_size']} process(es), this run has {ddp_world_size}: "
+               f"the global batch stays {batch_size}, each process now takes {micro_batch} x "
+               f"{gradient_accumulation_steps}, and the data order and dropout differ from an unbroken run")
     print0(f"resuming from {ckpt_path} at iteration {iter_num}")
     del ckpt
 if compile:
@@ -261,20 +367,13 @@ if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
 
 params = raw_model.num_params()
-head = f"L{n_layer} H{n_embd} decoders" if raw_model.config.decoders else 'linear classifier'
-print0(f"model: {pretext}, {visual} + {head}, {params['visual'] / 1e6:.1f}M backbone + {params['textual'] / 1e6:.1f}M "
-       f"head parameters; {n_classes} {'classes' if pretext == 'multilabel_classification' else 'pieces'}")
-print0(f"data: {len(train_set):,} training images{subset}, {batches_per_epoch} steps per epoch; {ddp_world_size} process(es) "
-       f"x {gradient_accumulation_steps} micro-batches x {micro_batch} = {batch_size} images per iteration; "
-       f"{max_iters * batch_size / len(train_set):.1f} epochs in all; {device} {dtype}")
-
-
-def get_lr(it):
-    """LR multiplier at iteration it: linear warmup from 0, then cosine decay to 0 (upstream's schedule)."""
-    if it < warmup_iters:
-        return it / warmup_iters
-    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+head = f"L{n_layer} H{n_embd} decoder(s)" if raw_model.config.has_decoder else 'linear classifier'
+print0(f"model: {pretext}, {visual} + {head}, {params['visual'] / 1e6:.1f}M backbone + "
+       f"{params['textual'] / 1e6:.1f}M head parameters; {n_classes} "
+       f"{'classes' if pretext == 'multilabel_classification' else 'pieces'}")
+print0(f"data: {len(train_set):,} training images{subset}, {batches_per_epoch} steps per epoch; {ddp_world_size} "
+       f"process(es) x {gradient_accumulation_steps} micro-batches x {micro_batch} = {batch_size} images per "
+       f"iteration; {max_iters * batch_size / len(train_set):.1f} epochs in all; {device} {dtype}")
 
 
 def to_device(images, tokens):
@@ -283,17 +382,25 @@ def to_device(images, tokens):
     return normalize(images), tokens.to(device, non_blocking=True)
 
 
+def draws(step, micro_step):
+    """cappa's per-caption choice of mode: a generator seeded by (seed, rank, step, micro-step), so that a
+    resumed run draws what an unbroken one would, without touching the global RNG (dropout's)."""
+    key = np.random.SeedSequence([seed, ddp_rank, step, micro_step]).generate_state(1)[0]
+    return torch.Generator(device).manual_seed(int(key))
+
+
 @torch.no_grad()
 def estimate_val_loss():
     """Validation losses, and the same captions scored against other images (each batch's images rolled by
     one): the gap says how much the model reads from the image, the first number to watch in pretraining.
-    Returns ({'loss': .., and each part}, the same with shuffled images)."""
+    Returns ({'loss': .., and each part}, the same with shuffled images, and for cappa the loss of the best
+    image-blind parallel predictor: each position's word frequencies in these captions)."""
     raw_model.eval()
-    val_sampler = DistributedSampler(val_set, ddp_world_size, ddp_rank, shuffle=False)
-    keys = [(0, i) for i in val_sampler][:eval_iters * micro_batch]
-    loader = DataLoader(val_set, sampler=keys, generator=torch.Generator(), **{**loader_args, 'drop_last': False})
     totals, batches = torch.zeros(2, 1 + len(PART_NAMES), device=device), 0  # (true, shuffled) x (loss, parts)
-    for batch, (images, tokens, _) in enumerate(loader):
+    position_counts = torch.zeros(max_len, len(tok), device=device)  # cappa: (position, word) counts
+    for batch, (images, tokens, errors) in enumerate(val_loader):
+        with one_line_errors():
+            bad_images.add(errors)
         if images is None:
             continue
         images, tokens = to_device(images, tokens)
@@ -304,15 +411,52 @@ def estimate_val_loss():
                 generator = torch.Generator(device).manual_seed(seed + batch)
                 loss, parts = raw_model.losses(paired, tokens, generator)
                 totals[row] += torch.stack([loss, *parts.values()]).float()
+        if pretext == 'cappa':
+            targets = tokens[:, 1:]
+            positions = torch.arange(targets.shape[1], device=device).expand_as(targets)
+            real = targets != tok.pad_id
+            position_counts.index_put_((positions[real], targets[real]), torch.ones((), device=device), accumulate=True)
         batches += 1
+    counts = torch.cat([totals.flatten(), torch.tensor([batches], device=device, dtype=totals.dtype)])
     if ddp:
-        totals = torch.cat([totals.flatten(), torch.tensor([batches], device=device, dtype=totals.dtype)])
-        dist.all_reduce(totals)
-        totals, batches = totals[:-1].view(2, -1), totals[-1].item()
+        dist.all_reduce(counts)
+        dist.all_reduce(position_counts)
+    totals, batches = counts[:-1].view(2, -1), counts[-1].item()
     raw_model.train()
-    true, shuffled = (totals / max(batches, 1)).tolist()
+    if batches == 0:
+        raise SystemExit(f"error: no image of {data_root}/val2017 could be read for validation (see the warnings)")
+    true, shuffled = (totals / batches).tolist()
+    frequencies = position_counts / position_counts.sum(1, keepdim=True).clamp(min=1)
+    text_only = -(position_counts * frequencies.clamp(min=1e-12).log()).sum() / position_counts.sum().clamp(min=1)
     names = ('loss', *PART_NAMES)
-    return dict(zip(names, true)), dict(zip(names, shuffled))
+    return dict(zip(names, true)), dict(zip(names, shuffled)), text_only.item()
+
+
+def voc_map():
+    """The backbone's VOC07 mAP, as evaluate.py computes it: pooled features of trainval and test with the eval
+    transform (each process extracts its share), then the SVMs on rank 0. Returns (mAP, {class: AP}) on rank 0."""
+    from evaluate import extract_features, read_voc, train_and_test_svms
+    raw_model.eval()
+    splits = {}
+    for split in ('trainval', 'test'):
+        with one_line_errors():
+            paths, split_labels, class_names = read_voc(voc_root, split)
+        mine = extract_features(lambda x: raw_model.encode_images(x).mean((2, 3)), paths[ddp_rank::ddp_world_size],
+                                image_size, split, batch_size=micro_batch, num_workers=num_workers, device=device,
+                                log_interval=0)
+        if ddp:  # put the shares back in order: image i is in share i % world_size
+            shares = [None] * ddp_world_size
+            dist.all_gather_object(shares, mine)
+            mine = torch.empty(len(paths), shares[0].shape[1])
+            for rank, share in enumerate(shares):
+                mine[rank::ddp_world_size] = share
+        splits[split] = (mine.to(device), torch.from_numpy(split_labels).to(device))
+    raw_model.train()
+    if not master_process:
+        return None, None
+    products = torch.bfloat16 if native_bf16(device) else torch.float32  # evaluate.py's svm_dtype=auto
+    test_ap, _, _ = train_and_test_svms(*splits['trainval'], *splits['test'], cg_dtype=products)
+    return 100 * test_ap.mean().item(), {name: 100 * ap for name, ap in zip(class_names, test_ap.tolist())}
 
 
 def memory_gb():
@@ -321,86 +465,167 @@ def memory_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak RSS (Linux reports KiB)
 
 
-# ----------------------------------------------------------------------------------------------
-# the loop
-if master_process:
-    os.makedirs(out_dir, exist_ok=True)
-log_file = open(os.path.join(out_dir, 'log.jsonl'), 'a') if master_process else None
+def save_checkpoint(path, step, full=True):
+    """The run at `step`, written whole or not at all: the model, and with full=True all the state a resume
+    needs (optimizer, data position, every process's RNG). Rank 0 writes; every process must call it."""
+    rng_states = [torch.get_rng_state()]
+    cuda_rng_states = [torch.cuda.get_rng_state()] if device_type == 'cuda' else []
+    if ddp and full:  # every process's RNG state, so each one resumes its own dropout stream
+        rng_states, cuda_rng_states = [None] * ddp_world_size, [None] * ddp_world_size
+        dist.all_gather_object(rng_states, torch.get_rng_state())
+        if device_type == 'cuda':
+            dist.all_gather_object(cuda_rng_states, torch.cuda.get_rng_state())
+    if not master_process:
+        return
+    checkpoint = {'model': raw_model.state_dict(), 'model_args': model_args, 'config': config, 'iter_num': step,
+                  'tokenizer_pieces': tok.pieces_hash(), 'best_voc': best_voc}
+    if full:
+        checkpoint.update(optimizer=lookahead.state_dict(), scaler=scaler.state_dict(), world_size=ddp_world_size,
+                          data_position=list(data_position), bad_images=bad_images.count, rng_state=rng_states,
+                          cuda_rng_state=cuda_rng_states, train_subset=train_subset)
+    try:
+        write_atomically(path, lambda f: torch.save(checkpoint, f))
+    except OSError as e:
+        raise SystemExit(f"error: {e}; the previous file stays as it was") from None
+    print0(f"iter {step}: saved {path}")
+    log({'event': 'checkpoint', 'iter': step, 'path': path})
 
+
+# ----------------------------------------------------------------------------------------------
+# the log: one JSON record per line, each written by one write() and never left cut (a full disk)
+log_fd = None
+if master_process:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    size = os.fstat(log_fd).st_size
+    if size:
+        with open(log_path, 'rb') as f:
+            f.seek(size - 1)
+            if f.read(1) != b'\n':
+                os.write(log_fd, b'\n')  # a line cut by a crash ends there; ours start on their own
 
 def log(record):
-    if master_process:
-        log_file.write(json.dumps(record) + '\n')
-        log_file.flush()
+    if not master_process:
+        return
+    size = os.fstat(log_fd).st_size
+    line = (json.dumps(record) + '\n').encode()
+    try:
+        if os.write(log_fd, line) != len(line):
+            raise OSError(28, os.strerror(28))  # ENOSPC: only part of the line fit
+    except OSError as e:
+        os.ftruncate(log_fd, size)  # no cut line left behind
+        raise SystemExit(f"error: {log_path}: cannot write ({e.strerror}); {ckpt_path} holds the last "
+                         f"checkpoint") from None
 
 
+stop_signal = 0
+
+
+def request_stop(signum, frame):
+    """The first stop signal asks the loop to save after this iteration; a second Ctrl-C stops at once (even in
+    the middle of a save, which only ever writes a temporary file until it is whole)."""
+    global stop_signal
+    if stop_signal and signum == signal.SIGINT:
+        kept = f"{ckpt_path} holds the last checkpoint" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        print(f"\nerror: interrupted again: stopped at once; {kept}", file=sys.stderr, flush=True)
+        if master_process:  # what atexit and write_atomically would have removed
+            for name in os.listdir(out_dir):
+                if name == '.lock' or name.endswith(f'.tmp{os.getpid()}'):
+                    os.remove(os.path.join(out_dir, name))
+        os._exit(1)  # not an exception: raised inside torch.save it would become a traceback
+    stop_signal = stop_signal or signum
+    print0(f"\n{signal.Signals(signum).name}: stopping after this iteration, saving {ckpt_path}")
+
+
+for signum in STOP_SIGNALS:
+    signal.signal(signum, request_stop)
+
+
+def agreed_stop(it):
+    """The signal to stop on at iteration `it`, the same on every process: under DDP they compare notes every
+    log_interval iterations, with one tiny all-reduce where the loop waits for the device anyway."""
+    if not ddp:
+        return stop_signal
+    if it % log_interval:
+        return 0
+    flag = torch.tensor(stop_signal, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item()
+
+
+def due(interval, it):
+    """True at every `interval`-th iteration of this run (0: none) and at the end."""
+    return it > start_iter and (it == max_iters or (interval > 0 and it % interval == 0))
+
+# ----------------------------------------------------------------------------------------------
+# the loop
 stream = batch_stream(*data_position)
 start_iter = iter_num
+log({'event': 'resume' if start_iter else 'start', 'iter': start_iter, 'world_size': ddp_world_size})
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at log and checkpoint time only
-window_time, window_iters, step_times, dt_ema = 0.0, 0, [], None
+window_time, window_steps, run_time, run_steps = 0.0, 0, 0.0, 0
 run_start = time.time()
 for iter_num in range(start_iter, max_iters + 1):
-    last_step = iter_num == max_iters
+    stopping = agreed_stop(iter_num)
+    last_step = iter_num == max_iters or stopping
     # evaluation and checkpointing first, on their schedule; their time is not part of ms/iter
-    if val_set is not None and (iter_num % eval_interval == 0 or last_step) and iter_num > 0:
-        val, shuffled = estimate_val_loss()
-        image_gap = (shuffled['loss'] - val['loss']) / len(PART_NAMES)  # per target of one term (one direction)
+    if val_set is not None and not stopping and due(eval_interval, iter_num):
+        val, shuffled, text_only = estimate_val_loss()
+        gaps = {name: shuffled[name] - val[name] for name in PART_NAMES}  # what the image is worth, per term
+        image_gap = sum(gaps.values()) / len(gaps)  # per target of one term (one direction)
         terms = ' '.join(f"{name} {val[name]:.3f}" for name in PART_NAMES)
+        unit = 'label' if pretext.endswith('classification') else 'token'
+        worth = f"{image_gap:.3f} nats/{unit}"
+        if pretext == 'cappa':
+            worth = (f"{gaps['parallel']:.3f} nats/token in parallel (text-only {text_only:.3f}), "
+                     f"{gaps['autoregressive']:.3f} autoregressive")
         print0(f"iter {iter_num}: val loss {val['loss']:.4f} ({terms}) | shuffled images {shuffled['loss']:.4f}: "
-               f"the image is worth {image_gap:.3f} nats/{'label' if 'classification' in PART_NAMES else 'token'}")
+               f"the image is worth {worth}")
         log({'event': 'val', 'iter': iter_num, 'loss': val['loss'], **{f'loss_{n}': val[n] for n in PART_NAMES},
              'loss_shuffled': shuffled['loss'], **{f'loss_shuffled_{n}': shuffled[n] for n in PART_NAMES},
-             'image_gap': image_gap})
-    if (iter_num % ckpt_interval == 0 or last_step) and iter_num > start_iter:
+             'image_gap': image_gap, **({'text_only_parallel': text_only} if pretext == 'cappa' else {})})
+    if voc_root and not stopping and due(voc_interval, iter_num):
+        t0 = time.time()
+        voc, class_aps = voc_map()
+        if master_process:
+            if voc > best_voc['map']:
+                best_voc = {'map': voc, 'iter': iter_num}
+                save_checkpoint(best_path, iter_num, full=False)
+            print0(f"iter {iter_num}: VOC mAP {voc:.2f} (best {best_voc['map']:.2f} at iter {best_voc['iter']}; "
+                   f"{time.time() - t0:.0f}s)")
+            log({'event': 'voc', 'iter': iter_num, 'map': voc, 'classes': class_aps, 'best_map': best_voc['map'],
+                 'best_iter': best_voc['iter'], 'seconds': time.time() - t0})
+    if due(ckpt_interval, iter_num) or (stopping and iter_num > start_iter):
         # never replace a good checkpoint with a diverged model: check the losses and the weights
         weight_norm = torch.stack([p.detach().float().norm() for p in raw_model.parameters()]).sum()
         bad = nonfinite | ~torch.isfinite(weight_norm)
         if ddp:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            raise SystemExit(f"error: the loss or the weights became non-finite before iteration {iter_num}; "
-                             f"{ckpt_path} still holds the last good checkpoint")
-        rng_states = [torch.get_rng_state()]
-        cuda_rng_states = [torch.cuda.get_rng_state()] if device_type == 'cuda' else []
-        if ddp:  # every process's RNG state, so each one resumes its own dropout stream
-            rng_states, cuda_rng_states = [None] * ddp_world_size, [None] * ddp_world_size
-            dist.all_gather_object(rng_states, torch.get_rng_state())
-            if device_type == 'cuda':
-                dist.all_gather_object(cuda_rng_states, torch.cuda.get_rng_state())
-        if master_process:
-            checkpoint = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': lookahead.state_dict(),
-                          'scaler': scaler.state_dict(), 'iter_num': iter_num, 'data_position': list(data_position),
-                          'bad_images': bad_images, 'rng_state': rng_states, 'cuda_rng_state': cuda_rng_states,
-                          'train_subset': train_subset, 'config': config}
-            # written to a temporary file and renamed: a crash mid-save leaves the previous checkpoint intact
-            torch.save(checkpoint, ckpt_path + '.tmp')
-            os.replace(ckpt_path + '.tmp', ckpt_path)
-            print0(f"iter {iter_num}: saved {ckpt_path}")
-            log({'event': 'checkpoint', 'iter': iter_num, 'path': ckpt_path})
+            kept = f"{ckpt_path} still holds the last good checkpoint" if os.path.exists(ckpt_path) else \
+                "no checkpoint was written"
+            raise SystemExit(f"error: the loss or the weights became non-finite before iteration {iter_num}; {kept}")
+        save_checkpoint(ckpt_path, iter_num)
     if last_step:
         break
 
     # ------------------------------------------------------------------------------------------
     # training step
     t0 = time.perf_counter()
-    lr_mult = get_lr(iter_num)
+    lr_mult = warmup_cosine(iter_num, warmup_iters, max_iters)
     for group in lookahead.param_groups:
         group['lr'] = group['base_lr'] * lr_mult
     loss_sum = torch.zeros(1 + len(PART_NAMES), device=device)  # loss, its terms
     for micro_step in range(gradient_accumulation_steps):
         data_position, (images, tokens, errors) = next(stream)
-        for error in errors:
-            bad_images += 1
-            print(f"warning: skipped {error} ({bad_images} skipped so far)", flush=True)
-            if bad_images > max_bad_images:
-                raise SystemExit(f"error: more than max_bad_images={max_bad_images} images failed to load; "
-                                 f"last: {error}")
+        with one_line_errors():
+            bad_images.add(errors)
         if images is None:
             raise SystemExit(f"error: every image of a batch failed to load; last: {errors[-1]}")
         if ddp:  # all-reduce the gradients only on the last micro-step (set before the forward pass)
             model.require_backward_grad_sync = micro_step == gradient_accumulation_steps - 1
+        generator = draws(iter_num, micro_step) if pretext == 'cappa' else None
         with autocast:
-            loss, parts = model(*to_device(images, tokens))
+            loss, parts = model(*to_device(images, tokens), generator)
         scaler.scale(loss / gradient_accumulation_steps).backward()
         loss_sum += torch.stack([loss.detach(), *parts.values()]).float()
     nonfinite |= ~torch.isfinite(loss_sum[0])
@@ -409,42 +634,50 @@ for iter_num in range(start_iter, max_iters + 1):
     scaler.step(lookahead)
     scaler.update()
     lookahead.zero_grad(set_to_none=True)
-    # ------------------------------------------------------------------------------------------
     step = iter_num + 1
     if step % log_interval == 0 or step == max_iters:
         losses = loss_sum / gradient_accumulation_steps
-        if ddp:
-            dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+        if ddp:  # a cappa mode that drew no caption on some process is NaN in the mean: shown as '-'
             dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-        loss_value, *terms = losses.tolist()  # .tolist() waits for the device: dt is honest
+            dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+        loss_value, *terms = losses.tolist()  # .tolist() waits for the device: the time below is honest
         if nonfinite.item():
-            raise SystemExit(f"error: non-finite loss ({loss_value}) by iteration {step}; "
-                             f"the last good checkpoint stays at {ckpt_path}")
+            kept = f"the last good checkpoint stays at {ckpt_path}" if os.path.exists(ckpt_path) else \
+                "no checkpoint was written"
+            raise SystemExit(f"error: non-finite loss ({loss_value}) by iteration {step}; {kept}")
     dt = time.perf_counter() - t0
-    window_time, window_iters = window_time + dt, window_iters + 1
-    step_times.append(dt)
+    window_time, window_steps = window_time + dt, window_steps + 1
     if step % log_interval == 0 or step == max_iters:
-        ms = 1000 * window_time / window_iters
-        # the first iterations include compilation and warm-up: keep them out of the ETA's average
-        if step - start_iter > 5:
-            dt_ema = ms if dt_ema is None else 0.9 * dt_ema + 0.1 * ms
+        ms = 1000 * window_time / window_steps
+        if step - start_iter > log_interval:  # the first window holds warm-up and compilation: not in the mean
+            run_time, run_steps = run_time + window_time, run_steps + window_steps
+        mean_ms = 1000 * run_time / run_steps if run_steps else ms
         images_per_s = batch_size * 1000 / ms
-        mfu = f"{100 * flops_per_image * images_per_s / (peak_tflops * 1e12 * ddp_world_size):.1f}%" \
-            if flops_per_image and step - start_iter > 5 else '-'
-        eta_s = (dt_ema or ms) / 1000 * (max_iters - step)
-        print0(f"iter {step}/{max_iters} | loss {loss_value:.3f} ({' '.join(f'{n} {v:.3f}' for n, v in zip(PART_NAMES, terms))}) | "
-               f"lr {cnn_lr * lr_mult:.4f} | gnorm {grad_norm.item():.2f} | {ms:.0f}ms | {images_per_s:.0f} img/s | "
+        mfu = '-'
+        if flops_per_image and run_steps:
+            mfu = f"{100 * flops_per_image * images_per_s / (peak_tflops * 1e12 * ddp_world_size):.1f}%"
+        eta_s = mean_ms / 1000 * (max_iters - step)
+        cut = {n: None if math.isnan(v) else v for n, v in zip(PART_NAMES, terms)}  # NaN: no caption of a mode
+        terms_text = ' '.join(f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in cut.items())
+        print0(f"iter {step}/{max_iters} | loss {loss_value:.3f} ({terms_text}) | lr cnn {cnn_lr * lr_mult:.2e} "
+               f"head {lr * lr_mult:.2e} | gnorm {grad_norm.item():.2f} | {ms:.0f}ms | {images_per_s:.0f} img/s | "
                f"mfu {mfu} | mem {memory_gb():.1f}G | eta {int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m")
-        log({'event': 'train', 'iter': step, 'loss': loss_value, **{f'loss_{n}': v for n, v in zip(PART_NAMES, terms)},
-             'lr': cnn_lr * lr_mult, 'grad_norm': grad_norm.item(), 'ms': ms, 'img_s': images_per_s,
-             'mem_gb': memory_gb(), 'time': time.time() - run_start})
-        window_time, window_iters = 0.0, 0
+        log({'event': 'train', 'iter': step, 'loss': loss_value, **{f'loss_{n}': v for n, v in cut.items()},
+             'lr_cnn': cnn_lr * lr_mult, 'lr_head': lr * lr_mult, 'grad_norm': grad_norm.item(), 'ms': ms,
+             'img_s': images_per_s, 'mem_gb': memory_gb(), 'time': time.time() - run_start})
+        window_time, window_steps = 0.0, 0
 
-if step_times:
-    last = step_times[-20:]
-    print0(f"done: {len(step_times)} iterations in {time.time() - run_start:.0f}s; mean {1000 * sum(last) / len(last):.0f} "
-           f"ms/iter over the last {len(last)}; {batch_size * len(last) / sum(last):.1f} img/s; "
-           f"peak memory {memory_gb():.2f}G; {bad_images} images skipped")
+steps = iter_num - start_iter
+if steps and master_process:
+    mean_ms = 1000 * run_time / run_steps if run_steps else 1000 * (time.time() - run_start) / steps
+    print0(f"done: {steps} iterations in {time.time() - run_start:.0f}s; {mean_ms:.0f} ms/iter and "
+           f"{batch_size * 1000 / mean_ms:.1f} img/s after the first {log_interval}; peak memory "
+           f"{memory_gb():.2f}G; {bad_images.count} images skipped")
 if ddp:
     dist.barrier()  # rank 0 may still be writing the last checkpoint: a rank that leaves early aborts the others
     dist.destroy_process_group()
+if stopping:
+    saved = f"{ckpt_path} holds iteration {iter_num}: continue with --init_from=resume" \
+        if iter_num > start_iter or start_iter else "nothing was trained yet"
+    print0(f"stopped by {signal.Signals(stopping).name} at iteration {iter_num}; {saved}")
+    raise SystemExit(128 + stopping)

@@ -77,7 +77,7 @@ def plot(rows, path, width=560, height=360):
 
 rows, t_start = [], time.time()
 for seed in seed_list:
-    random_map = random_init_map(voc, seed, f'{out_dir}/random_seed{seed}.log')
+    random_map = None  # the same ResNet at random init, judged once the first run shows what it is
     for fraction in fraction_list:
         run_dir, demo_dir = f'{out_dir}/{fraction:g}_seed{seed}', f'out/demo_seed{seed}'
         if fraction == 1 and finished(demo_dir, max_iters, pretext='bicaptioning', seed=seed, train_fraction=1.0):
@@ -86,7 +86,8 @@ for seed in seed_list:
             print(f"seed {seed}: {100 * fraction:g}% of the images: training into {run_dir}", flush=True)
             train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model', f'--seed={seed}',
                             f'--train_fraction={fraction}'])
-        value = voc_map(voc, [f'--ckpt={run_dir}/ckpt.pt'], f'{run_dir}/evaluate.log')
+        value = voc_map([f'--voc_root={voc}', f'--ckpt={run_dir}/ckpt.pt'], f'{run_dir}/evaluate.log')
+        random_map = random_map or random_init_map(voc, seed, f'{out_dir}/random_seed{seed}.log', run_dir)
         rows.append({'fraction': fraction, 'seed': seed, 'map': value, 'random': random_map,
                      'train_min': train_minutes(run_dir), 'run': run_dir})
         print(f"seed {seed}: {100 * fraction:g}%: VOC07 mAP {value:.2f} (random init {random_map:.2f})", flush=True)

@@ -6,16 +6,20 @@ photo-like backgrounds (grass, brick, sky, ...), 1-4 per 96 px image, 5 captions
 Texture, colour, size, place and background are drawn independently of the category: only shape tells it.
 
   python dev/objects_world.py                    # 10000/1000 COCO + 2000/2000 VOC images at 96 px into data/objects
-  python dev/objects_world.py --out=/tmp/objects --n_train=200 --n_val=20 --n_voc_trainval=50 --n_voc_test=50
+  python dev/objects_world.py --out=/tmp/objects --n_train=200 --n_val=20 --n_voc_trainval=50 --n_voc_test=50 \
+      --min_positives=2          # a world this small has few images of each attribute value
   python tokenizer.py --captions=data/objects/coco/annotations/captions_train2017.json --vocab_size=1000 \
       --out=data/objects/vocab     # 286 words: from ~800 pieces on every word is one piece; 1414 is the most it takes
 
 Writes what data/shapes/prepare.py writes, with its writers (this file only draws and captions the scenes):
-OUT/coco/{train2017,val2017,annotations} and OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main}, plus scenes_*.json.
+OUT/coco/{train2017,val2017,annotations}, OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main}, plus scenes_*.json,
+OUT/imagefolder/{train,val}/<category>/, and OUT/attributes/<attribute>/: the shapes world's attribute tasks in
+VOC2007 layout on the VOC images (category, colour, size, count, background by kind, position, binding) plus
+texture (wood, fur, ...). `--attributes_only` rewrites OUT/attributes alone from OUT/VOC2007's scene records.
 COCO and VOC images are disjoint. Images are seeded from (seed, split, index), so --workers does not change the
 output; all is built in a hidden folder inside OUT and renamed into place at the end.
-Measured: defaults in 99 s with 2 workers on 2 CPU cores shared with a training run, 78 MB (111 MB on disk);
-captions use 286 distinct words, at most 22 per caption (python 3.11, numpy 2.4, pillow 13).
+Measured on the defaults: captions use 286 distinct words, at most 22 per caption (python 3.11, numpy 2.4,
+pillow 13).
 """
 import os
 import re
@@ -516,10 +520,18 @@ def make_example(task):
     return scene, captions(scene, rng)
 
 
+def attributes(scene):
+    """The shapes world's attribute tasks (prepare.scene_attributes), with this world's background kinds (grass,
+    brick, ...) and one more: the objects' texture (wood, fur, ...), which the captions name too."""
+    return {**prepare.scene_attributes(scene, scene['background']),
+            'texture': prepare.flags(scene, lambda o: [o['texture']])}
+
+
 def main():
     args = prepare.command_line('Write the synthetic objects world in COCO + VOC2007 formats.', out='data/objects',
                                 size=96, min_size=48, prog='objects_world.py')
-    prepare.write_world(args, make_example, CATEGORIES, ('objects world', 'dev/objects_world.py'), 'objects_world.py')
+    prepare.write_world(args, make_example, CATEGORIES, ('objects world', 'dev/objects_world.py'), 'objects_world.py',
+                        attributes)
 
 
 if __name__ == '__main__':

@@ -1,16 +1,21 @@
 """
-The paper's pretext-task ablation (its Table 2) on the shapes world: the same backbone pretrained with each of
-the five pretext tasks, and at random init, every one judged by the same VOC07 linear SVMs.
+The paper's pretext-task ablation (its Table 2) on a synthetic world, and what each backbone knows beyond the
+category: the same ResNet pretrained with each pretext task (and at random init), every one judged by the same
+VOC07 linear SVMs on the world's VOC classes and on each of its attribute tasks (data/shapes/prepare.py writes
+them: colour, size, count, background, position, colour x category binding; the objects world adds texture).
 
-  python dev/pretext_ablation.py                                # five pretexts + random init, seeds 0 and 1
+  python dev/pretext_ablation.py                                # every pretext + random init, seeds 0 and 1
   python dev/pretext_ablation.py --seeds=0 --pretexts=masked_lm,token_classification
+  python dev/pretext_ablation.py --data=data/objects --pretexts=bicaptioning,multilabel_classification --seeds=0
 
-Every run is `python train.py config/shapes.py --pretext=P --seed=S` (the demo's ResNet-18, 64 px images and
-2500 iterations; nothing else changes), then `python evaluate.py --ckpt=...`. Runs go to out/ablation/P_seedS/.
-A run that already finished (its checkpoint at the last iteration, with this pretext and seed) is evaluated again,
-not retrained; for bicaptioning that includes the demo's own run, out/demo_seedS/ (`python demo.py --seed=S`).
-Needs data/shapes/ with the COCO instances files (python data/shapes/prepare.py) and data/shapes/vocab.model.
-Prints a table and writes out/ablation/results.json.
+Every run is `python train.py config/shapes.py --pretext=P --seed=S` (the demo's recipe; nothing else changes)
+into OUT/P_seedS/, where OUT is out/ablation for the shapes world and out/ablation_<world> for another. Then, per
+backbone, `evaluate.py --voc_root=DATA/VOC2007 --save_features=...` extracts the features once (and gives the
+category mAP), and for every attribute the same features with the attribute's labels go through
+`evaluate.py --features=...`: the SVMs only, seconds each. A run that already finished (its last checkpoint, with
+this pretext and seed) is judged again, not retrained; for bicaptioning on the shapes world that includes the
+demo's own run, out/demo_seedS/. Needs DATA/ with the COCO instances files and DATA/vocab.model (see README).
+Prints both tables and writes OUT/results.json.
 """
 
 import json
@@ -18,9 +23,12 @@ import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import HERE, config_max_iters, finished, random_init_map, train, train_minutes, voc_map  # noqa: E402
+from runs import HERE, config_max_iters, finished, random_init_args, train, train_minutes, voc_map  # noqa: E402
 from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
+from evaluate import read_voc  # noqa: E402
 from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -28,7 +36,8 @@ pretexts = ','.join(PRETEXTS)
 seeds = '0,1'
 data = 'data/shapes'
 config = 'config/shapes.py'
-out_dir = 'out/ablation'
+out_dir = ''                # default: out/ablation, or out/ablation_<world> for a world other than the shapes world
+attributes = True           # also judge every backbone on DATA/attributes/*
 # ----------------------------------------------------------------------------------------------
 if configure(globals()):
     raise SystemExit("error: this script takes only --key=value flags")
@@ -36,45 +45,82 @@ pretext_list, seed_list = pretexts.split(','), [int(s) for s in str(seeds).split
 for p in pretext_list:
     if p not in PRETEXTS:
         raise SystemExit(f"error: --pretexts: {p!r} is not one of {', '.join(PRETEXTS)}")
-for path in (f'{data}/coco/annotations/instances_train2017.json', f'{data}/vocab.model', f'{data}/VOC2007', config):
+world = os.path.basename(data.rstrip('/'))
+out_dir = out_dir or ('out/ablation' if world == 'shapes' else f'out/ablation_{world}')
+needed = [f'{data}/coco/annotations/instances_train2017.json', f'{data}/vocab.model', f'{data}/VOC2007', config]
+for path in needed + ([f'{data}/attributes'] if attributes else []):
     if not os.path.exists(os.path.join(HERE, path)):
-        raise SystemExit(f"error: {path} does not exist (python data/shapes/prepare.py, then the tokenizer: see README)")
+        raise SystemExit(f"error: {path} does not exist (make the world and its vocabulary first: see README; "
+                         f"an older world gets its attributes with prepare.py --attributes_only)")
 max_iters = config_max_iters(config)
 voc = f'{data}/VOC2007'
+attribute_names = sorted(os.listdir(os.path.join(HERE, data, 'attributes'))) if attributes else []
+attribute_names = ['category'] + [a for a in attribute_names if a != 'category']
+
+
+def judge(name, source_args, folder):
+    """{attribute: mAP} of one backbone: its VOC features extracted once, then the SVMs per attribute."""
+    features = f'{folder}/{name}_features.npz'
+    maps = {'category': voc_map([f'--voc_root={voc}', *source_args, f'--save_features={features}'],
+                                f'{folder}/{name}_voc.log')}
+    with np.load(os.path.join(HERE, features)) as saved:
+        arrays = {k: saved[k] for k in saved.files}
+    for attribute in attribute_names[1:]:
+        labels = {}
+        for split, key in (('trainval', 'train_y'), ('test', 'test_y')):
+            paths, labels[key], names = read_voc(os.path.join(HERE, data, 'attributes', attribute), split)
+            same = list(map(os.path.basename, read_voc(os.path.join(HERE, voc), split)[0]))
+            assert list(map(os.path.basename, paths)) == same, f'{attribute}: other images than VOC2007'
+        path = f'{folder}/{name}_{attribute}.npz'
+        np.savez(os.path.join(HERE, path), train_x=arrays['train_x'], test_x=arrays['test_x'], **labels,
+                 class_names=np.array(names))
+        maps[attribute] = voc_map([f'--features={path}'], f'{folder}/{name}_{attribute}.log')
+        os.remove(os.path.join(HERE, path))
+    return maps
+
 
 os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
-results = {}  # (pretext, seed) -> {'map':, 'train_min':}
+results = {}  # (row, seed) -> {'maps': {attribute: mAP}, 'train_min':}
 t_start = time.time()
 for seed in seed_list:
-    print(f"seed {seed}: random init", flush=True)
-    results[('random init', seed)] = {'map': random_init_map(voc, seed, f'{out_dir}/random_seed{seed}.log'),
-                                      'train_min': 0.0}
     for pretext in pretext_list:
         run_dir, demo_dir = f'{out_dir}/{pretext}_seed{seed}', f'out/demo_seed{seed}'
-        if pretext == 'bicaptioning' and not finished(run_dir, max_iters, pretext=pretext, seed=seed) \
+        if world == 'shapes' and pretext == 'bicaptioning' and not finished(run_dir, max_iters, pretext=pretext,
+                                                                           seed=seed) \
                 and finished(demo_dir, max_iters, pretext=pretext, seed=seed, train_fraction=1.0):
             run_dir = demo_dir
         if finished(run_dir, max_iters, pretext=pretext, seed=seed):
             print(f"seed {seed}: {pretext}: trained already in {run_dir}", flush=True)
         else:
             print(f"seed {seed}: {pretext}: training into {run_dir}", flush=True)
-            train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model', f'--pretext={pretext}',
-                            f'--seed={seed}'])
-        results[(pretext, seed)] = {'map': voc_map(voc, [f'--ckpt={run_dir}/ckpt.pt'], f'{run_dir}/evaluate.log'),
-                                    'train_min': train_minutes(run_dir), 'run': run_dir}
-        print(f"seed {seed}: {pretext}: VOC07 mAP {results[(pretext, seed)]['map']:.2f}", flush=True)
+            train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
+                            f'--pretext={pretext}', f'--seed={seed}'])
+        maps = judge(f'{pretext}_seed{seed}', [f'--ckpt={run_dir}/ckpt.pt'], out_dir)
+        results[(pretext, seed)] = {'maps': maps, 'train_min': train_minutes(run_dir), 'run': run_dir}
+        print(f"seed {seed}: {pretext}: " + ', '.join(f'{a} {m:.2f}' for a, m in maps.items()), flush=True)
+    print(f"seed {seed}: random init", flush=True)  # the ResNet every run started from
+    maps = judge(f'random_seed{seed}', random_init_args(f'{run_dir}/ckpt.pt', seed), out_dir)
+    results[('random init', seed)] = {'maps': maps, 'train_min': 0.0}
 
 # ----------------------------------------------------------------------------------------------
-# the table: mAP per seed, mean, gain over random init, training time
+# the tables: the pretext table (category mAP per seed, mean, gain, time), then the attributes (seed means)
 rows = ['random init'] + pretext_list
-print(f"\n{'pretext':<27}" + ''.join(f"{'seed ' + str(s):>9}" for s in seed_list) + f"{'mean':>9}{'vs random':>11}{'train min':>11}")
-random_mean = sum(results[('random init', s)]['map'] for s in seed_list) / len(seed_list)
+mean = lambda row, attribute: np.mean([results[(row, s)]['maps'][attribute] for s in seed_list])
+print(f"\n{'pretext':<27}" + ''.join(f"{'seed ' + str(s):>9}" for s in seed_list)
+      + f"{'mean':>9}{'vs random':>11}{'train min':>11}")
 for row in rows:
-    maps = [results[(row, s)]['map'] for s in seed_list]
-    mean = sum(maps) / len(maps)
-    minutes = sum(results[(row, s)]['train_min'] for s in seed_list) / len(seed_list)
-    print(f"{row:<27}" + ''.join(f"{m:>9.2f}" for m in maps) + f"{mean:>9.2f}{mean - random_mean:>+11.2f}"
+    maps = [results[(row, s)]['maps']['category'] for s in seed_list]
+    minutes = np.mean([results[(row, s)]['train_min'] for s in seed_list])
+    print(f"{row:<27}" + ''.join(f"{m:>9.2f}" for m in maps) + f"{mean(row, 'category'):>9.2f}"
+          + f"{mean(row, 'category') - mean('random init', 'category'):>+11.2f}"
           + (f"{minutes:>11.1f}" if minutes else f"{'-':>11}"))
+if attribute_names[1:]:
+    print(f"\nmAP per attribute (mean of seeds {', '.join(map(str, seed_list))}); 'others' is the mean of all but "
+          f"category")
+    print(f"{'pretext':<27}" + ''.join(f"{a:>11}" for a in attribute_names) + f"{'others':>9}")
+    for row in rows:
+        others = np.mean([mean(row, a) for a in attribute_names[1:]])
+        print(f"{row:<27}" + ''.join(f"{mean(row, a):>11.2f}" for a in attribute_names) + f"{others:>9.2f}")
 print(f"\nwall time {(time.time() - t_start) / 60:.1f} min")
 with open(os.path.join(HERE, out_dir, 'results.json'), 'w') as f:
     json.dump([{'pretext': p, 'seed': s, **r} for (p, s), r in results.items()], f, indent=1)

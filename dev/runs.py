@@ -1,31 +1,27 @@
 """
-Helpers of the dev experiments that train and judge several backbones (pretext_ablation.py, data_efficiency.py):
-run a project script with its output kept in a log, tell a finished train.py run from an unfinished one, read
-the numbers the scripts print last.
+Helpers of the dev experiments that train and judge several backbones (pretext_ablation.py, data_efficiency.py,
+recipe_study.py, attributes.py): run a project script with its output kept in a log (demo.py's runner), tell a
+finished train.py run from an unfinished one, read the numbers the scripts print last.
 """
 
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 from checkpoints import load_file  # noqa: E402
+from demo import random_init_args, run_logged  # noqa: E402
 
 
 def run(args, log_path):
-    """A project script (paths relative to the repository), its output kept in log_path; returns its stdout."""
+    """A project script (paths relative to the repository), its output kept in log_path; returns its output."""
     t0 = time.time()
-    proc = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
-    with open(os.path.join(HERE, log_path), 'w') as f:
-        f.write(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise SystemExit(f"error: {' '.join(args)} failed; its output is in {log_path}")
+    lines = run_logged(args, log_path, echo=False)
     print(f"  {os.path.basename(args[0])} done in {time.time() - t0:.0f} s", flush=True)
-    return proc.stdout
+    return ''.join(lines)
 
 
 def config_max_iters(config):
@@ -35,25 +31,19 @@ def config_max_iters(config):
 
 
 def finished(run_dir, max_iters, **expected):
-    """True if run_dir holds train.py's last checkpoint of a max_iters run whose config has the expected values
-    (pretext: also from files written before the key, which said `bidirectional`)."""
+    """True if run_dir holds train.py's last checkpoint of a max_iters run whose config has the expected values."""
     path = os.path.join(HERE, run_dir, 'ckpt.pt')
     if not os.path.exists(path):
         return False
     ckpt = load_file(path)
-    cfg = dict(ckpt['config'])
-    cfg.setdefault('pretext', 'bicaptioning' if cfg.get('bidirectional', True) else 'captioning')
-    cfg.setdefault('train_fraction', 1.0)
+    cfg = ckpt['config']
     return ckpt['iter_num'] == cfg['max_iters'] == max_iters and all(cfg[k] == v for k, v in expected.items())
 
 
 def train(run_dir, args):
     """train.py with args into run_dir, from the start (the callers skip runs that finished: see finished())."""
     os.makedirs(os.path.join(HERE, run_dir), exist_ok=True)
-    log = os.path.join(HERE, run_dir, 'log.jsonl')
-    if os.path.exists(log):
-        os.remove(log)  # a stale log of an unfinished run
-    run(['train.py', *args, f'--out_dir={run_dir}'], f'{run_dir}/train.log')
+    run(['train.py', *args, f'--out_dir={run_dir}', '--overwrite=True'], f'{run_dir}/train.log')
 
 
 def train_minutes(run_dir):
@@ -63,13 +53,12 @@ def train_minutes(run_dir):
     return [r for r in records if r['event'] == 'train'][-1]['time'] / 60
 
 
-def voc_map(voc_root, source_args, log_path):
-    """evaluate.py's VOC07 mAP for a weight source (e.g. ['--ckpt=...'])."""
-    output = run(['evaluate.py', f'--voc_root={voc_root}', *source_args], log_path)
+def voc_map(args, log_path):
+    """evaluate.py's VOC07 mAP with these arguments (e.g. ['--voc_root=...', '--ckpt=...'], or ['--features=...'])."""
+    output = run(['evaluate.py', *args], log_path)
     return float(re.findall(r'^mAP: ([\d.]+)', output, re.M)[-1])
 
 
-def random_init_map(voc_root, seed, log_path):
-    """The baseline every table shows: config/shapes.py's R-18 at random init, at 64 px."""
-    return voc_map(voc_root, ['--init=random', '--visual=resnet18', '--image_size=64', '--zero_init_residual=False',
-                              f'--seed={seed}'], log_path)
+def random_init_map(voc_root, seed, log_path, run_dir):
+    """The baseline every table shows: the ResNet a run in run_dir started from, at random init."""
+    return voc_map([f'--voc_root={voc_root}', *random_init_args(f'{run_dir}/ckpt.pt', seed)], log_path)
