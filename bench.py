@@ -3,29 +3,37 @@ Measure every stage's speed and peak memory, for the CPU demo model and the pape
 
   python bench.py                          # CPU, a few minutes: shapes config and R-50 L1 H2048 at 224
   python bench.py --device=cuda            # GPU: bf16 autocast + torch.compile, paper batch 32 per GPU
-  python bench.py --stages=train,svm       # a subset: train, data, caption, svm
+  python bench.py --stages=train,svm       # a subset: train, train_data, data, caption, svm, torchrun
+  bash dev/gpu_check.sh                    # on a machine with one GPU: every GPU measurement, one table
 
 Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU, MFU, in each
 of `dtypes` (on a CPU with native bfloat16: float32 and bfloat16 side by side);
 the training data pipeline (decode, augment, tokenize, batch) in images/s of one DataLoader worker, from 640x480 JPEGs
 to 224 px and from the shapes world's 64 px JPEGs; beam-search captioning (beam 5) in captions/s with
 the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048 trainval, 4952 x 2048 test,
-20 classes, 4 costs, 3 folds + refit) in seconds. Prints one table; nothing is stored.
+20 classes, 4 costs, 3 folds + refit) in seconds; train_data: the training step fed by the real data path
+(640x480 JPEGs decoded and augmented by `data_workers` DataLoader workers), so the pipeline's ceiling shows;
+torchrun: train.py under a 1-process torchrun on a small shapes world (DDP, and compile where it is on).
+Prints one table; nothing is stored.
 """
 
 import json
 import os
+import re
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from configurator import configure
-from coco import CocoCaptions, collate
+from coco import CocoCaptions, collate, normalize
 from lookahead import LookAhead
 from model import VirTex, VirTexConfig, native_bf16
 
@@ -41,6 +49,8 @@ shapes_batch = 64           # config/shapes.py
 warmup_steps = 3            # untimed steps first (compilation, allocator warm-up)
 timed_steps = 5
 data_images = 256           # images per data-pipeline measurement (the first batch of 32 is not timed)
+data_workers = min(8, os.cpu_count() or 1)  # DataLoader workers of the train_data stage
+torchrun_iters = 40         # iterations of the torchrun stage's run
 caption_images = 8          # images per beam-search batch
 caption_steps = 13          # decoding steps per caption (a COCO caption is ~12 words + [EOS])
 peak_tflops = 989.0         # per-GPU bf16 dense peak for MFU (H100/H200 989, A100 312)
@@ -106,7 +116,8 @@ def random_batch(cfg, size, B):
 rows = []  # (stage, what, setting, result, time, peak memory in GB)
 
 
-def bench_train(name, dtype):
+def bench_train(name, dtype, loader=None):
+    """Time training steps of a MODELS entry in `dtype`: on one synthetic batch, or on the loader's batches."""
     cfg, size, B = MODELS[name]
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last)
@@ -116,8 +127,14 @@ def bench_train(name, dtype):
     optimizer = LookAhead(sgd, 5, 0.5)
     step_model = torch.compile(model) if compile else model
     images, tokens = random_batch(cfg, size, B)
+    batches = iter(loader) if loader is not None else None
 
     def step():
+        nonlocal images, tokens
+        if batches is not None:  # uint8 from the workers, normalized on the device, as train.py does
+            pixels, tokens, _ = next(batches)
+            images = normalize(pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            tokens = tokens.to(device, non_blocking=True)
         with autocast(dtype):
             loss, _ = step_model(images, tokens)
         loss.backward()
@@ -135,8 +152,48 @@ def bench_train(name, dtype):
     sync()
     dt = (time.perf_counter() - t0) / timed_steps
     mfu = f", mfu {100 * flops * B / dt / (peak_tflops * 1e12):.1f}%" if flops else ''
-    rows.append(('train step', name, f"batch {B}, {dtype}{', compiled' if compile else ''}",
+    source = f", data path, {loader.num_workers} workers" if loader is not None else ''
+    rows.append(('train step', name, f"batch {B}, {dtype}{', compiled' if compile else ''}{source}",
                  f"{B / dt:.1f} img/s{mfu}", f"{1000 * dt:.0f} ms/step", peak_memory_gb()))
+
+
+def bench_train_data(name, dtype):
+    """The training step fed by the real data path: 640x480 JPEGs through CocoCaptions and data_workers workers."""
+    cfg, size, B = MODELS[name]
+    n = B * (warmup_steps + timed_steps + 2)
+    with tempfile.TemporaryDirectory() as folder:
+        write_jpegs(folder, n, 640, 480)
+        dataset = CocoCaptions(folder, 'train2017', WordTokenizer(), size, cfg.max_len, train=True, seed=seed)
+        loader = torch.utils.data.DataLoader(dataset, sampler=[(0, i) for i in range(n)], batch_size=B,
+                                             num_workers=data_workers, drop_last=True,
+                                             collate_fn=partial(collate, pad_to=cfg.max_len if compile else 0),
+                                             pin_memory=device_type == 'cuda')
+        bench_train(name, dtype, loader)
+
+
+def bench_torchrun():
+    """train.py under a 1-process torchrun on a small shapes world: DDP (NCCL on a GPU) and, where on, compile."""
+    with tempfile.TemporaryDirectory() as folder:
+        def script(*args):
+            proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=os.path.dirname(
+                os.path.abspath(__file__)))
+            if proc.returncode:
+                raise SystemExit(f"error: {' '.join(args[:3])} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+            return proc.stdout
+        script('data/shapes/prepare.py', f'--out={folder}', '--n_train=640', '--n_val=64', '--n_voc_trainval=100',
+               '--n_voc_test=100', '--n_folder_train=20', '--n_folder_val=10', '--min_positives=1')
+        script('tokenizer.py', f'--captions={folder}/coco/annotations/captions_train2017.json', '--vocab_size=96',
+               f'--out={folder}/vocab')
+        t0 = time.perf_counter()
+        out = script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'train.py',
+                     'config/shapes.py', f'--data_root={folder}/coco', f'--tokenizer={folder}/vocab.model',
+                     f'--out_dir={folder}/run', f'--device={device}', f'--compile={compile}',
+                     f'--max_iters={torchrun_iters}', f'--eval_interval={torchrun_iters}', '--log_interval=2',
+                     f'--batch_size={shapes_batch}', '--num_workers=2')
+        done = re.search(r'done: .*?([\d.]+) ms/iter and ([\d.]+) img/s', out)
+        what = f"{torchrun_iters} iterations of {shapes_batch}, {device}{', compiled' if compile else ''}"
+        rows.append(('torchrun, 1 process', 'shapes', what,
+                     f"{done.group(2)} img/s after warm-up", f"{time.perf_counter() - t0:.0f} s in all", 0.0))
 
 
 def write_jpegs(folder, n, width, height):
@@ -249,6 +306,9 @@ def main():
         for dtype in dtype_list if 'train' in chosen else []:
             bench_train(name, dtype)
             print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
+        if 'train_data' in chosen:
+            bench_train_data(name, dtype_list[-1])
+            print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
         if 'caption' in chosen:
             bench_caption(name)
             print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
@@ -256,9 +316,11 @@ def main():
         bench_data()
     if 'svm' in chosen:
         bench_svm()
+    if 'torchrun' in chosen:
+        bench_torchrun()
 
     header = ('stage', 'what', 'setting', 'result', 'time', 'peak mem')
-    table = [header] + [(*row[:5], f"{row[5]:.2f} GB") for row in rows]
+    table = [header] + [(*row[:5], f"{row[5]:.2f} GB" if row[5] else '') for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     print()
     for r in table:

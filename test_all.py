@@ -4,6 +4,12 @@ The tests: fast, CPU only, no network, no COCO. Run with
     python -m pytest test_all.py -q
 
 Inputs are built in memory or generated with data/shapes/prepare.py into pytest's tmp_path.
+
+The sections follow the README's file table: one per project file, in the order model.py,
+train.py, coco.py, tokenizer.py, lookahead.py, checkpoints.py, evaluate.py, caption.py, cider.py,
+probe.py, export.py, configurator.py, bench.py, demo.py and dev/, data/shapes/prepare.py. A test
+sits with the file whose behaviour it checks (with the script it runs, where it checks two), after
+the helpers and fixtures that several sections share.
 """
 
 import copy
@@ -29,6 +35,8 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 
+
+# ---- shared by several sections: helpers, the tiny worlds, VOC folders, full disks -----------
 
 def run(*args, cwd=HERE, env=None, check=True):
     """Run a project script in a subprocess; return the CompletedProcess (stdout+stderr as text)."""
@@ -58,115 +66,189 @@ def tiny_batch(B=3, T=8, S=64, vocab=40, seed=0):
     return images, tokens
 
 
-# ----------------------------------------------------------------------------------------------
-# configurator.py
-
-def test_configurator_types_files_and_errors(tmp_path):
-    from configurator import configure
-    config = {'lr': 0.1, 'batch_size': 8, 'compile': True, 'out_dir': 'out', 'init': None, '_private': 1}
-    rest = configure(config, ['--lr=1', '--compile=False', '--out_dir=123', '--init=7', 'image.jpg'])
-    assert config['lr'] == 1.0 and isinstance(config['lr'], float), 'int accepted where a float is expected'
-    assert config['compile'] is False and config['out_dir'] == '123' and config['init'] == 7
-    unset = {'init': None}
-    configure(unset, ['--init="random"'])
-    assert unset['init'] == 'random', 'a None default takes a quoted string'
-    with pytest.raises(SystemExit, match="--init takes a number or a quoted string, got 'abc'"):
-        configure({'init': None}, ['--init=abc'])  # a bare word is refused: a typo of a number never becomes a string
-    assert rest == ['image.jpg'], 'bare non-.py arguments are returned to the script'
-    cfg_file = tmp_path / 'c.py'
-    cfg_file.write_text("batch_size = 32  # why\nimport math\n")
-    configure(config, [str(cfg_file), '--batch_size=64'])
-    assert config['batch_size'] == 64, 'flags after a config file win'
-    configure(config, ['--batch_size=16', str(cfg_file)])
-    assert config['batch_size'] == 32, 'later arguments win, config files included'
-    with pytest.raises(SystemExit, match="unknown config key 'batch_sise'.*did you mean 'batch_size'"):
-        configure(config, ['--batch_sise=3'])
-    with pytest.raises(SystemExit, match='takes True or False'):
-        configure(config, ['--compile=yes'])
-    with pytest.raises(SystemExit, match='takes a int'):
-        configure(config, ['--batch_size=2.5'])
-    with pytest.raises(SystemExit, match='needs a value'):
-        configure(config, ['--lr'])
-    bad = tmp_path / 'bad.py'
-    bad.write_text("n_layers = 2\n")
-    with pytest.raises(SystemExit, match=r"bad\.py: unknown config key 'n_layers'"):
-        configure(config, [str(bad)])
-    with pytest.raises(SystemExit, match='no_such.py'):
-        configure(config, ['no_such.py'])
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
+def snapshot(root):
+    """Every file and link under root: {relative path: bytes or link target}."""
+    return {str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+            for p in sorted(root.rglob('*')) if p.is_symlink() or p.is_file()}
 
-def test_configurator_runs_the_checks_declared_next_to_the_values(tmp_path):
-    from typing import Annotated, Literal
-    from configurator import FRACTION, POSITIVE, Interval, configure
-    config = {'batch_size': 8, 'share': 1.0, 'dtype': 'float32', 'max_len': 30, 'fraction': None,
-              '__annotations__': {'batch_size': POSITIVE, 'share': FRACTION, 'dtype': Literal['float32', 'bfloat16'],
-                                  'max_len': Annotated[int, Interval('[3, inf)')], 'fraction': FRACTION}}
-    configure(config, ['--batch_size=2', '--share=0.5', '--dtype=bfloat16', '--max_len=3'])
-    assert (config['batch_size'], config['share'], config['dtype'], config['max_len']) == (2, 0.5, 'bfloat16', 3)
-    assert config['fraction'] is None, 'None means unset and passes every check'
-    cases = [('--batch_size=0', "--batch_size=0: must be positive"), ('--share=0', "--share=0.0: must be in (0, 1]"),
-             ('--share=1.5', "--share=1.5: must be in (0, 1]"), ('--max_len=2', "--max_len=2: must be >= 3"),
-             ('--dtype=fp8', "--dtype='fp8': choose one of float32, bfloat16")]
-    for flag, message in cases:
-        with pytest.raises(SystemExit, match=re.escape(message)):
-            configure(dict(config), [flag])
-    bad_file = tmp_path / 'c.py'
-    bad_file.write_text('batch_size = -1\n')  # a config file's values are checked too
-    with pytest.raises(SystemExit, match=re.escape('--batch_size=-1: must be positive')):
-        configure(dict(config), [str(bad_file)])
 
-# ----------------------------------------------------------------------------------------------
-# tokenizer.py
+# the synthetic world of data/shapes/prepare.py: `world` in the COCO, VOC and ImageFolder formats,
+# `shapes` a little larger, with a vocabulary, for the tests of the scripts
+PREPARE = os.path.join(HERE, 'data', 'shapes', 'prepare.py')
+TINY = ['--n_train=30', '--n_val=10', '--n_voc_trainval=30', '--n_voc_test=30', '--n_folder_train=20', '--n_folder_val=10',
+        '--size=64', '--seed=3', '--min_positives=2']  # 30 VOC images have few of each attribute value
+
+
+def run_prepare(*args):
+    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=300)
+
+
+def load_prepare():
+    spec = importlib.util.spec_from_file_location('shapes_prepare', PREPARE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+prep = load_prepare()
+
 
 @pytest.fixture(scope='module')
-def vocab(tmp_path_factory):
-    """A small BPE vocabulary trained with tokenizer.py's CLI on made-up captions."""
-    d = tmp_path_factory.mktemp('vocab')
-    words = ('a the red blue green small large circle square star to left right of above below two '
-             'three on striped background there is cafe leftover bright').split()
-    rng = np.random.default_rng(0)
-    anns = [{'id': i, 'image_id': i, 'caption': ' '.join(rng.choice(words, 8))} for i in range(500)]
-    (d / 'caps.json').write_text(json.dumps({'annotations': anns}))
-    run('tokenizer.py', f'--captions={d / "caps.json"}', '--vocab_size=80', f'--out={d / "v"}')
-    return d
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp('shapes')
+    result = run_prepare(f'--out={out}', *TINY, '--workers=1')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].startswith('wrote 130 images'), result.stdout
+    return out
 
 
-def test_tokenizer_round_trip_special_ids_normalization_pickle(vocab):
-    from tokenizer import Tokenizer
-    tok = Tokenizer(vocab / 'v.model')
-    assert len(tok) == 80
-    assert (tok.pad_id, tok.sos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3)
-    assert [tok.sp.id_to_piece(i) for i in range(4)] == ['<unk>', '[SOS]', '[EOS]', '[MASK]']
-    text = 'a red circle to the left of two blue stars'
-    ids = tok.encode(text)
-    assert all(i > 3 for i in ids), 'plain text never encodes to special ids'
-    assert tok.decode([1] + ids + [2, 0, 0]) == text, 'decode drops special ids'
-    assert tok.encode('Café LEFT') == tok.encode('cafe left'), 'lower-case and accents stripped'
-    clone = pickle.loads(pickle.dumps(tok))
-    assert clone.encode(text) == ids
+@pytest.fixture(scope='session')
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shapes')
+    run('data/shapes/prepare.py', f'--out={root}', '--n_train=64', '--n_val=16', '--n_voc_trainval=40',
+        '--n_voc_test=40', '--n_folder_train=60', '--n_folder_val=30', '--size=64', '--seed=1', '--workers=1',
+        '--min_positives=2')
+    run('tokenizer.py', f'--captions={root}/coco/annotations/captions_train2017.json', '--vocab_size=96',
+        f'--out={root}/vocab')
+    return root
 
 
-def test_tokenizer_bad_inputs(tmp_path, vocab):
-    bad_json = tmp_path / 'bad.json'
-    bad_json.write_text('{"annotations": [')
-    empty = tmp_path / 'empty.json'
-    empty.write_text('{"annotations": []}')
-    cases = [([f'--captions={tmp_path / "missing.json"}', '--out=' + str(tmp_path / 'v')], 'missing.json'),
-             ([f'--captions={bad_json}', '--out=' + str(tmp_path / 'v')], 'bad.json: not a COCO captions file'),
-             ([f'--captions={empty}', '--out=' + str(tmp_path / 'v')], 'empty.json: no captions'),
-             ([f'--captions={vocab / "caps.json"}', '--vocab_size=100000', '--out=' + str(tmp_path / 'v')],
-              'the largest that works is'),
-             ([f'--captions={vocab / "caps.json"}', f'--out={tmp_path}/no/such/dir/v'], 'not writable')]
-    for args, message in cases:
-        proc = run('tokenizer.py', *args, check=False)
-        assert proc.returncode != 0, args
-        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not list(tmp_path.glob('v*')), 'nothing half-written is left behind'
+def definitions(script, *names, **globals_):
+    """Load top-level functions/classes of a flat script without running its body (train.py trains
+    when run), with the script's imports and the given module-level values."""
+    import ast
+    with open(os.path.join(HERE, script)) as f:
+        tree = ast.parse(f.read())
+    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+            or (isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names)]
+    namespace = dict(globals_)
+    exec(compile(ast.Module(keep, type_ignores=[]), script, 'exec'), namespace)
+    return namespace
 
 
-# ----------------------------------------------------------------------------------------------
-# model.py
+def train_args(shapes, out_dir, *extra):
+    """A tiny, fast train.py run on the tiny world (about 0.1 s per iteration)."""
+    return ['train.py', 'config/shapes.py', f'--data_root={shapes}/coco', f'--tokenizer={shapes}/vocab.model',
+            f'--out_dir={out_dir}', '--n_embd=64', '--n_head=1', '--image_size=32', '--batch_size=8',
+            '--num_workers=0', '--eval_interval=0', '--log_interval=1', '--compile=False', *extra]
+
+
+def read_log(out_dir, event='train'):
+    with open(os.path.join(out_dir, 'log.jsonl')) as f:
+        return [r for r in map(json.loads, f) if r['event'] == event]
+
+
+def make_voc(root, n_trainval=24, n_test=18, classes=('bird', 'cat', 'dog'), seed=0):
+    """A tiny VOC2007 folder: JPEGs with a coloured square per present class; ~10% of labels difficult (0)."""
+    rng = np.random.default_rng(seed)
+    colours = [(220, 30, 30), (30, 200, 30), (30, 60, 220), (230, 230, 30)]
+    os.makedirs(os.path.join(root, 'JPEGImages'), exist_ok=True)
+    os.makedirs(os.path.join(root, 'ImageSets', 'Main'), exist_ok=True)
+    index = 0
+    for split, n in (('trainval', n_trainval), ('test', n_test)):
+        names, labels = [], []
+        for i in range(n):
+            index += 1
+            name = f'{index:06d}'
+            present = rng.random(len(classes)) < 0.4
+            present[i % len(classes)] = True  # every class has positives in every split
+            image = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
+            for c in np.flatnonzero(present):
+                x, y = rng.integers(0, 28, 2)
+                image[y:y + 12, x:x + 12] = colours[c]
+            Image.fromarray(image).save(os.path.join(root, 'JPEGImages', name + '.jpg'))
+            label = np.where(present, 1, -1)
+            label[present & (rng.random(len(classes)) < 0.1) & (np.arange(len(classes)) != i % len(classes))] = 0
+            names.append(name)
+            labels.append(label)
+        with open(os.path.join(root, 'ImageSets', 'Main', f'{split}.txt'), 'w') as f:
+            f.write(''.join(name + '\n' for name in names))
+        for c, cls in enumerate(classes):
+            with open(os.path.join(root, 'ImageSets', 'Main', f'{cls}_{split}.txt'), 'w') as f:
+                f.write(''.join(f'{name} {label[c]:2d}\n' for name, label in zip(names, labels)))
+    return str(root)
+
+
+def one_line(proc):
+    """The one line on stderr of a script that refused to go on (fails if it went on or said more)."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1, (proc.stdout[-999:], proc.stderr)
+    return lines[0]
+
+
+def run_all(*commands):
+    """run(..., check=False) several commands at once: most of their time goes to importing torch."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: run(*args, check=False), commands))
+
+
+class SmallDisk:
+    """A folder where writes fail, to check that a full disk loses nothing. Where the machine lets us
+    mount (root) it is a tmpfs, which leave() and fill_up_to() shrink: writes fail with 'No space left
+    on device'. Elsewhere it is a plain folder, and they set the file size limit (RLIMIT_FSIZE) of the
+    scripts run() there: writes fail with 'File too large' (SIGXFSZ is ignored, so that the write
+    fails, not the process)."""
+
+    PAGE = 4096  # a tmpfs gives files whole pages
+
+    def __init__(self, folder):
+        folder.mkdir()
+        self.folder, self.limit = folder, None
+        mount = ['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', str(folder)]
+        self.mounted = os.geteuid() == 0 and not subprocess.run(mount, capture_output=True).returncode
+        self.cause = 'No space left on device' if self.mounted else 'File too large'
+
+    def leave(self, free):
+        """From now on `free` more bytes fit on the disk (and a page for a run's .lock), or, without a
+        tmpfs, in any one file."""
+        if not self.mounted:
+            self.limit = free
+            return
+        disk = os.statvfs(self.folder)
+        size = (disk.f_blocks - disk.f_bfree) * disk.f_frsize + self.PAGE + free
+        subprocess.run(['mount', '-o', f'remount,size={size}', str(self.folder)], check=True)
+
+    def fill_up_to(self, log, slack):
+        """Fill the disk so that the JSON-lines file `log` can grow by just `slack` (< 4096) bytes.
+        On a tmpfs, `log` first gets a padding record, so that `slack` bytes are left in its last
+        page."""
+        if not self.mounted:
+            self.limit = os.path.getsize(log) + slack
+            return
+        room = (-os.path.getsize(log) - slack) % self.PAGE
+        empty = json.dumps({'event': 'padding', 'text': ''}) + '\n'
+        room += self.PAGE if room < len(empty) else 0
+        with open(log, 'a') as f:
+            f.write(json.dumps({'event': 'padding', 'text': 'x' * (room - len(empty))}) + '\n')
+        self.leave(0)
+
+    def run(self, *args):
+        """run(*args, check=False), under the file size limit if this disk has one."""
+        import resource
+        import signal
+
+        def limit_file_size():
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.limit))
+        return subprocess.run([PY, *args], cwd=HERE, capture_output=True, text=True,
+                              preexec_fn=None if self.limit is None else limit_file_size)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = SmallDisk(tmp_path / 'disk')
+    yield disk
+    if disk.mounted:
+        subprocess.run(['umount', '-l', str(disk.folder)], check=True)
+
+
+# ---- model.py: the backbone and decoders, cached decoding, the pretext heads and losses ------
 
 def test_model_shapes_and_parts():
     from model import VirTex
@@ -216,7 +298,163 @@ def test_model_bad_inputs():
         VirTex(tiny_cfg(n_head=3))
 
 
-# ---- the pretext tasks of the paper's ablation ----------------------------------------------------
+def test_reverse_captions_keeps_pads_and_is_its_own_inverse():
+    from model import reverse_captions
+    tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0, 0], [1, 4, 0, 8, 5, 5, 2]])
+    lengths = torch.tensor([5, 3, 7])
+    rev = reverse_captions(tokens, lengths)
+    assert rev.tolist() == [[2, 7, 6, 5, 1, 0, 0], [2, 9, 1, 0, 0, 0, 0], [2, 5, 5, 8, 0, 4, 1]]
+    assert torch.equal(reverse_captions(rev, lengths), tokens)
+
+
+def test_padding_never_changes_the_loss():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    images, tokens = tiny_batch()
+    padded = torch.cat([tokens, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        a, parts_a = model(images, tokens)
+        b, parts_b = model(images, padded)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(parts_a['bwd'], parts_b['bwd'], atol=1e-6)
+
+
+def test_causal_mask_holds_in_both_directions():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    images, tokens = tiny_batch()
+    changed = tokens.clone()
+    changed[:, 4:] = torch.randint(4, 40, (3, 4))
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        for direction in ('fwd', 'bwd'):
+            a, b = model.logits(memory, tokens, direction), model.logits(memory, changed, direction)
+            assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6), f'{direction}: later ids leak into earlier logits'
+            assert not torch.allclose(a[:, 4:], b[:, 4:]), 'the test must change something'
+
+
+def test_cached_decoding_equals_full_forward():
+    from model import VirTex
+    torch.manual_seed(0)
+    for norm_first in (False, True):
+        model = VirTex(tiny_cfg(norm_first=norm_first)).eval()
+        images, tokens = tiny_batch()
+        with torch.no_grad():
+            memory = model.project(model.encode_images(images))
+            full = F.log_softmax(model.logits(memory, tokens), dim=-1)
+            cache, steps = None, []
+            for t in range(tokens.shape[1]):
+                logp, cache = model.decode_step(memory, tokens[:, t], cache)
+                steps.append(logp)
+        real = tokens != 0
+        diff = (full - torch.stack(steps, 1))[real].abs().max().item()
+        assert diff < 1e-5, f'cached step logits differ from the full pass by {diff} (norm_first={norm_first})'
+
+
+def test_select_cache_reorders_rows():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    images, tokens = tiny_batch()
+    memory = model.project(model.encode_images(images))
+    _, cache = model.decode_step(memory, tokens[:, 0])
+    rows = torch.tensor([2, 2, 0])
+    logp_sel, _ = model.decode_step(None, tokens[rows, 1], VirTex.select_cache(cache, rows))
+    _, cache_ref = model.decode_step(memory[rows], tokens[rows, 0])
+    logp_ref, _ = model.decode_step(None, tokens[rows, 1], cache_ref)
+    assert torch.allclose(logp_sel, logp_ref, atol=1e-6)
+
+
+def test_overfits_a_tiny_batch():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(dropout=0.0))
+    images, tokens = tiny_batch(B=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss, _ = model(images, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], f'loss went {losses[0]:.3f} -> {losses[-1]:.3f}'
+
+
+def test_param_groups_follow_the_no_decay_rule():
+    from model import VirTex
+    model = VirTex(tiny_cfg(n_layer=1))
+    groups = model.param_groups(weight_decay=1e-4, cnn_lr=0.2, lr=0.001)
+    assert [g['name'] for g in groups] == ['visual', 'textual', 'textual_no_decay']
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_group = {g['name']: {names[id(p)] for p in g['params']} for g in groups}
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+    assert all(n.startswith('visual.') for n in by_group['visual'])
+    assert 'visual.bn1.weight' in by_group['visual'] and groups[0]['weight_decay'] == 1e-4
+    assert {'embedding_norm.weight', 'layers_fwd.0.norm2.bias', 'layers_bwd.0.linear1.bias',
+            'layers_fwd.0.cross_attn.kv_proj.bias'} <= by_group['textual_no_decay']
+    assert {'visual_projection.bias', 'lm_head.bias', 'word_embedding.weight',
+            'layers_fwd.0.linear1.weight'} <= by_group['textual'], 'upstream decays these'
+
+
+def test_backbone_exports_into_torchvision():
+    import torchvision
+    from model import VirTex
+    model = VirTex(tiny_cfg())
+    resnet = torchvision.models.resnet18()
+    result = resnet.load_state_dict(model.backbone_state_dict(), strict=False)
+    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
+    resnet.fc = nn.Identity()
+    resnet.eval(), model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = model.encode_images(images).mean((2, 3))
+        assert torch.allclose(resnet(images), pooled, atol=1e-5)
+
+
+def toy_images_and_captions(B=32, seed=0):
+    """Dark images are captioned [SOS] 5 [EOS], bright ones [SOS] 6 [EOS]: the caption is in the image."""
+    g = torch.Generator().manual_seed(seed)
+    bright = torch.rand(B, generator=g) < 0.5
+    images = torch.randn(B, 3, 32, 32, generator=g) * 0.1 + torch.where(bright, 2.0, -2.0).view(B, 1, 1, 1)
+    tokens = torch.stack([torch.ones(B, dtype=torch.long), torch.where(bright, 6, 5), torch.full((B,), 2)], 1)
+    return images, tokens
+
+
+def test_image_reliance_gap_positive_when_trained_and_zero_without_the_image():
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(dropout=0.0))
+    images, tokens = toy_images_and_captions()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss, _ = model(images, tokens)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        true, _ = model.losses(memory, tokens)
+        shuffled, _ = model.losses(memory.roll(1, 0), tokens)
+        assert shuffled - true > 0.3, f'a model that reads the image loses {shuffled - true:.3f} without it'
+        model.visual_projection.weight.zero_(), model.visual_projection.bias.zero_()
+        memory = model.project(model.encode_images(images))
+        assert torch.equal(model.losses(memory, tokens)[0], model.losses(memory.roll(1, 0), tokens)[0]), \
+            'with the image projected to zero, the shuffled loss is the same number'
+
+
+def test_the_liftable_modules_import_nothing_from_this_folder():
+    """model.py, tokenizer.py, lookahead.py, cider.py and configurator.py are meant to be copied alone."""
+    local = {os.path.splitext(name)[0] for name in os.listdir(HERE) if name.endswith('.py')}
+    for path in ['model.py', 'tokenizer.py', 'lookahead.py', 'cider.py', 'configurator.py']:
+        source = open(os.path.join(HERE, path)).read()
+        imported = set(re.findall(r'^(?:from|import) (\w+)', source, flags=re.M))
+        assert not imported & local, f"{path} imports {imported & local}"
+
+
+# ---- the pretext tasks of the paper's ablation -----------------------------------------------
 
 def test_every_pretext_has_the_official_parameter_count():
     """R-50, vocabulary 10,000, L1 H2048 where there is a Transformer; counted from the official code's modules."""
@@ -354,994 +592,39 @@ def test_cappa_with_no_parallel_share_is_captioning_and_the_draw_is_seeded():
         VirTex(tiny_cfg(pretext='cappa', parallel_fraction=1.5))
 
 
-def test_reverse_captions_keeps_pads_and_is_its_own_inverse():
-    from model import reverse_captions
-    tokens = torch.tensor([[1, 5, 6, 7, 2, 0, 0], [1, 9, 2, 0, 0, 0, 0], [1, 4, 0, 8, 5, 5, 2]])
-    lengths = torch.tensor([5, 3, 7])
-    rev = reverse_captions(tokens, lengths)
-    assert rev.tolist() == [[2, 7, 6, 5, 1, 0, 0], [2, 9, 1, 0, 0, 0, 0], [2, 5, 5, 8, 0, 4, 1]]
-    assert torch.equal(reverse_captions(rev, lengths), tokens)
+# ---- train.py: learning, exact resume, torchrun, errors, signals, locks, full disks ----------
 
-
-def test_padding_never_changes_the_loss():
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg()).eval()
-    images, tokens = tiny_batch()
-    padded = torch.cat([tokens, torch.zeros(3, 4, dtype=torch.long)], dim=1)
-    with torch.no_grad():
-        a, parts_a = model(images, tokens)
-        b, parts_b = model(images, padded)
-    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(parts_a['bwd'], parts_b['bwd'], atol=1e-6)
-
-
-def test_causal_mask_holds_in_both_directions():
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg()).eval()
-    images, tokens = tiny_batch()
-    changed = tokens.clone()
-    changed[:, 4:] = torch.randint(4, 40, (3, 4))
-    with torch.no_grad():
-        memory = model.project(model.encode_images(images))
-        for direction in ('fwd', 'bwd'):
-            a, b = model.logits(memory, tokens, direction), model.logits(memory, changed, direction)
-            assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6), f'{direction}: later ids leak into earlier logits'
-            assert not torch.allclose(a[:, 4:], b[:, 4:]), 'the test must change something'
-
-
-def test_cached_decoding_equals_full_forward():
-    from model import VirTex
-    torch.manual_seed(0)
-    for norm_first in (False, True):
-        model = VirTex(tiny_cfg(norm_first=norm_first)).eval()
-        images, tokens = tiny_batch()
-        with torch.no_grad():
-            memory = model.project(model.encode_images(images))
-            full = F.log_softmax(model.logits(memory, tokens), dim=-1)
-            cache, steps = None, []
-            for t in range(tokens.shape[1]):
-                logp, cache = model.decode_step(memory, tokens[:, t], cache)
-                steps.append(logp)
-        real = tokens != 0
-        diff = (full - torch.stack(steps, 1))[real].abs().max().item()
-        assert diff < 1e-5, f'cached step logits differ from the full pass by {diff} (norm_first={norm_first})'
-
-
-def test_select_cache_reorders_rows():
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg()).eval()
-    images, tokens = tiny_batch()
-    memory = model.project(model.encode_images(images))
-    _, cache = model.decode_step(memory, tokens[:, 0])
-    rows = torch.tensor([2, 2, 0])
-    logp_sel, _ = model.decode_step(None, tokens[rows, 1], VirTex.select_cache(cache, rows))
-    _, cache_ref = model.decode_step(memory[rows], tokens[rows, 0])
-    logp_ref, _ = model.decode_step(None, tokens[rows, 1], cache_ref)
-    assert torch.allclose(logp_sel, logp_ref, atol=1e-6)
-
-
-def test_overfits_a_tiny_batch():
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg(dropout=0.0))
-    images, tokens = tiny_batch(B=4)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss, _ = model(images, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.3 * losses[0], f'loss went {losses[0]:.3f} -> {losses[-1]:.3f}'
-
-
-def test_param_groups_follow_the_no_decay_rule():
-    from model import VirTex
-    model = VirTex(tiny_cfg(n_layer=1))
-    groups = model.param_groups(weight_decay=1e-4, cnn_lr=0.2, lr=0.001)
-    assert [g['name'] for g in groups] == ['visual', 'textual', 'textual_no_decay']
-    names = {id(p): n for n, p in model.named_parameters()}
-    by_group = {g['name']: {names[id(p)] for p in g['params']} for g in groups}
-    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
-    assert all(n.startswith('visual.') for n in by_group['visual'])
-    assert 'visual.bn1.weight' in by_group['visual'] and groups[0]['weight_decay'] == 1e-4
-    assert {'embedding_norm.weight', 'layers_fwd.0.norm2.bias', 'layers_bwd.0.linear1.bias',
-            'layers_fwd.0.cross_attn.kv_proj.bias'} <= by_group['textual_no_decay']
-    assert {'visual_projection.bias', 'lm_head.bias', 'word_embedding.weight',
-            'layers_fwd.0.linear1.weight'} <= by_group['textual'], 'upstream decays these'
-
-
-def test_backbone_exports_into_torchvision():
-    import torchvision
-    from model import VirTex
-    model = VirTex(tiny_cfg())
-    resnet = torchvision.models.resnet18()
-    result = resnet.load_state_dict(model.backbone_state_dict(), strict=False)
-    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
-    resnet.fc = nn.Identity()
-    resnet.eval(), model.eval()
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        pooled = model.encode_images(images).mean((2, 3))
-        assert torch.allclose(resnet(images), pooled, atol=1e-5)
-
-
-def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
-    from dataclasses import asdict
-    from checkpoints import load_model
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg()).eval()
-    path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 64}}, path)
-    loaded = load_model(path)
-    assert loaded.train_config == {'image_size': 64}
-    images, tokens = tiny_batch()
-    with torch.no_grad():
-        memory = model.project(model.encode_images(images))
-        assert torch.equal(model.logits(memory, tokens), loaded.logits(loaded.project(loaded.encode_images(images)), tokens))
-    other = tmp_path / 'other.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(tiny_cfg(n_embd=128))}, other)
-    with pytest.raises(ValueError, match=r'other\.pt: does not fit this architecture: .*shape mismatches'):
-        load_model(other)
-    truncated = tmp_path / 'truncated.pt'
-    truncated.write_bytes(path.read_bytes()[:5000])
-    with pytest.raises(ValueError, match=r'truncated\.pt: cannot be read'):
-        load_model(truncated)
-    with pytest.raises(FileNotFoundError, match='no such file'):
-        load_model(tmp_path / 'missing.pt')
-    foreign = tmp_path / 'foreign.pt'
-    torch.save({'state_dict': model.state_dict()}, foreign)
-    with pytest.raises(ValueError, match=r'foreign\.pt: not a checkpoint of this project'):
-        load_model(foreign)
-
-
-class RunsCode:
-    """Unpickling this runs a command that leaves a file behind: a checkpoint must never be loaded that way."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
-
-
-def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, shapes):
-    from dataclasses import asdict
-    from checkpoints import load_backbone, load_model
-    from model import VirTex
-    model = VirTex(tiny_cfg())
-    marker = tmp_path / 'code_ran'
-    path = tmp_path / 'pickled.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'hook': RunsCode(marker)}, path)
-    reason = 'holds Python objects (posix.system), not only tensors; refused because loading it could run code'
-    with pytest.raises(ValueError, match=re.escape(f'checkpoint {path}: {reason}')):
-        load_model(path)
-    with pytest.raises(ValueError, match=re.escape(reason)):
-        load_backbone(init=f'torchvision:{path}', visual='resnet18')
-    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    for args in (['caption.py', f'--ckpt={path}', str(path)], ['evaluate.py', f'--voc_root={voc}', f'--ckpt={path}']):
-        proc = run(*args, check=False)
-        assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-        assert 'weights_only' not in proc.stderr, 'never advise the unsafe way'
-    out = tmp_path / 'run'
-    out.mkdir()
-    (out / 'ckpt.pt').write_bytes(path.read_bytes())
-    proc = run(*train_args(shapes, out, '--max_iters=2', '--init_from=resume'), check=False)
-    assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert not marker.exists(), 'nothing in the file ran'
-
-
-def toy_images_and_captions(B=32, seed=0):
-    """Dark images are captioned [SOS] 5 [EOS], bright ones [SOS] 6 [EOS]: the caption is in the image."""
-    g = torch.Generator().manual_seed(seed)
-    bright = torch.rand(B, generator=g) < 0.5
-    images = torch.randn(B, 3, 32, 32, generator=g) * 0.1 + torch.where(bright, 2.0, -2.0).view(B, 1, 1, 1)
-    tokens = torch.stack([torch.ones(B, dtype=torch.long), torch.where(bright, 6, 5), torch.full((B,), 2)], 1)
-    return images, tokens
-
-
-def test_image_reliance_gap_positive_when_trained_and_zero_without_the_image():
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg(dropout=0.0))
-    images, tokens = toy_images_and_captions()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(40):
-        loss, _ = model(images, tokens)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        memory = model.project(model.encode_images(images))
-        true, _ = model.losses(memory, tokens)
-        shuffled, _ = model.losses(memory.roll(1, 0), tokens)
-        assert shuffled - true > 0.3, f'a model that reads the image loses {shuffled - true:.3f} without it'
-        model.visual_projection.weight.zero_(), model.visual_projection.bias.zero_()
-        memory = model.project(model.encode_images(images))
-        assert torch.equal(model.losses(memory, tokens)[0], model.losses(memory.roll(1, 0), tokens)[0]), \
-            'with the image projected to zero, the shuffled loss is the same number'
-
-
-class OfficialEmbedding(nn.Module):
-    """The official VirTex word+position embedding, rebuilt from its description for this test."""
-
-    def __init__(self, V, H, max_len):
-        super().__init__()
-        self.words = nn.Embedding(V, H, padding_idx=0)
-        self.positions = nn.Embedding(max_len, H)
-        self.layer_norm = nn.LayerNorm(H, eps=1e-8)
-
-
-class OfficialTextualHead(nn.Module):
-    """The official textual head's math on PyTorch's own nn.TransformerDecoder (as upstream uses it),
-    with upstream's module names, so its state_dict has the official key layout."""
-
-    def __init__(self, C, V, H, L, max_len, norm_first=False):
-        super().__init__()
-        self.visual_projection = nn.Linear(C, H)
-        self.embedding = OfficialEmbedding(V, H, max_len)
-        layer = nn.TransformerDecoderLayer(H, H // 64, 4 * H, dropout=0.1, activation='gelu', batch_first=True,
-                                           norm_first=norm_first)
-        # upstream adds a final LayerNorm for pre-norm layers
-        self.transformer = nn.TransformerDecoder(layer, L, norm=nn.LayerNorm(H) if norm_first else None)
-        self.output = nn.Linear(H, V)
-        self.output.weight = self.embedding.words.weight
-
-    def forward(self, grid, tokens, lengths):
-        memory = self.visual_projection(grid.view(*grid.shape[:2], -1).permute(0, 2, 1))
-        T = tokens.shape[1]
-        x = self.embedding.layer_norm(self.embedding.words(tokens) + self.embedding.positions(torch.arange(T)))
-        x = x * (tokens != 0).unsqueeze(-1)
-        future = torch.triu(torch.full((T, T), float('-inf')), diagonal=1)
-        padding = lengths.unsqueeze(1) < torch.ones_like(tokens).cumsum(1)
-        return self.output(self.transformer(x, memory, tgt_mask=future, tgt_key_padding_mask=padding))
-
-
-@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
-@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
-@pytest.mark.parametrize('norm_first', [False, True])
-def test_from_official_computes_the_official_function(tmp_path, norm_first):
-    import torchvision
-    from model import reverse_captions
-    from checkpoints import load_official
-    torch.manual_seed(0)
-    V, H, L, max_len = 40, 128, 2, 12
-    official = nn.Module()
-    official.visual = nn.Module()
-    official.visual.cnn = torchvision.models.resnet18()
-    official.visual.cnn.fc = nn.Identity()
-    official.textual = OfficialTextualHead(512, V, H, L, max_len, norm_first)
-    official.backward_textual = copy.deepcopy(official.textual)
-    for shared in ('visual_projection', 'embedding', 'output'):  # as upstream's bicaptioning model does
-        setattr(official.backward_textual, shared, getattr(official.textual, shared))
-    with torch.no_grad():  # random values everywhere, biases and norms included, so nothing passes by luck
-        for p in official.parameters():
-            p.normal_(0, 0.05)
-        for m in official.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
-    official.eval()
-    path = tmp_path / 'official.pth'
-    torch.save({'model': official.state_dict(), 'iteration': 500000}, path)
-    model = load_official(path)
-    assert (model.config.visual, model.config.n_layer, model.config.n_embd, model.config.n_head,
-            model.config.vocab_size, model.config.max_len, model.config.bidirectional, model.config.norm_first) == \
-        ('resnet18', L, H, 2, V, max_len, True, norm_first)
-    if norm_first:  # each direction keeps its own final norm; the random values make them differ
-        assert not torch.equal(official.textual.transformer.norm.weight, official.backward_textual.transformer.norm.weight)
-    images, tokens = tiny_batch(S=64, T=9, vocab=V)
-    lengths = (tokens != 0).sum(1)
-    with torch.no_grad():
-        cnn = official.visual.cnn  # upstream runs the torchvision children up to layer4
-        grid = images
-        for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
-            grid = getattr(cnn, name)(grid)
-        ours_grid = model.encode_images(images)
-        assert torch.allclose(ours_grid, grid, atol=1e-5)
-        memory = model.project(ours_grid)
-        real = tokens != 0
-        want_fwd = official.textual(grid, tokens, lengths)
-        assert torch.allclose(model.logits(memory, tokens)[real], want_fwd[real], atol=1e-4)
-        tokens_bwd = reverse_captions(tokens, lengths)
-        want_bwd = official.backward_textual(grid, tokens_bwd, lengths)
-        assert torch.allclose(model.logits(memory, tokens_bwd, 'bwd')[real], want_bwd[real], atol=1e-4)
-    # the official torch.hub backbone file: plain torchvision keys, no fc
-    backbone_path = tmp_path / 'backbone.pth'
-    torch.save({k: v for k, v in official.visual.cnn.state_dict().items()}, backbone_path)
-    backbone = load_official(backbone_path)
-    assert all(torch.equal(backbone.backbone_state_dict()[k], v) for k, v in official.visual.cnn.state_dict().items())
-    with pytest.raises(ValueError, match='neither an official VirTex checkpoint'):
-        torch.save({'foo': torch.zeros(1)}, tmp_path / 'foo.pth')
-        load_official(tmp_path / 'foo.pth')
-
-
-# ----------------------------------------------------------------------------------------------
-# data/shapes/prepare.py: the synthetic world, in COCO and VOC formats
-
-PREPARE = os.path.join(HERE, 'data', 'shapes', 'prepare.py')
-TINY = ['--n_train=30', '--n_val=10', '--n_voc_trainval=30', '--n_voc_test=30', '--n_folder_train=20', '--n_folder_val=10',
-        '--size=64', '--seed=3', '--min_positives=2']  # 30 VOC images have few of each attribute value
-
-
-def run_prepare(*args):
-    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=300)
-
-
-def load_prepare():
-    spec = importlib.util.spec_from_file_location('shapes_prepare', PREPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prep = load_prepare()
+def quick_args(shapes, out_dir, *extra):
+    """train_args in float32: at this size bfloat16 autocast costs more than it saves on a CPU
+    (2.6 against 0.9 s per iteration on the development machine)."""
+    return train_args(shapes, out_dir, '--dtype=float32', *extra)
 
 
 @pytest.fixture(scope='module')
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp('shapes')
-    result = run_prepare(f'--out={out}', *TINY, '--workers=1')
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].startswith('wrote 130 images'), result.stdout
+def short_run(shapes, tmp_path_factory):
+    """A finished 2-iteration run's folder (ckpt.pt, log.jsonl): tests copy it, never write in it."""
+    out = tmp_path_factory.mktemp('short_run') / 'run'
+    run(*quick_args(shapes, out, '--max_iters=2', '--warmup_iters=1'))
     return out
 
 
-def load_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def test_coco_json_well_formed(world):
-    image_ids, caption_ids = [], []
-    for split, n in (('train2017', 30), ('val2017', 10)):
-        d = load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')
-        assert set(d) >= {'info', 'licenses', 'images', 'annotations'}, split
-        assert len(d['images']) == n, split
-        per_image = {}
-        for a in d['annotations']:
-            assert set(a) >= {'id', 'image_id', 'caption'} and a['caption'].strip(), a
-            per_image.setdefault(a['image_id'], []).append(a['caption'])
-            caption_ids.append(a['id'])
-        for im in d['images']:
-            assert set(im) >= {'id', 'file_name', 'width', 'height'}, im
-            assert im['file_name'] == f"{im['id']:012d}.jpg", im
-            with Image.open(world / 'coco' / split / im['file_name']) as img:
-                img.load()
-                assert img.size == (im['width'], im['height']) == (64, 64) and img.mode == 'RGB', im
-            assert len(per_image.get(im['id'], [])) == 5, f"{im['file_name']}: {per_image.get(im['id'])}"
-            assert len(set(per_image[im['id']])) == 5, f"captions not all different: {per_image[im['id']]}"
-            image_ids.append(im['id'])
-        assert set(per_image) == {im['id'] for im in d['images']}, 'captions for unlisted images'
-        assert len(os.listdir(world / 'coco' / split)) == n, 'stray files in ' + split
-    assert len(image_ids) == len(set(image_ids)), 'image ids repeat across train and val'
-    assert len(caption_ids) == len(set(caption_ids)), 'caption ids repeat'
-    assert not list(world.glob('.prepare-*')), 'temporary folder left behind'
-
-
-def test_coco_instances_json_well_formed_and_true_to_the_scenes(world):
-    from coco import read_instances
-    for split in ('train2017', 'val2017'):
-        d = load_json(world / 'coco' / 'annotations' / f'instances_{split}.json')
-        assert set(d) >= {'info', 'licenses', 'images', 'annotations', 'categories'}, split
-        assert d['categories'] == [{'id': i + 1, 'name': c, 'supercategory': 'shapes world'}
-                                   for i, c in enumerate(prep.CATEGORIES)]
-        captions = load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')
-        assert d['images'] == captions['images']
-        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
-        per_image = {}
-        for a in d['annotations']:
-            assert set(a) >= {'id', 'image_id', 'category_id', 'bbox', 'area', 'iscrowd'} and a['iscrowd'] == 0, a
-            per_image.setdefault(a['image_id'], []).append(a)
-        for image_id, scene in scenes.items():
-            got = sorted((d['categories'][a['category_id'] - 1]['name'], *a['bbox']) for a in per_image[image_id])
-            # VOC's boxes are 1-based and inclusive, COCO's [x, y, width, height] from 0
-            want = sorted((o['category'], o['bbox'][0] - 1, o['bbox'][1] - 1, o['bbox'][2] - o['bbox'][0] + 1,
-                           o['bbox'][3] - o['bbox'][1] + 1) for o in scene['objects'])
-            assert got == want, image_id
-            assert all(a['area'] == a['bbox'][2] * a['bbox'][3] for a in per_image[image_id])
-        names, labels = read_instances(str(world / 'coco'), split)
-        assert names == prep.CATEGORIES
-        assert labels == {i: sorted({prep.CATEGORIES.index(o['category']) + 1 for o in s['objects']})
-                          for i, s in scenes.items()}
-    ids = [a['id'] for split in ('train2017', 'val2017')
-           for a in load_json(world / 'coco' / 'annotations' / f'instances_{split}.json')['annotations']]
-    assert len(ids) == len(set(ids)), 'instance ids are unique across splits, as in COCO'
-
-
-def test_read_instances_errors_name_the_file(world, tmp_path):
-    from coco import read_instances
-    root = tmp_path / 'coco'
-    shutil.copytree(world / 'coco' / 'annotations', root / 'annotations')
-    path = root / 'annotations' / 'instances_val2017.json'
-    good = load_json(path)
-
-    def broken(change):
-        d = copy.deepcopy(good)
-        change(d)
-        path.write_text(json.dumps(d))
-        with pytest.raises(ValueError) as error:
-            read_instances(str(root), 'val2017')
-        assert str(path) in str(error.value)
-        return str(error.value)
-
-    assert 'has category_id 99, not in categories' in broken(lambda d: d['annotations'][0].update(category_id=99))
-    assert 'is of image 12345, not in images' in broken(lambda d: d['annotations'][0].update(image_id=12345))
-
-    def drop_last_image(d):
-        last = d['images'].pop()['id']
-        d['annotations'] = [a for a in d['annotations'] if a['image_id'] != last]
-    assert 'images are not those of captions_val2017.json (0 only here, 1 only there' in broken(drop_last_image)
-    assert 'not a COCO instances file' in broken(lambda d: d.pop('categories'))
-    # an image with no instances is left out (upstream drops them), not an error
-    d = copy.deepcopy(good)
-    first = d['images'][0]['id']
-    d['annotations'] = [a for a in d['annotations'] if a['image_id'] != first]
-    path.write_text(json.dumps(d))
-    assert first not in read_instances(str(root), 'val2017')[1]
-    path.unlink()
-    with pytest.raises(OSError, match=re.escape(f'{path}: No such file')):
-        read_instances(str(root), 'val2017')
-
-
-def test_voc_files_consistent(world):
-    main_dir = world / 'VOC2007' / 'ImageSets' / 'Main'
-    for split, n in (('trainval', 30), ('test', 30)):
-        names = (main_dir / f'{split}.txt').read_text().split()
-        assert len(names) == n and all(re.fullmatch(r'\d{6}', m) for m in names), names
-        objects = {}
-        for name in names:
-            with Image.open(world / 'VOC2007' / 'JPEGImages' / f'{name}.jpg') as img:
-                img.load()
-                assert img.size == (64, 64), name
-            root = ET.parse(world / 'VOC2007' / 'Annotations' / f'{name}.xml').getroot()
-            assert root.findtext('folder') == 'VOC2007' and root.findtext('filename') == f'{name}.jpg'
-            assert [root.findtext(f'size/{k}') for k in ('width', 'height', 'depth')] == ['64', '64', '3']
-            assert root.findtext('segmented') == '0'
-            objects[name] = []
-            for obj in root.findall('object'):
-                assert obj.findtext('name') in prep.CATEGORIES and obj.findtext('pose') == 'Unspecified'
-                assert obj.findtext('truncated') in ('0', '1') and obj.findtext('difficult') in ('0', '1')
-                box = [int(obj.findtext(f'bndbox/{k}')) for k in ('xmin', 'ymin', 'xmax', 'ymax')]
-                assert 1 <= box[0] <= box[2] <= 64 and 1 <= box[1] <= box[3] <= 64, (name, box)
-                objects[name].append((obj.findtext('name'), obj.findtext('difficult') == '1'))
-            assert objects[name], f'{name} has no objects'
-        for c in prep.CATEGORIES:
-            lines = (main_dir / f'{c}_{split}.txt').read_text().splitlines()
-            assert [line.split()[0] for line in lines] == names, f'{c}_{split}.txt lists other images'
-            for line in lines:
-                assert re.fullmatch(r'\d{6} (-1| 1| 0)', line), f'{c}_{split}.txt: {line!r}'
-                flags = [difficult for cat, difficult in objects[line[:6]] if cat == c]
-                expected = -1 if not flags else 0 if all(flags) else 1
-                assert int(line[7:]) == expected, f'{c}_{split}.txt: {line!r}, objects {objects[line[:6]]}'
-        scenes = load_json(world / 'VOC2007' / f'scenes_{split}.json')
-        assert [s['name'] for s in scenes] == names
-        for s in scenes:
-            assert [(o['category'], o['difficult']) for o in s['objects']] == objects[s['name']]
-    assert len(os.listdir(world / 'VOC2007' / 'JPEGImages')) == 60
-
-
-def test_imagefolder_files_each_image_under_its_largest_object(world):
-    root = world / 'imagefolder'
-    for split, n in (('train', 20), ('val', 10)):
-        assert sorted(p.name for p in (root / split).iterdir()) == sorted(prep.CATEGORIES), 'a folder per category'
-        files = {p.stem: p.parent.name for p in (root / split).glob('*/*.jpg')}
-        assert len(files) == n
-        for s in load_json(root / f'scenes_{split}.json'):
-            shown = [o for o in s['objects'] if not o['difficult']]
-            area = lambda o: (o['bbox'][2] - o['bbox'][0] + 1) * (o['bbox'][3] - o['bbox'][1] + 1)
-            assert files[s['name']] == s['category'] == max(shown, key=area)['category'], s
-
-
-def test_coco_and_voc_disjoint(world):
-    files = {'coco': list((world / 'coco').glob('*2017/*.jpg')), 'voc': list((world / 'VOC2007').glob('JPEGImages/*'))}
-    pixels = {k: {np.asarray(Image.open(p)).tobytes() for p in v} for k, v in files.items()}
-    assert len(pixels['coco']) == 40 and len(pixels['voc']) == 60, 'images repeat within a data set'
-    assert not pixels['coco'] & pixels['voc'], 'an image is in both COCO and VOC'
-
-
-# ---- captions must be true to the scene they describe --------------------------------------------------
-NOUNS = {**{c: c for c in prep.CATEGORIES}, **{prep.PLURALS[c]: c for c in prep.CATEGORIES}}
-SIZE_OF = {'small': 'small', 'little': 'small', 'large': 'large', 'big': 'large'}
-COUNT = {'a': 1, 'an': 1, 'two': 2, 'three': 3, 'four': 4}
-NP = (rf"(?:{'|'.join(COUNT)}) (?:(?:{'|'.join(SIZE_OF)}) )?(?:(?:{'|'.join(prep.COLOURS)}) )?"
-      rf"(?:{'|'.join(sorted(NOUNS, key=len, reverse=True))})")
-NP_PARTS = re.compile(rf"({'|'.join(COUNT)}) (?:({'|'.join(SIZE_OF)}) )?(?:({'|'.join(prep.COLOURS)}) )?(\w+)")
-
-POSITIONS = {'on the left': lambda x, y: x < 0.4, 'on the right': lambda x, y: x > 0.6,  # x, y in image widths
-             'at the top': lambda x, y: y < 0.4, 'at the bottom': lambda x, y: y > 0.6,
-             'in the middle': lambda x, y: max(abs(x - 0.5), abs(y - 0.5)) < 0.2}
-
-
-def matching(phrase, scene):
-    """The plainly visible objects a noun phrase like 'a small red star' can refer to, and its count."""
-    count, size, colour, noun = NP_PARTS.fullmatch(phrase).groups()
-    return [o for o in scene['objects'] if not o['difficult'] and o['category'] == NOUNS[noun]
-            and colour in (None, o['colour']) and (size is None or SIZE_OF[size] == o['size'])], COUNT[count]
-
-
-def check_caption(caption, scene):
-    size, shown = scene['size'], [o for o in scene['objects'] if not o['difficult']]
-    mentioned = {c: 0 for c in prep.CATEGORIES}
-    for m in re.finditer(rf'\b{NP}\b', caption):
-        objs, count = matching(m.group(), scene)
-        assert objs, f'{caption!r}: no visible object is {m.group()!r}'
-        if count > 1:  # "two red stars": exactly that many of the category, all visible, all fitting the words
-            same = [o for o in scene['objects'] if o['category'] == objs[0]['category']]
-            assert len(objs) == len(same) == count, f'{caption!r}: {m.group()!r} is a wrong count'
-        mentioned[objs[0]['category']] += count
-    for c in prep.CATEGORIES:  # every visible object named once; nothing else, hidden objects included
-        assert mentioned[c] == sum(o['category'] == c for o in shown), f'{caption!r}: {c} mentioned {mentioned[c]}x'
-    nouns = [w for w in re.findall(r'\w+', caption) if w in NOUNS]
-    assert len(nouns) == len(re.findall(rf'\b{NP}\b', caption)), f'{caption!r}: a shape named outside a phrase'
-    # relations: some pair of objects fitting the two phrases must be clearly (15% of the width) in that order
-    for m in re.finditer(rf'\b({NP}) (to the left of|to the right of|above|below) ({NP})\b', caption):
-        (first, _), relation, (second, _) = matching(m.group(1), scene), m.group(2), matching(m.group(3), scene)
-        axis, sign = {'to the left of': (0, 1), 'to the right of': (0, -1), 'above': (1, 1), 'below': (1, -1)}[relation]
-        assert any(sign * (b['center'][axis] - a['center'][axis]) > 0.15 * size for a in first for b in second), \
-            f'{caption!r}: {m.group()!r} is not true of {scene["objects"]}'
-    for m in re.finditer(rf'\b({NP}) (on the left|on the right|at the top|at the bottom|in the middle)\b', caption):
-        objs, holds = matching(m.group(1), scene)[0], POSITIONS[m.group(2)]
-        assert any(holds(*(np.array(o['center']) / size)) for o in objs), f'{caption!r}: {m.group()!r} is false'
-    for m in re.finditer(r'\b(two|three|four) shapes\b', caption):
-        assert COUNT[m.group(1)] == len(shown) == len(scene['objects']), f'{caption!r}: wrong number of shapes'
-    return bool(re.search(r'left of|right of|above|below', caption))
-
-
-def test_captions_true_to_scene(world):
-    n_relations = 0
-    for split in ('train2017', 'val2017'):
-        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
-        for a in load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')['annotations']:
-            n_relations += check_caption(a['caption'], scenes[a['image_id']])
-    assert n_relations >= 20, 'too few captions with left/right/above/below relations'
-
-
-def test_captions_true_in_many_scenes():
-    words, n_relations = set(), 0
-    for i in range(300):
-        rng = np.random.default_rng([7, i])
-        scene = prep.make_scene(rng, 64)
-        for caption in prep.captions(scene, rng):
-            n_relations += check_caption(caption, scene)
-            words |= set(re.findall(r'\w+', caption))
-    assert n_relations > 200 and 40 <= len(words) <= 120, (n_relations, len(words))
-
-
-def test_category_independent_of_colour_and_background():
-    # random conv features see colour and texture: if those predicted the category, the comparison would be moot
-    counts = np.zeros((len(prep.CATEGORIES), len(prep.COLOURS) + len(prep.BACKGROUNDS)))
-    for i in range(1500):
-        scene = prep.make_scene(np.random.default_rng([11, i]), 64)
-        for o in scene['objects']:
-            c = prep.CATEGORIES.index(o['category'])
-            counts[c, list(prep.COLOURS).index(o['colour'])] += 1
-            counts[c, len(prep.COLOURS) + list(prep.BACKGROUNDS).index(scene['background']['kind'])] += 1
-    for block in (counts[:, :len(prep.COLOURS)], counts[:, len(prep.COLOURS):]):
-        expected = block.sum(1, keepdims=True) * block.sum(0, keepdims=True) / block.sum()
-        cramers_v = np.sqrt(((block - expected) ** 2 / expected).sum() / block.sum() / (min(block.shape) - 1))
-        assert cramers_v < 0.1, f'category and colour/background associated: V = {cramers_v:.3f}'
-
-
-def test_same_seed_same_files(world, tmp_path):
-    result = run_prepare(f'--out={tmp_path}', *TINY, '--workers=2')  # other worker count, same bytes
-    assert result.returncode == 0, result.stderr
-    files = sorted(p.relative_to(world) for p in world.rglob('*') if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*') if p.is_file())
-    for f in files:
-        assert (world / f).read_bytes() == (tmp_path / f).read_bytes(), f'{f} differs between two runs'
-
-
-def test_bad_inputs_fail_cleanly(tmp_path):
-    blocker = tmp_path / 'a_file'
-    blocker.write_text('not a folder')
-    ok_out = f'--out={tmp_path}/ok'
-    for args, names in (([f'--out={blocker}/shapes'], [str(blocker), '--out']),
-                        ([ok_out, '--n_train=-5'], ['--n_train']), ([ok_out, '--size=8'], ['--size']),
-                        ([ok_out, '--n_val=ten'], ['--n_val']), ([ok_out, '--workers=0'], ['--workers'])):
-        result = run_prepare(*TINY, *args)  # later flags win over TINY's
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode != 0 and len(lines) == 1, (args, result.stderr)
-        assert all(name in lines[0] for name in names) and 'Traceback' not in lines[0], (args, lines[0])
-    assert not (tmp_path / 'ok').exists(), 'bad flags left output behind'
-
-
-# ---- attribute tasks: more VOC2007-layout folders on the VOC images -----------------------------------------
-ATTRIBUTES = ['category', 'colour', 'size', 'count', 'background', 'position', 'binding']
-
-
-@pytest.fixture(scope='module')
-def objects_world(tmp_path_factory):
-    out = tmp_path_factory.mktemp('objects')
-    run('dev/objects_world.py', f'--out={out}', '--n_train=2', '--n_val=1', '--n_voc_trainval=16', '--n_voc_test=16',
-        '--n_folder_train=2', '--n_folder_val=1', '--size=48', '--workers=1', '--min_positives=1')
-    return out
-
-
-def attribute_truth(scene, background):
-    """The issue's definitions, written out again: {attribute: {value: 1 or 0}}; a value not there is -1."""
-    def where(o):
-        x, y = np.array(o['center']) / scene['size']
-        return [p for p, holds in (('left', x < 1 / 3), ('right', x > 2 / 3), ('top', y < 1 / 3), ('bottom', y > 2 / 3),
-                                   ('middle', max(abs(x - .5), abs(y - .5)) < 1 / 8)) if holds]
-    per_object = {'category': lambda o: [o['category']], 'colour': lambda o: [o['colour']],
-                  'size': lambda o: {'tiny': ['small'], 'small': ['small'], 'large': ['large']}.get(o['size'], []),
-                  'position': where, 'binding': lambda o: [f"{o['colour']}_{o['category']}"],
-                  'texture': lambda o: [o['texture']] if 'texture' in o else []}
-    truth = {}
-    for attribute, values_of in per_object.items():
-        truth[attribute] = {}
-        for o in scene['objects']:
-            for v in values_of(o):  # 1 if any plainly visible object has it, else 0 (only difficult ones)
-                truth[attribute][v] = max(truth[attribute].get(v, 0), 0 if o['difficult'] else 1)
-    shown = sum(not o['difficult'] for o in scene['objects'])
-    truth['count'] = {['one', 'two', 'three', 'four'][shown - 1]: 1}
-    truth['background'] = {background: 1}
-    return truth
-
-
-def world_truth(world, background):
-    """{split: (names, truth per image)} from a world's VOC2007 scene records."""
-    return {split: ([s['name'] for s in scenes], [attribute_truth(s, background(s)) for s in scenes])
-            for split in ('trainval', 'test') for scenes in [load_json(world / 'VOC2007' / f'scenes_{split}.json')]}
-
-
-def kept_and_left_out(truth, attribute, min_positives):
-    """The values with at least min_positives images labelled 1 in both splits, and the others with their counts."""
-    positives = {split: Counter(v for t in per_image for v, flag in t[attribute].items() if flag == 1)
-                 for split, (_, per_image) in truth.items()}
-    values = sorted({v for _, per_image in truth.values() for t in per_image for v in t[attribute]})
-    kept = [v for v in values if min(positives['trainval'][v], positives['test'][v]) >= min_positives]
-    return kept, {v: (positives['trainval'][v], positives['test'][v]) for v in values if v not in kept}
-
-
-def shapes_background(scene):
-    return prep.BACKGROUNDS[scene['background']['kind']]
-
-
-def test_attribute_function_follows_the_definitions():
-    zeros = Counter()
-    for i in range(200):
-        scene = prep.make_scene(np.random.default_rng([5, i]), 64)
-        got, want = prep.attributes(scene), attribute_truth(scene, shapes_background(scene))
-        assert list(got) == ATTRIBUTES and got == {a: want[a] for a in ATTRIBUTES}, scene
-        for attribute in prep.EXCLUSIVE:
-            assert list(got[attribute].values()) == [1], (attribute, got[attribute])
-        zeros.update(a for a, values in got.items() for flag in values.values() if flag == 0)
-    # difficult objects make 0s in every per-object attribute, tiny ones in size's "small"
-    assert set(zeros) == {'category', 'colour', 'size', 'position', 'binding'}, zeros
-
-
-def test_attribute_folders_are_voc_layout_and_true_to_the_scenes(world):
-    from evaluate import read_voc
-    truth = world_truth(world, shapes_background)
-    voc_main = world / 'VOC2007' / 'ImageSets' / 'Main'
-    assert sorted(p.name for p in (world / 'attributes').iterdir()) == sorted(ATTRIBUTES)
-    for attribute in ATTRIBUTES:
-        root = world / 'attributes' / attribute
-        assert os.readlink(root / 'JPEGImages') == os.path.join('..', '..', 'VOC2007', 'JPEGImages'), 'not a link'
-        assert (root / 'JPEGImages').resolve() == (world / 'VOC2007' / 'JPEGImages').resolve()
-        kept, _ = kept_and_left_out(truth, attribute, 2)
-        for split, (names, per_image) in truth.items():
-            main_dir = root / 'ImageSets' / 'Main'
-            assert (main_dir / f'{split}.txt').read_bytes() == (voc_main / f'{split}.txt').read_bytes()
-            assert sorted(p.name for p in main_dir.glob(f'*_{split}.txt')) == [f'{v}_{split}.txt' for v in kept]
-            for v in kept:
-                lines = (main_dir / f'{v}_{split}.txt').read_text().splitlines()
-                assert all(re.fullmatch(r'\d{6} (-1| 1| 0)', line) for line in lines), (attribute, v, lines[:3])
-            paths, labels, values = read_voc(str(root), split)
-            assert values == kept and all(os.path.exists(p) for p in paths), (attribute, values)
-            assert paths == [str(root / 'JPEGImages' / f'{m}.jpg') for m in names]
-            want = np.array([[t[attribute].get(v, -1) for v in kept] for t in per_image])
-            assert (labels == want).all(), f'{attribute} {split}: labels differ from the scenes'
-            if attribute in prep.EXCLUSIVE:  # every value is kept in this world: exactly one 1 per image
-                assert len(values) == {'count': 4, 'background': 6}[attribute], values
-                assert ((labels == 1).sum(1) == 1).all() and not (labels == 0).any(), attribute
-            if attribute == 'category':  # the VOC task itself, byte for byte
-                assert values == sorted(prep.CATEGORIES)
-                for v in values:
-                    assert (main_dir / f'{v}_{split}.txt').read_bytes() == (voc_main / f'{v}_{split}.txt').read_bytes()
-    colour = read_voc(str(world / 'attributes' / 'colour'), 'test')[1]
-    assert (colour == 0).any() and (colour == 1).any() and (colour == -1).any(), 'difficult objects were not 0'
-
-
-def test_evaluate_judges_an_attribute_folder(world):
-    proc = run('evaluate.py', f'--voc_root={world / "attributes" / "position"}', '--init=random', '--visual=resnet18',
-               '--image_size=64', '--zero_init_residual=False', '--num_workers=0', '--device=cpu')
-    lines = proc.stdout.strip().splitlines()
-    assert '30 trainval and 30 test images, 5 classes' in proc.stdout, proc.stdout
-    assert {line.split()[0] for line in lines} >= {'left', 'right', 'top', 'bottom', 'middle'}, proc.stdout
-    assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
-
-
-def snapshot(root):
-    """Every file and link under root: {relative path: bytes or link target}."""
-    return {str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes()
-            for p in sorted(root.rglob('*')) if p.is_symlink() or p.is_file()}
-
-
-def test_attributes_only_rewrites_them_and_reports_the_left_out_values(world, tmp_path):
-    shutil.copytree(world / 'VOC2007', tmp_path / 'VOC2007')
-    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=2')
-    assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes'], 'wrote more than the attributes'
-    assert snapshot(tmp_path / 'attributes') == snapshot(world / 'attributes'), 'not what the full run wrote'
-    assert snapshot(tmp_path / 'VOC2007') == snapshot(world / 'VOC2007')
-    truth = world_truth(world, shapes_background)
-    reported = {}
-    for line in result.stdout.splitlines()[:-1]:
-        m = re.fullmatch(r'attributes/(\w+): (\d+) values(?:; left out, with fewer than 2 positives in '
-                         r'trainval/test: (.*))?', line)
-        assert m, line
-        left_out = re.findall(r'(\w+) \((\d+)/(\d+)\)', m.group(3) or '')
-        reported[m.group(1)] = {v: (int(a), int(b)) for v, a, b in left_out}
-        assert int(m.group(2)) == len(kept_and_left_out(truth, m.group(1), 2)[0]), line
-    assert list(reported) == ATTRIBUTES, result.stdout
-    assert reported == {a: kept_and_left_out(truth, a, 2)[1] for a in ATTRIBUTES}, result.stdout
-    assert reported['binding'] and not reported['count'], 'this world leaves out some pairs and no counts'
-    assert result.stdout.splitlines()[-1].startswith('wrote the attributes of 60 VOC2007 images'), result.stdout
-    # an attribute with no value left is a one-line error naming it, and the earlier folders stay as they were
-    before = snapshot(tmp_path / 'attributes')
-    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=3')
-    assert result.returncode != 0 and result.stderr.strip() == (
-        'prepare.py: error: attribute binding: no value has --min_positives=3 positives in both trainval and test '
-        '(make more VOC images or lower --min_positives)'), result.stderr
-    assert snapshot(tmp_path / 'attributes') == before and sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes']
-
-
-def test_attributes_only_refuses_scenes_that_do_not_match_the_image_list(world, tmp_path):
-    voc = tmp_path / 'VOC2007'
-    (voc / 'ImageSets' / 'Main').mkdir(parents=True)
-    scenes = load_json(world / 'VOC2007' / 'scenes_test.json')
-    names = [s['name'] for s in scenes]
-    test_list = voc / 'ImageSets' / 'Main' / 'test.txt'
-    test_scenes = voc / 'scenes_test.json'
-    for split in ('trainval', 'test'):
-        shutil.copy(world / 'VOC2007' / 'ImageSets' / 'Main' / f'{split}.txt', voc / 'ImageSets' / 'Main')
-        shutil.copy(world / 'VOC2007' / f'scenes_{split}.json', voc)
-
-    def refused(path, scene_list=None, image_list=None, text=None):
-        test_scenes.write_text(text if text is not None else json.dumps(scene_list or scenes))
-        test_list.write_text(''.join(f'{m}\n' for m in image_list or names))
-        result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=1')
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode != 0 and len(lines) == 1 and str(path) in lines[0], result.stderr
-        assert sorted(os.listdir(tmp_path)) == ['VOC2007'], 'a refused run wrote something'
-        return lines[0]
-
-    swapped = [scenes[1], scenes[0], *scenes[2:]]
-    assert f'does not match {test_list} (30 scenes for 30 images, first difference at image 1)' in refused(
-        test_scenes, swapped)
-    assert '29 scenes for 30 images, first difference at image 30' in refused(test_scenes, scenes[:-1])
-    renamed = [*scenes[:4], {**scenes[4], 'name': '999999'}, *scenes[5:]]
-    assert 'first difference at image 5' in refused(test_scenes, renamed)
-    assert '30 scenes for 31 images' in refused(test_scenes, image_list=names + ['999999'])
-    assert 'not JSON' in refused(test_scenes, text='{"truncated": ')
-    assert 'not the scene records of this world' in refused(test_scenes, [{**s, 'background': 'grass'} for s in scenes])
-    test_scenes.write_text(json.dumps(scenes))
-    test_list.write_text(''.join(f'{m}\n' for m in names))
-    (voc / 'scenes_trainval.json').unlink()
-    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=1')
-    assert result.returncode != 0 and result.stderr.strip() == (
-        f'prepare.py: error: {voc / "scenes_trainval.json"}: No such file or directory'), result.stderr
-    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=0')
-    assert result.returncode != 0 and '--min_positives must be >= 1' in result.stderr, result.stderr
-
-
-def test_objects_world_adds_texture_and_rewrites_its_attributes(objects_world, tmp_path):
-    from evaluate import read_voc
-    truth = world_truth(objects_world, lambda s: s['background'])
-    assert sorted(os.listdir(objects_world / 'attributes')) == sorted(ATTRIBUTES + ['texture'])
-    for attribute in ATTRIBUTES + ['texture']:
-        kept, _ = kept_and_left_out(truth, attribute, 1)
-        for split, (_, per_image) in truth.items():
-            labels, values = read_voc(str(objects_world / 'attributes' / attribute), split)[1:]
-            assert values == kept and kept, (attribute, values)
-            want = np.array([[t[attribute].get(v, -1) for v in kept] for t in per_image])
-            assert (labels == want).all(), f'{attribute} {split}: labels differ from the scenes'
-    kinds = {'grass', 'sand', 'brick', 'water', 'sky', 'landscape', 'tiles', 'blur', 'mottled'}
-    assert set(read_voc(str(objects_world / 'attributes' / 'background'), 'test')[2]) <= kinds
-    assert set(read_voc(str(objects_world / 'attributes' / 'texture'), 'test')[2]) <= {
-        'wood', 'marble', 'weave', 'fur', 'metal', 'speckle', 'stripes', 'spots'}
-    # --attributes_only on this world's own scenes writes the same files
-    shutil.copytree(objects_world / 'VOC2007', tmp_path / 'VOC2007')
-    run('dev/objects_world.py', f'--out={tmp_path}', '--attributes_only', '--min_positives=1')
-    assert snapshot(tmp_path / 'attributes') == snapshot(objects_world / 'attributes')
-
-
-def test_feature_files_with_no_classes_or_no_samples_are_refused(tmp_path):
-    import evaluate
-    x, y = np.random.rand(6, 4).astype(np.float32), np.ones((6, 2), dtype=np.int64)
-    cases = {'no_classes': (x, y[:, :0], x[:5], y[:5, :0], '6 train and 5 test samples, 4-d, 0 classes'),
-             'no_train': (x[:0], y[:0], x[:5], y[:5], '0 train and 5 test samples, 4-d, 2 classes'),
-             'no_test': (x, y, x[:0], y[:0], '6 train and 0 test samples, 4-d, 2 classes')}
-    for name, (train_x, train_y, test_x, test_y, counts) in cases.items():
-        path = tmp_path / f'{name}.npz'
-        np.savez(path, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
-        with pytest.raises(ValueError) as error:
-            evaluate.load_features(str(path))
-        assert str(error.value) == f'{path}: empty: {counts} (need at least one of each)'
-    proc = run('evaluate.py', f'--features={tmp_path / "no_classes.npz"}', check=False)  # was: need at least one array
-    assert proc.returncode != 0 and proc.stderr.strip() == (
-        f'error: {tmp_path / "no_classes.npz"}: empty: 6 train and 5 test samples, 4-d, 0 classes '
-        '(need at least one of each)'), proc.stderr
-
-
-# ----------------------------------------------------------------------------------------------
-# a tiny shapes world and vocabulary, shared by the tests of the scripts
-
-@pytest.fixture(scope='session')
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp('shapes')
-    run('data/shapes/prepare.py', f'--out={root}', '--n_train=64', '--n_val=16', '--n_voc_trainval=40',
-        '--n_voc_test=40', '--n_folder_train=60', '--n_folder_val=30', '--size=64', '--seed=1', '--workers=1',
-        '--min_positives=2')
-    run('tokenizer.py', f'--captions={root}/coco/annotations/captions_train2017.json', '--vocab_size=96',
-        f'--out={root}/vocab')
-    return root
-
-
-def definitions(script, *names, **globals_):
-    """Load top-level functions/classes of a flat script without running its body (train.py trains
-    when run), with the script's imports and the given module-level values."""
-    import ast
-    with open(os.path.join(HERE, script)) as f:
-        tree = ast.parse(f.read())
-    keep = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
-            or (isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name in names)]
-    namespace = dict(globals_)
-    exec(compile(ast.Module(keep, type_ignores=[]), script, 'exec'), namespace)
-    return namespace
-
-
-def train_args(shapes, out_dir, *extra):
-    """A tiny, fast train.py run on the tiny world (about 0.1 s per iteration)."""
-    return ['train.py', 'config/shapes.py', f'--data_root={shapes}/coco', f'--tokenizer={shapes}/vocab.model',
-            f'--out_dir={out_dir}', '--n_embd=64', '--n_head=1', '--image_size=32', '--batch_size=8',
-            '--num_workers=0', '--eval_interval=0', '--log_interval=1', '--compile=False', *extra]
-
-
-def read_log(out_dir, event='train'):
-    with open(os.path.join(out_dir, 'log.jsonl')) as f:
-        return [r for r in map(json.loads, f) if r['event'] == event]
-
-
-# ----------------------------------------------------------------------------------------------
-# train.py
-
-def test_lookahead_one_cycle_by_hand():
-    from lookahead import LookAhead
-    w = nn.Parameter(torch.tensor([1.0, -2.0]))
-    sgd = torch.optim.SGD([w], lr=0.1)
-    opt = LookAhead(sgd, k=2, alpha=0.5)
-    grads = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, -1.0])]
-    for g in grads:
-        w.grad = g.clone()
-        opt.step()
-    fast = torch.tensor([1.0, -2.0]) - 0.1 * (grads[0] + grads[1])  # two plain SGD steps: [0.6, -2.0]
-    slow = torch.tensor([1.0, -2.0]) + 0.5 * (fast - torch.tensor([1.0, -2.0]))
-    assert torch.allclose(w.detach(), slow) and torch.allclose(opt.slow[0], slow), 'slow + alpha * (fast - slow)'
-    state = opt.state_dict()
-    clone_w = nn.Parameter(torch.zeros(2))
-    clone = LookAhead(torch.optim.SGD([clone_w], lr=0.1), k=2, alpha=0.5)
-    clone.load_state_dict(state)
-    assert clone.step_count == 2 and torch.allclose(clone.slow[0], slow), 'slow weights and counter are saved'
-
-
-def test_lr_schedule_warmup_then_cosine():
-    from lookahead import warmup_cosine
-    get_lr = lambda step: warmup_cosine(step, warmup=100, total=1100)
-    assert get_lr(0) == 0.0 and get_lr(50) == 0.5 and get_lr(100) == 1.0
-    assert abs(get_lr(600) - 0.5) < 1e-12, 'half way through the cosine'
-    assert abs(get_lr(1100)) < 1e-12 and get_lr(1099) > 0
-    assert abs(get_lr(350) - 0.5 * (1 + math.cos(math.pi * 0.25))) < 1e-12
-    assert warmup_cosine(0, 0, 10) == 1.0 and abs(warmup_cosine(5, 0, 10) - 0.5) < 1e-12, "the probe's plain cosine"
-
-
-def test_flip_swaps_whole_words_only():
-    from coco import swap_left_right as swap
-    assert swap('a star left of a ring, right of a box') == 'a star right of a ring, left of a box'
-    assert swap('the bright leftover copyright sign on the Left') == 'the bright leftover copyright sign on the right'
-    assert swap(swap('left-hand right')) == 'left-hand right'
-
-
-def test_coco_dataset_and_collate(shapes):
-    from coco import CocoCaptions, collate
-    from tokenizer import Tokenizer
-    tok = Tokenizer(shapes / 'vocab.model')
-    data = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 30, train=True, seed=0)
-    assert len(data) == 64
-    a, b = data[(0, 3)], data[(0, 3)]
-    assert torch.equal(a['image'], b['image']) and torch.equal(a['tokens'], b['tokens']), 'pure function of the key'
-    assert a['image'].shape == (3, 48, 48) and a['image'].dtype == torch.uint8
-    assert a['tokens'][0] == tok.sos_id and a['tokens'][-1] == tok.eos_id
-    short = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 6, train=True, seed=0)
-    tokens = short[(0, 3)]['tokens']
-    assert len(tokens) <= 6 and tokens[-1] == tok.eos_id, 'over-long captions drop words, never [EOS]'
-    images, padded, errors = collate([a, short[(0, 3)], {'error': 'x.jpg: broken'}])
-    assert images.shape == (2, 3, 48, 48) and padded.shape == (2, len(a['tokens'])) and errors == ['x.jpg: broken']
-    assert padded[1, len(tokens):].eq(0).all()
-    val = CocoCaptions(str(shapes / 'coco'), 'val2017', tok, 48, 30, train=False, seed=0)
-    assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), 'eval transform is deterministic'
-
-
-def test_train_augmentation_matches_its_reference_ops(tmp_path):
-    """The fast tensor pipeline computes what PIL / torchvision compute: antialiased bilinear crops, and the
-    colour jitter as torchvision's adjust_* in the drawn order."""
-    import torchvision.transforms.functional as TF
-    from coco import color_jitter, random_resized_crop, shift_hue
-    rng = np.random.default_rng(0)
-    small = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
-    photo = np.asarray(Image.fromarray(small).resize((200, 150), Image.Resampling.BICUBIC))
-    Image.fromarray(photo).save(tmp_path / 'a.jpg', quality=95)
-    Image.fromarray(photo).save(tmp_path / 'a.png')
-    decoded = np.asarray(Image.open(tmp_path / 'a.jpg').convert('RGB'))
-    # the first two decode in full; the third from a 1/4-scale DCT decode (its crop keeps 4x the pixels needed)
-    for name, box, size in (('a.jpg', (10, 20, 110, 140), 64), ('a.jpg', (0, 0, 200, 150), 100),
-                            ('a.png', (3, 7, 150, 120), 50), ('a.jpg', (5, 5, 185, 145), 32)):
-        with Image.open(tmp_path / name) as image:
-            ours = random_resized_crop(image, box, size)
-        source = photo if name.endswith('png') else decoded
-        want = np.asarray(Image.fromarray(source).resize((size, size), Image.Resampling.BILINEAR, box=box))
-        diff = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - want.astype(int))
-        assert ours.shape == (3, size, size) and ours.dtype == torch.uint8
-        scaled_decode = min(box[2] - box[0], box[3] - box[1]) >= 2 * size
-        assert diff.mean() < (3 if scaled_decode else 0.5), (box, diff.max(), diff.mean())
-    x = torch.from_numpy(photo.copy()).permute(2, 0, 1).float()
-    x[:, :5] = x[0, :5]  # greys: no hue
-    x[1, 5:10] = x[0, 5:10]  # ties between the max channels
-    for shift in (-0.1, 0.03, 0.1):
-        assert (shift_hue(x, shift) - TF.adjust_hue(x / 255, shift) * 255).abs().max() < 1e-2
-    pixels = torch.from_numpy(photo.copy()).permute(2, 0, 1)
-    for seed in range(6):
-        draw = np.random.default_rng(seed)
-        b, c, s = draw.uniform(0.6, 1.4, size=3)
-        hue = draw.uniform(-0.1, 0.1)
-        ops = [lambda y: TF.adjust_brightness(y, b), lambda y: TF.adjust_contrast(y, c),
-               lambda y: TF.adjust_saturation(y, s), lambda y: TF.adjust_hue(y, hue)]
-        want = pixels.float() / 255
-        for i in draw.permutation(4):
-            want = ops[i](want)
-        got = color_jitter(pixels, np.random.default_rng(seed)).float() / 255
-        assert (got - want).abs().max() < 2.5 / 255, seed  # torchvision rounds nothing; ours rounds once, at the end
-
-
-def test_one_eval_transform_for_every_stage(tmp_path):
-    """train.py's validation images, evaluate.py's VOC features and caption.py's input are the same pixels."""
-    import caption
-    from coco import CocoCaptions, load_eval_image, normalize
-    from evaluate import VocImages
-    # left half red, right half blue, with a green band at the top edge that the center crop must cut away
-    pixels = np.zeros((80, 100, 3), np.uint8)
-    pixels[:, :50] = (200, 0, 0)
-    pixels[:, 50:] = (0, 0, 200)
-    pixels[:4] = (0, 200, 0)
-    root = tmp_path / 'coco'
-    (root / 'val2017').mkdir(parents=True)
-    (root / 'annotations').mkdir()
-    Image.fromarray(pixels).save(root / 'val2017' / '000000000001.jpg', quality=95)
-    (root / 'annotations' / 'captions_val2017.json').write_text(json.dumps(
-        {'images': [{'id': 1, 'file_name': '000000000001.jpg'}], 'annotations': [{'image_id': 1, 'caption': 'x'}]}))
-    path, size = str(root / 'val2017' / '000000000001.jpg'), 32
-
-    class Words:
-        sos_id, eos_id = 1, 2
-
-        def encode(self, text):
-            return [5]
-    from_train = CocoCaptions(str(root), 'val2017', Words(), size, 30, train=False, seed=0)[(0, 0)]['image']
-    from_evaluate = VocImages([path], size)[0][0]
-    from_caption = caption.to_tensor([load_eval_image(path, size)])[0]
-    assert from_train.dtype == from_evaluate.dtype == torch.uint8 and from_train.shape == (3, size, size)
-    assert torch.equal(from_train, from_evaluate)
-    assert torch.allclose(normalize(from_train[None])[0], from_caption)
-    # shorter side 80 -> round(32 * 8/7) = 37, center 32: the top band is cropped away, the halves stay halves
-    image = from_train.permute(1, 2, 0).int()
-    assert image[:, :14, 0].min() > 150 and image[:, 18:, 2].min() > 150 and image[..., 1].max() < 60
+@pytest.fixture
+def start():
+    """start(*args, env=...) Popens a project script with text pipes, to signal it mid-run. What still
+    runs when the test ends is killed, children included (each runs in a session of its own)."""
+    import signal
+    started = []
+
+    def start(*args, env=None):
+        started.append(subprocess.Popen([PY, *args], cwd=HERE, text=True, start_new_session=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}))
+        return started[-1]
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def test_training_reduces_the_loss(shapes, tmp_path):
@@ -1565,879 +848,46 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
     assert ckpt['iter_num'] < 30 and (ckpt['iter_num'] > 2 or (tmp_path / 'ckpt.pt').read_bytes() == before)
 
 
-@pytest.fixture(scope='session')
-def tiny_ckpt(shapes, tmp_path_factory):
-    """A checkpoint of a few train.py iterations on the tiny world (its tokenizer path inside)."""
-    out = tmp_path_factory.mktemp('tiny_run')
-    run(*train_args(shapes, out, '--max_iters=6', '--warmup_iters=2', '--ckpt_interval=1000'))
-    return out / 'ckpt.pt'
-
-
-# ----------------------------------------------------------------------------------------------
-# evaluate.py
-
-def make_voc(root, n_trainval=24, n_test=18, classes=('bird', 'cat', 'dog'), seed=0):
-    """A tiny VOC2007 folder: JPEGs with a coloured square per present class; ~10% of labels difficult (0)."""
-    rng = np.random.default_rng(seed)
-    colours = [(220, 30, 30), (30, 200, 30), (30, 60, 220), (230, 230, 30)]
-    os.makedirs(os.path.join(root, 'JPEGImages'), exist_ok=True)
-    os.makedirs(os.path.join(root, 'ImageSets', 'Main'), exist_ok=True)
-    index = 0
-    for split, n in (('trainval', n_trainval), ('test', n_test)):
-        names, labels = [], []
-        for i in range(n):
-            index += 1
-            name = f'{index:06d}'
-            present = rng.random(len(classes)) < 0.4
-            present[i % len(classes)] = True  # every class has positives in every split
-            image = rng.integers(0, 80, (40, 40, 3), dtype=np.uint8)
-            for c in np.flatnonzero(present):
-                x, y = rng.integers(0, 28, 2)
-                image[y:y + 12, x:x + 12] = colours[c]
-            Image.fromarray(image).save(os.path.join(root, 'JPEGImages', name + '.jpg'))
-            label = np.where(present, 1, -1)
-            label[present & (rng.random(len(classes)) < 0.1) & (np.arange(len(classes)) != i % len(classes))] = 0
-            names.append(name)
-            labels.append(label)
-        with open(os.path.join(root, 'ImageSets', 'Main', f'{split}.txt'), 'w') as f:
-            f.write(''.join(name + '\n' for name in names))
-        for c, cls in enumerate(classes):
-            with open(os.path.join(root, 'ImageSets', 'Main', f'{cls}_{split}.txt'), 'w') as f:
-                f.write(''.join(f'{name} {label[c]:2d}\n' for name, label in zip(names, labels)))
-    return str(root)
-
-
-def svm_objective(w, b, x, y, cost):
-    """liblinear's L2-loss SVC primal with a penalized bias, per problem: (P,)."""
-    margin = x @ w + b
-    return 0.5 * ((w * w).sum(0) + b * b) + (cost * torch.clamp(1 - y * margin, min=0) ** 2).sum(0)
-
-
-def svm_gradient(w, b, x, y, cost):
-    """Gradient of svm_objective with respect to (w, b): (D+1, P)."""
-    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-    v = torch.cat([w, b[None]])
-    margin = xb @ v
-    return v + 2 * xb.T @ (cost * (y * margin < 1) * (margin - y))
-
-
-def small_problem(n=80, D=12, P=5, seed=0, dtype=torch.float64):
-    """Correlated nonnegative features (a big shared direction, like pooled ReLU features) and mixed costs."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.relu(3 + torch.randn(n, 1, generator=g) * 0.3 + torch.randn(n, D, generator=g))
-    x = (x / x.norm(dim=1, keepdim=True)).to(dtype)
-    y = torch.where(x[:, :1] - x[:, 1:2] + 0.05 * torch.randn(n, P, generator=g, dtype=dtype) > 0, 1.0, -1.0)
-    y = y.to(dtype)
-    cost = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0][:P], dtype=dtype) * torch.where(y > 0, 2.0, 1.0)
-    cost[torch.rand(n, P, generator=g) < 0.3] = 0  # left-out samples, as the CV folds
-    return x, y, cost
-
-
-# ----------------------------------------------------------------------------------------------
-# average precision and folds
-
-def test_average_precision_hand_example_ties_and_difficult():
-    from evaluate import average_precision
-    # test images: scores and VOC labels; the 0.5 image is difficult and must not count
-    scores = torch.tensor([0.9, 0.8, 0.8, 0.5, 0.3, 0.1])
-    labels = torch.tensor([-1, 1, -1, 0, 1, 1])
-    judged = labels != 0
-    # thresholds 0.9: 0 tp of 1 | 0.8 (tie, one threshold): 1 tp of 3 | 0.3: 2 of 4 | 0.1: 3 of 5
-    # AP = sum (R_n - R_{n-1}) P_n = 1/3 * (1/3 + 2/4 + 3/5) = 43/90
-    assert average_precision(scores[judged], labels[judged]) == pytest.approx(43 / 90, abs=1e-12)
-    # breaking the tie by order would give 1/3 * (1/2 + 2/4 + 3/5) = 0.5333; counting the difficult one as a
-    # negative would give 37/90
-    assert average_precision(scores, torch.where(labels == 0, -1, labels)) == pytest.approx(37 / 90, abs=1e-12)
-    assert average_precision(torch.tensor([0.3, 0.2]), torch.tensor([-1, -1])) == 0.0  # no positives, as sklearn
-    assert average_precision(torch.tensor([5.0, 1.0, 0.0]), torch.tensor([1, 1, -1])) == 1.0
-
-
-def test_average_precision_matches_sklearn():
-    metrics = pytest.importorskip('sklearn.metrics')
-    from evaluate import average_precision
-    rng = np.random.default_rng(0)
-    for trial in range(50):
-        n = int(rng.integers(2, 60))
-        labels = rng.choice([-1, 1], n)
-        labels[0] = 1
-        scores = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(size=n)  # many ties / none
-        expected = metrics.average_precision_score(labels > 0, scores)
-        assert average_precision(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected, abs=1e-12)
-
-
-def test_stratified_folds_hand_example():
-    from evaluate import stratified_folds
-    # positives (seen first) 0,1,5,7 and negatives 2,3,4,6,8,9. Dealing the label-sorted list round-robin gives
-    # the 4 positives to folds 0,1,2,0 -> block sizes 2,1,1; the 6 negatives to folds 1,2,0,1,2,0 -> 2,2,2
-    labels = np.array([1, 1, -1, -1, -1, 1, -1, 1, -1, -1])
-    assert stratified_folds(labels).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
-
-
-def test_stratified_folds_match_sklearn():
-    model_selection = pytest.importorskip('sklearn.model_selection')
-    from evaluate import stratified_folds
-    rng = np.random.default_rng(0)
-    for trial in range(100):
-        n = int(rng.integers(9, 80))
-        labels = rng.choice([-1, 1], n, p=[0.8, 0.2] if trial % 2 else [0.5, 0.5])
-        if min((labels == 1).sum(), (labels == -1).sum()) < 3:
-            continue
-        expected = np.empty(n, dtype=np.int64)
-        for fold, (_, test) in enumerate(model_selection.StratifiedKFold(3).split(np.zeros(n), labels)):
-            expected[test] = fold
-        assert stratified_folds(labels).tolist() == expected.tolist(), labels
-
-
-# ----------------------------------------------------------------------------------------------
-# the SVM solver
-
-def test_fit_svms_reaches_the_optimum():
-    from evaluate import fit_svms
-    x, y, cost = small_problem()
-    w, b = fit_svms(x, y, cost, tol=1e-10)
-    # optimality: the squared hinge is differentiable, so the gradient vanishes at the minimum
-    grad0 = svm_gradient(torch.zeros_like(w), torch.zeros_like(b), x, y, cost).norm(dim=0)
-    grad = svm_gradient(w, b, x, y, cost).norm(dim=0)
-    assert (grad <= 1e-8 * grad0).all(), (grad / grad0)
-    # brute force: LBFGS on the same objective, one problem at a time, to convergence
-    for p in range(y.shape[1]):
-        v = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
-        opt = torch.optim.LBFGS([v], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-14,
-                                history_size=50, line_search_fn='strong_wolfe')
-
-        def closure():
-            opt.zero_grad()
-            loss = svm_objective(v[:-1, None], v[-1:], x, y[:, p:p + 1], cost[:, p:p + 1]).sum()
-            loss.backward()
-            return loss
-        opt.step(closure)
-        v = v.detach()
-        objective = svm_objective(w[:, p:p + 1], b[p:p + 1], x, y[:, p:p + 1], cost[:, p:p + 1])
-        reference = svm_objective(v[:-1, None], v[-1:], x, y[:, p:p + 1], cost[:, p:p + 1])
-        assert objective <= reference * (1 + 1e-9), (p, objective, reference)
-        assert torch.allclose(w[:, p], v[:-1], atol=1e-4 * v.abs().max()), p
-
-
-def test_fit_svms_float32_and_leaving_out_equals_dropping():
-    from evaluate import fit_svms
-    x, y, cost = small_problem(n=120, P=4, seed=1)
-    w64, b64 = fit_svms(x, y, cost, tol=1e-10)
-    w32, b32 = fit_svms(x.float(), y.float(), cost.float())  # defaults: float32, tol 1e-4
-    scores64, scores32 = x @ w64 + b64, (x.float() @ w32 + b32).double()
-    assert torch.allclose(scores32, scores64, atol=2e-3 * scores64.abs().max()), (scores32 - scores64).abs().max()
-    # bfloat16 CG products bend the Newton directions only: the float32 gradient test still stops it at the optimum
-    w16, b16 = fit_svms(x.float(), y.float(), cost.float(), cg_dtype=torch.bfloat16)
-    grad0 = svm_gradient(torch.zeros_like(w16), torch.zeros_like(b16), x.float(), y.float(), cost.float()).norm(dim=0)
-    assert (svm_gradient(w16, b16, x.float(), y.float(), cost.float()).norm(dim=0) <= 1e-4 * grad0).all()
-    scores16 = (x.float() @ w16 + b16).double()
-    assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), (scores16 - scores64).abs().max()
-    from evaluate import cg_dtype
-    assert cg_dtype('cpu', 'float32') == torch.float32 and cg_dtype('cpu') in (torch.float32, torch.bfloat16)
-    with pytest.raises(ValueError, match='--svm_dtype=fp8: expected auto, float32 or bfloat16'):
-        cg_dtype('cpu', 'fp8')
-    # a sample with cost 0 is out of the problem: the same as solving without its row
-    kept = cost[:, 2] > 0
-    w_sub, b_sub = fit_svms(x[kept], y[kept, 2:3], cost[kept, 2:3], tol=1e-10)
-    assert torch.allclose(w_sub[:, 0], w64[:, 2], atol=1e-6) and abs(b_sub[0] - b64[2]) < 1e-6
-
-
-def test_fit_svms_matches_linear_svc():
-    svm = pytest.importorskip('sklearn.svm')
-    from evaluate import fit_svms
-    x, y, _ = small_problem(n=150, D=20, P=3, seed=2)
-    for p, C in enumerate([0.1, 1.0, 10.0]):
-        cost = C * torch.where(y[:, p:p + 1] > 0, 2.0, 1.0).double()
-        w, b = fit_svms(x, y[:, p:p + 1], cost, tol=1e-10)
-        clf = svm.LinearSVC(C=C, class_weight={1: 2, -1: 1}, loss='squared_hinge', dual=True, tol=1e-10,
-                            max_iter=200000).fit(x.numpy(), y[:, p].numpy())
-        ours, theirs = (x @ w + b)[:, 0].numpy(), clf.decision_function(x.numpy())
-        # the intercept is penalized like a weight (liblinear), otherwise b would differ a lot on these features
-        assert np.allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max()), (C, np.abs(ours - theirs).max())
-        assert abs(b[0].item() - clf.intercept_[0]) < 1e-4 * max(1.0, abs(clf.intercept_[0]))
-
-
-def test_protocol_matches_upstream_with_linear_svc():
-    """Per-class test AP of train_and_test_svms vs upstream's LinearSVC + cross_val_score, on a small problem."""
-    pytest.importorskip('sklearn')
-    import warnings
-    from sklearn.metrics import average_precision_score
-    from sklearn.model_selection import cross_val_score
-    from sklearn.svm import LinearSVC
-    from evaluate import SVM_COSTS, train_and_test_svms
-    g = torch.Generator().manual_seed(3)
-    n, m, D, C = 240, 200, 24, 3
-    centers = torch.rand(C, D, generator=g)
-    labels = torch.rand(n + m, C, generator=g) < torch.tensor([0.1, 0.25, 0.4])
-    x = torch.relu(1.5 + labels.double() @ centers.double() * 2 + torch.randn(n + m, D, generator=g).double())
-    x = x / x.norm(dim=1, keepdim=True)
-    voc = torch.where(labels, 1, -1)
-    voc[(torch.rand(n + m, C, generator=g) < 0.1) & labels] = 0
-    test_ap, best, cv_ap = train_and_test_svms(x[:n].float(), voc[:n], x[n:].float(), voc[n:])
-    assert best.tolist() == [2, 3, 3]  # C = 1, 10, 10: not all at the edge of the grid
-    for c in range(C):
-        y = np.where(voc[:n, c].numpy() == 1, 1, -1)
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            cv = [cross_val_score(LinearSVC(C=k, class_weight={1: 2, -1: 1}, max_iter=2000, dual=True), x[:n].numpy(),
-                                  y, cv=3, scoring='average_precision').mean() for k in SVM_COSTS]
-            clf = LinearSVC(C=SVM_COSTS[int(np.argmax(cv))], class_weight={1: 2, -1: 1}, max_iter=2000,
-                            dual=True).fit(x[:n].numpy(), y)
-        assert np.allclose(cv_ap[c].numpy(), cv, atol=2e-3), (c, cv_ap[c], cv)
-        assert int(best[c]) == int(np.argmax(cv)), c
-        judged = voc[n:, c].numpy() != 0
-        expected = average_precision_score(voc[n:, c].numpy()[judged] > 0, clf.decision_function(x[n:].numpy()[judged]))
-        assert abs(test_ap[c].item() - expected) < 2e-3, (c, test_ap[c].item(), expected)
-
-
-def test_cost_selection_takes_best_fold_mean_and_first_of_ties():
-    from evaluate import N_FOLDS, SVM_COSTS, average_precision, fit_svms, stratified_folds, train_and_test_svms
-    g = torch.Generator().manual_seed(4)
-    n, D = 90, 16
-    x = torch.relu(1 + torch.randn(n, D, generator=g))
-    x = x / x.norm(dim=1, keepdim=True)
-    voc = torch.stack([torch.where(x[:, 0] + 0.2 * torch.randn(n, generator=g) > x[:, 0].median(), 1, -1),
-                       torch.where(x[:, 3] > 0.3, 1, -1)], 1)
-    test_ap, best, cv_ap = train_and_test_svms(x, voc, x, voc)
-    # recompute the fold-mean AP of class 0 by fitting each fold's training rows alone
-    y = torch.where(voc[:, 0] == 1, 1.0, -1.0)
-    folds = torch.from_numpy(stratified_folds(y.numpy()))
-    expected = torch.zeros(len(SVM_COSTS), dtype=torch.float64)
-    for f in range(N_FOLDS):
-        rows = folds != f
-        cost = torch.tensor(SVM_COSTS) * torch.where(y[rows] > 0, 2.0, 1.0)[:, None]
-        w, b = fit_svms(x[rows], y[rows, None].expand(-1, len(SVM_COSTS)), cost)
-        scores = x[~rows] @ w + b
-        expected += torch.tensor([average_precision(scores[:, k], y[~rows]) for k in range(len(SVM_COSTS))],
-                                 dtype=torch.float64) / N_FOLDS
-    assert torch.allclose(cv_ap[0], expected, atol=1e-4), (cv_ap[0], expected)
-    assert int(best[0]) == int(expected.argmax()) and cv_ap[0, best[0]] == cv_ap[0].max()
-    # ties keep the smallest C, as upstream: positives and negatives sit at two points, every cost ranks them
-    # perfectly and gets CV AP 1
-    voc = torch.where(torch.arange(30) % 3 == 0, 1, -1)[:, None]
-    x = torch.stack([voc[:, 0] == 1, voc[:, 0] != 1], 1).float()
-    _, best, cv_ap = train_and_test_svms(x, voc, x, voc)
-    assert (cv_ap == 1).all() and int(best[0]) == 0, cv_ap
-
-
-def test_difficult_test_images_do_not_count():
-    from evaluate import train_and_test_svms
-    g = torch.Generator().manual_seed(5)
-    x = torch.relu(torch.randn(60, 8, generator=g))
-    voc = torch.where(x[:, :2] > 0.5, 1, -1)
-    test_x, test_y = x.clone(), voc.clone()
-    test_y[::7, 0] = 0
-    ap1, _, _ = train_and_test_svms(x, voc, test_x, test_y)
-    test_x[::7] = torch.rand(len(test_x[::7]), 8, generator=g) * 5  # move only the difficult images
-    ap2, _, _ = train_and_test_svms(x, voc, test_x, test_y)
-    assert ap1[0] == ap2[0] and ap1[1] != ap2[1]
-
-
-# ----------------------------------------------------------------------------------------------
-# end to end
-
-def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
-    voc = make_voc(tmp_path / 'VOC2007')
-    feats, out = tmp_path / 'feats.npz', tmp_path / 'result.json'
-    common = ['--visual=resnet18', '--image_size=32', '--num_workers=0', '--device=cpu', '--batch_size=8']
-    first = run('evaluate.py', f'--voc_root={voc}', '--init=random', *common, f'--save_features={feats}',
-                f'--out_json={out}')
-    lines = first.stdout.strip().splitlines()
-    assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
-    assert 'trainval 24/24' in first.stdout and 'test 18/18' in first.stdout and 'images/s' in first.stdout
-    assert json.loads(out.read_text())['mAP'] == float(lines[-1].split()[1])
-    with np.load(feats) as f:
-        assert f['train_x'].shape == (24, 512) and f['test_y'].shape == (18, 3)
-        assert np.allclose(np.linalg.norm(f['train_x'], axis=1), 1, atol=1e-5)  # L2-normalized
-        assert list(f['class_names']) == ['bird', 'cat', 'dog']
-    again = run('evaluate.py', f'--features={feats}')
-    assert again.stdout.strip().splitlines()[-1] == lines[-1]
-    assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]  # atomic writes leave no temporary files
-
-
-def test_torchvision_init_equals_random_init_with_same_seed(tmp_path):
-    import torchvision
-    from checkpoints import load_backbone
-    torch.manual_seed(7)
-    state = torchvision.models.resnet18(zero_init_residual=True).state_dict()
-    path = tmp_path / 'r18.pth'
-    torch.save({'state_dict': {'module.' + k: v for k, v in state.items()}}, path)  # DataParallel-style, with fc
-    random_backbone, arch, size = load_backbone(init='random', visual='resnet18', image_size=32, seed=7)
-    loaded_backbone, _, _ = load_backbone(init=f'torchvision:{path}', visual='resnet18')
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.equal(random_backbone.eval()(images), loaded_backbone.eval()(images))
-    assert size == 32 and arch == 'resnet18'
-    with pytest.raises(ValueError, match=re.escape(str(path)) + '.*not a resnet34 backbone'):
-        load_backbone(init=f'torchvision:{path}', visual='resnet34')  # resnet18 weights do not fit
-
-
-def test_checkpoint_backbone_and_its_image_size(tmp_path):
-    from dataclasses import asdict
-    import torchvision
-    from checkpoints import load_backbone
-    from model import VirTex, VirTexConfig
-    torch.manual_seed(0)
-    model = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, n_head=1, max_len=12))
-    for p in model.visual.parameters():  # zero_init_residual leaves some weights 0: make every weight count
-        p.data.normal_(0, 0.1)
-    path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 48}}, path)
-    backbone, arch, size = load_backbone(ckpt=str(path), visual='resnet50')
-    assert size == 48 and arch == 'resnet18'  # what the checkpoint was trained with, not --visual
-    reference = torchvision.models.resnet18()
-    reference.fc = torch.nn.Identity()
-    reference.load_state_dict(model.visual.state_dict())
-    images = torch.randn(2, 3, 48, 48)
-    with torch.no_grad():
-        assert torch.allclose(backbone.eval()(images), reference.eval()(images), atol=1e-6)
-    assert load_backbone(ckpt=str(path), image_size=40)[2] == 40  # an explicit --image_size wins
-    # and the command line, end to end
-    voc = make_voc(tmp_path / 'VOC2007', n_trainval=12, n_test=9)
-    proc = run('evaluate.py', f'--voc_root={voc}', f'--ckpt={path}', '--num_workers=0', '--device=cpu')
-    assert 'resnet18' in proc.stdout and '48px' in proc.stdout
-    assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize('pretext', ['masked_lm', 'token_classification', 'multilabel_classification'])
-def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption(tmp_path, pretext):
-    from dataclasses import asdict
-    from checkpoints import load_backbone
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg(pretext=pretext, vocab_size=11 if 'multilabel' in pretext else 40))
-    path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 32}}, path)
-    backbone, arch, size = load_backbone(ckpt=str(path))
-    assert (arch, size) == ('resnet18', 32)
-    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in model.visual.state_dict().items())
-    proc = run('caption.py', f'--ckpt={path}', str(path), check=False)
-    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert f'a {pretext} checkpoint has no caption decoder' in proc.stderr
-
-
-def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
-    """The official classification files hold a linear layer under textual.output; masked LM's the keys of a
-    captioning head. For evaluation both give their backbone."""
-    import torchvision
-    from checkpoints import load_backbone
-    torch.manual_seed(2)
-    cnn = torchvision.models.resnet18()
-    cnn.fc = nn.Identity()
-    for p in cnn.parameters():
-        p.data.normal_(0, 0.1)
-    state = {f'visual.cnn.{k}': v for k, v in cnn.state_dict().items()}
-    path = tmp_path / 'token_classification_R_18.pth'
-    torch.save({'model': {**state, 'textual.output.weight': torch.randn(40, 512), 'textual.output.bias': torch.zeros(40)},
-                'optimizer': {}}, path)
-    backbone, arch, _ = load_backbone(init=f'virtex:{path}', visual='resnet50')
-    assert arch == 'resnet18'
-    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in cnn.state_dict().items())
-
-
-def test_moco_init_takes_the_query_encoder_and_refuses_other_layouts(tmp_path):
-    import torchvision
-    from checkpoints import load_backbone
-    torch.manual_seed(3)
-    encoder = torchvision.models.resnet18()
-    for p in encoder.parameters():
-        p.data.normal_(0, 0.1)
-    # the official MoCo v2 layout: DataParallel prefix, query and key encoders, an MLP projection head as fc
-    state = {f'module.encoder_q.{k}': v for k, v in encoder.state_dict().items() if not k.startswith('fc.')}
-    state.update({'module.encoder_q.fc.0.weight': torch.zeros(512, 512), 'module.encoder_q.fc.2.weight': torch.zeros(128, 512),
-                  'module.encoder_k.conv1.weight': torch.zeros(64, 3, 7, 7), 'module.queue': torch.zeros(128, 16)})
-    path = tmp_path / 'moco_v2_800ep_pretrain.pth.tar'
-    torch.save({'epoch': 800, 'arch': 'resnet18', 'state_dict': state, 'optimizer': {}}, path)
-    backbone, arch, _ = load_backbone(init=f'moco:{path}', visual='resnet50')
-    assert arch == 'resnet18'
-    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in encoder.state_dict().items() if not k.startswith('fc.'))
-    torch.save({'state_dict': encoder.state_dict()}, tmp_path / 'plain.pth')
-    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    proc = run('evaluate.py', f'--voc_root={voc}', f'--init=moco:{tmp_path}/plain.pth', check=False)
-    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "plain.pth: not a MoCo checkpoint (expected 'state_dict' with module.encoder_q.* keys)" in proc.stderr
-
-
-def test_detectron2_names_are_a_bijection_for_resnet50(tmp_path):
-    import torchvision
-    from export import from_detectron2, to_detectron2
-    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith('fc.')}
-    d2 = to_detectron2(state)
-    assert len(d2) == len(state) and from_detectron2(d2).keys() == state.keys()
-    assert all(d2[to] is state[k] for k, to in zip(state, d2)), 'the values are carried over, in order'
-    for key in ('stem.conv1.weight', 'stem.conv1.norm.running_var', 'res2.0.conv1.weight', 'res2.0.conv3.norm.bias',
-                'res2.0.shortcut.weight', 'res2.0.shortcut.norm.running_mean', 'res5.2.conv2.norm.weight'):
-        assert key in d2, key
-    pattern = re.compile(r'^(stem\.conv1(\.norm)?|res[2-5]\.\d+\.(conv[123](\.norm)?|shortcut(\.norm)?))\.'
-                         r'(weight|bias|running_mean|running_var|num_batches_tracked)$')
-    assert all(pattern.match(k) for k in d2), [k for k in d2 if not pattern.match(k)][:3]
-
-
-def test_export_writes_both_layouts_from_a_checkpoint(tmp_path):
-    from dataclasses import asdict
-    import torchvision
-    from model import VirTex
-    model = VirTex(tiny_cfg(pretext='token_classification'))
-    path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, path)
-    run('export.py', f'--ckpt={path}', f'--out={tmp_path}/tv.pth')
-    result = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / 'tv.pth', weights_only=True), strict=False)
-    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
-    run('export.py', f'--ckpt={path}', '--format=detectron2', f'--out={tmp_path}/d2.pth')
-    d2 = torch.load(tmp_path / 'd2.pth', weights_only=True)
-    assert d2['matching_heuristics'] is True and '__author__' in d2
-    assert torch.equal(d2['model']['res5.1.conv2.norm.running_var'], model.visual.layer4[1].bn2.running_var)
-    proc = run('export.py', f'--ckpt={path}', '--format=onnx', f'--out={tmp_path}/x.pth', check=False)
-    assert proc.returncode != 0 and "--format='onnx': choose one of torchvision, detectron2" in proc.stderr
-
-
-def test_virtex_init_from_an_official_backbone_file(tmp_path):
-    import torchvision
-    from checkpoints import load_backbone
-    torch.manual_seed(1)
-    reference = torchvision.models.resnet18()
-    for p in reference.parameters():
-        p.data.normal_(0, 0.1)
-    path = tmp_path / 'backbone.pth'
-    torch.save(reference.state_dict(), path)  # plain torchvision keys, fc included, as the official torch.hub file
-    backbone, arch, size = load_backbone(init=f'virtex:{path}', visual='resnet50')
-    assert arch == 'resnet18' and size == 224  # architecture inferred from the weights; the paper's image size
-    reference.fc = torch.nn.Identity()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(backbone.eval()(images), reference.eval()(images), atol=1e-6)
-
-
-# ----------------------------------------------------------------------------------------------
-# bad input: one-line errors that name the file, nothing already written lost
-
-def test_bad_voc_folders(tmp_path):
-    from evaluate import read_voc
-    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    main = os.path.join(voc, 'ImageSets', 'Main')
-    with pytest.raises(ValueError, match='no class files'):
-        read_voc(str(tmp_path / 'nowhere'), 'trainval')
-    paths, labels, names = read_voc(voc, 'trainval')
-    assert names == ['bird', 'cat', 'dog'] and labels.shape == (6, 3) and len(paths) == 6
-    cat = os.path.join(main, 'cat_trainval.txt')
-    good = open(cat).read()
-    with open(cat, 'w') as f:
-        f.write(good.replace(' 1\n', ' 2\n', 1) if ' 1\n' in good else good.replace('-1\n', ' 2\n', 1))
-    with pytest.raises(ValueError, match=re.escape(cat) + r':\d+: expected'):
-        read_voc(voc, 'trainval')
-    with open(cat, 'w') as f:
-        f.write(''.join(good.splitlines(keepends=True)[:-1]))  # one image short of trainval.txt
-    with pytest.raises(ValueError, match=re.escape(cat) + r'.*\(1 missing, 0 extra\)'):
-        read_voc(voc, 'trainval')
-    with open(cat, 'w') as f:
-        f.write(good.replace('000001', '000099'))  # an image that is not in trainval.txt
-    with pytest.raises(ValueError, match=re.escape(cat)):
-        read_voc(voc, 'trainval')
-
-
-def test_undecodable_image(tmp_path):
-    from evaluate import extract_features, read_voc
-    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    paths, _, _ = read_voc(voc, 'trainval')
-    with open(paths[2], 'wb') as f:
-        f.write(b'not a jpeg')
-    backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    with pytest.raises(ValueError, match=re.escape(paths[2]) + ': cannot read image'):
-        extract_features(backbone, paths, 16, 'trainval', num_workers=0)
-    os.remove(paths[3])
-    with pytest.raises(ValueError, match=re.escape(paths[2]) + ': cannot read image'):
-        extract_features(backbone, paths, 16, 'trainval', num_workers=1)  # the same one-line error from a worker
-
-
-def test_bad_feature_files_and_weight_sources(tmp_path):
-    import evaluate
-    from checkpoints import load_backbone
-    good = dict(train_x=np.random.rand(6, 4).astype(np.float32), train_y=np.ones((6, 2), dtype=np.int64),
-                test_x=np.random.rand(5, 4).astype(np.float32), test_y=-np.ones((5, 2), dtype=np.int64))
-    bad_files = {
-        'missing': ({k: v for k, v in good.items() if k != 'test_y'}, 'missing arrays'),
-        'shapes': ({**good, 'test_x': good['test_x'][:, :3]}, 'shapes disagree'),
-        'labels': ({**good, 'train_y': good['train_y'] * 2}, 'integers 1, 0, -1'),
-        'names': ({**good, 'class_names': np.array(['a', 'b', 'c'])}, '3 class_names for 2'),
-    }
-    for name, (arrays, message) in bad_files.items():
-        path = tmp_path / f'{name}.npz'
-        np.savez(path, **arrays)
-        with pytest.raises(ValueError, match=re.escape(str(path)) + '.*' + message):
-            evaluate.load_features(str(path))
-    (tmp_path / 'junk.npz').write_text('junk')
-    with pytest.raises(ValueError, match='junk.npz: cannot be read'):
-        evaluate.load_features(str(tmp_path / 'junk.npz'))
-    # a failing run leaves an earlier result in place
-    out = tmp_path / 'result.json'
-    out.write_text('{"mAP": 1.0}')
-    proc = run('evaluate.py', f'--features={tmp_path / "shapes.npz"}', f'--out_json={out}', check=False)
-    assert proc.returncode != 0 and 'shapes disagree' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert out.read_text() == '{"mAP": 1.0}'
-    # weight sources: exactly one
-    for ckpt, init in (('', ''), ('a.pt', 'random')):
-        with pytest.raises(ValueError, match='exactly one weight source'):
-            load_backbone(ckpt, init)
-    with pytest.raises(ValueError, match='--init=imagenet'):
-        load_backbone(init='imagenet')
-    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    proc = run('evaluate.py', f'--voc_root={voc}', '--init=imagenet', check=False)  # the command line: one line
-    assert proc.returncode != 0 and proc.stderr.strip() == 'error: --init=imagenet: expected random, torchvision:PATH, virtex:PATH, moco:PATH or vissl:PATH'
-
-
-def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
-    from evaluate import write_atomically
-    path = tmp_path / 'feats.npz'
-    path.write_bytes(b'old')
-
-    def crash(f):
-        f.write(b'half')
-        raise KeyboardInterrupt
-    with pytest.raises(KeyboardInterrupt):
-        write_atomically(str(path), crash)
-    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['feats.npz']
-    write_atomically(str(path), lambda f: f.write(b'new'))
-    assert path.read_bytes() == b'new'
-
-
-# ----------------------------------------------------------------------------------------------
-# caption.py
-
-def greedy_uncached(model, memory, max_steps):
-    """Reference greedy decoding: full uncached passes over the growing prefix, argmax, and the
-    rule that the word just emitted may not come again."""
-    cfg, captions = model.config, []
-    for b in range(memory.shape[0]):
-        prefix = [cfg.sos_id]
-        while len(prefix) <= max_steps:
-            logits = model.logits(memory[b:b + 1], torch.tensor([prefix]))[0, -1]
-            if len(prefix) > 1:
-                logits[prefix[-1]] = -math.inf
-            prefix.append(int(logits.argmax()))
-            if prefix[-1] == cfg.eos_id:
-                break
-        captions.append([t for t in prefix[1:] if t != cfg.eos_id])
-    return captions
-
-
-def spread_out_decoder(eos_bias):
-    """A random tiny model with larger weights than at init, so that captions depend on the image
-    and end at different lengths (at init every caption is the same)."""
-    from model import VirTex
-    torch.manual_seed(0)
-    model = VirTex(tiny_cfg(max_len=12)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-        model.lm_head.bias[2] = eos_bias
-    return model
-
-
-def test_beam_size_one_equals_uncached_greedy():
-    import caption
-    model = spread_out_decoder(eos_bias=2.0)
-    images, _ = tiny_batch(B=5)
-    with torch.no_grad():
-        memory = model.project(model.encode_images(images))
-        want = greedy_uncached(model, memory, 12)
-    assert caption.beam_search(model, memory, beam_size=1, max_steps=12) == want
-    assert len({len(c) for c in want}) > 1, 'the test should cover captions of different lengths'
-
-
-def test_batched_beam_search_equals_one_image_at_a_time():
-    import caption
-    model = spread_out_decoder(eos_bias=1.0)
-    images, _ = tiny_batch(B=4)
-    with torch.no_grad():
-        memory = model.project(model.encode_images(images))
-    batched = caption.beam_search(model, memory, beam_size=3, max_steps=12)
-    single = [caption.beam_search(model, memory[b:b + 1], beam_size=3, max_steps=12)[0] for b in range(4)]
-    assert batched == single
-
-
-class TableModel:
-    """A stand-in decoder whose next-word probabilities depend only on the last word (a hand-set
-    table), with the interface beam_search uses."""
-
-    def __init__(self, table):
-        from model import VirTexConfig
-        self.config = VirTexConfig(vocab_size=len(table), max_len=10)
-        self.logp = torch.tensor(table, dtype=torch.float).clamp(min=1e-9).log()
-
-    def decode_step(self, memory, last, cache=None):
-        return self.logp[last].clone(), {'pos': 0, 'layers': {}}
-
-
-def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
-    import caption
-    # ids: 0 pad, 1 [SOS], 2 [EOS], 3 A, 4 B, 5 X, 6 Y, 7 Z
-    table = [[0] * 8 for _ in range(8)]
-    table[1][3], table[1][4] = 0.55, 0.45                     # [SOS] -> A (greedy) or B
-    table[3][5], table[3][6], table[3][7] = 0.34, 0.33, 0.33  # A -> anything, evenly
-    table[4][5] = 0.9                                         # B -> X, confidently
-    table[4][2] = 0.1
-    for word in (5, 6, 7):
-        table[word][2] = 1.0                                  # then [EOS]
-    model = TableModel(table)
-    memory = torch.zeros(1, 1, 1)
-    assert caption.beam_search(model, memory, beam_size=1) == [[3, 5]], 'greedy: 0.55 * 0.34 = 0.187'
-    assert caption.beam_search(model, memory, beam_size=2) == [[4, 5]], 'best: 0.45 * 0.9 = 0.405'
-    # B [EOS] (0.45 * 0.3 = 0.135) finishes first but loses to A X [EOS] (0.187), found a step later
-    table[4][5], table[4][6], table[4][2] = 0.35, 0.35, 0.3
-    assert caption.beam_search(TableModel(table), memory, beam_size=3) == [[3, 5]]
-
-
-def test_nucleus_sampling_respects_top_p():
-    import caption
-    table = [[0] * 8 for _ in range(8)]
-    table[1][3], table[1][4], table[1][5] = 0.7, 0.25, 0.05   # p=0.9 keeps A and B, never X
-    for word in (3, 4, 5):
-        table[word][2] = 1.0
-    model = TableModel(table)
-    g = torch.Generator().manual_seed(0)
-    firsts = Counter(caption.sample(model, torch.zeros(400, 1, 1), top_p=0.9, generator=g)[i][0] for i in range(400))
-    assert set(firsts) == {3, 4} and 0.6 < firsts[3] / 400 < 0.8, firsts
-    g = torch.Generator().manual_seed(0)
-    assert caption.sample(model, torch.zeros(5, 1, 1), top_p=0.5, generator=g) == [[3]] * 5
-
-
-def test_sampling_on_a_real_model_fills_every_position_without_crashing():
-    import caption
-    model = spread_out_decoder(eos_bias=-1e4)  # captions never end: sampling must stop at max_len by itself
-    images, _ = tiny_batch(B=3)
-    with torch.no_grad():
-        memory = model.project(model.encode_images(images))
-        want = greedy_uncached(model, memory, 11)  # [SOS] + 11 predictions use all 12 positions
-    g = torch.Generator().manual_seed(0)
-    sampled = caption.sample(model, memory, top_p=0.9, max_steps=30, generator=g)
-    assert [len(c) for c in sampled] == [model.config.max_len] * 3, 'one word per position, then stop'
-    greedy = caption.sample(model, memory, top_p=1e-9, max_steps=30, generator=g)  # only the top word is kept
-    cold = caption.sample(model, memory, top_p=1.0, temperature=1e-4, max_steps=30, generator=g)
-    assert [c[:11] for c in greedy] == [c[:11] for c in cold] == want
-    short = caption.sample(model, memory, top_p=0.9, max_steps=4, generator=g)
-    assert [len(c) for c in short] == [4] * 3
-
-
-def test_cider_d_by_hand():
-    import cider
-    refs = {'i1': ['dog dog runs', 'a cat sits'], 'i2': ['a bird flies', 'a bird sings']}
-    cands = {'i1': 'dog dog dog runs', 'i2': 'a bird'}
-    # 2 images: df('a') = 2 gives idf 0; every other n-gram weighs L = log 2 (it cancels in the
-    # cosines). The length penalty counts bigrams: exp(-(3 - 2)^2 / 72) for both images.
-    pen = math.exp(-1 / 72)
-    # i1 vs 'dog dog runs': unigrams hyp (dog 3L, runs L), ref (dog 2L, runs L): clipped
-    # min(3L, 2L) * 2L + L * L = 5 L^2 over L sqrt(10) * L sqrt(5); bigrams 2 / sqrt(10);
-    # trigrams 1 / sqrt(2); no 4-gram in the reference. 'a cat sits' shares nothing.
-    s1 = 10 * pen * (5 / math.sqrt(50) + 2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 / 2
-    # i2 vs each 'a bird X': unigrams 1 / sqrt(2), bigrams 1 / sqrt(2), nothing longer
-    s2 = 10 * 2 * pen * (2 / math.sqrt(2)) / 4 / 2
-    corpus, per_image = cider.cider_d(refs, cands)
-    assert per_image['i1'] == pytest.approx(s1, abs=1e-12) and per_image['i2'] == pytest.approx(s2, abs=1e-12)
-    assert corpus == pytest.approx((s1 + s2) / 2, abs=1e-12)
-    rare = {f'i{k}': [f'w{k} x{k} y{k} z{k}'] for k in range(5)}
-    assert cider.cider_d(rare, {k: v[0] for k, v in rare.items()})[0] == pytest.approx(10.0)
-    with pytest.raises(ValueError, match='different images'):
-        cider.cider_d(refs, {'i1': 'a'})
-
-
-@pytest.mark.parametrize('text, tokens', [
-    ("A man's dog doesn't run.", "a man 's dog does n't run"),
-    ('Two (big) dogs -- running!!', 'two -lrb- big -rrb- dogs running !!'),
-    ('the U.S. flag at 10:30, 1,000 people', 'the u.s. flag at 10:30 1,000 people'),
-    ('a black-and-white photo of a cat...', 'a black-and-white photo of a cat'),
-    ("I cannot go;  Mr. Smith's\ncar", "i can not go mr. smith 's car")])
-def test_ptb_tokenize(text, tokens):
-    import cider
-    assert cider.ptb_tokenize(text) == tokens
-
-
-def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
-    val = shapes / 'coco' / 'val2017'
-    files = sorted(os.listdir(val))[:3]
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', f'--attention_dir={tmp_path}/att',
-               *[str(val / f) for f in files])
-    lines = proc.stdout.strip().splitlines()
-    assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
-    import caption
-    from checkpoints import load_model
-    from coco import load_eval_image
-    from tokenizer import Tokenizer
-    model = load_model(tiny_ckpt)  # the same caption in-process, to know its ids
-    with torch.no_grad():
-        image = load_eval_image(str(val / files[0]), model.train_config['image_size'])
-        ids = caption.beam_search(model, model.project(model.encode_images(caption.to_tensor([image]))), beam_size=2)[0]
-    assert lines[0].split('\t')[1] == Tokenizer(model.train_config['tokenizer']).decode(ids)
-    figure = Image.open(tmp_path / 'att' / files[0].replace('.jpg', '.png'))
-    panels = 1 + min(len(ids) + 1, model.config.max_len)  # the image, each word and [EOS]
-    assert figure.size == (min(panels, 6) * 160, math.ceil(panels / 6) * 180)
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--coco_root={shapes}/coco', '--limit=5', f'--out={tmp_path}/r.json')
-    last = proc.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r'CIDEr: \d+\.\d', last), last
-    entries = json.loads((tmp_path / 'r.json').read_text())
-    assert len(entries) == 5 and all(isinstance(e['image_id'], int) for e in entries)
-    rescored = run('caption.py', f'--results={tmp_path}/r.json', f'--coco_root={shapes}/coco')
-    assert rescored.stdout.strip() == last, 'scoring the written results gives the same CIDEr'
-    sampled = run('caption.py', f'--ckpt={tiny_ckpt}', '--top_p=0.9', '--temperature=1.5', *[str(val / f) for f in files])
-    assert [line.split('\t')[0] for line in sampled.stdout.strip().splitlines()] == [str(val / f) for f in files]
-
-
-def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):
-    import struct
-    import zlib
-    good = sorted((shapes / 'coco' / 'val2017').iterdir())[0]
-    rgb = Image.open(good).convert('RGB')
-    rgb.convert('L').save(tmp_path / 'gray.png')
-    rgb.convert('RGBA').save(tmp_path / 'rgba.png')
-    rgb.convert('P').save(tmp_path / 'palette.png')
-    rgb.convert('CMYK').save(tmp_path / 'cmyk.jpg')
-    Image.fromarray((np.asarray(rgb.convert('L'), dtype=np.uint16) * 257)).save(tmp_path / 'deep16.png')
-    (tmp_path / 'notes.txt').write_text('not an image')
-    (tmp_path / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
-    # a PNG whose header claims 30000 x 30000 pixels: refused before decoding anything
-    png = bytearray((tmp_path / 'gray.png').read_bytes())
-    png[16:24] = struct.pack('>II', 30000, 30000)
-    png[29:33] = struct.pack('>I', zlib.crc32(bytes(png[12:29])))
-    (tmp_path / 'bomb.png').write_bytes(bytes(png))
-    names = ['gray.png', 'rgba.png', 'palette.png', 'cmyk.jpg', 'deep16.png', 'notes.txt', 'truncated.jpg', 'bomb.png']
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', *[str(tmp_path / n) for n in names], check=False)
-    assert proc.returncode == 1, 'the exit code says something failed'
-    captioned = [line.split('\t')[0] for line in proc.stdout.strip().splitlines()]
-    assert captioned == [str(tmp_path / n) for n in names[:5]], proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 3 and all(n in e for n, e in zip(names[5:], errors)), errors
-    assert 'decompression bomb' in errors[2].lower()
-
-
-def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
-    ckpt = torch.load(tiny_ckpt, weights_only=True)
-    del ckpt['config']['tokenizer']
-    torch.save(ckpt, tmp_path / 'no_tok.pt')
-    image = str(sorted((shapes / 'coco' / 'val2017').iterdir())[0])
-    proc = run('caption.py', f'--ckpt={tmp_path}/no_tok.pt', image, check=False)
-    assert proc.returncode != 0 and 'names no tokenizer: pass --tokenizer' in proc.stderr
-    run('tokenizer.py', f'--captions={shapes}/coco/annotations/captions_train2017.json', '--vocab_size=80',
-        f'--out={tmp_path}/v80')
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--tokenizer={tmp_path}/v80.model', image, check=False)
-    assert proc.returncode != 0 and 'has 80 pieces but' in proc.stderr and 'trained with 96' in proc.stderr
-    proc = run('caption.py', image, check=False)
-    assert proc.returncode != 0 and 'give exactly one of --ckpt' in proc.stderr
-
-
-# ----------------------------------------------------------------------------------------------
-# probe.py
-
-def make_imagefolder(root, classes=3, per_class=(30, 15), seed=0):
-    """ROOT/{train,val}/c<k>/*.jpg: noisy images whose colour is the class."""
-    rng = np.random.default_rng(seed)
-    colours = [(220, 30, 30), (30, 200, 30), (30, 60, 220), (230, 230, 30)]
-    for split, n in zip(('train', 'val'), per_class):
-        for c in range(classes):
-            os.makedirs(root / split / f'c{c}', exist_ok=True)
-            for i in range(n):
-                pixels = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8) + np.array(colours[c], np.uint8) // 2
-                Image.fromarray(pixels).save(root / split / f'c{c}' / f'{i:03d}.jpg')
-    return root
-
-
-@pytest.mark.parametrize('augment', [True, False])
-def test_probe_learns_a_world_its_backbone_sees(tmp_path, augment):
-    root = make_imagefolder(tmp_path / 'folder')
-    common = [f'--data_root={root}', '--init=random', '--visual=resnet18', '--image_size=32', '--epochs=6',
-              '--batch_size=16', '--log_interval=1', '--num_workers=0', f'--augment={augment}']
-    proc = run('probe.py', *common, f'--out_json={tmp_path}/probe.json')
-    losses = [float(x) for x in re.findall(r'loss ([\d.]+)', proc.stdout)]
-    assert len(losses) == 6 * (90 // 16) and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
-    assert proc.stdout.strip().splitlines()[-1] == 'top-1: 100.00', proc.stdout  # random features tell colours apart
-    result = load_json(tmp_path / 'probe.json')
-    assert result['top1'] == 100.0 and result['val_images'] == 45 and 'top5' not in result  # 3 classes: no top-5
-
-
-def test_probe_bad_folders_and_images(tmp_path):
-    root = make_imagefolder(tmp_path / 'folder', per_class=(4, 2))
-    common = ['--init=random', '--visual=resnet18', '--image_size=32', '--epochs=1', '--batch_size=4', '--num_workers=0']
-    (tmp_path / 'none' / 'train').mkdir(parents=True)
-    empty = make_imagefolder(tmp_path / 'empty', per_class=(4, 2))
-    (empty / 'train' / 'c3').mkdir()
-    differ = make_imagefolder(tmp_path / 'differ', per_class=(4, 2))
-    shutil.rmtree(differ / 'val' / 'c2')
-    cases = [(tmp_path / 'missing', 'missing/train: no such folder'), (tmp_path / 'none', 'none/train: no class folders'),
-             (empty, 'empty/train/c3: no images'), (differ, "train and val have different classes (e.g. 'c2'")]
-    for data_root, message in cases:
-        proc = run('probe.py', f'--data_root={data_root}', *common, check=False)
-        assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    (root / 'train' / 'c0' / 'broken.jpg').write_bytes(b'not a jpeg')
-    proc = run('probe.py', f'--data_root={root}', *common)
-    assert 'warning: skipped' in proc.stdout and 'broken.jpg' in proc.stdout and '1 images skipped' in proc.stdout
-    proc = run('probe.py', f'--data_root={root}', *common, '--max_bad_images=0', check=False)
-    assert proc.returncode != 0 and 'more than max_bad_images=0 images failed to load' in proc.stderr
-
-
-# ----------------------------------------------------------------------------------------------
-# the repository itself
-
-def test_the_liftable_modules_import_nothing_from_this_folder():
-    """model.py, tokenizer.py, lookahead.py, cider.py and configurator.py are meant to be copied alone."""
-    local = {os.path.splitext(name)[0] for name in os.listdir(HERE) if name.endswith('.py')}
-    for path in ['model.py', 'tokenizer.py', 'lookahead.py', 'cider.py', 'configurator.py']:
-        source = open(os.path.join(HERE, path)).read()
-        imported = set(re.findall(r'^(?:from|import) (\w+)', source, flags=re.M))
-        assert not imported & local, f"{path} imports {imported & local}"
-
-
-# ---- long runs: nothing lost (issue 21) ----
+def test_voc_in_the_loop_logs_each_map_and_keeps_the_best_backbone(shapes, tmp_path):
+    voc = [f'--voc_root={shapes}/VOC2007', '--voc_interval=2', '--warmup_iters=1']
+    proc = run(*quick_args(shapes, tmp_path, '--max_iters=4', *voc))
+    classes = sorted(name.removesuffix('_trainval.txt') for name in
+                     os.listdir(shapes / 'VOC2007' / 'ImageSets' / 'Main')
+                     if name.endswith('_trainval.txt'))
+    records = read_log(tmp_path, 'voc')
+    assert [r['iter'] for r in records] == [2, 4]
+    best = {'map': -1.0}
+    for r in records:
+        assert sorted(r['classes']) == classes
+        assert r['map'] == pytest.approx(np.mean(list(r['classes'].values())))
+        best = r if r['map'] > best['map'] else best
+        assert (r['best_map'], r['best_iter']) == (best['map'], best['iter'])
+        assert (f"iter {r['iter']}: VOC mAP {r['map']:.2f} (best {r['best_map']:.2f} at iter "
+                f"{r['best_iter']}; ") in proc.stdout
+    assert torch.load(tmp_path / 'best.pt', weights_only=True)['iter_num'] == best['iter']
+    judged = run('evaluate.py', f'--ckpt={tmp_path}/best.pt', f'--voc_root={shapes}/VOC2007',
+                 '--num_workers=0')
+    assert abs(float(judged.stdout.split()[-1]) - best['map']) <= 0.01, (judged.stdout[-99:], best)
+    # the best so far lives in ckpt.pt: say it was 99 mAP, and no later mAP may replace best.pt
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['best_voc'] == {'map': best['map'], 'iter': best['iter']}
+    torch.save({**ckpt, 'best_voc': {'map': 99.0, 'iter': best['iter']}}, tmp_path / 'ckpt.pt')
+    before = (tmp_path / 'best.pt').read_bytes()
+    run(*quick_args(shapes, tmp_path, '--max_iters=5', '--init_from=resume', *voc))
+    last = read_log(tmp_path, 'voc')[-1]
+    assert (last['iter'], last['best_map'], last['best_iter']) == (5, 99.0, best['iter'])
+    assert (tmp_path / 'best.pt').read_bytes() == before
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['best_voc'] == {'map': 99.0, 'iter': best['iter']}
+
+
+# ---- long runs: nothing lost --------------------------------------------------------------------
 # A run of days meets a second run into its folder, a scheduler's SIGTERM, a Ctrl-C, a full disk,
 # and settings or files that were wrong from the start. Each must end with one line that says what
 # happened, and leave every file as it was or whole.
 
-def quick_args(shapes, out_dir, *extra):
-    """train_args in float32: at this size bfloat16 autocast costs more than it saves on a CPU
-    (2.6 against 0.9 s per iteration on the development machine)."""
-    return train_args(shapes, out_dir, '--dtype=float32', *extra)
-
-
-def one_line(proc):
-    """The one line on stderr of a script that refused to go on (fails if it went on or said more)."""
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1, (proc.stdout[-999:], proc.stderr)
-    return lines[0]
-
-
-def run_all(*commands):
-    """run(..., check=False) several commands at once: most of their time goes to importing torch."""
-    from concurrent.futures import ThreadPoolExecutor
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(lambda args: run(*args, check=False), commands))
-
-
 def log_lines(out_dir):
     return (out_dir / 'log.jsonl').read_text().splitlines()
-
-
-@pytest.fixture(scope='module')
-def short_run(shapes, tmp_path_factory):
-    """A finished 2-iteration run's folder (ckpt.pt, log.jsonl): tests copy it, never write in it."""
-    out = tmp_path_factory.mktemp('short_run') / 'run'
-    run(*quick_args(shapes, out, '--max_iters=2', '--warmup_iters=1'))
-    return out
-
-
-@pytest.fixture
-def start():
-    """start(*args, env=...) Popens a project script with text pipes, to signal it mid-run. What still
-    runs when the test ends is killed, children included (each runs in a session of its own)."""
-    import signal
-    started = []
-
-    def start(*args, env=None):
-        started.append(subprocess.Popen([PY, *args], cwd=HERE, text=True, start_new_session=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})}))
-        return started[-1]
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
 
 
 def read_until(proc, prefix):
@@ -2464,66 +914,6 @@ def torchrun_workers(pid):
         if parent == pid and b'RANK' in env:
             workers[int(env[b'RANK'])] = int(child)
     return workers
-
-
-class SmallDisk:
-    """A folder where writes fail, to check that a full disk loses nothing. Where the machine lets us
-    mount (root) it is a tmpfs, which leave() and fill_up_to() shrink: writes fail with 'No space left
-    on device'. Elsewhere it is a plain folder, and they set the file size limit (RLIMIT_FSIZE) of the
-    scripts run() there: writes fail with 'File too large' (SIGXFSZ is ignored, so that the write
-    fails, not the process)."""
-
-    PAGE = 4096  # a tmpfs gives files whole pages
-
-    def __init__(self, folder):
-        folder.mkdir()
-        self.folder, self.limit = folder, None
-        mount = ['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', str(folder)]
-        self.mounted = os.geteuid() == 0 and not subprocess.run(mount, capture_output=True).returncode
-        self.cause = 'No space left on device' if self.mounted else 'File too large'
-
-    def leave(self, free):
-        """From now on `free` more bytes fit on the disk (and a page for a run's .lock), or, without a
-        tmpfs, in any one file."""
-        if not self.mounted:
-            self.limit = free
-            return
-        disk = os.statvfs(self.folder)
-        size = (disk.f_blocks - disk.f_bfree) * disk.f_frsize + self.PAGE + free
-        subprocess.run(['mount', '-o', f'remount,size={size}', str(self.folder)], check=True)
-
-    def fill_up_to(self, log, slack):
-        """Fill the disk so that the JSON-lines file `log` can grow by just `slack` (< 4096) bytes.
-        On a tmpfs, `log` first gets a padding record, so that `slack` bytes are left in its last
-        page."""
-        if not self.mounted:
-            self.limit = os.path.getsize(log) + slack
-            return
-        room = (-os.path.getsize(log) - slack) % self.PAGE
-        empty = json.dumps({'event': 'padding', 'text': ''}) + '\n'
-        room += self.PAGE if room < len(empty) else 0
-        with open(log, 'a') as f:
-            f.write(json.dumps({'event': 'padding', 'text': 'x' * (room - len(empty))}) + '\n')
-        self.leave(0)
-
-    def run(self, *args):
-        """run(*args, check=False), under the file size limit if this disk has one."""
-        import resource
-        import signal
-
-        def limit_file_size():
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, self.limit))
-        return subprocess.run([PY, *args], cwd=HERE, capture_output=True, text=True,
-                              preexec_fn=None if self.limit is None else limit_file_size)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    disk = SmallDisk(tmp_path / 'disk')
-    yield disk
-    if disk.mounted:
-        subprocess.run(['umount', '-l', str(disk.folder)], check=True)
 
 
 def test_an_out_dir_with_a_run_is_refused_resumed_or_replaced(shapes, short_run, tmp_path):
@@ -2693,27 +1083,6 @@ def test_a_full_disk_never_cuts_a_log_line(shapes, short_run, small_disk):
     assert (out / 'log.jsonl').read_text().endswith('\n')
 
 
-def test_export_and_write_atomically_on_a_full_disk(small_disk, tmp_path):
-    from dataclasses import asdict
-    from model import VirTex
-    model = VirTex(tiny_cfg())
-    ckpt = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, ckpt)
-    old = small_disk.folder / 'result.json'
-    old.write_text('{"mAP": 1.0}')
-    small_disk.leave(2**20)
-    write = ("import sys\nfrom configurator import write_atomically\n"
-             "try:\n    write_atomically(sys.argv[1], lambda f: f.write(bytes(2**22)))\n"
-             "except OSError as e:\n    print(e)")
-    proc = small_disk.run('-c', write, str(old))
-    assert proc.stdout.strip() == f"{old}: cannot write ({small_disk.cause})", proc.stderr
-    assert old.read_text() == '{"mAP": 1.0}' and os.listdir(small_disk.folder) == ['result.json']
-    backbone = small_disk.folder / 'backbone.pth'  # 45 MB
-    proc = small_disk.run('export.py', f'--ckpt={ckpt}', f'--out={backbone}')
-    assert one_line(proc) == f"error: {backbone}: cannot write ({small_disk.cause})"
-    assert os.listdir(small_disk.folder) == ['result.json'], 'no temporary file left'
-
-
 def test_bad_settings_and_data_are_refused_at_start_up(shapes, short_run, tmp_path):
     from model import check_device
     cases = []  # (command, the start of the one error line it must end with)
@@ -2821,37 +1190,503 @@ def test_clearer_messages_for_bad_checkpoints_outputs_and_losses(shapes, short_r
                         one_line(proc))
 
 
-def test_voc_in_the_loop_logs_each_map_and_keeps_the_best_backbone(shapes, tmp_path):
-    voc = [f'--voc_root={shapes}/VOC2007', '--voc_interval=2', '--warmup_iters=1']
-    proc = run(*quick_args(shapes, tmp_path, '--max_iters=4', *voc))
-    classes = sorted(name.removesuffix('_trainval.txt') for name in
-                     os.listdir(shapes / 'VOC2007' / 'ImageSets' / 'Main')
-                     if name.endswith('_trainval.txt'))
-    records = read_log(tmp_path, 'voc')
-    assert [r['iter'] for r in records] == [2, 4]
-    best = {'map': -1.0}
-    for r in records:
-        assert sorted(r['classes']) == classes
-        assert r['map'] == pytest.approx(np.mean(list(r['classes'].values())))
-        best = r if r['map'] > best['map'] else best
-        assert (r['best_map'], r['best_iter']) == (best['map'], best['iter'])
-        assert (f"iter {r['iter']}: VOC mAP {r['map']:.2f} (best {r['best_map']:.2f} at iter "
-                f"{r['best_iter']}; ") in proc.stdout
-    assert torch.load(tmp_path / 'best.pt', weights_only=True)['iter_num'] == best['iter']
-    judged = run('evaluate.py', f'--ckpt={tmp_path}/best.pt', f'--voc_root={shapes}/VOC2007',
-                 '--num_workers=0')
-    assert abs(float(judged.stdout.split()[-1]) - best['map']) <= 0.01, (judged.stdout[-99:], best)
-    # the best so far lives in ckpt.pt: say it was 99 mAP, and no later mAP may replace best.pt
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['best_voc'] == {'map': best['map'], 'iter': best['iter']}
-    torch.save({**ckpt, 'best_voc': {'map': 99.0, 'iter': best['iter']}}, tmp_path / 'ckpt.pt')
-    before = (tmp_path / 'best.pt').read_bytes()
-    run(*quick_args(shapes, tmp_path, '--max_iters=5', '--init_from=resume', *voc))
-    last = read_log(tmp_path, 'voc')[-1]
-    assert (last['iter'], last['best_map'], last['best_iter']) == (5, 99.0, best['iter'])
-    assert (tmp_path / 'best.pt').read_bytes() == before
-    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['best_voc'] == {'map': 99.0, 'iter': best['iter']}
+# ---- coco.py: instances, the training dataset and its augmentation, the eval transform -------
+
+def test_read_instances_errors_name_the_file(world, tmp_path):
+    from coco import read_instances
+    root = tmp_path / 'coco'
+    shutil.copytree(world / 'coco' / 'annotations', root / 'annotations')
+    path = root / 'annotations' / 'instances_val2017.json'
+    good = load_json(path)
+
+    def broken(change):
+        d = copy.deepcopy(good)
+        change(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(ValueError) as error:
+            read_instances(str(root), 'val2017')
+        assert str(path) in str(error.value)
+        return str(error.value)
+
+    assert 'has category_id 99, not in categories' in broken(lambda d: d['annotations'][0].update(category_id=99))
+    assert 'is of image 12345, not in images' in broken(lambda d: d['annotations'][0].update(image_id=12345))
+
+    def drop_last_image(d):
+        last = d['images'].pop()['id']
+        d['annotations'] = [a for a in d['annotations'] if a['image_id'] != last]
+    assert 'images are not those of captions_val2017.json (0 only here, 1 only there' in broken(drop_last_image)
+    assert 'not a COCO instances file' in broken(lambda d: d.pop('categories'))
+    # an image with no instances is left out (upstream drops them), not an error
+    d = copy.deepcopy(good)
+    first = d['images'][0]['id']
+    d['annotations'] = [a for a in d['annotations'] if a['image_id'] != first]
+    path.write_text(json.dumps(d))
+    assert first not in read_instances(str(root), 'val2017')[1]
+    path.unlink()
+    with pytest.raises(OSError, match=re.escape(f'{path}: No such file')):
+        read_instances(str(root), 'val2017')
+
+
+def test_flip_swaps_whole_words_only():
+    from coco import swap_left_right as swap
+    assert swap('a star left of a ring, right of a box') == 'a star right of a ring, left of a box'
+    assert swap('the bright leftover copyright sign on the Left') == 'the bright leftover copyright sign on the right'
+    assert swap(swap('left-hand right')) == 'left-hand right'
+
+
+def test_coco_dataset_and_collate(shapes):
+    from coco import CocoCaptions, collate
+    from tokenizer import Tokenizer
+    tok = Tokenizer(shapes / 'vocab.model')
+    data = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 30, train=True, seed=0)
+    assert len(data) == 64
+    a, b = data[(0, 3)], data[(0, 3)]
+    assert torch.equal(a['image'], b['image']) and torch.equal(a['tokens'], b['tokens']), 'pure function of the key'
+    assert a['image'].shape == (3, 48, 48) and a['image'].dtype == torch.uint8
+    assert a['tokens'][0] == tok.sos_id and a['tokens'][-1] == tok.eos_id
+    short = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 6, train=True, seed=0)
+    tokens = short[(0, 3)]['tokens']
+    assert len(tokens) <= 6 and tokens[-1] == tok.eos_id, 'over-long captions drop words, never [EOS]'
+    images, padded, errors = collate([a, short[(0, 3)], {'error': 'x.jpg: broken'}])
+    assert images.shape == (2, 3, 48, 48) and padded.shape == (2, len(a['tokens'])) and errors == ['x.jpg: broken']
+    assert padded[1, len(tokens):].eq(0).all()
+    val = CocoCaptions(str(shapes / 'coco'), 'val2017', tok, 48, 30, train=False, seed=0)
+    assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), 'eval transform is deterministic'
+
+
+def test_train_augmentation_matches_its_reference_ops(tmp_path):
+    """The fast tensor pipeline computes what PIL / torchvision compute: antialiased bilinear crops, and the
+    colour jitter as torchvision's adjust_* in the drawn order."""
+    import torchvision.transforms.functional as TF
+    from coco import color_jitter, random_resized_crop, shift_hue
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
+    photo = np.asarray(Image.fromarray(small).resize((200, 150), Image.Resampling.BICUBIC))
+    Image.fromarray(photo).save(tmp_path / 'a.jpg', quality=95)
+    Image.fromarray(photo).save(tmp_path / 'a.png')
+    decoded = np.asarray(Image.open(tmp_path / 'a.jpg').convert('RGB'))
+    # the first two decode in full; the third from a 1/4-scale DCT decode (its crop keeps 4x the pixels needed)
+    for name, box, size in (('a.jpg', (10, 20, 110, 140), 64), ('a.jpg', (0, 0, 200, 150), 100),
+                            ('a.png', (3, 7, 150, 120), 50), ('a.jpg', (5, 5, 185, 145), 32)):
+        with Image.open(tmp_path / name) as image:
+            ours = random_resized_crop(image, box, size)
+        source = photo if name.endswith('png') else decoded
+        want = np.asarray(Image.fromarray(source).resize((size, size), Image.Resampling.BILINEAR, box=box))
+        diff = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - want.astype(int))
+        assert ours.shape == (3, size, size) and ours.dtype == torch.uint8
+        scaled_decode = min(box[2] - box[0], box[3] - box[1]) >= 2 * size
+        assert diff.mean() < (3 if scaled_decode else 0.5), (box, diff.max(), diff.mean())
+    x = torch.from_numpy(photo.copy()).permute(2, 0, 1).float()
+    x[:, :5] = x[0, :5]  # greys: no hue
+    x[1, 5:10] = x[0, 5:10]  # ties between the max channels
+    for shift in (-0.1, 0.03, 0.1):
+        assert (shift_hue(x, shift) - TF.adjust_hue(x / 255, shift) * 255).abs().max() < 1e-2
+    pixels = torch.from_numpy(photo.copy()).permute(2, 0, 1)
+    for seed in range(6):
+        draw = np.random.default_rng(seed)
+        b, c, s = draw.uniform(0.6, 1.4, size=3)
+        hue = draw.uniform(-0.1, 0.1)
+        ops = [lambda y: TF.adjust_brightness(y, b), lambda y: TF.adjust_contrast(y, c),
+               lambda y: TF.adjust_saturation(y, s), lambda y: TF.adjust_hue(y, hue)]
+        want = pixels.float() / 255
+        for i in draw.permutation(4):
+            want = ops[i](want)
+        got = color_jitter(pixels, np.random.default_rng(seed)).float() / 255
+        assert (got - want).abs().max() < 2.5 / 255, seed  # torchvision rounds nothing; ours rounds once, at the end
+
+
+def test_one_eval_transform_for_every_stage(tmp_path):
+    """train.py's validation images, evaluate.py's VOC features and caption.py's input are the same pixels."""
+    import caption
+    from coco import CocoCaptions, load_eval_image, normalize
+    from evaluate import VocImages
+    # left half red, right half blue, with a green band at the top edge that the center crop must cut away
+    pixels = np.zeros((80, 100, 3), np.uint8)
+    pixels[:, :50] = (200, 0, 0)
+    pixels[:, 50:] = (0, 0, 200)
+    pixels[:4] = (0, 200, 0)
+    root = tmp_path / 'coco'
+    (root / 'val2017').mkdir(parents=True)
+    (root / 'annotations').mkdir()
+    Image.fromarray(pixels).save(root / 'val2017' / '000000000001.jpg', quality=95)
+    (root / 'annotations' / 'captions_val2017.json').write_text(json.dumps(
+        {'images': [{'id': 1, 'file_name': '000000000001.jpg'}], 'annotations': [{'image_id': 1, 'caption': 'x'}]}))
+    path, size = str(root / 'val2017' / '000000000001.jpg'), 32
+
+    class Words:
+        sos_id, eos_id = 1, 2
+
+        def encode(self, text):
+            return [5]
+    from_train = CocoCaptions(str(root), 'val2017', Words(), size, 30, train=False, seed=0)[(0, 0)]['image']
+    from_evaluate = VocImages([path], size)[0][0]
+    from_caption = caption.to_tensor([load_eval_image(path, size)])[0]
+    assert from_train.dtype == from_evaluate.dtype == torch.uint8 and from_train.shape == (3, size, size)
+    assert torch.equal(from_train, from_evaluate)
+    assert torch.allclose(normalize(from_train[None])[0], from_caption)
+    # shorter side 80 -> round(32 * 8/7) = 37, center 32: the top band is cropped away, the halves stay halves
+    image = from_train.permute(1, 2, 0).int()
+    assert image[:, :14, 0].min() > 150 and image[:, 18:, 2].min() > 150 and image[..., 1].max() < 60
+
+
+# ---- tokenizer.py: the BPE vocabulary, its special ids and its command line ------------------
+
+@pytest.fixture(scope='module')
+def vocab(tmp_path_factory):
+    """A small BPE vocabulary trained with tokenizer.py's CLI on made-up captions."""
+    d = tmp_path_factory.mktemp('vocab')
+    words = ('a the red blue green small large circle square star to left right of above below two '
+             'three on striped background there is cafe leftover bright').split()
+    rng = np.random.default_rng(0)
+    anns = [{'id': i, 'image_id': i, 'caption': ' '.join(rng.choice(words, 8))} for i in range(500)]
+    (d / 'caps.json').write_text(json.dumps({'annotations': anns}))
+    run('tokenizer.py', f'--captions={d / "caps.json"}', '--vocab_size=80', f'--out={d / "v"}')
+    return d
+
+
+def test_tokenizer_round_trip_special_ids_normalization_pickle(vocab):
+    from tokenizer import Tokenizer
+    tok = Tokenizer(vocab / 'v.model')
+    assert len(tok) == 80
+    assert (tok.pad_id, tok.sos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, 3)
+    assert [tok.sp.id_to_piece(i) for i in range(4)] == ['<unk>', '[SOS]', '[EOS]', '[MASK]']
+    text = 'a red circle to the left of two blue stars'
+    ids = tok.encode(text)
+    assert all(i > 3 for i in ids), 'plain text never encodes to special ids'
+    assert tok.decode([1] + ids + [2, 0, 0]) == text, 'decode drops special ids'
+    assert tok.encode('Café LEFT') == tok.encode('cafe left'), 'lower-case and accents stripped'
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode(text) == ids
+
+
+def test_tokenizer_bad_inputs(tmp_path, vocab):
+    bad_json = tmp_path / 'bad.json'
+    bad_json.write_text('{"annotations": [')
+    empty = tmp_path / 'empty.json'
+    empty.write_text('{"annotations": []}')
+    cases = [([f'--captions={tmp_path / "missing.json"}', '--out=' + str(tmp_path / 'v')], 'missing.json'),
+             ([f'--captions={bad_json}', '--out=' + str(tmp_path / 'v')], 'bad.json: not a COCO captions file'),
+             ([f'--captions={empty}', '--out=' + str(tmp_path / 'v')], 'empty.json: no captions'),
+             ([f'--captions={vocab / "caps.json"}', '--vocab_size=100000', '--out=' + str(tmp_path / 'v')],
+              'the largest that works is'),
+             ([f'--captions={vocab / "caps.json"}', f'--out={tmp_path}/no/such/dir/v'], 'not writable')]
+    for args, message in cases:
+        proc = run('tokenizer.py', *args, check=False)
+        assert proc.returncode != 0, args
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.glob('v*')), 'nothing half-written is left behind'
+
+
+# ---- lookahead.py: LookAhead and the warmup + cosine schedule --------------------------------
+
+def test_lookahead_one_cycle_by_hand():
+    from lookahead import LookAhead
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    sgd = torch.optim.SGD([w], lr=0.1)
+    opt = LookAhead(sgd, k=2, alpha=0.5)
+    grads = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, -1.0])]
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    fast = torch.tensor([1.0, -2.0]) - 0.1 * (grads[0] + grads[1])  # two plain SGD steps: [0.6, -2.0]
+    slow = torch.tensor([1.0, -2.0]) + 0.5 * (fast - torch.tensor([1.0, -2.0]))
+    assert torch.allclose(w.detach(), slow) and torch.allclose(opt.slow[0], slow), 'slow + alpha * (fast - slow)'
+    state = opt.state_dict()
+    clone_w = nn.Parameter(torch.zeros(2))
+    clone = LookAhead(torch.optim.SGD([clone_w], lr=0.1), k=2, alpha=0.5)
+    clone.load_state_dict(state)
+    assert clone.step_count == 2 and torch.allclose(clone.slow[0], slow), 'slow weights and counter are saved'
+
+
+def test_lr_schedule_warmup_then_cosine():
+    from lookahead import warmup_cosine
+    get_lr = lambda step: warmup_cosine(step, warmup=100, total=1100)
+    assert get_lr(0) == 0.0 and get_lr(50) == 0.5 and get_lr(100) == 1.0
+    assert abs(get_lr(600) - 0.5) < 1e-12, 'half way through the cosine'
+    assert abs(get_lr(1100)) < 1e-12 and get_lr(1099) > 0
+    assert abs(get_lr(350) - 0.5 * (1 + math.cos(math.pi * 0.25))) < 1e-12
+    assert warmup_cosine(0, 0, 10) == 1.0 and abs(warmup_cosine(5, 0, 10) - 0.5) < 1e-12, "the probe's plain cosine"
+
+
+# ---- checkpoints.py: safe loading, official and other weight files, load_backbone ------------
+
+def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
+    from dataclasses import asdict
+    from checkpoints import load_model
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 64}}, path)
+    loaded = load_model(path)
+    assert loaded.train_config == {'image_size': 64}
+    images, tokens = tiny_batch()
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        assert torch.equal(model.logits(memory, tokens), loaded.logits(loaded.project(loaded.encode_images(images)), tokens))
+    other = tmp_path / 'other.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(tiny_cfg(n_embd=128))}, other)
+    with pytest.raises(ValueError, match=r'other\.pt: does not fit this architecture: .*shape mismatches'):
+        load_model(other)
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r'truncated\.pt: cannot be read'):
+        load_model(truncated)
+    with pytest.raises(FileNotFoundError, match='no such file'):
+        load_model(tmp_path / 'missing.pt')
+    foreign = tmp_path / 'foreign.pt'
+    torch.save({'state_dict': model.state_dict()}, foreign)
+    with pytest.raises(ValueError, match=r'foreign\.pt: not a checkpoint of this project'):
+        load_model(foreign)
+
+
+class RunsCode:
+    """Unpickling this runs a command that leaves a file behind: a checkpoint must never be loaded that way."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, shapes):
+    from dataclasses import asdict
+    from checkpoints import load_backbone, load_model
+    from model import VirTex
+    model = VirTex(tiny_cfg())
+    marker = tmp_path / 'code_ran'
+    path = tmp_path / 'pickled.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'hook': RunsCode(marker)}, path)
+    reason = 'holds Python objects (posix.system), not only tensors; refused because loading it could run code'
+    with pytest.raises(ValueError, match=re.escape(f'checkpoint {path}: {reason}')):
+        load_model(path)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        load_backbone(init=f'torchvision:{path}', visual='resnet18')
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    for args in (['caption.py', f'--ckpt={path}', str(path)], ['evaluate.py', f'--voc_root={voc}', f'--ckpt={path}']):
+        proc = run(*args, check=False)
+        assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert 'weights_only' not in proc.stderr, 'never advise the unsafe way'
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / 'ckpt.pt').write_bytes(path.read_bytes())
+    proc = run(*train_args(shapes, out, '--max_iters=2', '--init_from=resume'), check=False)
+    assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not marker.exists(), 'nothing in the file ran'
+
+
+class OfficialEmbedding(nn.Module):
+    """The official VirTex word+position embedding, rebuilt from its description for this test."""
+
+    def __init__(self, V, H, max_len):
+        super().__init__()
+        self.words = nn.Embedding(V, H, padding_idx=0)
+        self.positions = nn.Embedding(max_len, H)
+        self.layer_norm = nn.LayerNorm(H, eps=1e-8)
+
+
+class OfficialTextualHead(nn.Module):
+    """The official textual head's math on PyTorch's own nn.TransformerDecoder (as upstream uses it),
+    with upstream's module names, so its state_dict has the official key layout."""
+
+    def __init__(self, C, V, H, L, max_len, norm_first=False):
+        super().__init__()
+        self.visual_projection = nn.Linear(C, H)
+        self.embedding = OfficialEmbedding(V, H, max_len)
+        layer = nn.TransformerDecoderLayer(H, H // 64, 4 * H, dropout=0.1, activation='gelu', batch_first=True,
+                                           norm_first=norm_first)
+        # upstream adds a final LayerNorm for pre-norm layers
+        self.transformer = nn.TransformerDecoder(layer, L, norm=nn.LayerNorm(H) if norm_first else None)
+        self.output = nn.Linear(H, V)
+        self.output.weight = self.embedding.words.weight
+
+    def forward(self, grid, tokens, lengths):
+        memory = self.visual_projection(grid.view(*grid.shape[:2], -1).permute(0, 2, 1))
+        T = tokens.shape[1]
+        x = self.embedding.layer_norm(self.embedding.words(tokens) + self.embedding.positions(torch.arange(T)))
+        x = x * (tokens != 0).unsqueeze(-1)
+        future = torch.triu(torch.full((T, T), float('-inf')), diagonal=1)
+        padding = lengths.unsqueeze(1) < torch.ones_like(tokens).cumsum(1)
+        return self.output(self.transformer(x, memory, tgt_mask=future, tgt_key_padding_mask=padding))
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
+@pytest.mark.parametrize('norm_first', [False, True])
+def test_from_official_computes_the_official_function(tmp_path, norm_first):
+    import torchvision
+    from model import reverse_captions
+    from checkpoints import load_official
+    torch.manual_seed(0)
+    V, H, L, max_len = 40, 128, 2, 12
+    official = nn.Module()
+    official.visual = nn.Module()
+    official.visual.cnn = torchvision.models.resnet18()
+    official.visual.cnn.fc = nn.Identity()
+    official.textual = OfficialTextualHead(512, V, H, L, max_len, norm_first)
+    official.backward_textual = copy.deepcopy(official.textual)
+    for shared in ('visual_projection', 'embedding', 'output'):  # as upstream's bicaptioning model does
+        setattr(official.backward_textual, shared, getattr(official.textual, shared))
+    with torch.no_grad():  # random values everywhere, biases and norms included, so nothing passes by luck
+        for p in official.parameters():
+            p.normal_(0, 0.05)
+        for m in official.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 2)
+    official.eval()
+    path = tmp_path / 'official.pth'
+    torch.save({'model': official.state_dict(), 'iteration': 500000}, path)
+    model = load_official(path)
+    assert (model.config.visual, model.config.n_layer, model.config.n_embd, model.config.n_head,
+            model.config.vocab_size, model.config.max_len, model.config.bidirectional, model.config.norm_first) == \
+        ('resnet18', L, H, 2, V, max_len, True, norm_first)
+    if norm_first:  # each direction keeps its own final norm; the random values make them differ
+        assert not torch.equal(official.textual.transformer.norm.weight, official.backward_textual.transformer.norm.weight)
+    images, tokens = tiny_batch(S=64, T=9, vocab=V)
+    lengths = (tokens != 0).sum(1)
+    with torch.no_grad():
+        cnn = official.visual.cnn  # upstream runs the torchvision children up to layer4
+        grid = images
+        for name in ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4'):
+            grid = getattr(cnn, name)(grid)
+        ours_grid = model.encode_images(images)
+        assert torch.allclose(ours_grid, grid, atol=1e-5)
+        memory = model.project(ours_grid)
+        real = tokens != 0
+        want_fwd = official.textual(grid, tokens, lengths)
+        assert torch.allclose(model.logits(memory, tokens)[real], want_fwd[real], atol=1e-4)
+        tokens_bwd = reverse_captions(tokens, lengths)
+        want_bwd = official.backward_textual(grid, tokens_bwd, lengths)
+        assert torch.allclose(model.logits(memory, tokens_bwd, 'bwd')[real], want_bwd[real], atol=1e-4)
+    # the official torch.hub backbone file: plain torchvision keys, no fc
+    backbone_path = tmp_path / 'backbone.pth'
+    torch.save({k: v for k, v in official.visual.cnn.state_dict().items()}, backbone_path)
+    backbone = load_official(backbone_path)
+    assert all(torch.equal(backbone.backbone_state_dict()[k], v) for k, v in official.visual.cnn.state_dict().items())
+    with pytest.raises(ValueError, match='neither an official VirTex checkpoint'):
+        torch.save({'foo': torch.zeros(1)}, tmp_path / 'foo.pth')
+        load_official(tmp_path / 'foo.pth')
+
+
+def test_virtex_init_from_an_official_backbone_file(tmp_path):
+    import torchvision
+    from checkpoints import load_backbone
+    torch.manual_seed(1)
+    reference = torchvision.models.resnet18()
+    for p in reference.parameters():
+        p.data.normal_(0, 0.1)
+    path = tmp_path / 'backbone.pth'
+    torch.save(reference.state_dict(), path)  # plain torchvision keys, fc included, as the official torch.hub file
+    backbone, arch, size = load_backbone(init=f'virtex:{path}', visual='resnet50')
+    assert arch == 'resnet18' and size == 224  # architecture inferred from the weights; the paper's image size
+    reference.fc = torch.nn.Identity()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(backbone.eval()(images), reference.eval()(images), atol=1e-6)
+
+
+def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
+    """The official classification files hold a linear layer under textual.output; masked LM's the keys of a
+    captioning head. For evaluation both give their backbone."""
+    import torchvision
+    from checkpoints import load_backbone
+    torch.manual_seed(2)
+    cnn = torchvision.models.resnet18()
+    cnn.fc = nn.Identity()
+    for p in cnn.parameters():
+        p.data.normal_(0, 0.1)
+    state = {f'visual.cnn.{k}': v for k, v in cnn.state_dict().items()}
+    path = tmp_path / 'token_classification_R_18.pth'
+    torch.save({'model': {**state, 'textual.output.weight': torch.randn(40, 512), 'textual.output.bias': torch.zeros(40)},
+                'optimizer': {}}, path)
+    backbone, arch, _ = load_backbone(init=f'virtex:{path}', visual='resnet50')
+    assert arch == 'resnet18'
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in cnn.state_dict().items())
+
+
+def test_torchvision_init_equals_random_init_with_same_seed(tmp_path):
+    import torchvision
+    from checkpoints import load_backbone
+    torch.manual_seed(7)
+    state = torchvision.models.resnet18(zero_init_residual=True).state_dict()
+    path = tmp_path / 'r18.pth'
+    torch.save({'state_dict': {'module.' + k: v for k, v in state.items()}}, path)  # DataParallel-style, with fc
+    random_backbone, arch, size = load_backbone(init='random', visual='resnet18', image_size=32, seed=7)
+    loaded_backbone, _, _ = load_backbone(init=f'torchvision:{path}', visual='resnet18')
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(random_backbone.eval()(images), loaded_backbone.eval()(images))
+    assert size == 32 and arch == 'resnet18'
+    with pytest.raises(ValueError, match=re.escape(str(path)) + '.*not a resnet34 backbone'):
+        load_backbone(init=f'torchvision:{path}', visual='resnet34')  # resnet18 weights do not fit
+
+
+def test_checkpoint_backbone_and_its_image_size(tmp_path):
+    from dataclasses import asdict
+    import torchvision
+    from checkpoints import load_backbone
+    from model import VirTex, VirTexConfig
+    torch.manual_seed(0)
+    model = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, n_head=1, max_len=12))
+    for p in model.visual.parameters():  # zero_init_residual leaves some weights 0: make every weight count
+        p.data.normal_(0, 0.1)
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 48}}, path)
+    backbone, arch, size = load_backbone(ckpt=str(path), visual='resnet50')
+    assert size == 48 and arch == 'resnet18'  # what the checkpoint was trained with, not --visual
+    reference = torchvision.models.resnet18()
+    reference.fc = torch.nn.Identity()
+    reference.load_state_dict(model.visual.state_dict())
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(backbone.eval()(images), reference.eval()(images), atol=1e-6)
+    assert load_backbone(ckpt=str(path), image_size=40)[2] == 40  # an explicit --image_size wins
+    # and the command line, end to end
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=12, n_test=9)
+    proc = run('evaluate.py', f'--voc_root={voc}', f'--ckpt={path}', '--num_workers=0', '--device=cpu')
+    assert 'resnet18' in proc.stdout and '48px' in proc.stdout
+    assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('pretext', ['masked_lm', 'token_classification', 'multilabel_classification'])
+def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption(tmp_path, pretext):
+    from dataclasses import asdict
+    from checkpoints import load_backbone
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(pretext=pretext, vocab_size=11 if 'multilabel' in pretext else 40))
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 32}}, path)
+    backbone, arch, size = load_backbone(ckpt=str(path))
+    assert (arch, size) == ('resnet18', 32)
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in model.visual.state_dict().items())
+    proc = run('caption.py', f'--ckpt={path}', str(path), check=False)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert f'a {pretext} checkpoint has no caption decoder' in proc.stderr
+
+
+def test_moco_init_takes_the_query_encoder_and_refuses_other_layouts(tmp_path):
+    import torchvision
+    from checkpoints import load_backbone
+    torch.manual_seed(3)
+    encoder = torchvision.models.resnet18()
+    for p in encoder.parameters():
+        p.data.normal_(0, 0.1)
+    # the official MoCo v2 layout: DataParallel prefix, query and key encoders, an MLP projection head as fc
+    state = {f'module.encoder_q.{k}': v for k, v in encoder.state_dict().items() if not k.startswith('fc.')}
+    state.update({'module.encoder_q.fc.0.weight': torch.zeros(512, 512), 'module.encoder_q.fc.2.weight': torch.zeros(128, 512),
+                  'module.encoder_k.conv1.weight': torch.zeros(64, 3, 7, 7), 'module.queue': torch.zeros(128, 16)})
+    path = tmp_path / 'moco_v2_800ep_pretrain.pth.tar'
+    torch.save({'epoch': 800, 'arch': 'resnet18', 'state_dict': state, 'optimizer': {}}, path)
+    backbone, arch, _ = load_backbone(init=f'moco:{path}', visual='resnet50')
+    assert arch == 'resnet18'
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in encoder.state_dict().items() if not k.startswith('fc.'))
+    torch.save({'state_dict': encoder.state_dict()}, tmp_path / 'plain.pth')
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    proc = run('evaluate.py', f'--voc_root={voc}', f'--init=moco:{tmp_path}/plain.pth', check=False)
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "plain.pth: not a MoCo checkpoint (expected 'state_dict' with module.encoder_q.* keys)" in proc.stderr
 
 
 def test_vissl_init_reads_the_trunk_of_either_vissl_layout(tmp_path):
@@ -2882,3 +1717,1188 @@ def test_vissl_init_reads_the_trunk_of_either_vissl_layout(tmp_path):
     assert re.fullmatch(r'mAP: \d+\.\d\d', vissl) and vissl == torchvision_, procs[0].stderr
     assert one_line(procs[2]).startswith(
         f"error: {tmp_path}/torchvision.pth: not a VISSL checkpoint")
+
+
+# ---- evaluate.py: VOC folders, average precision, folds, the SVM solver, features files ------
+
+def test_bad_voc_folders(tmp_path):
+    from evaluate import read_voc
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    main = os.path.join(voc, 'ImageSets', 'Main')
+    with pytest.raises(ValueError, match='no class files'):
+        read_voc(str(tmp_path / 'nowhere'), 'trainval')
+    paths, labels, names = read_voc(voc, 'trainval')
+    assert names == ['bird', 'cat', 'dog'] and labels.shape == (6, 3) and len(paths) == 6
+    cat = os.path.join(main, 'cat_trainval.txt')
+    good = open(cat).read()
+    with open(cat, 'w') as f:
+        f.write(good.replace(' 1\n', ' 2\n', 1) if ' 1\n' in good else good.replace('-1\n', ' 2\n', 1))
+    with pytest.raises(ValueError, match=re.escape(cat) + r':\d+: expected'):
+        read_voc(voc, 'trainval')
+    with open(cat, 'w') as f:
+        f.write(''.join(good.splitlines(keepends=True)[:-1]))  # one image short of trainval.txt
+    with pytest.raises(ValueError, match=re.escape(cat) + r'.*\(1 missing, 0 extra\)'):
+        read_voc(voc, 'trainval')
+    with open(cat, 'w') as f:
+        f.write(good.replace('000001', '000099'))  # an image that is not in trainval.txt
+    with pytest.raises(ValueError, match=re.escape(cat)):
+        read_voc(voc, 'trainval')
+
+
+def test_undecodable_image(tmp_path):
+    from evaluate import extract_features, read_voc
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    paths, _, _ = read_voc(voc, 'trainval')
+    with open(paths[2], 'wb') as f:
+        f.write(b'not a jpeg')
+    backbone = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ValueError, match=re.escape(paths[2]) + ': cannot read image'):
+        extract_features(backbone, paths, 16, 'trainval', num_workers=0)
+    os.remove(paths[3])
+    with pytest.raises(ValueError, match=re.escape(paths[2]) + ': cannot read image'):
+        extract_features(backbone, paths, 16, 'trainval', num_workers=1)  # the same one-line error from a worker
+
+
+# ---- average precision and folds -------------------------------------------------------------
+
+def test_average_precision_hand_example_ties_and_difficult():
+    from evaluate import average_precision
+    # test images: scores and VOC labels; the 0.5 image is difficult and must not count
+    scores = torch.tensor([0.9, 0.8, 0.8, 0.5, 0.3, 0.1])
+    labels = torch.tensor([-1, 1, -1, 0, 1, 1])
+    judged = labels != 0
+    # thresholds 0.9: 0 tp of 1 | 0.8 (tie, one threshold): 1 tp of 3 | 0.3: 2 of 4 | 0.1: 3 of 5
+    # AP = sum (R_n - R_{n-1}) P_n = 1/3 * (1/3 + 2/4 + 3/5) = 43/90
+    assert average_precision(scores[judged], labels[judged]) == pytest.approx(43 / 90, abs=1e-12)
+    # breaking the tie by order would give 1/3 * (1/2 + 2/4 + 3/5) = 0.5333; counting the difficult one as a
+    # negative would give 37/90
+    assert average_precision(scores, torch.where(labels == 0, -1, labels)) == pytest.approx(37 / 90, abs=1e-12)
+    assert average_precision(torch.tensor([0.3, 0.2]), torch.tensor([-1, -1])) == 0.0  # no positives, as sklearn
+    assert average_precision(torch.tensor([5.0, 1.0, 0.0]), torch.tensor([1, 1, -1])) == 1.0
+
+
+def test_average_precision_matches_sklearn():
+    import sklearn.metrics as metrics
+    from evaluate import average_precision
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n = int(rng.integers(2, 60))
+        labels = rng.choice([-1, 1], n)
+        labels[0] = 1
+        scores = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(size=n)  # many ties / none
+        expected = metrics.average_precision_score(labels > 0, scores)
+        assert average_precision(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_stratified_folds_hand_example():
+    from evaluate import stratified_folds
+    # positives (seen first) 0,1,5,7 and negatives 2,3,4,6,8,9. Dealing the label-sorted list round-robin gives
+    # the 4 positives to folds 0,1,2,0 -> block sizes 2,1,1; the 6 negatives to folds 1,2,0,1,2,0 -> 2,2,2
+    labels = np.array([1, 1, -1, -1, -1, 1, -1, 1, -1, -1])
+    assert stratified_folds(labels).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_stratified_folds_match_sklearn():
+    import sklearn.model_selection as model_selection
+    from evaluate import stratified_folds
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        n = int(rng.integers(9, 80))
+        labels = rng.choice([-1, 1], n, p=[0.8, 0.2] if trial % 2 else [0.5, 0.5])
+        if min((labels == 1).sum(), (labels == -1).sum()) < 3:
+            continue
+        expected = np.empty(n, dtype=np.int64)
+        for fold, (_, test) in enumerate(model_selection.StratifiedKFold(3).split(np.zeros(n), labels)):
+            expected[test] = fold
+        assert stratified_folds(labels).tolist() == expected.tolist(), labels
+
+
+# ---- the SVM solver --------------------------------------------------------------------------
+
+def svm_objective(w, b, x, y, cost):
+    """liblinear's L2-loss SVC primal with a penalized bias, per problem: (P,)."""
+    margin = x @ w + b
+    return 0.5 * ((w * w).sum(0) + b * b) + (cost * torch.clamp(1 - y * margin, min=0) ** 2).sum(0)
+
+
+def svm_gradient(w, b, x, y, cost):
+    """Gradient of svm_objective with respect to (w, b): (D+1, P)."""
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    v = torch.cat([w, b[None]])
+    margin = xb @ v
+    return v + 2 * xb.T @ (cost * (y * margin < 1) * (margin - y))
+
+
+def small_problem(n=80, D=12, P=5, seed=0, dtype=torch.float64):
+    """Correlated nonnegative features (a big shared direction, like pooled ReLU features) and mixed costs."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(3 + torch.randn(n, 1, generator=g) * 0.3 + torch.randn(n, D, generator=g))
+    x = (x / x.norm(dim=1, keepdim=True)).to(dtype)
+    y = torch.where(x[:, :1] - x[:, 1:2] + 0.05 * torch.randn(n, P, generator=g, dtype=dtype) > 0, 1.0, -1.0)
+    y = y.to(dtype)
+    cost = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0][:P], dtype=dtype) * torch.where(y > 0, 2.0, 1.0)
+    cost[torch.rand(n, P, generator=g) < 0.3] = 0  # left-out samples, as the CV folds
+    return x, y, cost
+
+
+def test_fit_svms_reaches_the_optimum():
+    from evaluate import fit_svms
+    x, y, cost = small_problem()
+    w, b = fit_svms(x, y, cost, tol=1e-10)
+    # optimality: the squared hinge is differentiable, so the gradient vanishes at the minimum
+    grad0 = svm_gradient(torch.zeros_like(w), torch.zeros_like(b), x, y, cost).norm(dim=0)
+    grad = svm_gradient(w, b, x, y, cost).norm(dim=0)
+    assert (grad <= 1e-8 * grad0).all(), (grad / grad0)
+    # brute force: LBFGS on the same objective, one problem at a time, to convergence
+    for p in range(y.shape[1]):
+        v = torch.zeros(x.shape[1] + 1, dtype=x.dtype, requires_grad=True)
+        opt = torch.optim.LBFGS([v], max_iter=2000, tolerance_grad=1e-12, tolerance_change=1e-14,
+                                history_size=50, line_search_fn='strong_wolfe')
+
+        def closure():
+            opt.zero_grad()
+            loss = svm_objective(v[:-1, None], v[-1:], x, y[:, p:p + 1], cost[:, p:p + 1]).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        v = v.detach()
+        objective = svm_objective(w[:, p:p + 1], b[p:p + 1], x, y[:, p:p + 1], cost[:, p:p + 1])
+        reference = svm_objective(v[:-1, None], v[-1:], x, y[:, p:p + 1], cost[:, p:p + 1])
+        assert objective <= reference * (1 + 1e-9), (p, objective, reference)
+        assert torch.allclose(w[:, p], v[:-1], atol=1e-4 * v.abs().max()), p
+
+
+def test_fit_svms_float32_and_leaving_out_equals_dropping():
+    from evaluate import fit_svms
+    x, y, cost = small_problem(n=120, P=4, seed=1)
+    w64, b64 = fit_svms(x, y, cost, tol=1e-10)
+    w32, b32 = fit_svms(x.float(), y.float(), cost.float())  # defaults: float32, tol 1e-4
+    scores64, scores32 = x @ w64 + b64, (x.float() @ w32 + b32).double()
+    assert torch.allclose(scores32, scores64, atol=2e-3 * scores64.abs().max()), (scores32 - scores64).abs().max()
+    # bfloat16 CG products bend the Newton directions only: the float32 gradient test still stops it at the optimum
+    w16, b16 = fit_svms(x.float(), y.float(), cost.float(), cg_dtype=torch.bfloat16)
+    grad0 = svm_gradient(torch.zeros_like(w16), torch.zeros_like(b16), x.float(), y.float(), cost.float()).norm(dim=0)
+    assert (svm_gradient(w16, b16, x.float(), y.float(), cost.float()).norm(dim=0) <= 1e-4 * grad0).all()
+    scores16 = (x.float() @ w16 + b16).double()
+    assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), (scores16 - scores64).abs().max()
+    from evaluate import cg_dtype
+    assert cg_dtype('cpu', 'float32') == torch.float32 and cg_dtype('cpu') in (torch.float32, torch.bfloat16)
+    with pytest.raises(ValueError, match='--svm_dtype=fp8: expected auto, float32 or bfloat16'):
+        cg_dtype('cpu', 'fp8')
+    # a sample with cost 0 is out of the problem: the same as solving without its row
+    kept = cost[:, 2] > 0
+    w_sub, b_sub = fit_svms(x[kept], y[kept, 2:3], cost[kept, 2:3], tol=1e-10)
+    assert torch.allclose(w_sub[:, 0], w64[:, 2], atol=1e-6) and abs(b_sub[0] - b64[2]) < 1e-6
+
+
+def test_fit_svms_matches_linear_svc():
+    import sklearn.svm as svm
+    from evaluate import fit_svms
+    x, y, _ = small_problem(n=150, D=20, P=3, seed=2)
+    for p, C in enumerate([0.1, 1.0, 10.0]):
+        cost = C * torch.where(y[:, p:p + 1] > 0, 2.0, 1.0).double()
+        w, b = fit_svms(x, y[:, p:p + 1], cost, tol=1e-10)
+        clf = svm.LinearSVC(C=C, class_weight={1: 2, -1: 1}, loss='squared_hinge', dual=True, tol=1e-10,
+                            max_iter=200000).fit(x.numpy(), y[:, p].numpy())
+        ours, theirs = (x @ w + b)[:, 0].numpy(), clf.decision_function(x.numpy())
+        # the intercept is penalized like a weight (liblinear), otherwise b would differ a lot on these features
+        assert np.allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max()), (C, np.abs(ours - theirs).max())
+        assert abs(b[0].item() - clf.intercept_[0]) < 1e-4 * max(1.0, abs(clf.intercept_[0]))
+
+
+def test_protocol_matches_upstream_with_linear_svc():
+    """Per-class test AP of train_and_test_svms vs upstream's LinearSVC + cross_val_score, on a small problem."""
+    import warnings
+    from sklearn.metrics import average_precision_score
+    from sklearn.model_selection import cross_val_score
+    from sklearn.svm import LinearSVC
+    from evaluate import SVM_COSTS, train_and_test_svms
+    g = torch.Generator().manual_seed(3)
+    n, m, D, C = 240, 200, 24, 3
+    centers = torch.rand(C, D, generator=g)
+    labels = torch.rand(n + m, C, generator=g) < torch.tensor([0.1, 0.25, 0.4])
+    x = torch.relu(1.5 + labels.double() @ centers.double() * 2 + torch.randn(n + m, D, generator=g).double())
+    x = x / x.norm(dim=1, keepdim=True)
+    voc = torch.where(labels, 1, -1)
+    voc[(torch.rand(n + m, C, generator=g) < 0.1) & labels] = 0
+    test_ap, best, cv_ap = train_and_test_svms(x[:n].float(), voc[:n], x[n:].float(), voc[n:])
+    assert best.tolist() == [2, 3, 3]  # C = 1, 10, 10: not all at the edge of the grid
+    for c in range(C):
+        y = np.where(voc[:n, c].numpy() == 1, 1, -1)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            cv = [cross_val_score(LinearSVC(C=k, class_weight={1: 2, -1: 1}, max_iter=2000, dual=True), x[:n].numpy(),
+                                  y, cv=3, scoring='average_precision').mean() for k in SVM_COSTS]
+            clf = LinearSVC(C=SVM_COSTS[int(np.argmax(cv))], class_weight={1: 2, -1: 1}, max_iter=2000,
+                            dual=True).fit(x[:n].numpy(), y)
+        assert np.allclose(cv_ap[c].numpy(), cv, atol=2e-3), (c, cv_ap[c], cv)
+        assert int(best[c]) == int(np.argmax(cv)), c
+        judged = voc[n:, c].numpy() != 0
+        expected = average_precision_score(voc[n:, c].numpy()[judged] > 0, clf.decision_function(x[n:].numpy()[judged]))
+        assert abs(test_ap[c].item() - expected) < 2e-3, (c, test_ap[c].item(), expected)
+
+
+def test_cost_selection_takes_best_fold_mean_and_first_of_ties():
+    from evaluate import N_FOLDS, SVM_COSTS, average_precision, fit_svms, stratified_folds, train_and_test_svms
+    g = torch.Generator().manual_seed(4)
+    n, D = 90, 16
+    x = torch.relu(1 + torch.randn(n, D, generator=g))
+    x = x / x.norm(dim=1, keepdim=True)
+    voc = torch.stack([torch.where(x[:, 0] + 0.2 * torch.randn(n, generator=g) > x[:, 0].median(), 1, -1),
+                       torch.where(x[:, 3] > 0.3, 1, -1)], 1)
+    test_ap, best, cv_ap = train_and_test_svms(x, voc, x, voc)
+    # recompute the fold-mean AP of class 0 by fitting each fold's training rows alone
+    y = torch.where(voc[:, 0] == 1, 1.0, -1.0)
+    folds = torch.from_numpy(stratified_folds(y.numpy()))
+    expected = torch.zeros(len(SVM_COSTS), dtype=torch.float64)
+    for f in range(N_FOLDS):
+        rows = folds != f
+        cost = torch.tensor(SVM_COSTS) * torch.where(y[rows] > 0, 2.0, 1.0)[:, None]
+        w, b = fit_svms(x[rows], y[rows, None].expand(-1, len(SVM_COSTS)), cost)
+        scores = x[~rows] @ w + b
+        expected += torch.tensor([average_precision(scores[:, k], y[~rows]) for k in range(len(SVM_COSTS))],
+                                 dtype=torch.float64) / N_FOLDS
+    assert torch.allclose(cv_ap[0], expected, atol=1e-4), (cv_ap[0], expected)
+    assert int(best[0]) == int(expected.argmax()) and cv_ap[0, best[0]] == cv_ap[0].max()
+    # ties keep the smallest C, as upstream: positives and negatives sit at two points, every cost ranks them
+    # perfectly and gets CV AP 1
+    voc = torch.where(torch.arange(30) % 3 == 0, 1, -1)[:, None]
+    x = torch.stack([voc[:, 0] == 1, voc[:, 0] != 1], 1).float()
+    _, best, cv_ap = train_and_test_svms(x, voc, x, voc)
+    assert (cv_ap == 1).all() and int(best[0]) == 0, cv_ap
+
+
+def test_difficult_test_images_do_not_count():
+    from evaluate import train_and_test_svms
+    g = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(60, 8, generator=g))
+    voc = torch.where(x[:, :2] > 0.5, 1, -1)
+    test_x, test_y = x.clone(), voc.clone()
+    test_y[::7, 0] = 0
+    ap1, _, _ = train_and_test_svms(x, voc, test_x, test_y)
+    test_x[::7] = torch.rand(len(test_x[::7]), 8, generator=g) * 5  # move only the difficult images
+    ap2, _, _ = train_and_test_svms(x, voc, test_x, test_y)
+    assert ap1[0] == ap2[0] and ap1[1] != ap2[1]
+
+
+# ---- end to end, and features files ----------------------------------------------------------
+
+def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
+    voc = make_voc(tmp_path / 'VOC2007')
+    feats, out = tmp_path / 'feats.npz', tmp_path / 'result.json'
+    common = ['--visual=resnet18', '--image_size=32', '--num_workers=0', '--device=cpu', '--batch_size=8']
+    first = run('evaluate.py', f'--voc_root={voc}', '--init=random', *common, f'--save_features={feats}',
+                f'--out_json={out}')
+    lines = first.stdout.strip().splitlines()
+    assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
+    assert 'trainval 24/24' in first.stdout and 'test 18/18' in first.stdout and 'images/s' in first.stdout
+    assert json.loads(out.read_text())['mAP'] == float(lines[-1].split()[1])
+    with np.load(feats) as f:
+        assert f['train_x'].shape == (24, 512) and f['test_y'].shape == (18, 3)
+        assert np.allclose(np.linalg.norm(f['train_x'], axis=1), 1, atol=1e-5)  # L2-normalized
+        assert list(f['class_names']) == ['bird', 'cat', 'dog']
+    again = run('evaluate.py', f'--features={feats}')
+    assert again.stdout.strip().splitlines()[-1] == lines[-1]
+    assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]  # atomic writes leave no temporary files
+
+
+def test_evaluate_judges_an_attribute_folder(world):
+    proc = run('evaluate.py', f'--voc_root={world / "attributes" / "position"}', '--init=random', '--visual=resnet18',
+               '--image_size=64', '--zero_init_residual=False', '--num_workers=0', '--device=cpu')
+    lines = proc.stdout.strip().splitlines()
+    assert '30 trainval and 30 test images, 5 classes' in proc.stdout, proc.stdout
+    assert {line.split()[0] for line in lines} >= {'left', 'right', 'top', 'bottom', 'middle'}, proc.stdout
+    assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
+
+
+def test_feature_files_with_no_classes_or_no_samples_are_refused(tmp_path):
+    import evaluate
+    x, y = np.random.rand(6, 4).astype(np.float32), np.ones((6, 2), dtype=np.int64)
+    cases = {'no_classes': (x, y[:, :0], x[:5], y[:5, :0], '6 train and 5 test samples, 4-d, 0 classes'),
+             'no_train': (x[:0], y[:0], x[:5], y[:5], '0 train and 5 test samples, 4-d, 2 classes'),
+             'no_test': (x, y, x[:0], y[:0], '6 train and 0 test samples, 4-d, 2 classes')}
+    for name, (train_x, train_y, test_x, test_y, counts) in cases.items():
+        path = tmp_path / f'{name}.npz'
+        np.savez(path, train_x=train_x, train_y=train_y, test_x=test_x, test_y=test_y)
+        with pytest.raises(ValueError) as error:
+            evaluate.load_features(str(path))
+        assert str(error.value) == f'{path}: empty: {counts} (need at least one of each)'
+    proc = run('evaluate.py', f'--features={tmp_path / "no_classes.npz"}', check=False)  # was: need at least one array
+    assert proc.returncode != 0 and proc.stderr.strip() == (
+        f'error: {tmp_path / "no_classes.npz"}: empty: 6 train and 5 test samples, 4-d, 0 classes '
+        '(need at least one of each)'), proc.stderr
+
+
+def test_bad_feature_files_and_weight_sources(tmp_path):
+    import evaluate
+    from checkpoints import load_backbone
+    good = dict(train_x=np.random.rand(6, 4).astype(np.float32), train_y=np.ones((6, 2), dtype=np.int64),
+                test_x=np.random.rand(5, 4).astype(np.float32), test_y=-np.ones((5, 2), dtype=np.int64))
+    bad_files = {
+        'missing': ({k: v for k, v in good.items() if k != 'test_y'}, 'missing arrays'),
+        'shapes': ({**good, 'test_x': good['test_x'][:, :3]}, 'shapes disagree'),
+        'labels': ({**good, 'train_y': good['train_y'] * 2}, 'integers 1, 0, -1'),
+        'names': ({**good, 'class_names': np.array(['a', 'b', 'c'])}, '3 class_names for 2'),
+    }
+    for name, (arrays, message) in bad_files.items():
+        path = tmp_path / f'{name}.npz'
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=re.escape(str(path)) + '.*' + message):
+            evaluate.load_features(str(path))
+    (tmp_path / 'junk.npz').write_text('junk')
+    with pytest.raises(ValueError, match='junk.npz: cannot be read'):
+        evaluate.load_features(str(tmp_path / 'junk.npz'))
+    # a failing run leaves an earlier result in place
+    out = tmp_path / 'result.json'
+    out.write_text('{"mAP": 1.0}')
+    proc = run('evaluate.py', f'--features={tmp_path / "shapes.npz"}', f'--out_json={out}', check=False)
+    assert proc.returncode != 0 and 'shapes disagree' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert out.read_text() == '{"mAP": 1.0}'
+    # weight sources: exactly one
+    for ckpt, init in (('', ''), ('a.pt', 'random')):
+        with pytest.raises(ValueError, match='exactly one weight source'):
+            load_backbone(ckpt, init)
+    with pytest.raises(ValueError, match='--init=imagenet'):
+        load_backbone(init='imagenet')
+    voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
+    proc = run('evaluate.py', f'--voc_root={voc}', '--init=imagenet', check=False)  # the command line: one line
+    assert proc.returncode != 0 and proc.stderr.strip() == 'error: --init=imagenet: expected random, torchvision:PATH, virtex:PATH, moco:PATH or vissl:PATH'
+
+
+# ---- caption.py: beam search, nucleus sampling, the command line -----------------------------
+
+@pytest.fixture(scope='session')
+def tiny_ckpt(shapes, tmp_path_factory):
+    """A checkpoint of a few train.py iterations on the tiny world (its tokenizer path inside)."""
+    out = tmp_path_factory.mktemp('tiny_run')
+    run(*train_args(shapes, out, '--max_iters=6', '--warmup_iters=2', '--ckpt_interval=1000'))
+    return out / 'ckpt.pt'
+
+
+def greedy_uncached(model, memory, max_steps):
+    """Reference greedy decoding: full uncached passes over the growing prefix, argmax, and the
+    rule that the word just emitted may not come again."""
+    cfg, captions = model.config, []
+    for b in range(memory.shape[0]):
+        prefix = [cfg.sos_id]
+        while len(prefix) <= max_steps:
+            logits = model.logits(memory[b:b + 1], torch.tensor([prefix]))[0, -1]
+            if len(prefix) > 1:
+                logits[prefix[-1]] = -math.inf
+            prefix.append(int(logits.argmax()))
+            if prefix[-1] == cfg.eos_id:
+                break
+        captions.append([t for t in prefix[1:] if t != cfg.eos_id])
+    return captions
+
+
+def spread_out_decoder(eos_bias):
+    """A random tiny model with larger weights than at init, so that captions depend on the image
+    and end at different lengths (at init every caption is the same)."""
+    from model import VirTex
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg(max_len=12)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+        model.lm_head.bias[2] = eos_bias
+    return model
+
+
+def test_beam_size_one_equals_uncached_greedy():
+    import caption
+    model = spread_out_decoder(eos_bias=2.0)
+    images, _ = tiny_batch(B=5)
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        want = greedy_uncached(model, memory, 12)
+    assert caption.beam_search(model, memory, beam_size=1, max_steps=12) == want
+    assert len({len(c) for c in want}) > 1, 'the test should cover captions of different lengths'
+
+
+def test_batched_beam_search_equals_one_image_at_a_time():
+    import caption
+    model = spread_out_decoder(eos_bias=1.0)
+    images, _ = tiny_batch(B=4)
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+    batched = caption.beam_search(model, memory, beam_size=3, max_steps=12)
+    single = [caption.beam_search(model, memory[b:b + 1], beam_size=3, max_steps=12)[0] for b in range(4)]
+    assert batched == single
+
+
+class TableModel:
+    """A stand-in decoder whose next-word probabilities depend only on the last word (a hand-set
+    table), with the interface beam_search uses."""
+
+    def __init__(self, table):
+        from model import VirTexConfig
+        self.config = VirTexConfig(vocab_size=len(table), max_len=10)
+        self.logp = torch.tensor(table, dtype=torch.float).clamp(min=1e-9).log()
+
+    def decode_step(self, memory, last, cache=None):
+        return self.logp[last].clone(), {'pos': 0, 'layers': {}}
+
+
+def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
+    import caption
+    # ids: 0 pad, 1 [SOS], 2 [EOS], 3 A, 4 B, 5 X, 6 Y, 7 Z
+    table = [[0] * 8 for _ in range(8)]
+    table[1][3], table[1][4] = 0.55, 0.45                     # [SOS] -> A (greedy) or B
+    table[3][5], table[3][6], table[3][7] = 0.34, 0.33, 0.33  # A -> anything, evenly
+    table[4][5] = 0.9                                         # B -> X, confidently
+    table[4][2] = 0.1
+    for word in (5, 6, 7):
+        table[word][2] = 1.0                                  # then [EOS]
+    model = TableModel(table)
+    memory = torch.zeros(1, 1, 1)
+    assert caption.beam_search(model, memory, beam_size=1) == [[3, 5]], 'greedy: 0.55 * 0.34 = 0.187'
+    assert caption.beam_search(model, memory, beam_size=2) == [[4, 5]], 'best: 0.45 * 0.9 = 0.405'
+    # B [EOS] (0.45 * 0.3 = 0.135) finishes first but loses to A X [EOS] (0.187), found a step later
+    table[4][5], table[4][6], table[4][2] = 0.35, 0.35, 0.3
+    assert caption.beam_search(TableModel(table), memory, beam_size=3) == [[3, 5]]
+
+
+def test_nucleus_sampling_respects_top_p():
+    import caption
+    table = [[0] * 8 for _ in range(8)]
+    table[1][3], table[1][4], table[1][5] = 0.7, 0.25, 0.05   # p=0.9 keeps A and B, never X
+    for word in (3, 4, 5):
+        table[word][2] = 1.0
+    model = TableModel(table)
+    g = torch.Generator().manual_seed(0)
+    firsts = Counter(caption.sample(model, torch.zeros(400, 1, 1), top_p=0.9, generator=g)[i][0] for i in range(400))
+    assert set(firsts) == {3, 4} and 0.6 < firsts[3] / 400 < 0.8, firsts
+    g = torch.Generator().manual_seed(0)
+    assert caption.sample(model, torch.zeros(5, 1, 1), top_p=0.5, generator=g) == [[3]] * 5
+
+
+def test_sampling_on_a_real_model_fills_every_position_without_crashing():
+    import caption
+    model = spread_out_decoder(eos_bias=-1e4)  # captions never end: sampling must stop at max_len by itself
+    images, _ = tiny_batch(B=3)
+    with torch.no_grad():
+        memory = model.project(model.encode_images(images))
+        want = greedy_uncached(model, memory, 11)  # [SOS] + 11 predictions use all 12 positions
+    g = torch.Generator().manual_seed(0)
+    sampled = caption.sample(model, memory, top_p=0.9, max_steps=30, generator=g)
+    assert [len(c) for c in sampled] == [model.config.max_len] * 3, 'one word per position, then stop'
+    greedy = caption.sample(model, memory, top_p=1e-9, max_steps=30, generator=g)  # only the top word is kept
+    cold = caption.sample(model, memory, top_p=1.0, temperature=1e-4, max_steps=30, generator=g)
+    assert [c[:11] for c in greedy] == [c[:11] for c in cold] == want
+    short = caption.sample(model, memory, top_p=0.9, max_steps=4, generator=g)
+    assert [len(c) for c in short] == [4] * 3
+
+
+def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
+    val = shapes / 'coco' / 'val2017'
+    files = sorted(os.listdir(val))[:3]
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', f'--attention_dir={tmp_path}/att',
+               *[str(val / f) for f in files])
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
+    import caption
+    from checkpoints import load_model
+    from coco import load_eval_image
+    from tokenizer import Tokenizer
+    model = load_model(tiny_ckpt)  # the same caption in-process, to know its ids
+    with torch.no_grad():
+        image = load_eval_image(str(val / files[0]), model.train_config['image_size'])
+        ids = caption.beam_search(model, model.project(model.encode_images(caption.to_tensor([image]))), beam_size=2)[0]
+    assert lines[0].split('\t')[1] == Tokenizer(model.train_config['tokenizer']).decode(ids)
+    figure = Image.open(tmp_path / 'att' / files[0].replace('.jpg', '.png'))
+    panels = 1 + min(len(ids) + 1, model.config.max_len)  # the image, each word and [EOS]
+    assert figure.size == (min(panels, 6) * 160, math.ceil(panels / 6) * 180)
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--coco_root={shapes}/coco', '--limit=5', f'--out={tmp_path}/r.json')
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r'CIDEr: \d+\.\d', last), last
+    entries = json.loads((tmp_path / 'r.json').read_text())
+    assert len(entries) == 5 and all(isinstance(e['image_id'], int) for e in entries)
+    rescored = run('caption.py', f'--results={tmp_path}/r.json', f'--coco_root={shapes}/coco')
+    assert rescored.stdout.strip() == last, 'scoring the written results gives the same CIDEr'
+    sampled = run('caption.py', f'--ckpt={tiny_ckpt}', '--top_p=0.9', '--temperature=1.5', *[str(val / f) for f in files])
+    assert [line.split('\t')[0] for line in sampled.stdout.strip().splitlines()] == [str(val / f) for f in files]
+
+
+def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):
+    import struct
+    import zlib
+    good = sorted((shapes / 'coco' / 'val2017').iterdir())[0]
+    rgb = Image.open(good).convert('RGB')
+    rgb.convert('L').save(tmp_path / 'gray.png')
+    rgb.convert('RGBA').save(tmp_path / 'rgba.png')
+    rgb.convert('P').save(tmp_path / 'palette.png')
+    rgb.convert('CMYK').save(tmp_path / 'cmyk.jpg')
+    Image.fromarray((np.asarray(rgb.convert('L'), dtype=np.uint16) * 257)).save(tmp_path / 'deep16.png')
+    (tmp_path / 'notes.txt').write_text('not an image')
+    (tmp_path / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
+    # a PNG whose header claims 30000 x 30000 pixels: refused before decoding anything
+    png = bytearray((tmp_path / 'gray.png').read_bytes())
+    png[16:24] = struct.pack('>II', 30000, 30000)
+    png[29:33] = struct.pack('>I', zlib.crc32(bytes(png[12:29])))
+    (tmp_path / 'bomb.png').write_bytes(bytes(png))
+    names = ['gray.png', 'rgba.png', 'palette.png', 'cmyk.jpg', 'deep16.png', 'notes.txt', 'truncated.jpg', 'bomb.png']
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', *[str(tmp_path / n) for n in names], check=False)
+    assert proc.returncode == 1, 'the exit code says something failed'
+    captioned = [line.split('\t')[0] for line in proc.stdout.strip().splitlines()]
+    assert captioned == [str(tmp_path / n) for n in names[:5]], proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 3 and all(n in e for n, e in zip(names[5:], errors)), errors
+    assert 'decompression bomb' in errors[2].lower()
+
+
+def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    del ckpt['config']['tokenizer']
+    torch.save(ckpt, tmp_path / 'no_tok.pt')
+    image = str(sorted((shapes / 'coco' / 'val2017').iterdir())[0])
+    proc = run('caption.py', f'--ckpt={tmp_path}/no_tok.pt', image, check=False)
+    assert proc.returncode != 0 and 'names no tokenizer: pass --tokenizer' in proc.stderr
+    run('tokenizer.py', f'--captions={shapes}/coco/annotations/captions_train2017.json', '--vocab_size=80',
+        f'--out={tmp_path}/v80')
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--tokenizer={tmp_path}/v80.model', image, check=False)
+    assert proc.returncode != 0 and 'has 80 pieces but' in proc.stderr and 'trained with 96' in proc.stderr
+    proc = run('caption.py', image, check=False)
+    assert proc.returncode != 0 and 'give exactly one of --ckpt' in proc.stderr
+
+
+# ---- cider.py: CIDEr-D and the PTB tokenizer -------------------------------------------------
+
+def test_cider_d_by_hand():
+    import cider
+    refs = {'i1': ['dog dog runs', 'a cat sits'], 'i2': ['a bird flies', 'a bird sings']}
+    cands = {'i1': 'dog dog dog runs', 'i2': 'a bird'}
+    # 2 images: df('a') = 2 gives idf 0; every other n-gram weighs L = log 2 (it cancels in the
+    # cosines). The length penalty counts bigrams: exp(-(3 - 2)^2 / 72) for both images.
+    pen = math.exp(-1 / 72)
+    # i1 vs 'dog dog runs': unigrams hyp (dog 3L, runs L), ref (dog 2L, runs L): clipped
+    # min(3L, 2L) * 2L + L * L = 5 L^2 over L sqrt(10) * L sqrt(5); bigrams 2 / sqrt(10);
+    # trigrams 1 / sqrt(2); no 4-gram in the reference. 'a cat sits' shares nothing.
+    s1 = 10 * pen * (5 / math.sqrt(50) + 2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 / 2
+    # i2 vs each 'a bird X': unigrams 1 / sqrt(2), bigrams 1 / sqrt(2), nothing longer
+    s2 = 10 * 2 * pen * (2 / math.sqrt(2)) / 4 / 2
+    corpus, per_image = cider.cider_d(refs, cands)
+    assert per_image['i1'] == pytest.approx(s1, abs=1e-12) and per_image['i2'] == pytest.approx(s2, abs=1e-12)
+    assert corpus == pytest.approx((s1 + s2) / 2, abs=1e-12)
+    rare = {f'i{k}': [f'w{k} x{k} y{k} z{k}'] for k in range(5)}
+    assert cider.cider_d(rare, {k: v[0] for k, v in rare.items()})[0] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match='different images'):
+        cider.cider_d(refs, {'i1': 'a'})
+
+
+@pytest.mark.parametrize('text, tokens', [
+    ("A man's dog doesn't run.", "a man 's dog does n't run"),
+    ('Two (big) dogs -- running!!', 'two -lrb- big -rrb- dogs running !!'),
+    ('the U.S. flag at 10:30, 1,000 people', 'the u.s. flag at 10:30 1,000 people'),
+    ('a black-and-white photo of a cat...', 'a black-and-white photo of a cat'),
+    ("I cannot go;  Mr. Smith's\ncar", "i can not go mr. smith 's car")])
+def test_ptb_tokenize(text, tokens):
+    import cider
+    assert cider.ptb_tokenize(text) == tokens
+
+
+# ---- probe.py: the linear probe on ImageFolder data ------------------------------------------
+
+def make_imagefolder(root, classes=3, per_class=(30, 15), seed=0):
+    """ROOT/{train,val}/c<k>/*.jpg: noisy images whose colour is the class."""
+    rng = np.random.default_rng(seed)
+    colours = [(220, 30, 30), (30, 200, 30), (30, 60, 220), (230, 230, 30)]
+    for split, n in zip(('train', 'val'), per_class):
+        for c in range(classes):
+            os.makedirs(root / split / f'c{c}', exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8) + np.array(colours[c], np.uint8) // 2
+                Image.fromarray(pixels).save(root / split / f'c{c}' / f'{i:03d}.jpg')
+    return root
+
+
+@pytest.mark.parametrize('augment', [True, False])
+def test_probe_learns_a_world_its_backbone_sees(tmp_path, augment):
+    root = make_imagefolder(tmp_path / 'folder')
+    common = [f'--data_root={root}', '--init=random', '--visual=resnet18', '--image_size=32', '--epochs=6',
+              '--batch_size=16', '--log_interval=1', '--num_workers=0', f'--augment={augment}']
+    proc = run('probe.py', *common, f'--out_json={tmp_path}/probe.json')
+    losses = [float(x) for x in re.findall(r'loss ([\d.]+)', proc.stdout)]
+    assert len(losses) == 6 * (90 // 16) and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+    assert proc.stdout.strip().splitlines()[-1] == 'top-1: 100.00', proc.stdout  # random features tell colours apart
+    result = load_json(tmp_path / 'probe.json')
+    assert result['top1'] == 100.0 and result['val_images'] == 45 and 'top5' not in result  # 3 classes: no top-5
+
+
+def test_probe_bad_folders_and_images(tmp_path):
+    root = make_imagefolder(tmp_path / 'folder', per_class=(4, 2))
+    common = ['--init=random', '--visual=resnet18', '--image_size=32', '--epochs=1', '--batch_size=4', '--num_workers=0']
+    (tmp_path / 'none' / 'train').mkdir(parents=True)
+    empty = make_imagefolder(tmp_path / 'empty', per_class=(4, 2))
+    (empty / 'train' / 'c3').mkdir()
+    differ = make_imagefolder(tmp_path / 'differ', per_class=(4, 2))
+    shutil.rmtree(differ / 'val' / 'c2')
+    cases = [(tmp_path / 'missing', 'missing/train: no such folder'), (tmp_path / 'none', 'none/train: no class folders'),
+             (empty, 'empty/train/c3: no images'), (differ, "train and val have different classes (e.g. 'c2'")]
+    for data_root, message in cases:
+        proc = run('probe.py', f'--data_root={data_root}', *common, check=False)
+        assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (root / 'train' / 'c0' / 'broken.jpg').write_bytes(b'not a jpeg')
+    proc = run('probe.py', f'--data_root={root}', *common)
+    assert 'warning: skipped' in proc.stdout and 'broken.jpg' in proc.stdout and '1 images skipped' in proc.stdout
+    proc = run('probe.py', f'--data_root={root}', *common, '--max_bad_images=0', check=False)
+    assert proc.returncode != 0 and 'more than max_bad_images=0 images failed to load' in proc.stderr
+
+
+# ---- export.py: a backbone in torchvision's and Detectron2's layouts -------------------------
+
+def test_detectron2_names_are_a_bijection_for_resnet50(tmp_path):
+    import torchvision
+    from export import from_detectron2, to_detectron2
+    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith('fc.')}
+    d2 = to_detectron2(state)
+    assert len(d2) == len(state) and from_detectron2(d2).keys() == state.keys()
+    assert all(d2[to] is state[k] for k, to in zip(state, d2)), 'the values are carried over, in order'
+    for key in ('stem.conv1.weight', 'stem.conv1.norm.running_var', 'res2.0.conv1.weight', 'res2.0.conv3.norm.bias',
+                'res2.0.shortcut.weight', 'res2.0.shortcut.norm.running_mean', 'res5.2.conv2.norm.weight'):
+        assert key in d2, key
+    pattern = re.compile(r'^(stem\.conv1(\.norm)?|res[2-5]\.\d+\.(conv[123](\.norm)?|shortcut(\.norm)?))\.'
+                         r'(weight|bias|running_mean|running_var|num_batches_tracked)$')
+    assert all(pattern.match(k) for k in d2), [k for k in d2 if not pattern.match(k)][:3]
+
+
+def test_export_writes_both_layouts_from_a_checkpoint(tmp_path):
+    from dataclasses import asdict
+    import torchvision
+    from model import VirTex
+    model = VirTex(tiny_cfg(pretext='token_classification'))
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, path)
+    run('export.py', f'--ckpt={path}', f'--out={tmp_path}/tv.pth')
+    result = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / 'tv.pth', weights_only=True), strict=False)
+    assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
+    run('export.py', f'--ckpt={path}', '--format=detectron2', f'--out={tmp_path}/d2.pth')
+    d2 = torch.load(tmp_path / 'd2.pth', weights_only=True)
+    assert d2['matching_heuristics'] is True and '__author__' in d2
+    assert torch.equal(d2['model']['res5.1.conv2.norm.running_var'], model.visual.layer4[1].bn2.running_var)
+    proc = run('export.py', f'--ckpt={path}', '--format=onnx', f'--out={tmp_path}/x.pth', check=False)
+    assert proc.returncode != 0 and "--format='onnx': choose one of torchvision, detectron2" in proc.stderr
+
+
+def test_export_and_write_atomically_on_a_full_disk(small_disk, tmp_path):
+    from dataclasses import asdict
+    from model import VirTex
+    model = VirTex(tiny_cfg())
+    ckpt = tmp_path / 'ckpt.pt'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, ckpt)
+    old = small_disk.folder / 'result.json'
+    old.write_text('{"mAP": 1.0}')
+    small_disk.leave(2**20)
+    write = ("import sys\nfrom configurator import write_atomically\n"
+             "try:\n    write_atomically(sys.argv[1], lambda f: f.write(bytes(2**22)))\n"
+             "except OSError as e:\n    print(e)")
+    proc = small_disk.run('-c', write, str(old))
+    assert proc.stdout.strip() == f"{old}: cannot write ({small_disk.cause})", proc.stderr
+    assert old.read_text() == '{"mAP": 1.0}' and os.listdir(small_disk.folder) == ['result.json']
+    backbone = small_disk.folder / 'backbone.pth'  # 45 MB
+    proc = small_disk.run('export.py', f'--ckpt={ckpt}', f'--out={backbone}')
+    assert one_line(proc) == f"error: {backbone}: cannot write ({small_disk.cause})"
+    assert os.listdir(small_disk.folder) == ['result.json'], 'no temporary file left'
+
+
+# ---- configurator.py: --key=value and config-file overrides, write_atomically ----------------
+
+def test_configurator_types_files_and_errors(tmp_path):
+    from configurator import configure
+    config = {'lr': 0.1, 'batch_size': 8, 'compile': True, 'out_dir': 'out', 'init': None, '_private': 1}
+    rest = configure(config, ['--lr=1', '--compile=False', '--out_dir=123', '--init=7', 'image.jpg'])
+    assert config['lr'] == 1.0 and isinstance(config['lr'], float), 'int accepted where a float is expected'
+    assert config['compile'] is False and config['out_dir'] == '123' and config['init'] == 7
+    unset = {'init': None}
+    configure(unset, ['--init="random"'])
+    assert unset['init'] == 'random', 'a None default takes a quoted string'
+    with pytest.raises(SystemExit, match="--init takes a number or a quoted string, got 'abc'"):
+        configure({'init': None}, ['--init=abc'])  # a bare word is refused: a typo of a number never becomes a string
+    assert rest == ['image.jpg'], 'bare non-.py arguments are returned to the script'
+    cfg_file = tmp_path / 'c.py'
+    cfg_file.write_text("batch_size = 32  # why\nimport math\n")
+    configure(config, [str(cfg_file), '--batch_size=64'])
+    assert config['batch_size'] == 64, 'flags after a config file win'
+    configure(config, ['--batch_size=16', str(cfg_file)])
+    assert config['batch_size'] == 32, 'later arguments win, config files included'
+    with pytest.raises(SystemExit, match="unknown config key 'batch_sise'.*did you mean 'batch_size'"):
+        configure(config, ['--batch_sise=3'])
+    with pytest.raises(SystemExit, match='takes True or False'):
+        configure(config, ['--compile=yes'])
+    with pytest.raises(SystemExit, match='takes a int'):
+        configure(config, ['--batch_size=2.5'])
+    with pytest.raises(SystemExit, match='needs a value'):
+        configure(config, ['--lr'])
+    bad = tmp_path / 'bad.py'
+    bad.write_text("n_layers = 2\n")
+    with pytest.raises(SystemExit, match=r"bad\.py: unknown config key 'n_layers'"):
+        configure(config, [str(bad)])
+    with pytest.raises(SystemExit, match='no_such.py'):
+        configure(config, ['no_such.py'])
+
+
+def test_configurator_runs_the_checks_declared_next_to_the_values(tmp_path):
+    from typing import Annotated, Literal
+    from configurator import FRACTION, POSITIVE, Interval, configure
+    config = {'batch_size': 8, 'share': 1.0, 'dtype': 'float32', 'max_len': 30, 'fraction': None,
+              '__annotations__': {'batch_size': POSITIVE, 'share': FRACTION, 'dtype': Literal['float32', 'bfloat16'],
+                                  'max_len': Annotated[int, Interval('[3, inf)')], 'fraction': FRACTION}}
+    configure(config, ['--batch_size=2', '--share=0.5', '--dtype=bfloat16', '--max_len=3'])
+    assert (config['batch_size'], config['share'], config['dtype'], config['max_len']) == (2, 0.5, 'bfloat16', 3)
+    assert config['fraction'] is None, 'None means unset and passes every check'
+    cases = [('--batch_size=0', "--batch_size=0: must be positive"), ('--share=0', "--share=0.0: must be in (0, 1]"),
+             ('--share=1.5', "--share=1.5: must be in (0, 1]"), ('--max_len=2', "--max_len=2: must be >= 3"),
+             ('--dtype=fp8', "--dtype='fp8': choose one of float32, bfloat16")]
+    for flag, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            configure(dict(config), [flag])
+    bad_file = tmp_path / 'c.py'
+    bad_file.write_text('batch_size = -1\n')  # a config file's values are checked too
+    with pytest.raises(SystemExit, match=re.escape('--batch_size=-1: must be positive')):
+        configure(dict(config), [str(bad_file)])
+
+
+def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
+    from evaluate import write_atomically
+    path = tmp_path / 'feats.npz'
+    path.write_bytes(b'old')
+
+    def crash(f):
+        f.write(b'half')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(str(path), crash)
+    assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['feats.npz']
+    write_atomically(str(path), lambda f: f.write(b'new'))
+    assert path.read_bytes() == b'new'
+
+
+# ---- bench.py ----------------------------------------------------------------------------------
+
+def test_bench_times_the_gpu_path_on_a_cpu():
+    """dev/gpu_check.sh's stages, small, on a CPU: float32 and bfloat16 steps side by side, and the step fed by the
+    real data path through a DataLoader worker; one table with a row for each."""
+    proc = run('bench.py', '--stages=train,train_data', '--models=shapes', '--shapes_batch=4', '--warmup_steps=1',
+               '--timed_steps=1', '--dtypes=float32,bfloat16', '--data_workers=1')
+    table = proc.stdout.split('\n\n')[-1].splitlines()
+    assert table[0].split()[:3] == ['stage', '|', 'what'], table
+    rows = [[cell.strip() for cell in line.split('|')] for line in table[1:]]
+    settings = [row[2] for row in rows]
+    assert settings == ['batch 4, float32', 'batch 4, bfloat16', 'batch 4, bfloat16, data path, 1 workers'], rows
+    assert all(re.fullmatch(r'[\d.]+ img/s', row[3]) and float(row[3].split()[0]) > 0 for row in rows), rows
+
+
+# ---- demo.py and dev/: no tests of their own -------------------------------------------------
+# demo.py runs the stages above in turn; dev/objects_world.py is tested with prepare.py below.
+
+
+# ---- data/shapes/prepare.py (and dev/objects_world.py): the synthetic worlds -----------------
+
+@pytest.fixture(scope='module')
+def objects_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp('objects')
+    run('dev/objects_world.py', f'--out={out}', '--n_train=2', '--n_val=1', '--n_voc_trainval=16', '--n_voc_test=16',
+        '--n_folder_train=2', '--n_folder_val=1', '--size=48', '--workers=1', '--min_positives=1')
+    return out
+
+
+def test_coco_json_well_formed(world):
+    image_ids, caption_ids = [], []
+    for split, n in (('train2017', 30), ('val2017', 10)):
+        d = load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')
+        assert set(d) >= {'info', 'licenses', 'images', 'annotations'}, split
+        assert len(d['images']) == n, split
+        per_image = {}
+        for a in d['annotations']:
+            assert set(a) >= {'id', 'image_id', 'caption'} and a['caption'].strip(), a
+            per_image.setdefault(a['image_id'], []).append(a['caption'])
+            caption_ids.append(a['id'])
+        for im in d['images']:
+            assert set(im) >= {'id', 'file_name', 'width', 'height'}, im
+            assert im['file_name'] == f"{im['id']:012d}.jpg", im
+            with Image.open(world / 'coco' / split / im['file_name']) as img:
+                img.load()
+                assert img.size == (im['width'], im['height']) == (64, 64) and img.mode == 'RGB', im
+            assert len(per_image.get(im['id'], [])) == 5, f"{im['file_name']}: {per_image.get(im['id'])}"
+            assert len(set(per_image[im['id']])) == 5, f"captions not all different: {per_image[im['id']]}"
+            image_ids.append(im['id'])
+        assert set(per_image) == {im['id'] for im in d['images']}, 'captions for unlisted images'
+        assert len(os.listdir(world / 'coco' / split)) == n, 'stray files in ' + split
+    assert len(image_ids) == len(set(image_ids)), 'image ids repeat across train and val'
+    assert len(caption_ids) == len(set(caption_ids)), 'caption ids repeat'
+    assert not list(world.glob('.prepare-*')), 'temporary folder left behind'
+
+
+def test_coco_instances_json_well_formed_and_true_to_the_scenes(world):
+    from coco import read_instances
+    for split in ('train2017', 'val2017'):
+        d = load_json(world / 'coco' / 'annotations' / f'instances_{split}.json')
+        assert set(d) >= {'info', 'licenses', 'images', 'annotations', 'categories'}, split
+        assert d['categories'] == [{'id': i + 1, 'name': c, 'supercategory': 'shapes world'}
+                                   for i, c in enumerate(prep.CATEGORIES)]
+        captions = load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')
+        assert d['images'] == captions['images']
+        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
+        per_image = {}
+        for a in d['annotations']:
+            assert set(a) >= {'id', 'image_id', 'category_id', 'bbox', 'area', 'iscrowd'} and a['iscrowd'] == 0, a
+            per_image.setdefault(a['image_id'], []).append(a)
+        for image_id, scene in scenes.items():
+            got = sorted((d['categories'][a['category_id'] - 1]['name'], *a['bbox']) for a in per_image[image_id])
+            # VOC's boxes are 1-based and inclusive, COCO's [x, y, width, height] from 0
+            want = sorted((o['category'], o['bbox'][0] - 1, o['bbox'][1] - 1, o['bbox'][2] - o['bbox'][0] + 1,
+                           o['bbox'][3] - o['bbox'][1] + 1) for o in scene['objects'])
+            assert got == want, image_id
+            assert all(a['area'] == a['bbox'][2] * a['bbox'][3] for a in per_image[image_id])
+        names, labels = read_instances(str(world / 'coco'), split)
+        assert names == prep.CATEGORIES
+        assert labels == {i: sorted({prep.CATEGORIES.index(o['category']) + 1 for o in s['objects']})
+                          for i, s in scenes.items()}
+    ids = [a['id'] for split in ('train2017', 'val2017')
+           for a in load_json(world / 'coco' / 'annotations' / f'instances_{split}.json')['annotations']]
+    assert len(ids) == len(set(ids)), 'instance ids are unique across splits, as in COCO'
+
+
+def test_voc_files_consistent(world):
+    main_dir = world / 'VOC2007' / 'ImageSets' / 'Main'
+    for split, n in (('trainval', 30), ('test', 30)):
+        names = (main_dir / f'{split}.txt').read_text().split()
+        assert len(names) == n and all(re.fullmatch(r'\d{6}', m) for m in names), names
+        objects = {}
+        for name in names:
+            with Image.open(world / 'VOC2007' / 'JPEGImages' / f'{name}.jpg') as img:
+                img.load()
+                assert img.size == (64, 64), name
+            root = ET.parse(world / 'VOC2007' / 'Annotations' / f'{name}.xml').getroot()
+            assert root.findtext('folder') == 'VOC2007' and root.findtext('filename') == f'{name}.jpg'
+            assert [root.findtext(f'size/{k}') for k in ('width', 'height', 'depth')] == ['64', '64', '3']
+            assert root.findtext('segmented') == '0'
+            objects[name] = []
+            for obj in root.findall('object'):
+                assert obj.findtext('name') in prep.CATEGORIES and obj.findtext('pose') == 'Unspecified'
+                assert obj.findtext('truncated') in ('0', '1') and obj.findtext('difficult') in ('0', '1')
+                box = [int(obj.findtext(f'bndbox/{k}')) for k in ('xmin', 'ymin', 'xmax', 'ymax')]
+                assert 1 <= box[0] <= box[2] <= 64 and 1 <= box[1] <= box[3] <= 64, (name, box)
+                objects[name].append((obj.findtext('name'), obj.findtext('difficult') == '1'))
+            assert objects[name], f'{name} has no objects'
+        for c in prep.CATEGORIES:
+            lines = (main_dir / f'{c}_{split}.txt').read_text().splitlines()
+            assert [line.split()[0] for line in lines] == names, f'{c}_{split}.txt lists other images'
+            for line in lines:
+                assert re.fullmatch(r'\d{6} (-1| 1| 0)', line), f'{c}_{split}.txt: {line!r}'
+                flags = [difficult for cat, difficult in objects[line[:6]] if cat == c]
+                expected = -1 if not flags else 0 if all(flags) else 1
+                assert int(line[7:]) == expected, f'{c}_{split}.txt: {line!r}, objects {objects[line[:6]]}'
+        scenes = load_json(world / 'VOC2007' / f'scenes_{split}.json')
+        assert [s['name'] for s in scenes] == names
+        for s in scenes:
+            assert [(o['category'], o['difficult']) for o in s['objects']] == objects[s['name']]
+    assert len(os.listdir(world / 'VOC2007' / 'JPEGImages')) == 60
+
+
+def test_imagefolder_files_each_image_under_its_largest_object(world):
+    root = world / 'imagefolder'
+    for split, n in (('train', 20), ('val', 10)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(prep.CATEGORIES), 'a folder per category'
+        files = {p.stem: p.parent.name for p in (root / split).glob('*/*.jpg')}
+        assert len(files) == n
+        for s in load_json(root / f'scenes_{split}.json'):
+            shown = [o for o in s['objects'] if not o['difficult']]
+            area = lambda o: (o['bbox'][2] - o['bbox'][0] + 1) * (o['bbox'][3] - o['bbox'][1] + 1)
+            assert files[s['name']] == s['category'] == max(shown, key=area)['category'], s
+
+
+def test_coco_and_voc_disjoint(world):
+    files = {'coco': list((world / 'coco').glob('*2017/*.jpg')), 'voc': list((world / 'VOC2007').glob('JPEGImages/*'))}
+    pixels = {k: {np.asarray(Image.open(p)).tobytes() for p in v} for k, v in files.items()}
+    assert len(pixels['coco']) == 40 and len(pixels['voc']) == 60, 'images repeat within a data set'
+    assert not pixels['coco'] & pixels['voc'], 'an image is in both COCO and VOC'
+
+
+def test_category_independent_of_colour_and_background():
+    # random conv features see colour and texture: if those predicted the category, the comparison would be moot
+    counts = np.zeros((len(prep.CATEGORIES), len(prep.COLOURS) + len(prep.BACKGROUNDS)))
+    for i in range(1500):
+        scene = prep.make_scene(np.random.default_rng([11, i]), 64)
+        for o in scene['objects']:
+            c = prep.CATEGORIES.index(o['category'])
+            counts[c, list(prep.COLOURS).index(o['colour'])] += 1
+            counts[c, len(prep.COLOURS) + list(prep.BACKGROUNDS).index(scene['background']['kind'])] += 1
+    for block in (counts[:, :len(prep.COLOURS)], counts[:, len(prep.COLOURS):]):
+        expected = block.sum(1, keepdims=True) * block.sum(0, keepdims=True) / block.sum()
+        cramers_v = np.sqrt(((block - expected) ** 2 / expected).sum() / block.sum() / (min(block.shape) - 1))
+        assert cramers_v < 0.1, f'category and colour/background associated: V = {cramers_v:.3f}'
+
+
+def test_same_seed_same_files(world, tmp_path):
+    result = run_prepare(f'--out={tmp_path}', *TINY, '--workers=2')  # other worker count, same bytes
+    assert result.returncode == 0, result.stderr
+    files = sorted(p.relative_to(world) for p in world.rglob('*') if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*') if p.is_file())
+    for f in files:
+        assert (world / f).read_bytes() == (tmp_path / f).read_bytes(), f'{f} differs between two runs'
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    ok_out = f'--out={tmp_path}/ok'
+    for args, names in (([f'--out={blocker}/shapes'], [str(blocker), '--out']),
+                        ([ok_out, '--n_train=-5'], ['--n_train']), ([ok_out, '--size=8'], ['--size']),
+                        ([ok_out, '--n_val=ten'], ['--n_val']), ([ok_out, '--workers=0'], ['--workers'])):
+        result = run_prepare(*TINY, *args)  # later flags win over TINY's
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1, (args, result.stderr)
+        assert all(name in lines[0] for name in names) and 'Traceback' not in lines[0], (args, lines[0])
+    assert not (tmp_path / 'ok').exists(), 'bad flags left output behind'
+
+
+# ---- captions must be true to the scene they describe ----------------------------------------
+
+NOUNS = {**{c: c for c in prep.CATEGORIES}, **{prep.PLURALS[c]: c for c in prep.CATEGORIES}}
+SIZE_OF = {'small': 'small', 'little': 'small', 'large': 'large', 'big': 'large'}
+COUNT = {'a': 1, 'an': 1, 'two': 2, 'three': 3, 'four': 4}
+NP = (rf"(?:{'|'.join(COUNT)}) (?:(?:{'|'.join(SIZE_OF)}) )?(?:(?:{'|'.join(prep.COLOURS)}) )?"
+      rf"(?:{'|'.join(sorted(NOUNS, key=len, reverse=True))})")
+NP_PARTS = re.compile(rf"({'|'.join(COUNT)}) (?:({'|'.join(SIZE_OF)}) )?(?:({'|'.join(prep.COLOURS)}) )?(\w+)")
+
+POSITIONS = {'on the left': lambda x, y: x < 0.4, 'on the right': lambda x, y: x > 0.6,  # x, y in image widths
+             'at the top': lambda x, y: y < 0.4, 'at the bottom': lambda x, y: y > 0.6,
+             'in the middle': lambda x, y: max(abs(x - 0.5), abs(y - 0.5)) < 0.2}
+
+
+def matching(phrase, scene):
+    """The plainly visible objects a noun phrase like 'a small red star' can refer to, and its count."""
+    count, size, colour, noun = NP_PARTS.fullmatch(phrase).groups()
+    return [o for o in scene['objects'] if not o['difficult'] and o['category'] == NOUNS[noun]
+            and colour in (None, o['colour']) and (size is None or SIZE_OF[size] == o['size'])], COUNT[count]
+
+
+def check_caption(caption, scene):
+    size, shown = scene['size'], [o for o in scene['objects'] if not o['difficult']]
+    mentioned = {c: 0 for c in prep.CATEGORIES}
+    for m in re.finditer(rf'\b{NP}\b', caption):
+        objs, count = matching(m.group(), scene)
+        assert objs, f'{caption!r}: no visible object is {m.group()!r}'
+        if count > 1:  # "two red stars": exactly that many of the category, all visible, all fitting the words
+            same = [o for o in scene['objects'] if o['category'] == objs[0]['category']]
+            assert len(objs) == len(same) == count, f'{caption!r}: {m.group()!r} is a wrong count'
+        mentioned[objs[0]['category']] += count
+    for c in prep.CATEGORIES:  # every visible object named once; nothing else, hidden objects included
+        assert mentioned[c] == sum(o['category'] == c for o in shown), f'{caption!r}: {c} mentioned {mentioned[c]}x'
+    nouns = [w for w in re.findall(r'\w+', caption) if w in NOUNS]
+    assert len(nouns) == len(re.findall(rf'\b{NP}\b', caption)), f'{caption!r}: a shape named outside a phrase'
+    # relations: some pair of objects fitting the two phrases must be clearly (15% of the width) in that order
+    for m in re.finditer(rf'\b({NP}) (to the left of|to the right of|above|below) ({NP})\b', caption):
+        (first, _), relation, (second, _) = matching(m.group(1), scene), m.group(2), matching(m.group(3), scene)
+        axis, sign = {'to the left of': (0, 1), 'to the right of': (0, -1), 'above': (1, 1), 'below': (1, -1)}[relation]
+        assert any(sign * (b['center'][axis] - a['center'][axis]) > 0.15 * size for a in first for b in second), \
+            f'{caption!r}: {m.group()!r} is not true of {scene["objects"]}'
+    for m in re.finditer(rf'\b({NP}) (on the left|on the right|at the top|at the bottom|in the middle)\b', caption):
+        objs, holds = matching(m.group(1), scene)[0], POSITIONS[m.group(2)]
+        assert any(holds(*(np.array(o['center']) / size)) for o in objs), f'{caption!r}: {m.group()!r} is false'
+    for m in re.finditer(r'\b(two|three|four) shapes\b', caption):
+        assert COUNT[m.group(1)] == len(shown) == len(scene['objects']), f'{caption!r}: wrong number of shapes'
+    return bool(re.search(r'left of|right of|above|below', caption))
+
+
+def test_captions_true_to_scene(world):
+    n_relations = 0
+    for split in ('train2017', 'val2017'):
+        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
+        for a in load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')['annotations']:
+            n_relations += check_caption(a['caption'], scenes[a['image_id']])
+    assert n_relations >= 20, 'too few captions with left/right/above/below relations'
+
+
+def test_captions_true_in_many_scenes():
+    words, n_relations = set(), 0
+    for i in range(300):
+        rng = np.random.default_rng([7, i])
+        scene = prep.make_scene(rng, 64)
+        for caption in prep.captions(scene, rng):
+            n_relations += check_caption(caption, scene)
+            words |= set(re.findall(r'\w+', caption))
+    assert n_relations > 200 and 40 <= len(words) <= 120, (n_relations, len(words))
+
+
+# ---- attribute tasks: more VOC2007-layout folders on the VOC images --------------------------
+
+ATTRIBUTES = ['category', 'colour', 'size', 'count', 'background', 'position', 'binding']
+
+
+def attribute_truth(scene, background):
+    """The attributes' definitions, written out again: {attribute: {value: 1 or 0}}; a value not there is -1."""
+    def where(o):
+        x, y = np.array(o['center']) / scene['size']
+        return [p for p, holds in (('left', x < 1 / 3), ('right', x > 2 / 3), ('top', y < 1 / 3), ('bottom', y > 2 / 3),
+                                   ('middle', max(abs(x - .5), abs(y - .5)) < 1 / 8)) if holds]
+    per_object = {'category': lambda o: [o['category']], 'colour': lambda o: [o['colour']],
+                  'size': lambda o: {'tiny': ['small'], 'small': ['small'], 'large': ['large']}.get(o['size'], []),
+                  'position': where, 'binding': lambda o: [f"{o['colour']}_{o['category']}"],
+                  'texture': lambda o: [o['texture']] if 'texture' in o else []}
+    truth = {}
+    for attribute, values_of in per_object.items():
+        truth[attribute] = {}
+        for o in scene['objects']:
+            for v in values_of(o):  # 1 if any plainly visible object has it, else 0 (only difficult ones)
+                truth[attribute][v] = max(truth[attribute].get(v, 0), 0 if o['difficult'] else 1)
+    shown = sum(not o['difficult'] for o in scene['objects'])
+    truth['count'] = {['one', 'two', 'three', 'four'][shown - 1]: 1}
+    truth['background'] = {background: 1}
+    return truth
+
+
+def world_truth(world, background):
+    """{split: (names, truth per image)} from a world's VOC2007 scene records."""
+    return {split: ([s['name'] for s in scenes], [attribute_truth(s, background(s)) for s in scenes])
+            for split in ('trainval', 'test') for scenes in [load_json(world / 'VOC2007' / f'scenes_{split}.json')]}
+
+
+def kept_and_left_out(truth, attribute, min_positives):
+    """The values with at least min_positives images labelled 1 in both splits, and the others with their counts."""
+    positives = {split: Counter(v for t in per_image for v, flag in t[attribute].items() if flag == 1)
+                 for split, (_, per_image) in truth.items()}
+    values = sorted({v for _, per_image in truth.values() for t in per_image for v in t[attribute]})
+    kept = [v for v in values if min(positives['trainval'][v], positives['test'][v]) >= min_positives]
+    return kept, {v: (positives['trainval'][v], positives['test'][v]) for v in values if v not in kept}
+
+
+def shapes_background(scene):
+    return prep.BACKGROUNDS[scene['background']['kind']]
+
+
+def test_attribute_function_follows_the_definitions():
+    zeros = Counter()
+    for i in range(200):
+        scene = prep.make_scene(np.random.default_rng([5, i]), 64)
+        got, want = prep.attributes(scene), attribute_truth(scene, shapes_background(scene))
+        assert list(got) == ATTRIBUTES and got == {a: want[a] for a in ATTRIBUTES}, scene
+        for attribute in prep.EXCLUSIVE:
+            assert list(got[attribute].values()) == [1], (attribute, got[attribute])
+        zeros.update(a for a, values in got.items() for flag in values.values() if flag == 0)
+    # difficult objects make 0s in every per-object attribute, tiny ones in size's "small"
+    assert set(zeros) == {'category', 'colour', 'size', 'position', 'binding'}, zeros
+
+
+def test_attribute_folders_are_voc_layout_and_true_to_the_scenes(world):
+    from evaluate import read_voc
+    truth = world_truth(world, shapes_background)
+    voc_main = world / 'VOC2007' / 'ImageSets' / 'Main'
+    assert sorted(p.name for p in (world / 'attributes').iterdir()) == sorted(ATTRIBUTES)
+    for attribute in ATTRIBUTES:
+        root = world / 'attributes' / attribute
+        assert os.readlink(root / 'JPEGImages') == os.path.join('..', '..', 'VOC2007', 'JPEGImages'), 'not a link'
+        assert (root / 'JPEGImages').resolve() == (world / 'VOC2007' / 'JPEGImages').resolve()
+        kept, _ = kept_and_left_out(truth, attribute, 2)
+        for split, (names, per_image) in truth.items():
+            main_dir = root / 'ImageSets' / 'Main'
+            assert (main_dir / f'{split}.txt').read_bytes() == (voc_main / f'{split}.txt').read_bytes()
+            assert sorted(p.name for p in main_dir.glob(f'*_{split}.txt')) == [f'{v}_{split}.txt' for v in kept]
+            for v in kept:
+                lines = (main_dir / f'{v}_{split}.txt').read_text().splitlines()
+                assert all(re.fullmatch(r'\d{6} (-1| 1| 0)', line) for line in lines), (attribute, v, lines[:3])
+            paths, labels, values = read_voc(str(root), split)
+            assert values == kept and all(os.path.exists(p) for p in paths), (attribute, values)
+            assert paths == [str(root / 'JPEGImages' / f'{m}.jpg') for m in names]
+            want = np.array([[t[attribute].get(v, -1) for v in kept] for t in per_image])
+            assert (labels == want).all(), f'{attribute} {split}: labels differ from the scenes'
+            if attribute in prep.EXCLUSIVE:  # every value is kept in this world: exactly one 1 per image
+                assert len(values) == {'count': 4, 'background': 6}[attribute], values
+                assert ((labels == 1).sum(1) == 1).all() and not (labels == 0).any(), attribute
+            if attribute == 'category':  # the VOC task itself, byte for byte
+                assert values == sorted(prep.CATEGORIES)
+                for v in values:
+                    assert (main_dir / f'{v}_{split}.txt').read_bytes() == (voc_main / f'{v}_{split}.txt').read_bytes()
+    colour = read_voc(str(world / 'attributes' / 'colour'), 'test')[1]
+    assert (colour == 0).any() and (colour == 1).any() and (colour == -1).any(), 'difficult objects were not 0'
+
+
+def test_attributes_only_rewrites_them_and_reports_the_left_out_values(world, tmp_path):
+    shutil.copytree(world / 'VOC2007', tmp_path / 'VOC2007')
+    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=2')
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes'], 'wrote more than the attributes'
+    assert snapshot(tmp_path / 'attributes') == snapshot(world / 'attributes'), 'not what the full run wrote'
+    assert snapshot(tmp_path / 'VOC2007') == snapshot(world / 'VOC2007')
+    truth = world_truth(world, shapes_background)
+    reported = {}
+    for line in result.stdout.splitlines()[:-1]:
+        m = re.fullmatch(r'attributes/(\w+): (\d+) values(?:; left out, with fewer than 2 positives in '
+                         r'trainval/test: (.*))?', line)
+        assert m, line
+        left_out = re.findall(r'(\w+) \((\d+)/(\d+)\)', m.group(3) or '')
+        reported[m.group(1)] = {v: (int(a), int(b)) for v, a, b in left_out}
+        assert int(m.group(2)) == len(kept_and_left_out(truth, m.group(1), 2)[0]), line
+    assert list(reported) == ATTRIBUTES, result.stdout
+    assert reported == {a: kept_and_left_out(truth, a, 2)[1] for a in ATTRIBUTES}, result.stdout
+    assert reported['binding'] and not reported['count'], 'this world leaves out some pairs and no counts'
+    assert result.stdout.splitlines()[-1].startswith('wrote the attributes of 60 VOC2007 images'), result.stdout
+    # an attribute with no value left is a one-line error naming it, and the earlier folders stay as they were
+    before = snapshot(tmp_path / 'attributes')
+    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=3')
+    assert result.returncode != 0 and result.stderr.strip() == (
+        'prepare.py: error: attribute binding: no value has --min_positives=3 positives in both trainval and test '
+        '(make more VOC images or lower --min_positives)'), result.stderr
+    assert snapshot(tmp_path / 'attributes') == before and sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes']
+
+
+def test_attributes_only_refuses_scenes_that_do_not_match_the_image_list(world, tmp_path):
+    voc = tmp_path / 'VOC2007'
+    (voc / 'ImageSets' / 'Main').mkdir(parents=True)
+    scenes = load_json(world / 'VOC2007' / 'scenes_test.json')
+    names = [s['name'] for s in scenes]
+    test_list = voc / 'ImageSets' / 'Main' / 'test.txt'
+    test_scenes = voc / 'scenes_test.json'
+    for split in ('trainval', 'test'):
+        shutil.copy(world / 'VOC2007' / 'ImageSets' / 'Main' / f'{split}.txt', voc / 'ImageSets' / 'Main')
+        shutil.copy(world / 'VOC2007' / f'scenes_{split}.json', voc)
+
+    def refused(path, scene_list=None, image_list=None, text=None):
+        test_scenes.write_text(text if text is not None else json.dumps(scene_list or scenes))
+        test_list.write_text(''.join(f'{m}\n' for m in image_list or names))
+        result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=1')
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and str(path) in lines[0], result.stderr
+        assert sorted(os.listdir(tmp_path)) == ['VOC2007'], 'a refused run wrote something'
+        return lines[0]
+
+    swapped = [scenes[1], scenes[0], *scenes[2:]]
+    assert f'does not match {test_list} (30 scenes for 30 images, first difference at image 1)' in refused(
+        test_scenes, swapped)
+    assert '29 scenes for 30 images, first difference at image 30' in refused(test_scenes, scenes[:-1])
+    renamed = [*scenes[:4], {**scenes[4], 'name': '999999'}, *scenes[5:]]
+    assert 'first difference at image 5' in refused(test_scenes, renamed)
+    assert '30 scenes for 31 images' in refused(test_scenes, image_list=names + ['999999'])
+    assert 'not JSON' in refused(test_scenes, text='{"truncated": ')
+    assert 'not the scene records of this world' in refused(test_scenes, [{**s, 'background': 'grass'} for s in scenes])
+    test_scenes.write_text(json.dumps(scenes))
+    test_list.write_text(''.join(f'{m}\n' for m in names))
+    (voc / 'scenes_trainval.json').unlink()
+    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=1')
+    assert result.returncode != 0 and result.stderr.strip() == (
+        f'prepare.py: error: {voc / "scenes_trainval.json"}: No such file or directory'), result.stderr
+    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=0')
+    assert result.returncode != 0 and '--min_positives must be >= 1' in result.stderr, result.stderr
+
+
+def test_objects_world_adds_texture_and_rewrites_its_attributes(objects_world, tmp_path):
+    from evaluate import read_voc
+    truth = world_truth(objects_world, lambda s: s['background'])
+    assert sorted(os.listdir(objects_world / 'attributes')) == sorted(ATTRIBUTES + ['texture'])
+    for attribute in ATTRIBUTES + ['texture']:
+        kept, _ = kept_and_left_out(truth, attribute, 1)
+        for split, (_, per_image) in truth.items():
+            labels, values = read_voc(str(objects_world / 'attributes' / attribute), split)[1:]
+            assert values == kept and kept, (attribute, values)
+            want = np.array([[t[attribute].get(v, -1) for v in kept] for t in per_image])
+            assert (labels == want).all(), f'{attribute} {split}: labels differ from the scenes'
+    kinds = {'grass', 'sand', 'brick', 'water', 'sky', 'landscape', 'tiles', 'blur', 'mottled'}
+    assert set(read_voc(str(objects_world / 'attributes' / 'background'), 'test')[2]) <= kinds
+    assert set(read_voc(str(objects_world / 'attributes' / 'texture'), 'test')[2]) <= {
+        'wood', 'marble', 'weave', 'fur', 'metal', 'speckle', 'stripes', 'spots'}
+    # --attributes_only on this world's own scenes writes the same files
+    shutil.copytree(objects_world / 'VOC2007', tmp_path / 'VOC2007')
+    run('dev/objects_world.py', f'--out={tmp_path}', '--attributes_only', '--min_positives=1')
+    assert snapshot(tmp_path / 'attributes') == snapshot(objects_world / 'attributes')
