@@ -122,8 +122,7 @@ def bench_train(name, dtype, loader=None):
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last)
     flops = model.flops_per_image(size) if device_type == 'cuda' else None
-    sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9,
-                          **({'fused': True} if device_type == 'cuda' else {'foreach': True}))
+    sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9, fused=True)  # as train.py
     optimizer = LookAhead(sgd, 5, 0.5)
     step_model = torch.compile(model) if compile else model
     images, tokens = random_batch(cfg, size, B)

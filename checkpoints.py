@@ -1,7 +1,8 @@
 """
 Every weight file this project reads, read as untrusted input (torch.load with weights_only=True): its own
 train.py checkpoints, those of the official VirTex code (kdexd/virtex), and the torchvision, MoCo and VISSL
-backbones that evaluate.py and probe.py judge.
+backbones that evaluate.py and probe.py judge. And the folder a train.py run writes its checkpoints into:
+claim_run_folder takes its lock and refuses to replace a run by mistake.
 
     from checkpoints import load_model, load_official
     model = load_model('out/ckpt.pt')                          # a train.py checkpoint, any pretext
@@ -18,13 +19,17 @@ backbone means anything). Errors are ValueErrors (FileNotFoundError for a missin
 Imports torch, torchvision and model.py only.
 """
 
+import atexit
+import os
 import pickle
 import re
+import socket
 
 import torch
 import torch.nn as nn
 import torchvision
 
+from configurator import write_atomically
 from model import VirTex, VirTexConfig
 
 
@@ -254,3 +259,68 @@ def vissl_trunk(state, path: str) -> dict:
         raise ValueError(f"{path}: not a VISSL checkpoint (expected classy_state_dict -> base_model -> model -> "
                          f"trunk, or model_state_dict, with {prefix}* keys)")
     return {k[len(prefix):]: v for k, v in trunk.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the folder of a training run: one run at a time, and never a run replaced by mistake
+
+RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')
+
+
+def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False, auto: bool = False) -> str:
+    """Make out_dir ready for a train.py run: take its lock (out_dir/.lock, released when the process exits), clear
+    the temporary files of saves that were killed, and for a scratch run refuse a folder that holds a run, unless
+    `overwrite` (then its files go) or `auto` and it holds only the log of a run that died before its first save.
+    Returns a note to print, or ''. ValueError with one line if refused."""
+    os.makedirs(out_dir, exist_ok=True)
+    note = take_lock(os.path.join(out_dir, '.lock'))
+    for name in os.listdir(out_dir):
+        if any(name.startswith(f'{run_file}.tmp') for run_file in RUN_FILES):
+            os.remove(os.path.join(out_dir, name))
+    earlier = [os.path.join(out_dir, name) for name in RUN_FILES
+               if os.path.exists(os.path.join(out_dir, name)) and os.path.getsize(os.path.join(out_dir, name))]
+    if auto and earlier == [os.path.join(out_dir, 'log.jsonl')]:
+        earlier = []
+    if scratch and earlier and not overwrite:
+        raise ValueError(f"{out_dir} holds a run ({', '.join(map(os.path.basename, earlier))}): resume it with "
+                         f"--init_from=resume, write elsewhere with --out_dir, or replace it with --overwrite=True")
+    if scratch:
+        for path in earlier:
+            os.remove(path)
+    return note
+
+
+def take_lock(lock_path: str) -> str:
+    """Create the lock file (pid and host) atomically and whole: written beside it, then hard-linked to its name,
+    which fails if it exists. A live run's lock is refused (ValueError); a lock left by an ended process on this
+    host is taken over (the returned note says so)."""
+    mine, note = f"{lock_path}.{os.getpid()}", ''
+    write_atomically(mine, lambda f: f.write(f"{os.getpid()} {socket.gethostname()}\n"), mode='w')
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, lock_path)
+            except FileExistsError:
+                with open(lock_path) as f:
+                    pid, _, host = f.read().strip().partition(' ')
+                if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+                    note = f"{lock_path} was left by pid {pid}, which has ended: taking it over"
+                    os.remove(lock_path)
+                    continue
+                raise ValueError(f"{os.path.dirname(lock_path)} is in use by another run (pid {pid} on {host}, "
+                                 f"{lock_path}); wait for it, write elsewhere with --out_dir, or remove {lock_path} "
+                                 f"if no run is using it") from None
+            atexit.register(os.remove, lock_path)
+            return note
+    finally:
+        os.remove(mine)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

@@ -27,11 +27,13 @@ Errors exit with a one-line message naming the key or file.
 (ValueError, OSError) whose message names the file; a script wraps its loading steps in it, and such an
 exception ends the script with one line `error: <message>`, not a traceback. `write_atomically()` is
 how every file the project writes is written: to a temporary file, then renamed over the target, so a
-crash or a full disk leaves the previous file intact and never half a file.
+crash or a full disk leaves the previous file intact and never half a file; `JsonLog` appends whole lines.
 """
 
 import ast
 import difflib
+import errno
+import json
 import math
 import os
 import sys
@@ -207,3 +209,31 @@ def write_atomically(path: str, write, mode: str = 'wb') -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
 
+
+
+class JsonLog:
+    """A log of one JSON record per line (train.py's log.jsonl), appended with one write() per record. A record
+    that does not fit (a full disk) leaves no cut line behind, and a line cut by an earlier crash is ended before
+    the first new record, so every line a reader meets is whole."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size:
+            with open(path, 'rb') as f:
+                f.seek(size - 1)
+                if f.read(1) != b'\n':
+                    self.write(b'\n')
+
+    def append(self, record: dict) -> None:
+        self.write((json.dumps(record) + '\n').encode())
+
+    def write(self, data: bytes) -> None:
+        size = os.fstat(self.fd).st_size
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # only part of it fit
+        except OSError as e:
+            os.ftruncate(self.fd, size)
+            raise OSError(f"{self.path}: cannot write ({e.strerror})") from None

@@ -1250,6 +1250,7 @@ def test_coco_dataset_and_collate(shapes):
     images, padded, errors = collate([a, short[(0, 3)], {'error': 'x.jpg: broken'}])
     assert images.shape == (2, 3, 48, 48) and padded.shape == (2, len(a['tokens'])) and errors == ['x.jpg: broken']
     assert padded[1, len(tokens):].eq(0).all()
+    assert collate([a], pad_to=30)[1].shape == (1, 30), 'one shape for torch.compile'
     val = CocoCaptions(str(shapes / 'coco'), 'val2017', tok, 48, 30, train=False, seed=0)
     assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), 'eval transform is deterministic'
 

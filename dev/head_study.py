@@ -27,6 +27,9 @@ The rungs (each adds one change to the previous one):
   bicaptioning    + the backward decoder: the VirTex head as config/shapes.py trains it
   paper_init      the same with the paper's init (std 0.02), dropout 0.1 and one learning rate for head and backbone
   sorted_names    bicaptioning with each caption replaced by the sorted names of the image's categories
+  cappa           bicaptioning's forward decoder alone, with CapPa's parallel prediction: 75 % of the captions are
+                  predicted all at once from [MASK] inputs (train.py --pretext=cappa); its text-only reference mixes
+                  the same shares of the per-position word frequencies and the text-only decoder
 """
 import math
 import os
@@ -49,7 +52,7 @@ from tokenizer import Tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 data = 'data/shapes'        # the shapes world (data/shapes/prepare.py) and its vocabulary data/shapes/vocab.model
-rungs = 'labels,category_words,caption_words,shallow,decoder,cross_attention,bicaptioning,paper_init,sorted_names'
+rungs = 'labels,category_words,caption_words,shallow,decoder,cross_attention,bicaptioning,paper_init,sorted_names,cappa'
 steps = 400
 batch_size = 64
 lr = 2e-3                   # AdamW, backbone
@@ -65,7 +68,7 @@ val_images = 512            # validation captions for the losses
 configure(globals())
 torch.set_num_threads(os.cpu_count() or 1)
 RUNGS = ['labels', 'category_words', 'caption_words', 'shallow', 'decoder', 'cross_attention', 'bicaptioning',
-         'paper_init', 'sorted_names']
+         'paper_init', 'sorted_names', 'cappa']
 chosen = rungs.split(',')
 unknown = [r for r in chosen if r not in RUNGS]
 if unknown:
@@ -136,7 +139,8 @@ class Head(nn.Module):
         self.rung = rung
         paper = rung == 'paper_init'
         self.caption = rung not in ('labels', 'category_words', 'caption_words')
-        pretext = 'bicaptioning' if rung in ('bicaptioning', 'paper_init', 'sorted_names') else 'captioning'
+        pretext = 'bicaptioning' if rung in ('bicaptioning', 'paper_init', 'sorted_names') else \
+            'cappa' if rung == 'cappa' else 'captioning'
         cfg = VirTexConfig(visual='resnet18', vocab_size=len(tok), n_layer=1, n_embd=n_embd, n_head=n_head,
                            dropout=0.1 if paper else dropout, pretext=pretext,
                            zero_init_residual=False, init_std=0.02 if paper else init_std)
@@ -175,6 +179,8 @@ class Head(nn.Module):
             real = tokens[:, 1:] != 0
             return F.cross_entropy(m.lm_head(x[real]), tokens[:, 1:][real])
         loss, parts = m.losses(m.project(grid), tokens)
+        if self.rung == 'cappa':  # per target already: the mean over both modes' targets (in eval, their mix)
+            return loss
         return loss / len(parts)  # per direction, so that every rung's loss is per target
 
 
@@ -198,7 +204,18 @@ def text_only_loss(train_rows, val_rows, rung):
                 mean[i] += 1 / (len(ids) * len(rows))
         losses = [-sum(math.log(mean.get(i, 1e-6)) for i in ids) / len(ids) for ids in val_rows if ids]
         return float(np.mean(losses))
-    return text_only_decoder(train_rows, val_rows)[rung in ('bicaptioning', 'paper_init', 'sorted_names')]
+    forward, both_directions = text_only_decoder(train_rows, val_rows)
+    if rung == 'cappa':  # its eval loss mixes the modes: 0.75 parallel, 0.25 forward captioning
+        return 0.75 * position_frequencies_loss(train_rows, val_rows) + 0.25 * forward
+    return both_directions if rung in ('bicaptioning', 'paper_init', 'sorted_names') else forward
+
+
+def position_frequencies_loss(train_rows, val_rows):
+    """The best image-blind parallel predictor: each position's word frequencies in the training captions."""
+    counts = Counter((t, i) for ids in train_rows for t, i in enumerate(ids[1:]))
+    totals = Counter(t for ids in train_rows for t in range(len(ids) - 1))
+    losses = [-math.log(max(counts[(t, i)], 1e-6) / totals[t]) for ids in val_rows for t, i in enumerate(ids[1:])]
+    return float(np.mean(losses))
 
 
 TEXT_ONLY = {}

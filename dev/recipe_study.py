@@ -39,6 +39,8 @@ VARIANTS = {
     'bf16_1000_no_lookahead': OLD + ['--dtype=bfloat16', '--max_iters=1000', '--lookahead_alpha=1.0'],
     'bf16_b32_2000': OLD + ['--dtype=bfloat16', '--max_iters=2000', '--batch_size=32'],
     'bf16_b16_4000': OLD + ['--dtype=bfloat16', '--max_iters=4000', '--batch_size=16'],
+    'bf16_b128_1250': OLD + ['--dtype=bfloat16', '--max_iters=1250', '--batch_size=128'],
+    'bf16_b256_625': OLD + ['--dtype=bfloat16', '--max_iters=625', '--batch_size=256'],
 }
 rest = configure(globals())
 if rest:
