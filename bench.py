@@ -274,7 +274,7 @@ def bench_caption(name):
 
 
 def bench_svm():
-    from evaluate import cg_dtype, train_and_test_svms
+    from evaluate import svm_products_dtype, train_and_test_svms
     g = torch.Generator().manual_seed(seed)
     C, D = 20, 2048
     # VOC07-like stand-ins: nonnegative, L2-normalized, correlated features with a class signal
@@ -288,7 +288,7 @@ def bench_svm():
     test_x, test_y = features(4952)
     reset_peak_memory()
     t0 = time.perf_counter()
-    products = cg_dtype(device)  # as evaluate.py's default
+    products = svm_products_dtype(device)  # as evaluate.py's default
     test_ap, _, _ = train_and_test_svms(train_x, train_y, test_x, test_y, cg_dtype=products)
     sync()
     dt = time.perf_counter() - t0

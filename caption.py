@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoints import load_model, load_official
+from checkpoints import load_checkpoint, load_official
 from cider import score
 from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split, to_uint8_tensor
 from configurator import NON_NEGATIVE, POSITIVE, PROBABILITY, configure, one_line_errors, write_atomically
@@ -77,26 +77,26 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candida
     added, so nothing live can overtake it).
     """
     cfg = model.config
-    B, K, dev = memory.shape[0], beam_size, memory.device
+    B, K, device = memory.shape[0], beam_size, memory.device
     max_steps = min(max_steps, cfg.max_len)  # positions beyond max_len have no embedding
     # step 1: every beam starts from [SOS]: decode it once per image and take the K best words
-    logp, cache = model.decode_step(memory, torch.full((B,), cfg.sos_id, device=dev))  # (B, V)
+    logp, cache = model.decode_step(memory, torch.full((B,), cfg.sos_id, device=device))  # (B, V)
     scores, words = logp.topk(K, dim=-1)  # (B, K)
     tokens = words.unsqueeze(-1)  # (B, K, t) the words so far
     finished = words == cfg.eos_id  # (B, K)
-    active = torch.ones(B, dtype=torch.bool, device=dev)  # images still searching
+    active = torch.ones(B, dtype=torch.bool, device=device)  # images still searching
     alive = ~finished
-    cache = VirTex.select_cache(cache, torch.arange(B, device=dev).repeat_interleave(K)[alive.flatten()])
+    cache = VirTex.select_cache(cache, torch.arange(B, device=device).repeat_interleave(K)[alive.flatten()])
     for _ in range(1, max_steps):
         if not alive.any():
             break
         last = tokens[..., -1][alive]  # (R,) one row per live beam, in (image, beam) order
         logp, cache = model.decode_step(None, last, cache)  # (R, V)
-        logp[torch.arange(len(last), device=dev), last] = -math.inf  # no word twice in a row
+        logp[torch.arange(len(last), device=device), last] = -math.inf  # no word twice in a row
         top_logp, top_words = logp.topk(candidates_per_beam, dim=-1)  # (R, C)
         C = candidates_per_beam
-        cand_scores = torch.full((B, K, C), -math.inf, device=dev)
-        cand_words = torch.full((B, K, C), cfg.pad_id, dtype=torch.long, device=dev)
+        cand_scores = torch.full((B, K, C), -math.inf, device=device)
+        cand_words = torch.full((B, K, C), cfg.pad_id, dtype=torch.long, device=device)
         cand_scores[alive] = scores[alive].unsqueeze(-1) + top_logp
         cand_words[alive] = top_words
         cand_scores[..., 0] = torch.where(finished, scores, cand_scores[..., 0])  # finished beams stand still
@@ -110,12 +110,12 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candida
         best_live = torch.where(finished, -math.inf, scores).amax(1)
         active &= best_finished < best_live
         # the cache rows of the new live beams are their parents' rows among the old live rows
-        row_of = torch.full((B, K), -1, dtype=torch.long, device=dev)
-        row_of[alive] = torch.arange(int(alive.sum()), device=dev)
+        row_of = torch.full((B, K), -1, dtype=torch.long, device=device)
+        row_of[alive] = torch.arange(int(alive.sum()), device=device)
         alive = ~finished & active.unsqueeze(-1)
         cache = VirTex.select_cache(cache, row_of.gather(1, parent)[alive])
-    best = tokens[torch.arange(B, device=dev), scores.argmax(-1)]  # (B, t)
-    return [strip(row.tolist(), cfg) for row in best]
+    best = tokens[torch.arange(B, device=device), scores.argmax(-1)]  # (B, t)
+    return [words_until_eos(row.tolist(), cfg) for row in best]
 
 
 @torch.no_grad()
@@ -123,7 +123,7 @@ def parallel_decode(model: VirTex, memory: torch.Tensor) -> list[list[int]]:
     """cappa's parallel mode: every position's most likely id at once from [MASK] inputs, up to the first
     [EOS]. One decoder pass; shows what the backbone and decoder read from the image with no words given."""
     ids = model.parallel_logits(memory).argmax(-1)  # (B, max_len - 1)
-    return [strip(row, model.config) for row in ids.tolist()]
+    return [words_until_eos(row, model.config) for row in ids.tolist()]
 
 
 @torch.no_grad()
@@ -131,16 +131,16 @@ def sample(model: VirTex, memory: torch.Tensor, top_p: float = 0.9, temperature:
            max_steps: int = 30, generator: torch.Generator | None = None) -> list[list[int]]:
     """Nucleus sampling: draw each word from the smallest set of words whose probability reaches top_p."""
     cfg = model.config
-    B, dev = memory.shape[0], memory.device
-    last = torch.full((B,), cfg.sos_id, device=dev)
+    B, device = memory.shape[0], memory.device
+    last = torch.full((B,), cfg.sos_id, device=device)
     logp, cache = model.decode_step(memory, last)
-    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
     n_steps = min(max_steps, cfg.max_len)  # as in beam_search: the last word is predicted at position max_len - 1
     for step in range(n_steps):
         logits = logp / temperature  # log-probs differ from logits by a per-row constant
         if step > 0:
-            logits[torch.arange(B, device=dev), last] = -math.inf  # no word twice in a row
+            logits[torch.arange(B, device=device), last] = -math.inf  # no word twice in a row
         probs = logits.softmax(-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this word already reaches p
@@ -153,10 +153,10 @@ def sample(model: VirTex, memory: torch.Tensor, top_p: float = 0.9, temperature:
             break  # the next position would be max_len, which has no embedding
         last = word
         logp, cache = model.decode_step(None, word, cache)
-    return [strip(row, cfg) for row in torch.stack(out, 1).tolist()]
+    return [words_until_eos(row, cfg) for row in torch.stack(out, 1).tolist()]
 
 
-def strip(ids: list[int], cfg) -> list[int]:
+def words_until_eos(ids: list[int], cfg) -> list[int]:
     """Words of a decoded row: up to the first [EOS], padding dropped."""
     ids = ids[:ids.index(cfg.eos_id)] if cfg.eos_id in ids else ids
     return [i for i in ids if i != cfg.pad_id]
@@ -233,21 +233,25 @@ def main():
     # the model and its tokenizer
     if bool(ckpt) == bool(official):
         raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH (kdexd/virtex)")
-    model = load_model(ckpt, device) if ckpt else load_official(official, device)
+    if ckpt:
+        model, saved = load_checkpoint(ckpt)
+        model, trained = model.to(device).eval(), saved.get('config', {})  # the training run's settings
+    else:
+        model, trained = load_official(official, device), {}
     source = ckpt or official
     if not model.config.captions:
         raise SystemExit(f"error: {source}: a {model.config.pretext} checkpoint has no caption decoder; captions need "
                          f"a bicaptioning, captioning or cappa one (evaluate.py takes the backbone of any)")
     if parallel and model.config.pretext != 'cappa':
         raise SystemExit(f"error: --parallel=True needs a cappa checkpoint; {source} is {model.config.pretext}")
-    tokenizer_path = tokenizer or model.train_config.get('tokenizer', '')
+    tokenizer_path = tokenizer or trained.get('tokenizer', '')
     if not tokenizer_path:
         raise SystemExit(f"error: {source} names no tokenizer: pass --tokenizer=PATH.model")
     tok = Tokenizer(tokenizer_path)
     if len(tok) != model.config.vocab_size:
         raise SystemExit(f"error: tokenizer {tokenizer_path} has {len(tok)} pieces but {source} was trained with "
                          f"{model.config.vocab_size}")
-    image_size = image_size or model.train_config.get('image_size', 224)
+    image_size = image_size or trained.get('image_size', 224)
 
     # the images: files and folders from the command line, or a COCO split
     references = None

@@ -52,12 +52,12 @@ def load_file(path: str):
 
 def load_model(path: str, device='cpu') -> VirTex:
     """A train.py checkpoint as a model in eval mode; ValueError naming the file if it is not one."""
-    return load_checkpoint(path)[0].to(device).eval()
+    return load_checkpoint(path)[0].to(device).eval()  # its run's config: load_checkpoint(path)[1]['config']
 
 
 def load_checkpoint(path: str) -> tuple[VirTex, dict]:
-    """A train.py checkpoint as (model with its weights, the whole checkpoint dict): the one loading path
-    of evaluate.py, caption.py and train.py's resume."""
+    """A train.py checkpoint as (model with its weights, the whole checkpoint dict, whose 'config' is the run's):
+    the one loading path of evaluate.py, caption.py and train.py's resume."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
         raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected 'model' and "
@@ -68,7 +68,6 @@ def load_checkpoint(path: str) -> tuple[VirTex, dict]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
     load_strict(model, ckpt['model'], path)
-    model.train_config = ckpt.get('config', {})
     return model, ckpt
 
 
@@ -114,12 +113,15 @@ def load_official(path: str, device='cpu') -> VirTex:
     return model.to(device).eval()
 
 
-def infer_resnet(visual: dict, path: str) -> str:
-    try:
-        blocks = tuple(1 + max(int(k.split('.')[1]) for k in visual if k.startswith(f'layer{i}.')) for i in range(1, 5))
-        key = (blocks, 'layer1.0.conv3.weight' in visual, visual['layer1.0.conv1.weight'].shape[0])
-    except (ValueError, KeyError):
-        raise ValueError(f"checkpoint {path}: no ResNet layer1..layer4 weights found") from None
+def infer_resnet(backbone: dict, path: str) -> str:
+    """The torchvision name of the ResNet whose state dict this is, from its blocks per stage and their kind."""
+    blocks = []
+    for stage in ('layer1.', 'layer2.', 'layer3.', 'layer4.'):
+        indices = [int(k.split('.')[1]) for k in backbone if k.startswith(stage)]
+        if not indices or 'layer1.0.conv1.weight' not in backbone:
+            raise ValueError(f"checkpoint {path}: no ResNet layer1..layer4 weights found")
+        blocks.append(max(indices) + 1)
+    key = (tuple(blocks), 'layer1.0.conv3.weight' in backbone, backbone['layer1.0.conv1.weight'].shape[0])
     if key not in RESNETS:
         raise ValueError(f"checkpoint {path}: unknown ResNet layout {key}")
     return RESNETS[key]
@@ -138,20 +140,20 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
     if isinstance(state.get('model'), dict):
         state = state['model']
     if any(k.startswith('visual.cnn.') for k in state):
-        visual = {k[len('visual.cnn.'):]: v for k, v in state.items() if k.startswith('visual.cnn.')}
+        backbone = {k[len('visual.cnn.'):]: v for k, v in state.items() if k.startswith('visual.cnn.')}
     elif 'conv1.weight' in state:  # backbone-only file, e.g. the official torch.hub backbone
-        visual = dict(state)
+        backbone = dict(state)
     else:
         raise ValueError(f"checkpoint {path}: neither an official VirTex checkpoint (visual.cnn.*) "
                          f"nor a ResNet backbone file (conv1.weight)")
-    visual = {k: v for k, v in visual.items() if not k.startswith('fc.')}
-    ours = {'visual.' + k: v for k, v in visual.items()}
+    backbone = {k: v for k, v in backbone.items() if not k.startswith('fc.')}
+    ours = {'visual.' + k: v for k, v in backbone.items()}
     if 'textual.embedding.words.weight' not in state:
-        return VirTexConfig(visual=infer_resnet(visual, path)), ours  # backbone only: the head stays random
+        return VirTexConfig(visual=infer_resnet(backbone, path)), ours  # backbone only: the head stays random
 
     V, H = state['textual.embedding.words.weight'].shape
     n_layer = len({k.split('.')[3] for k in state if k.startswith('textual.transformer.layers.')})
-    cfg = VirTexConfig(visual=infer_resnet(visual, path), vocab_size=V, n_layer=n_layer, n_embd=H,
+    cfg = VirTexConfig(visual=infer_resnet(backbone, path), vocab_size=V, n_layer=n_layer, n_embd=H,
                        n_head=max(1, H // 64), max_len=state['textual.embedding.positions.weight'].shape[0],
                        pretext='bicaptioning' if any(k.startswith('backward_textual.transformer.') for k in state) else 'captioning',
                        norm_first='textual.transformer.norm.weight' in state)
@@ -199,12 +201,14 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
     """
     if bool(ckpt) + bool(init) != 1:
         raise ValueError("give exactly one weight source: --ckpt=PATH or --init=random|torchvision:PATH|"
-                         "virtex:PATH|moco:PATH|vissl:PATH (or --features=PATH.npz to skip the images)")
-    arch, state, source, size = visual, None, ckpt or init.partition(':')[2], image_size
+                         "virtex:PATH|moco:PATH|vissl:PATH")
+    arch, size = visual, image_size
+    state = None  # None: the random init of `arch`
+    source = ckpt or init.partition(':')[2]  # the file to read
     if ckpt:
-        model = load_model(ckpt)
+        model, saved = load_checkpoint(ckpt)
         arch, state = model.config.visual, model.backbone_state_dict()
-        size = size or model.train_config.get('image_size', 224)  # features at the resolution it was trained at
+        size = size or saved.get('config', {}).get('image_size', 224)  # features at the resolution it was trained at
     elif init.startswith('virtex:'):
         model = load_official(source)
         arch, state = model.config.visual, model.backbone_state_dict()
@@ -219,7 +223,8 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
         state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the classifier is not evaluated
     elif init.startswith('moco:'):  # {'state_dict': {'module.encoder_q.<torchvision key>': ...}, ...}
         state = load_file(source)
-        state, prefix = state.get('state_dict') if isinstance(state, dict) else None, 'module.encoder_q.'
+        prefix = 'module.encoder_q.'
+        state = state.get('state_dict') if isinstance(state, dict) else None
         if not isinstance(state, dict) or not any(k.startswith(prefix) for k in state):
             raise ValueError(f"{source}: not a MoCo checkpoint (expected 'state_dict' with {prefix}* keys)")
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}

@@ -294,7 +294,9 @@ def shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     is_g = (g - top).mul_(1e7).add_(1).clamp_(min=0).mul_(1 - is_r)
     is_b = 1 - is_r - is_g
     # the hue in sixths of a turn: (g - b) / C where r is the max, 2 + (b - r) / C for g, 4 + (r - g) / C for b
-    hue6 = (g - b).mul_(is_r).add_((b - r).add_(chroma, alpha=2).mul_(is_g)).add_((r - g).add_(chroma, alpha=4).mul_(is_b))
+    hue6 = (g - b).mul_(is_r)
+    hue6.add_((b - r).add_(chroma, alpha=2).mul_(is_g))
+    hue6.add_((r - g).add_(chroma, alpha=4).mul_(is_b))
     hue6.div_(chroma.clamp_min(1e-6)).add_(6 * shift)  # in [-1.6, 5.6]
     k = HUE_SECTORS + hue6  # (3, S, S) in [-0.6, 10.6]
     k.sub_(k.div(6).floor_().mul_(6))  # mod 6

@@ -43,7 +43,7 @@ num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)  # DataLoader processes 
 log_interval: NON_NEGATIVE = 10  # print extraction progress every this many batches (0: never)
 device = 'cuda' if torch.cuda.is_available() else 'cpu'  # also where the SVMs are solved
 dtype: Literal['float32', 'bfloat16', 'float16'] = 'float32'  # extraction precision (autocast): upstream's fp32
-svm_dtype: Literal['auto', 'float32', 'bfloat16'] = 'auto'  # the SVM solver's CG products (see cg_dtype)
+svm_dtype: Literal['auto', 'float32', 'bfloat16'] = 'auto'  # the SVM solver's CG products (see svm_products_dtype)
 features = ''           # an .npz from --save_features: skip the images, train and test SVMs only
 save_features = ''      # write the extracted features here (.npz: train_x, train_y, test_x, test_y, class_names)
 out_json = ''           # also write the per-class table and mAP here
@@ -197,7 +197,7 @@ def stratified_folds(labels: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
     return folds
 
 
-def cg_dtype(device, choice: str = 'auto') -> torch.dtype:
+def svm_products_dtype(device, choice: str = 'auto') -> torch.dtype:
     """The precision of fit_svms' CG products. auto: bfloat16 where the hardware multiplies it natively
     (model.native_bf16; its GEMMs ran 3.8x faster than float32 on the development machine's AMX), else float32.
     On VOC-like features it changed no chosen cost and no class AP by more than 0.011."""
@@ -235,8 +235,10 @@ def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS, cg_dt
             for k in range(K):
                 cv_ap[c, k] += average_precision(scores[held_out, f, c, k], y[held_out, c]) / N_FOLDS
     best = cv_ap.argmax(1)            # the first of equal means, like upstream's strict '>' over increasing C
-    refit = (N_FOLDS, torch.arange(C, device=dev), best.to(dev))
-    test_scores = test_x @ w.view(-1, S, C, K)[(slice(None), *refit)] + b.view(S, C, K)[refit]   # (M, C)
+    classes, costs = torch.arange(C, device=dev), best.to(dev)
+    chosen_w = w.view(-1, S, C, K)[:, N_FOLDS, classes, costs]  # (D, C): each class's refit at its chosen cost
+    chosen_b = b.view(S, C, K)[N_FOLDS, classes, costs]         # (C,)
+    test_scores = test_x @ chosen_w + chosen_b                                         # (M, C)
     test_ap = torch.zeros(C)
     for c in range(C):
         judged = test_y[:, c] != 0    # difficult images don't count
@@ -385,7 +387,7 @@ def main():
             write_atomically(save_features, lambda f: np.savez(f, **arrays))
             print(f"saved features to {save_features}")
 
-    t0, products = time.time(), cg_dtype(device, svm_dtype)
+    t0, products = time.time(), svm_products_dtype(device, svm_dtype)
     test_ap, best, cv_ap = train_and_test_svms(train_x.to(device, torch.float32), train_y.to(device),
                                                test_x.to(device, torch.float32), test_y.to(device), cg_dtype=products)
     print(f"SVMs: {len(class_names)} classes x {len(SVM_COSTS)} costs x {N_FOLDS + 1} fits in {time.time() - t0:.1f}s "

@@ -199,7 +199,6 @@ class VirTex(nn.Module):
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
         self.config = cfg
-        self.train_config = {}  # the training run's config, filled by checkpoints.load_checkpoint
         # zero_init_residual: each block starts as identity, which helps training from scratch.
         # At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only strided 1x1
         # shortcuts, so the caption loss barely reaches the convolutions: the demo turns it off.

@@ -1420,7 +1420,6 @@ def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
     path = tmp_path / 'ckpt.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 64}}, path)
     loaded = load_model(path)
-    assert loaded.train_config == {'image_size': 64}
     images, tokens = tiny_batch()
     with torch.no_grad():
         memory = model.project(model.encode_images(images))
@@ -1882,10 +1881,10 @@ def test_fit_svms_float32_and_leaving_out_equals_dropping():
     assert (svm_gradient(w16, b16, x.float(), y.float(), cost.float()).norm(dim=0) <= 1e-4 * grad0).all()
     scores16 = (x.float() @ w16 + b16).double()
     assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), (scores16 - scores64).abs().max()
-    from evaluate import cg_dtype
-    assert cg_dtype('cpu', 'float32') == torch.float32 and cg_dtype('cpu') in (torch.float32, torch.bfloat16)
+    from evaluate import svm_products_dtype
+    assert svm_products_dtype('cpu', 'float32') == torch.float32 and svm_products_dtype('cpu') in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match='--svm_dtype=fp8: expected auto, float32 or bfloat16'):
-        cg_dtype('cpu', 'fp8')
+        svm_products_dtype('cpu', 'fp8')
     # a sample with cost 0 is out of the problem: the same as solving without its row
     kept = cost[:, 2] > 0
     w_sub, b_sub = fit_svms(x[kept], y[kept, 2:3], cost[kept, 2:3], tol=1e-10)
@@ -2200,14 +2199,15 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
     import caption
-    from checkpoints import load_model
+    from checkpoints import load_checkpoint
     from coco import load_eval_image
     from tokenizer import Tokenizer
-    model = load_model(tiny_ckpt)  # the same caption in-process, to know its ids
+    model, saved = load_checkpoint(tiny_ckpt)  # the same caption in-process, to know its ids
+    model.eval()
     with torch.no_grad():
-        image = load_eval_image(str(val / files[0]), model.train_config['image_size'])
+        image = load_eval_image(str(val / files[0]), saved['config']['image_size'])
         ids = caption.beam_search(model, model.project(model.encode_images(caption.to_tensor([image]))), beam_size=2)[0]
-    assert lines[0].split('\t')[1] == Tokenizer(model.train_config['tokenizer']).decode(ids)
+    assert lines[0].split('\t')[1] == Tokenizer(saved['config']['tokenizer']).decode(ids)
     figure = Image.open(tmp_path / 'att' / files[0].replace('.jpg', '.png'))
     panels = 1 + min(len(ids) + 1, model.config.max_len)  # the image, each word and [EOS]
     assert figure.size == (min(panels, 6) * 160, math.ceil(panels / 6) * 180)
@@ -2263,6 +2263,42 @@ def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
     proc = run('caption.py', image, check=False)
     assert proc.returncode != 0 and 'give exactly one of --ckpt' in proc.stderr
 
+
+
+def test_cappa_captions_both_ways_and_parallel_needs_cappa(shapes, tiny_ckpt, tmp_path):
+    """A cappa checkpoint captions with the cached beam search, and with --parallel=True in one pass from [MASK]
+    inputs: argmax per position, cut at the first [EOS], as model.parallel_logits computes it."""
+    import caption
+    from checkpoints import load_checkpoint
+    from coco import load_eval_image
+    from tokenizer import Tokenizer
+    run(*train_args(shapes, tmp_path / 'cappa', '--max_iters=6', '--warmup_iters=2', '--pretext=cappa', '--lr=3e-3'))
+    ckpt, val = tmp_path / 'cappa' / 'ckpt.pt', shapes / 'coco' / 'val2017'
+    files = [str(val / f) for f in sorted(os.listdir(val))[:2]]
+    beam = run('caption.py', f'--ckpt={ckpt}', *files).stdout.strip().splitlines()
+    parallel = run('caption.py', f'--ckpt={ckpt}', '--parallel=True', *files).stdout.strip().splitlines()
+    assert [line.split('\t')[0] for line in beam + parallel] == files + files
+    model, saved = load_checkpoint(ckpt)
+    model.eval()
+    with torch.no_grad():
+        memory = model.project(model.encode_images(caption.to_tensor([load_eval_image(files[0], 32)])))
+        ids = model.parallel_logits(memory)[0].argmax(-1).tolist()
+    ids = ids[:ids.index(2)] if 2 in ids else ids
+    assert parallel[0].split('\t')[1] == Tokenizer(saved['config']['tokenizer']).decode([i for i in ids if i])
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--parallel=True', files[0], check=False)
+    assert proc.returncode != 0 and proc.stderr.strip() == \
+        f'error: --parallel=True needs a cappa checkpoint; {tiny_ckpt} is bicaptioning'
+
+
+def test_a_tokenizer_without_the_special_pieces_is_refused(tmp_path):
+    """[SOS], [EOS] and [MASK] (cappa's and masked_lm's input) must sit at ids 1-3: tokenizer.py puts them there."""
+    import sentencepiece as spm
+    from tokenizer import Tokenizer
+    words = 'a red star on the left two blue circles above a green square'.split()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([' '.join(words[i:] + words[:i]) for i in range(12)]),
+                                   model_prefix=str(tmp_path / 'plain'), vocab_size=30, minloglevel=2)
+    with pytest.raises(ValueError, match=r'plain\.model: expected \[SOS\] at id 1'):
+        Tokenizer(tmp_path / 'plain.model')
 
 # ---- cider.py: CIDEr-D and the PTB tokenizer -------------------------------------------------
 

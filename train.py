@@ -255,9 +255,9 @@ def load_for_resume(path):
                          f"so the ids would mean other words)")
     if ckpt['train_subset'] != train_subset:  # --train_fraction or --seed changed: other images
         raise SystemExit(f"error: {path}: was trained on other images (--train_fraction="
-                         f"{model.train_config['train_fraction']}, --seed={model.train_config['seed']})")
-    if model.train_config['optimizer'] != optimizer:
-        raise SystemExit(f"error: {path}: was trained with --optimizer={model.train_config['optimizer']}, "
+                         f"{ckpt['config']['train_fraction']}, --seed={ckpt['config']['seed']})")
+    if ckpt['config']['optimizer'] != optimizer:
+        raise SystemExit(f"error: {path}: was trained with --optimizer={ckpt['config']['optimizer']}, "
                          f"not {optimizer}")
     if ckpt['iter_num'] >= max_iters:
         raise SystemExit(f"error: {path}: is at iteration {ckpt['iter_num']} already; give --max_iters above it "
@@ -575,37 +575,39 @@ for iter_num in range(start_iter, max_iters + 1):
     scaler.update()
     lookahead.zero_grad(set_to_none=True)
     step = iter_num + 1
-    if step % log_interval == 0 or step == max_iters:
-        losses = loss_sum / gradient_accumulation_steps
-        if ddp:  # a cappa mode that drew no caption on some process is NaN in the mean: shown as '-'
-            dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
-            dist.all_reduce(losses, op=dist.ReduceOp.AVG)
-        loss_value, *terms = losses.tolist()  # .tolist() waits for the device: the time below is honest
-        if nonfinite.item():
-            kept = f"the last good checkpoint stays at {ckpt_path}" if os.path.exists(ckpt_path) else \
-                "no checkpoint was written"
-            raise SystemExit(f"error: non-finite loss ({loss_value}) by iteration {step}; {kept}")
-    dt = time.perf_counter() - t0
-    window_time, window_steps = window_time + dt, window_steps + 1
-    if step % log_interval == 0 or step == max_iters:
-        ms = 1000 * window_time / window_steps
-        if step - start_iter > log_interval:  # the first window holds warm-up and compilation: not in the mean
-            run_time, run_steps = run_time + window_time, run_steps + window_steps
-        mean_ms = 1000 * run_time / run_steps if run_steps else ms
-        images_per_s = batch_size * 1000 / ms
-        mfu = '-'
-        if flops_per_image and run_steps:
-            mfu = f"{100 * flops_per_image * images_per_s / (peak_tflops * 1e12 * ddp_world_size):.1f}%"
-        eta_s = mean_ms / 1000 * (max_iters - step)
-        cut = {n: None if math.isnan(v) else v for n, v in zip(PART_NAMES, terms)}  # NaN: no caption of a mode
-        terms_text = ' '.join(f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in cut.items())
-        print0(f"iter {step}/{max_iters} | loss {loss_value:.3f} ({terms_text}) | lr cnn {cnn_lr * lr_mult:.2e} "
-               f"head {lr * lr_mult:.2e} | gnorm {grad_norm.item():.2f} | {ms:.0f}ms | {images_per_s:.0f} img/s | "
-               f"mfu {mfu} | mem {memory_gb():.1f}G | eta {int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m")
-        log({'event': 'train', 'iter': step, 'loss': loss_value, **{f'loss_{n}': v for n, v in cut.items()},
-             'lr_cnn': cnn_lr * lr_mult, 'lr_head': lr * lr_mult, 'grad_norm': grad_norm.item(), 'ms': ms,
-             'img_s': images_per_s, 'mem_gb': memory_gb(), 'time': time.time() - run_start})
-        window_time, window_steps = 0.0, 0
+    if step % log_interval and step != max_iters:  # not a log step: count its time and go on
+        window_time, window_steps = window_time + time.perf_counter() - t0, window_steps + 1
+        continue
+
+    # ------------------------------------------------------------------------------------------
+    # logging, every log_interval steps: the losses of this step, the time of the steps since the last log
+    losses = loss_sum / gradient_accumulation_steps
+    if ddp:  # a cappa mode that drew no caption on some process is NaN in the mean: shown as '-'
+        dist.all_reduce(nonfinite, op=dist.ReduceOp.MAX)
+        dist.all_reduce(losses, op=dist.ReduceOp.AVG)
+    loss_value, *terms = losses.tolist()  # .tolist() waits for the device: the window's time is honest
+    if nonfinite.item():
+        kept = f"the last good checkpoint stays at {ckpt_path}" if os.path.exists(ckpt_path) else \
+            "no checkpoint was written"
+        raise SystemExit(f"error: non-finite loss ({loss_value}) by iteration {step}; {kept}")
+    window_time, window_steps = window_time + time.perf_counter() - t0, window_steps + 1
+    ms = 1000 * window_time / window_steps
+    if step - start_iter > log_interval:  # the first window holds warm-up and compilation: not in the mean
+        run_time, run_steps = run_time + window_time, run_steps + window_steps
+    window_time, window_steps = 0.0, 0
+    images_per_s = batch_size * 1000 / ms
+    mfu = '-'
+    if flops_per_image and run_steps:
+        mfu = f"{100 * flops_per_image * images_per_s / (peak_tflops * 1e12 * ddp_world_size):.1f}%"
+    eta_s = (run_time / run_steps if run_steps else ms / 1000) * (max_iters - step)
+    cut = {n: None if math.isnan(v) else v for n, v in zip(PART_NAMES, terms)}  # NaN: no caption of a mode
+    terms_text = ' '.join(f"{n} {'-' if v is None else f'{v:.3f}'}" for n, v in cut.items())
+    print0(f"iter {step}/{max_iters} | loss {loss_value:.3f} ({terms_text}) | lr cnn {cnn_lr * lr_mult:.2e} "
+           f"head {lr * lr_mult:.2e} | gnorm {grad_norm.item():.2f} | {ms:.0f}ms | {images_per_s:.0f} img/s | "
+           f"mfu {mfu} | mem {memory_gb():.1f}G | eta {int(eta_s // 3600)}h{int(eta_s % 3600 // 60):02d}m")
+    log({'event': 'train', 'iter': step, 'loss': loss_value, **{f'loss_{n}': v for n, v in cut.items()},
+         'lr_cnn': cnn_lr * lr_mult, 'lr_head': lr * lr_mult, 'grad_norm': grad_norm.item(), 'ms': ms,
+         'img_s': images_per_s, 'mem_gb': memory_gb(), 'time': time.time() - run_start})
 
 steps = iter_num - start_iter
 if steps and master_process:

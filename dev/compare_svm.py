@@ -29,7 +29,7 @@ import warnings
 import numpy as np
 import torch
 
-from evaluate import SVM_COSTS, cg_dtype, load_features, train_and_test_svms
+from evaluate import SVM_COSTS, load_features, svm_products_dtype, train_and_test_svms
 
 # -----------------------------------------------------------------------------
 synthetic = 'A'        # A: mAP 85, mean cosine 0.62, mostly C=1; B: mAP 83, mean cosine 0.71, mostly C=10; C: hard, mAP 89
@@ -140,7 +140,7 @@ if __name__ == '__main__':
     print(f"features: {name}: trainval {train_x.shape}, test {test_x.shape}, mean cosine {cos:.2f}, "
           f"eigenvalues of [X 1]^T [X 1] from {eig[0]:.2e} to {eig[-1]:.2e}")
     args = [torch.from_numpy(a) for a in (train_x, train_y, test_x, test_y)]
-    products = cg_dtype('cpu', svm_dtype)
+    products = svm_products_dtype('cpu', svm_dtype)
     train_and_test_svms(*(a[:500] for a in args), cg_dtype=products)  # warm-up, untimed
     t_ours = {}
     for n_threads in sorted({1, torch.get_num_threads()}):  # 1 thread is the fair match for one LinearSVC process

@@ -4,7 +4,10 @@ The demo against an earlier version of itself, side by side on one machine: each
 
   python dev/demo_speed.py                                  # f9db9ea (fp32, batch 64, 2500 iterations) vs HEAD
   python dev/demo_speed.py --seeds=0,1 --before=f9db9ea --after=HEAD
+  python dev/demo_speed.py --pretrain_iters=200   # only each commit's pretraining, 200 iterations (minutes)
 
+With --pretrain_iters=N each commit's clone runs only its own `train.py config/shapes.py` for N iterations
+(after its demo generated the data and vocabulary once) and the ratio is of the ms/iteration.
 Prints, per commit and seed, the demo's total minutes, its pretraining minutes and img/s, and its VOC mAP gain
 over random init, then the ratio of the total times. Clones go to out/demo_speed/<commit>/ and are kept (their
 out/ holds the runs). Run nothing else meanwhile: the times are the point.
@@ -25,6 +28,7 @@ before = 'f9db9ea'          # the demo of fp32, batch 64, 2500 iterations (15.5 
 after = 'HEAD'
 seeds = '0'
 out_dir = 'out/demo_speed'
+pretrain_iters = 0          # > 0: time only this many pretraining iterations per commit
 # ----------------------------------------------------------------------------------------------
 if configure(globals()):
     raise SystemExit("error: this script takes only --key=value flags")
@@ -38,12 +42,36 @@ def summary_value(text, label):
     return match.group(1).strip()
 
 
-rows = []
-for commit in (before, after):
+def clone(commit):
     folder = os.path.join(HERE, out_dir, commit)
     if not os.path.exists(folder):
         subprocess.run(['git', 'clone', '--quiet', HERE, folder], check=True)
         subprocess.run(['git', '-C', folder, 'checkout', '--quiet', commit], check=True)
+    return folder
+
+
+if pretrain_iters > 0:
+    ms_per_iter = {}
+    for commit in (before, after):
+        folder = clone(commit)
+        if not os.path.exists(os.path.join(folder, 'data/shapes/vocab.model')):
+            raise SystemExit(f"error: {folder} has no data/shapes/vocab.model; run its demo once first")
+        args = ['train.py', 'config/shapes.py', f'--max_iters={pretrain_iters}', '--eval_interval=100000',
+                f'--out_dir=out/pretrain_{pretrain_iters}_{time.time():.0f}']
+        print(f"{commit}: python {' '.join(args)}", flush=True)
+        proc = subprocess.run([sys.executable, *args], cwd=folder, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"error: the pretraining of {commit} failed:\n{proc.stderr[-2000:]}")
+        done = re.findall(r'^done: .*', proc.stdout, re.M)[-1]
+        ms_per_iter[commit] = float(re.search(r'([0-9.]+) ms/iter', done).group(1))
+        print(f"  {done}", flush=True)
+    print(f"{before} {ms_per_iter[before]:.0f} ms/iter -> {after} {ms_per_iter[after]:.0f} ms/iter: "
+          f"{ms_per_iter[before] / ms_per_iter[after]:.2f}x faster")
+    raise SystemExit(0)
+
+rows = []
+for commit in (before, after):
+    folder = clone(commit)
     for seed in str(seeds).split(','):
         print(f"{commit}, seed {seed}: python demo.py --seed={seed}", flush=True)
         t0 = time.time()
