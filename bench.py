@@ -6,14 +6,15 @@ Measure every stage's speed and peak memory, for the CPU demo model and the pape
   python bench.py --stages=train,svm       # a subset: train, train_data, data, caption, svm, torchrun
   bash dev/gpu_check.sh                    # on a machine with one GPU: every GPU measurement, one table
 
-Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU, MFU, in each
-of `dtypes` (on a CPU with native bfloat16: float32 and bfloat16 side by side);
-the training data pipeline (decode, augment, tokenize, batch) in images/s of one DataLoader worker, from 640x480 JPEGs
-to 224 px and from the shapes world's 64 px JPEGs; beam-search captioning (beam 5) in captions/s with
-the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048 trainval, 4952 x 2048 test,
-20 classes, 4 costs, 3 folds + refit) in seconds; train_data: the training step fed by the real data path
-(640x480 JPEGs decoded and augmented by `data_workers` DataLoader workers), so the pipeline's ceiling shows;
-torchrun: train.py under a 1-process torchrun on a small shapes world (DDP, and compile where it is on).
+Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU,
+MFU, in each of `dtypes` (on a CPU with native bfloat16: float32 and bfloat16 side by side);
+the training data pipeline (decode, augment, tokenize, batch) in images/s of one DataLoader worker,
+from 640x480 JPEGs to 224 px and from the shapes world's 64 px JPEGs; beam-search captioning (beam
+5) in captions/s with the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048
+trainval, 4952 x 2048 test, 20 classes, 4 costs, 3 folds + refit) in seconds; train_data: the
+training step fed by the real data path (640x480 JPEGs decoded and augmented by `data_workers`
+DataLoader workers), so the pipeline's ceiling shows; torchrun: train.py under a 1-process torchrun
+on a small shapes world (DDP, and compile where it is on).
 Prints one table; nothing is stored.
 """
 
@@ -39,7 +40,8 @@ from model import VirTex, VirTexConfig, native_bf16
 
 # ----------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-dtypes = 'auto'             # training precisions to time, e.g. float32,bfloat16; auto: float32 and, where the
+# training precisions to time, e.g. float32,bfloat16; auto: float32 and, where the
+dtypes = 'auto'
                             # hardware has it, bfloat16 on a CPU; bfloat16 (else float16) on a GPU
 compile = torch.cuda.is_available()  # torch.compile the training step (GPU default)
 stages = 'train,data,caption,svm'
@@ -48,7 +50,8 @@ paper_batch = 0             # 0: 32 on a GPU (per GPU, as in the paper), 8 on a 
 shapes_batch = 64           # config/shapes.py
 warmup_steps = 3            # untimed steps first (compilation, allocator warm-up)
 timed_steps = 5
-data_images = 256           # images per data-pipeline measurement (the first batch of 32 is not timed)
+# images per data-pipeline measurement (the first batch of 32 is not timed)
+data_images = 256
 data_workers = min(8, os.cpu_count() or 1)  # DataLoader workers of the train_data stage
 torchrun_iters = 40         # iterations of the torchrun stage's run
 caption_images = 8          # images per beam-search batch
@@ -66,7 +69,8 @@ dtype_list = dtypes.split(',')
 
 
 def autocast(dtype):
-    return nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+    return nullcontext() if dtype == 'float32' else torch.autocast(device_type,
+                                                                   dtype=getattr(torch, dtype))
 
 
 paper_batch = paper_batch or (32 if device_type == 'cuda' else 8)
@@ -74,8 +78,10 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
 MODELS = {  # name: (model config, image size, training batch)
-    'shapes': (VirTexConfig(visual='resnet18', vocab_size=256, n_layer=1, n_embd=256, n_head=4), 64, shapes_batch),
-    'paper': (VirTexConfig(visual='resnet50', vocab_size=10000, n_layer=1, n_embd=2048, n_head=32), 224, paper_batch),
+    'shapes': (VirTexConfig(visual='resnet18', vocab_size=256, n_layer=1, n_embd=256, n_head=4), 64,
+               shapes_batch),
+    'paper': (VirTexConfig(visual='resnet50', vocab_size=10000, n_layer=1, n_embd=2048, n_head=32),
+              224, paper_batch),
 }
 
 
@@ -117,12 +123,14 @@ rows = []  # (stage, what, setting, result, time, peak memory in GB)
 
 
 def bench_train(name, dtype, loader=None):
-    """Time training steps of a MODELS entry in `dtype`: on one synthetic batch, or on the loader's batches."""
+    """Time training steps of a MODELS entry in `dtype`: on one synthetic batch, or on the loader's
+    batches."""
     cfg, size, B = MODELS[name]
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last)
     flops = model.flops_per_image(size) if device_type == 'cuda' else None
-    sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9, fused=True)  # as train.py
+    # as train.py
+    sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9, fused=True)
     optimizer = LookAhead(sgd, 5, 0.5)
     step_model = torch.compile(model) if compile else model
     images, tokens = random_batch(cfg, size, B)
@@ -130,9 +138,11 @@ def bench_train(name, dtype, loader=None):
 
     def step():
         nonlocal images, tokens
-        if batches is not None:  # uint8 from the workers, normalized on the device, as train.py does
+        # uint8 from the workers, normalized on the device, as train.py does
+        if batches is not None:
             pixels, tokens, _ = next(batches)
-            images = normalize(pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            images = normalize(
+                pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
             tokens = tokens.to(device, non_blocking=True)
         with autocast(dtype):
             loss, _ = step_model(images, tokens)
@@ -157,46 +167,55 @@ def bench_train(name, dtype, loader=None):
 
 
 def bench_train_data(name, dtype):
-    """The training step fed by the real data path: 640x480 JPEGs through CocoCaptions and data_workers workers."""
+    """The training step fed by the real data path: 640x480 JPEGs through CocoCaptions and
+    data_workers workers."""
     cfg, size, B = MODELS[name]
     n = B * (warmup_steps + timed_steps + 2)
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, n, 640, 480)
-        dataset = CocoCaptions(folder, 'train2017', WordTokenizer(), size, cfg.max_len, train=True, seed=seed)
-        loader = torch.utils.data.DataLoader(dataset, sampler=[(0, i) for i in range(n)], batch_size=B,
-                                             num_workers=data_workers, drop_last=True,
-                                             collate_fn=partial(collate, pad_to=cfg.max_len if compile else 0),
-                                             pin_memory=device_type == 'cuda')
+        dataset = CocoCaptions(folder, 'train2017', WordTokenizer(), size, cfg.max_len,
+                               train=True, seed=seed)
+        loader = torch.utils.data.DataLoader(
+            dataset, sampler=[(0, i) for i in range(n)], batch_size=B, num_workers=data_workers,
+            drop_last=True, collate_fn=partial(collate, pad_to=cfg.max_len if compile else 0),
+            pin_memory=device_type == 'cuda')
         bench_train(name, dtype, loader)
 
 
 def bench_torchrun():
-    """train.py under a 1-process torchrun on a small shapes world: DDP (NCCL on a GPU) and, where on, compile."""
+    """train.py under a 1-process torchrun on a small shapes world: DDP (NCCL on a GPU) and, where
+    on, compile."""
     with tempfile.TemporaryDirectory() as folder:
         def script(*args):
-            proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=os.path.dirname(
-                os.path.abspath(__file__)))
+            proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__)))
             if proc.returncode:
-                raise SystemExit(f"error: {' '.join(args[:3])} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+                raise SystemExit(f"error: {' '.join(args[:3])} "
+                                 f"failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
             return proc.stdout
-        script('data/shapes/prepare.py', f'--out={folder}', '--n_train=640', '--n_val=64', '--n_voc_trainval=100',
-               '--n_voc_test=100', '--n_folder_train=20', '--n_folder_val=10', '--min_positives=1')
-        script('tokenizer.py', f'--captions={folder}/coco/annotations/captions_train2017.json', '--vocab_size=96',
-               f'--out={folder}/vocab')
+        script('data/shapes/prepare.py', f'--out={folder}', '--n_train=640', '--n_val=64',
+               '--n_voc_trainval=100', '--n_voc_test=100', '--n_folder_train=20',
+               '--n_folder_val=10', '--min_positives=1')
+        script('tokenizer.py', f'--captions={folder}/coco/annotations/captions_train2017.json',
+               '--vocab_size=96', f'--out={folder}/vocab')
         t0 = time.perf_counter()
-        out = script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1', 'train.py',
-                     'config/shapes.py', f'--data_root={folder}/coco', f'--tokenizer={folder}/vocab.model',
-                     f'--out_dir={folder}/run', f'--device={device}', f'--compile={compile}',
-                     f'--max_iters={torchrun_iters}', f'--eval_interval={torchrun_iters}', '--log_interval=2',
+        out = script('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=1',
+                     'train.py', 'config/shapes.py', f'--data_root={folder}/coco',
+                     f'--tokenizer={folder}/vocab.model', f'--out_dir={folder}/run',
+                     f'--device={device}', f'--compile={compile}', f'--max_iters={torchrun_iters}',
+                     f'--eval_interval={torchrun_iters}', '--log_interval=2',
                      f'--batch_size={shapes_batch}', '--num_workers=2')
         done = re.search(r'done: .*?([\d.]+) ms/iter and ([\d.]+) img/s', out)
-        what = f"{torchrun_iters} iterations of {shapes_batch}, {device}{', compiled' if compile else ''}"
+        what = (f"{torchrun_iters} iterations of {shapes_batch}, "
+                f"{device}{', compiled' if compile else ''}")
         rows.append(('torchrun, 1 process', 'shapes', what,
-                     f"{done.group(2)} img/s after warm-up", f"{time.perf_counter() - t0:.0f} s in all", 0.0))
+                     f"{done.group(2)} img/s after warm-up", f"{time.perf_counter() - t0:.0f} "
+                     "s in all", 0.0))
 
 
 def write_jpegs(folder, n, width, height):
-    """COCO-layout folder of smooth random pictures with a few shapes (JPEG decoding cost depends on content)."""
+    """COCO-layout folder of smooth random pictures with a few shapes (JPEG decoding cost depends on
+    content)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(folder, 'train2017'))
     os.makedirs(os.path.join(folder, 'annotations'))
@@ -207,17 +226,20 @@ def write_jpegs(folder, n, width, height):
         draw = ImageDraw.Draw(image)
         for _ in range(4):
             x, y = rng.integers(0, width - 60), rng.integers(0, height - 60)
-            draw.ellipse((x, y, x + 60, y + 40), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+            draw.ellipse((x, y, x + 60, y + 40),
+                         fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
         name = f'{i:012d}.jpg'
         image.save(os.path.join(folder, 'train2017', name), quality=90)
         images.append({'id': i, 'file_name': name, 'width': width, 'height': height})
-        annotations.append({'id': i, 'image_id': i, 'caption': 'a red ball to the left of a blue box on a table'})
+        annotations.append({'id': i, 'image_id': i, 'caption': 'a red ball to the left of a blue '
+                                                               'box on a table'})
     with open(os.path.join(folder, 'annotations', 'captions_train2017.json'), 'w') as f:
         json.dump({'images': images, 'annotations': annotations}, f)
 
 
 class WordTokenizer:
-    """Stands in for the SentencePiece tokenizer in the data benchmark (no trained vocabulary needed)."""
+    """Stands in for the SentencePiece tokenizer in the data benchmark (no trained vocabulary
+    needed)."""
     sos_id, eos_id = 1, 2
 
     def encode(self, text):
@@ -225,17 +247,19 @@ class WordTokenizer:
 
 
 def bench_data():
-    """Images/s that one DataLoader worker delivers to the training loop, as train.py runs it (decode, augment,
-    tokenize, batch, hand over), from the second batch on."""
+    """Images/s that one DataLoader worker delivers to the training loop, as train.py runs it
+    (decode, augment, tokenize, batch, hand over), from the second batch on."""
     with tempfile.TemporaryDirectory() as folder:
         for (width, height), size in (((640, 480), 224), ((64, 64), 64)):
             root = os.path.join(folder, f'{width}x{height}')
             write_jpegs(root, data_images, width, height)
-            dataset = CocoCaptions(root, 'train2017', WordTokenizer(), size, 30, train=True, seed=seed)
+            dataset = CocoCaptions(root, 'train2017', WordTokenizer(), size, 30,
+                                   train=True, seed=seed)
             for i in range(data_images):
                 dataset[(0, i)]  # warm the file cache
-            loader = torch.utils.data.DataLoader(dataset, sampler=[(1, i) for i in range(data_images)], batch_size=32,
-                                                 num_workers=1, collate_fn=collate)
+            loader = torch.utils.data.DataLoader(dataset,
+                                                 sampler=[(1, i) for i in range(data_images)],
+                                                 batch_size=32, num_workers=1, collate_fn=collate)
             batches = iter(loader)
             next(batches)  # the worker's start-up
             t0 = time.perf_counter()
@@ -292,14 +316,16 @@ def bench_svm():
     test_ap, _, _ = train_and_test_svms(train_x, train_y, test_x, test_y, cg_dtype=products)
     sync()
     dt = time.perf_counter() - t0
-    rows.append(('svm (VOC07 size)', '320 SVMs', f"5011 x 2048, 20 classes, CG in {str(products)[6:]}",
+    rows.append(('svm (VOC07 size)', '320 SVMs', "5011 x 2048, 20 classes, CG in "
+                 f"{str(products)[6:]}",
                  f"mAP {100 * test_ap.mean():.1f}",
                  f"{dt:.1f} s", peak_memory_gb()))
 
 
 def main():
     chosen = stages.split(',')
-    print(f"bench: {device} ({', '.join(dtype_list)}), torch {torch.__version__}, {torch.get_num_threads()} threads",
+    print(f"bench: {device} ({', '.join(dtype_list)}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads",
           flush=True)
     for name in models.split(','):
         for dtype in dtype_list if 'train' in chosen else []:

@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 from checkpoints import load_checkpoint, load_official
 from cider import score
 from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split, to_uint8_tensor
-from configurator import NON_NEGATIVE, POSITIVE, PROBABILITY, configure, one_line_errors, write_atomically
+from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, configure, one_line_errors,
+                          write_atomically)
 from model import VirTex, check_device
 from tokenizer import Tokenizer
 
@@ -38,17 +39,21 @@ from tokenizer import Tokenizer
 ckpt = ''               # this project's checkpoint (train.py); its tokenizer path is inside
 official = ''           # or an official VirTex checkpoint (kdexd/virtex); needs --tokenizer
 tokenizer = ''          # a tokenizer .model; overrides the checkpoint's
-image_size: NON_NEGATIVE = 0  # 0: the size the checkpoint was trained at (224 for official checkpoints)
+# 0: the size the checkpoint was trained at (224 for official checkpoints)
+image_size: NON_NEGATIVE = 0
 beam_size: POSITIVE = 5  # 1 is greedy decoding
-candidates_per_beam: POSITIVE = 2  # words each live beam proposes per step (upstream per_node_beam_size)
+# words each live beam proposes per step (upstream per_node_beam_size)
+candidates_per_beam: POSITIVE = 2
 max_steps: POSITIVE = 30  # at most this many generated ids, [EOS] included
 top_p: PROBABILITY = 0.0  # > 0: nucleus sampling with this p instead of beam search
-parallel = False        # a cappa checkpoint: every word at once from [MASK] inputs (argmax per position)
+# a cappa checkpoint: every word at once from [MASK] inputs (argmax per position)
+parallel = False
 temperature: POSITIVE = 1.0  # for sampling
 seed = 0                # for sampling
 batch_size: POSITIVE = 8
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-coco_root = ''          # COCO layout: caption <coco_root>/<split>/ and score it against the annotations
+# COCO layout: caption <coco_root>/<split>/ and score it against the annotations
+coco_root = ''
 split = 'val2017'
 limit: NON_NEGATIVE = 0  # with coco_root: caption only the first `limit` images (0: all)
 results = ''            # score this COCO results JSON instead of captioning (needs coco_root)
@@ -66,8 +71,8 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 # decoding
 
 @torch.no_grad()
-def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candidates_per_beam: int = 2,
-                max_steps: int = 30) -> list[list[int]]:
+def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5,
+                candidates_per_beam: int = 2, max_steps: int = 30) -> list[list[int]]:
     """Highest-scoring caption per image (sum of log-probs, no length penalty), without [SOS]/[EOS].
 
     memory (B, N, H). Each of the K beams of an image proposes its best `candidates_per_beam` words
@@ -86,7 +91,8 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candida
     finished = words == cfg.eos_id  # (B, K)
     active = torch.ones(B, dtype=torch.bool, device=device)  # images still searching
     alive = ~finished
-    cache = VirTex.select_cache(cache, torch.arange(B, device=device).repeat_interleave(K)[alive.flatten()])
+    cache = VirTex.select_cache(
+        cache, torch.arange(B, device=device).repeat_interleave(K)[alive.flatten()])
     for _ in range(1, max_steps):
         if not alive.any():
             break
@@ -99,12 +105,14 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candida
         cand_words = torch.full((B, K, C), cfg.pad_id, dtype=torch.long, device=device)
         cand_scores[alive] = scores[alive].unsqueeze(-1) + top_logp
         cand_words[alive] = top_words
-        cand_scores[..., 0] = torch.where(finished, scores, cand_scores[..., 0])  # finished beams stand still
+        # finished beams stand still
+        cand_scores[..., 0] = torch.where(finished, scores, cand_scores[..., 0])
         scores, index = cand_scores.view(B, K * C).topk(K, dim=-1)  # (B, K)
         parent = index // C
         words = cand_words.view(B, K * C).gather(1, index)
         parent_finished = finished.gather(1, parent)
-        tokens = torch.cat([tokens.gather(1, parent.unsqueeze(-1).expand_as(tokens)), words.unsqueeze(-1)], dim=-1)
+        tokens = torch.cat([tokens.gather(1, parent.unsqueeze(-1).expand_as(tokens)),
+                            words.unsqueeze(-1)], dim=-1)
         finished = parent_finished | (words == cfg.eos_id)
         best_finished = torch.where(finished, scores, -math.inf).amax(1)
         best_live = torch.where(finished, -math.inf, scores).amax(1)
@@ -120,8 +128,9 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5, candida
 
 @torch.no_grad()
 def parallel_decode(model: VirTex, memory: torch.Tensor) -> list[list[int]]:
-    """cappa's parallel mode: every position's most likely id at once from [MASK] inputs, up to the first
-    [EOS]. One decoder pass; shows what the backbone and decoder read from the image with no words given."""
+    """cappa's parallel mode: every position's most likely id at once from [MASK] inputs, up to the
+    first [EOS]. One decoder pass; shows what the backbone and decoder read from the image with no
+    words given."""
     ids = model.parallel_logits(memory).argmax(-1)  # (B, max_len - 1)
     return [words_until_eos(row, model.config) for row in ids.tolist()]
 
@@ -129,21 +138,24 @@ def parallel_decode(model: VirTex, memory: torch.Tensor) -> list[list[int]]:
 @torch.no_grad()
 def sample(model: VirTex, memory: torch.Tensor, top_p: float = 0.9, temperature: float = 1.0,
            max_steps: int = 30, generator: torch.Generator | None = None) -> list[list[int]]:
-    """Nucleus sampling: draw each word from the smallest set of words whose probability reaches top_p."""
+    """Nucleus sampling: draw each word from the smallest set of words whose probability reaches
+    top_p."""
     cfg = model.config
     B, device = memory.shape[0], memory.device
     last = torch.full((B,), cfg.sos_id, device=device)
     logp, cache = model.decode_step(memory, last)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
-    n_steps = min(max_steps, cfg.max_len)  # as in beam_search: the last word is predicted at position max_len - 1
+    # as in beam_search: the last word is predicted at position max_len - 1
+    n_steps = min(max_steps, cfg.max_len)
     for step in range(n_steps):
         logits = logp / temperature  # log-probs differ from logits by a per-row constant
         if step > 0:
             logits[torch.arange(B, device=device), last] = -math.inf  # no word twice in a row
         probs = logits.softmax(-1)
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # mass before this word already reaches p
+        # mass before this word already reaches p
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
         sorted_probs[outside] = 0
         word = order.gather(1, torch.multinomial(sorted_probs, 1, generator=generator)).squeeze(1)
         word[finished] = cfg.pad_id
@@ -165,19 +177,20 @@ def words_until_eos(ids: list[int], cfg) -> list[int]:
 @torch.no_grad()
 def word_attention(model: VirTex, memory: torch.Tensor, words: list[int]) -> torch.Tensor:
     """Last layer's cross-attention (mean over heads) while predicting each word of one caption and
-    then [EOS]: (len(words) + 1, N), fewer rows if the caption filled all max_len positions. memory (1, N, H)."""
+    then [EOS]: (len(words) + 1, N), fewer rows if the caption filled all max_len positions. memory
+    (1, N, H)."""
     cfg = model.config
     inputs = [cfg.sos_id] + words
     cache, rows = None, []
     for token in inputs[:cfg.max_len]:
-        _, cache, weights = model.decode_step(memory, torch.tensor([token], device=memory.device), cache,
-                                              return_attention=True)
+        _, cache, weights = model.decode_step(memory, torch.tensor([token], device=memory.device),
+                                              cache, return_attention=True)
         rows.append(weights[0])
     return torch.stack(rows)
 
 
-def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tensor, grid_hw, panel: int = 160,
-                     columns: int = 6) -> Image.Image:
+def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tensor, grid_hw,
+                     panel: int = 160, columns: int = 6) -> Image.Image:
     """One panel with the image, then one per word: the image under a red overlay where the model
     looked while predicting that word, the word written below."""
     n = len(labels) + 1
@@ -187,7 +200,8 @@ def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tenso
     base = image.resize((panel, panel), Image.Resampling.BILINEAR)
     maps = weights.view(-1, 1, *grid_hw).float()
     maps = F.interpolate(maps, size=(panel, panel), mode='bilinear', align_corners=False)[:, 0]
-    maps = (maps - maps.amin((1, 2), keepdim=True)) / (maps.amax((1, 2), keepdim=True) - maps.amin((1, 2), keepdim=True) + 1e-8)
+    maps = ((maps - maps.amin((1, 2), keepdim=True))
+            / (maps.amax((1, 2), keepdim=True) - maps.amin((1, 2), keepdim=True) + 1e-8))
     for i in range(n):
         x, y = (i % cols) * panel, (i // cols) * (panel + 20)
         if i == 0:
@@ -195,7 +209,9 @@ def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tenso
             draw.text((x + 4, y + panel + 4), '(image)', fill='black', font=font)
             continue
         heat = (maps[i - 1].cpu().numpy() * 255).astype(np.uint8)
-        red = Image.merge('RGB', (Image.fromarray(heat), Image.new('L', heat.shape[::-1]), Image.new('L', heat.shape[::-1])))
+        red = Image.merge('RGB',
+                          (Image.fromarray(heat), Image.new('L', heat.shape[::-1]),
+                           Image.new('L', heat.shape[::-1])))
         figure.paste(Image.blend(base, red, 0.5), (x, y))
         draw.text((x + 4, y + panel + 4), labels[i - 1], fill='black', font=font)
     return figure
@@ -214,7 +230,8 @@ def main():
     warnings.simplefilter('error', Image.DecompressionBombWarning)
     check_device(device)
     if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        raise SystemExit(f"error: --out={out}: its folder does not exist")  # now, not after captioning
+        # now, not after captioning
+        raise SystemExit(f"error: --out={out}: its folder does not exist")
     if results:  # score an existing results file, caption nothing
         if not coco_root:
             raise SystemExit("error: --results needs --coco_root (and --split) for the references")
@@ -225,32 +242,37 @@ def main():
         except OSError as e:
             raise SystemExit(f"error: {results}: {e.strerror}") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
+            raise SystemExit(
+                f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
         references = {i: refs for i, _, refs in read_coco_split(coco_root, split)}
         print(f"CIDEr: {score(candidates, references):.1f}")
         return
 
     # the model and its tokenizer
     if bool(ckpt) == bool(official):
-        raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH (kdexd/virtex)")
+        raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH "
+                         "(kdexd/virtex)")
     if ckpt:
         model, saved = load_checkpoint(ckpt)
-        model, trained = model.to(device).eval(), saved.get('config', {})  # the training run's settings
+        # the training run's settings
+        model, trained = model.to(device).eval(), saved.get('config', {})
     else:
         model, trained = load_official(official, device), {}
     source = ckpt or official
     if not model.config.captions:
-        raise SystemExit(f"error: {source}: a {model.config.pretext} checkpoint has no caption decoder; captions need "
-                         f"a bicaptioning, captioning or cappa one (evaluate.py takes the backbone of any)")
+        raise SystemExit(f"error: {source}: a {model.config.pretext} checkpoint has no caption "
+                         "decoder; captions need a bicaptioning, captioning or cappa one "
+                         "(evaluate.py takes the backbone of any)")
     if parallel and model.config.pretext != 'cappa':
-        raise SystemExit(f"error: --parallel=True needs a cappa checkpoint; {source} is {model.config.pretext}")
+        raise SystemExit(f"error: --parallel=True needs a cappa checkpoint; {source} is "
+                         f"{model.config.pretext}")
     tokenizer_path = tokenizer or trained.get('tokenizer', '')
     if not tokenizer_path:
         raise SystemExit(f"error: {source} names no tokenizer: pass --tokenizer=PATH.model")
     tok = Tokenizer(tokenizer_path)
     if len(tok) != model.config.vocab_size:
-        raise SystemExit(f"error: tokenizer {tokenizer_path} has {len(tok)} pieces but {source} was trained with "
-                         f"{model.config.vocab_size}")
+        raise SystemExit(f"error: tokenizer {tokenizer_path} has {len(tok)} pieces but {source} "
+                         f"was trained with {model.config.vocab_size}")
     image_size = image_size or trained.get('image_size', 224)
 
     # the images: files and folders from the command line, or a COCO split
@@ -262,7 +284,8 @@ def main():
     files = []
     for p in paths:
         if os.path.isdir(p):
-            files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.lower().endswith(IMAGE_EXTENSIONS))
+            files += sorted(os.path.join(p, f) for f in os.listdir(p)
+                            if f.lower().endswith(IMAGE_EXTENSIONS))
         else:
             files.append(p)
     if not files:
@@ -281,7 +304,8 @@ def main():
                 batch.append(path)
             except Exception as e:  # one bad file must not stop the others
                 failures += 1
-                print(f"error: {path}: cannot be captioned ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
+                print(f"error: {path}: cannot be captioned "
+                      f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})",
                       file=sys.stderr, flush=True)
         if not batch:
             continue
@@ -302,16 +326,20 @@ def main():
             print(f"{path}\t{captions[path]}", flush=True)
             if attention_dir:
                 weights = word_attention(model, memory[i:i + 1], ids)
-                labels = ([tok.sp.id_to_piece(t).replace('\u2581', '') for t in ids] + ['[EOS]'])[:len(weights)]
+                labels = ([tok.sp.id_to_piece(t).replace('\u2581', '') for t in ids]
+                          + ['[EOS]'])[:len(weights)]
                 figure = attention_figure(images[i], labels, weights, grid.shape[2:])
-                figure.save(os.path.join(attention_dir, os.path.splitext(os.path.basename(path))[0] + '.png'))
+                figure.save(os.path.join(attention_dir,
+                                         os.path.splitext(os.path.basename(path))[0] + '.png'))
         n_done += len(batch)
         elapsed = time.perf_counter() - t_start
-        print(f"{n_done}/{len(files)} images | {n_done / elapsed:.2f} captions/s", file=sys.stderr, flush=True)
+        print(f"{n_done}/{len(files)} images | {n_done / elapsed:.2f} captions/s",
+              file=sys.stderr, flush=True)
     elapsed = time.perf_counter() - t_start
     if n_done:
         print(f"captioned {n_done} images in {elapsed:.1f}s ({n_done / elapsed:.2f} captions/s, "
-              f"{100 * t_backbone / elapsed:.0f}% of it in the backbone); {failures} failed", file=sys.stderr)
+              f"{100 * t_backbone / elapsed:.0f}% of it in the backbone); {failures} failed",
+              file=sys.stderr)
     if out:
         entries = [{'image_id': image_id(p), 'caption': c} for p, c in captions.items()]
         write_atomically(out, lambda f: json.dump(entries, f), mode='w')

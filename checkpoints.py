@@ -1,7 +1,8 @@
 """
-Every weight file this project reads, read as untrusted input (torch.load with weights_only=True): its own
-train.py checkpoints, those of the official VirTex code (kdexd/virtex), and the torchvision, MoCo and VISSL
-backbones that evaluate.py and probe.py judge. And the folder a train.py run writes its checkpoints into:
+Every weight file this project reads, read as untrusted input (torch.load with weights_only=True):
+its own train.py checkpoints, those of the official VirTex code (kdexd/virtex), and the torchvision,
+MoCo and VISSL backbones that evaluate.py and probe.py judge. And the folder a train.py run writes
+its checkpoints into:
 claim_run_folder takes its lock and refuses to replace a run by mistake.
 
     from checkpoints import load_model, load_official
@@ -10,12 +11,13 @@ claim_run_folder takes its lock and refuses to replace a run by mistake.
     model = load_official('backbone_R_50.pth')                 # a backbone-only file: the head stays random
     backbone, arch, size = load_backbone(init='moco:moco_v2.pth.tar')  # evaluate.py's and probe.py's weight sources
 
-For official files the architecture is read from the weights. The key layout below comes from reading the
-official code: its textual head is PyTorch's nn.TransformerDecoder under `textual.` (and a deep copy under
-`backward_textual.` that shares the visual projection, the embeddings and the output layer), its backbone a
-torchvision ResNet under `visual.cnn.`. The files of the classification pretexts (`textual.output.*`, a linear
-layer) load as backbones; a masked-LM file has the keys of a forward-captioning one and loads as one (only its
-backbone means anything). Errors are ValueErrors (FileNotFoundError for a missing file) that name the file.
+For official files the architecture is read from the weights. The key layout below comes from
+reading the official code: its textual head is PyTorch's nn.TransformerDecoder under `textual.` (and
+a deep copy under `backward_textual.` that shares the visual projection, the embeddings and the
+output layer), its backbone a torchvision ResNet under `visual.cnn.`. The files of the
+classification pretexts (`textual.output.*`, a linear layer) load as backbones; a masked-LM file has
+the keys of a forward-captioning one and loads as one (only its backbone means anything). Errors are
+ValueErrors (FileNotFoundError for a missing file) that name the file.
 Imports torch, torchvision and model.py only.
 """
 
@@ -42,8 +44,8 @@ def load_file(path: str):
     except pickle.UnpicklingError as e:
         found = re.search(r'unsupported (?:global: )?GLOBAL (\S+)', str(e), re.IGNORECASE)
         if found:
-            raise ValueError(f"checkpoint {path}: holds Python objects ({found.group(1)}), not only tensors; refused "
-                             f"because loading it could run code") from None
+            raise ValueError(f"checkpoint {path}: holds Python objects ({found.group(1)}), not "
+                             f"only tensors; refused because loading it could run code") from None
         raise ValueError(f"checkpoint {path}: cannot be read (not a torch checkpoint)") from None
     except Exception as e:  # truncated zip, not a torch file, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -51,22 +53,28 @@ def load_file(path: str):
 
 
 def load_model(path: str, device='cpu') -> VirTex:
-    """A train.py checkpoint as a model in eval mode; ValueError naming the file if it is not one."""
-    return load_checkpoint(path)[0].to(device).eval()  # its run's config: load_checkpoint(path)[1]['config']
+    """A train.py checkpoint as a model in eval mode; ValueError naming the file if it is not
+    one."""
+    # its run's config: load_checkpoint(path)[1]['config']
+    return load_checkpoint(path)[0].to(device).eval()
 
 
 def load_checkpoint(path: str) -> tuple[VirTex, dict]:
-    """A train.py checkpoint as (model with its weights, the whole checkpoint dict, whose 'config' is the run's):
+    """A train.py checkpoint as (model with its weights, the whole checkpoint dict, whose 'config'
+    is the run's):
     the one loading path of evaluate.py, caption.py and train.py's resume."""
     ckpt = load_file(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or not isinstance(ckpt.get('model_args'), dict):
-        raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected 'model' and "
-                         f"'model_args'; official VirTex files load with load_official)")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or \
+            not isinstance(ckpt.get('model_args'), dict):
+        raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected "
+                         f"'model' and 'model_args'; official VirTex files load with "
+                         f"load_official)")
     try:
         cfg = VirTexConfig(**ckpt['model_args'])
         model = VirTex(cfg)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
+        raise ValueError(
+            f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
     load_strict(model, ckpt['model'], path)
     return model, ckpt
 
@@ -81,10 +89,12 @@ def load_strict(model: nn.Module, state: dict, path: str, backbone_only: bool = 
               for k in expected if k in state and getattr(state[k], 'shape', None) != ours[k].shape]
     if missing or unexpected or shapes:
         problems = []
-        for label, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+        for label, items in (('missing keys', missing), ('unexpected keys', unexpected),
+                             ('shape mismatches', shapes)):
             if items:
                 problems.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
-        raise ValueError(f"checkpoint {path}: does not fit this architecture: {'; '.join(problems)}")
+        raise ValueError(
+            f"checkpoint {path}: does not fit this architecture: {'; '.join(problems)}")
     model.load_state_dict(state, strict=not backbone_only)
 
 
@@ -98,30 +108,37 @@ RESNETS = {  # (blocks per stage, bottleneck, width of layer1) -> torchvision na
     ((3, 4, 23, 3), True, 128): 'wide_resnet101_2',
 }
 # our name -> the official one under textual. (the backward head holds copies of these, shared)
-SHARED = {'visual_projection.weight': 'visual_projection.weight', 'visual_projection.bias': 'visual_projection.bias',
-          'word_embedding.weight': 'embedding.words.weight', 'position_embedding.weight': 'embedding.positions.weight',
-          'embedding_norm.weight': 'embedding.layer_norm.weight', 'embedding_norm.bias': 'embedding.layer_norm.bias',
+SHARED = {'visual_projection.weight': 'visual_projection.weight',
+          'visual_projection.bias': 'visual_projection.bias',
+          'word_embedding.weight': 'embedding.words.weight',
+          'position_embedding.weight': 'embedding.positions.weight',
+          'embedding_norm.weight': 'embedding.layer_norm.weight',
+          'embedding_norm.bias': 'embedding.layer_norm.bias',
           'lm_head.weight': 'embedding.words.weight', 'lm_head.bias': 'output.bias'}
-PER_LAYER = ('self_attn.out_proj', 'linear1', 'linear2', 'norm1', 'norm2', 'norm3')  # same names in both
+# same names in both
+PER_LAYER = ('self_attn.out_proj', 'linear1', 'linear2', 'norm1', 'norm2', 'norm3')
 
 
 def load_official(path: str, device='cpu') -> VirTex:
     """Load a checkpoint of the official VirTex code (full model or backbone only)."""
     cfg, our_state = official_to_ours(load_file(path), path)
     model = VirTex(cfg)
-    load_strict(model, our_state, path, backbone_only=not any(k.startswith('lm_head') for k in our_state))
+    load_strict(model, our_state, path,
+                backbone_only=not any(k.startswith('lm_head') for k in our_state))
     return model.to(device).eval()
 
 
 def infer_resnet(backbone: dict, path: str) -> str:
-    """The torchvision name of the ResNet whose state dict this is, from its blocks per stage and their kind."""
+    """The torchvision name of the ResNet whose state dict this is, from its blocks per stage and
+    their kind."""
     blocks = []
     for stage in ('layer1.', 'layer2.', 'layer3.', 'layer4.'):
         indices = [int(k.split('.')[1]) for k in backbone if k.startswith(stage)]
         if not indices or 'layer1.0.conv1.weight' not in backbone:
             raise ValueError(f"checkpoint {path}: no ResNet layer1..layer4 weights found")
         blocks.append(max(indices) + 1)
-    key = (tuple(blocks), 'layer1.0.conv3.weight' in backbone, backbone['layer1.0.conv1.weight'].shape[0])
+    key = (tuple(blocks), 'layer1.0.conv3.weight' in backbone,
+           backbone['layer1.0.conv1.weight'].shape[0])
     if key not in RESNETS:
         raise ValueError(f"checkpoint {path}: unknown ResNet layout {key}")
     return RESNETS[key]
@@ -140,7 +157,8 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
     if isinstance(state.get('model'), dict):
         state = state['model']
     if any(k.startswith('visual.cnn.') for k in state):
-        backbone = {k[len('visual.cnn.'):]: v for k, v in state.items() if k.startswith('visual.cnn.')}
+        backbone = {k[len('visual.cnn.'):]: v for k, v in state.items()
+                    if k.startswith('visual.cnn.')}
     elif 'conv1.weight' in state:  # backbone-only file, e.g. the official torch.hub backbone
         backbone = dict(state)
     else:
@@ -149,13 +167,16 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
     backbone = {k: v for k, v in backbone.items() if not k.startswith('fc.')}
     ours = {'visual.' + k: v for k, v in backbone.items()}
     if 'textual.embedding.words.weight' not in state:
-        return VirTexConfig(visual=infer_resnet(backbone, path)), ours  # backbone only: the head stays random
+        # backbone only: the head stays random
+        return VirTexConfig(visual=infer_resnet(backbone, path)), ours
 
     V, H = state['textual.embedding.words.weight'].shape
     n_layer = len({k.split('.')[3] for k in state if k.startswith('textual.transformer.layers.')})
     cfg = VirTexConfig(visual=infer_resnet(backbone, path), vocab_size=V, n_layer=n_layer, n_embd=H,
-                       n_head=max(1, H // 64), max_len=state['textual.embedding.positions.weight'].shape[0],
-                       pretext='bicaptioning' if any(k.startswith('backward_textual.transformer.') for k in state) else 'captioning',
+                       n_head=max(1, H // 64),
+                       max_len=state['textual.embedding.positions.weight'].shape[0],
+                       pretext='bicaptioning' if any(k.startswith('backward_textual.transformer.')
+                                                     for k in state) else 'captioning',
                        norm_first='textual.transformer.norm.weight' in state)
 
     def take(key):
@@ -165,9 +186,11 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
 
     for our_key, their_key in SHARED.items():
         ours[our_key] = take('textual.' + their_key)
-        copy = state.get('backward_textual.' + their_key)  # the backward head shares it: copies must agree
+        # the backward head shares it: copies must agree
+        copy = state.get('backward_textual.' + their_key)
         if cfg.bidirectional and copy is not None and not torch.equal(copy, ours[our_key]):
-            raise ValueError(f"checkpoint {path}: backward_textual.{their_key} differs from textual.{their_key}")
+            raise ValueError(f"checkpoint {path}: backward_textual.{their_key} differs from "
+                             f"textual.{their_key}")
     directions = [('textual', 'layers_fwd', 'final_norm')]
     if cfg.bidirectional:
         directions.append(('backward_textual', 'layers_bwd', 'final_norm_bwd'))
@@ -179,8 +202,10 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
                 src, dst = f'{prefix}.transformer.layers.{i}.', f'{layers}.{i}.'
                 ours[dst + f'self_attn.qkv_proj.{kind}'] = take(src + f'self_attn.in_proj_{kind}')
                 in_proj = take(src + f'multihead_attn.in_proj_{kind}')  # rows: [q; k; v]
-                ours[dst + f'cross_attn.q_proj.{kind}'], ours[dst + f'cross_attn.kv_proj.{kind}'] = in_proj[:H], in_proj[H:]
-                ours[dst + f'cross_attn.out_proj.{kind}'] = take(src + f'multihead_attn.out_proj.{kind}')
+                (ours[dst + f'cross_attn.q_proj.{kind}'],
+                 ours[dst + f'cross_attn.kv_proj.{kind}']) = in_proj[:H], in_proj[H:]
+                ours[dst + f'cross_attn.out_proj.{kind}'] = \
+                    take(src + f'multihead_attn.out_proj.{kind}')
                 for name in PER_LAYER:
                     ours[dst + f'{name}.{kind}'] = take(src + f'{name}.{kind}')
     return cfg, ours
@@ -189,57 +214,68 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
 # ----------------------------------------------------------------------------------------------
 # the backbone a frozen evaluation reads (evaluate.py, probe.py)
 
-def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', image_size: int = 0, seed: int = 1337,
-                  zero_init_residual: bool = True) -> tuple[nn.Module, str, int]:
-    """The plain torchvision ResNet to evaluate (pooled output, fc removed), its name and the image size to use.
+def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', image_size: int = 0,
+                  seed: int = 1337, zero_init_residual: bool = True) -> tuple[nn.Module, str, int]:
+    """The plain torchvision ResNet to evaluate (pooled output, fc removed), its name and the image
+    size to use.
 
-    Exactly one weight source: ckpt (this project's checkpoint; its backbone and training image size) or init
-    ('random' with `visual`, seed and zero_init_residual; 'torchvision:PATH' a torchvision ResNet state dict;
-    'virtex:PATH' an official VirTex checkpoint or backbone; 'moco:PATH' an official MoCo v1/v2 release, its query
-    encoder without the fc / projection head; 'vissl:PATH' a VISSL / ClassyVision release such as PIRL's or SwAV's,
-    its trunk without the heads). image_size 0: the checkpoint's, else 224.
+    Exactly one weight source: ckpt (this project's checkpoint; its backbone and training image
+    size) or init ('random' with `visual`, seed and zero_init_residual; 'torchvision:PATH' a
+    torchvision ResNet state dict; 'virtex:PATH' an official VirTex checkpoint or backbone;
+    'moco:PATH' an official MoCo v1/v2 release, its query encoder without the fc / projection head;
+    'vissl:PATH' a VISSL / ClassyVision release such as PIRL's or SwAV's, its trunk without the
+    heads). image_size 0: the checkpoint's, else 224.
     """
     if bool(ckpt) + bool(init) != 1:
-        raise ValueError("give exactly one weight source: --ckpt=PATH or --init=random|torchvision:PATH|"
-                         "virtex:PATH|moco:PATH|vissl:PATH")
+        raise ValueError("give exactly one weight source: --ckpt=PATH or "
+                         "--init=random|torchvision:PATH|virtex:PATH|moco:PATH|vissl:PATH")
     arch, size = visual, image_size
     state = None  # None: the random init of `arch`
     source = ckpt or init.partition(':')[2]  # the file to read
     if ckpt:
         model, saved = load_checkpoint(ckpt)
         arch, state = model.config.visual, model.backbone_state_dict()
-        size = size or saved.get('config', {}).get('image_size', 224)  # features at the resolution it was trained at
+        # features at the resolution it was trained at
+        size = size or saved.get('config', {}).get('image_size', 224)
     elif init.startswith('virtex:'):
         model = load_official(source)
         arch, state = model.config.visual, model.backbone_state_dict()
     elif init.startswith('torchvision:'):
         state = load_file(source)
-        for wrapper in ('state_dict', 'model'):  # old ImageNet example / torchvision references checkpoints
+        # old ImageNet example / torchvision references checkpoints
+        for wrapper in ('state_dict', 'model'):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
         if not isinstance(state, dict):
             raise ValueError(f"{source}: expected a dict of tensors")
         state = {k.removeprefix('module.'): v for k, v in state.items()}  # DataParallel's prefix
-        state = {k: v for k, v in state.items() if not k.startswith('fc.')}  # the classifier is not evaluated
-    elif init.startswith('moco:'):  # {'state_dict': {'module.encoder_q.<torchvision key>': ...}, ...}
+        # the classifier is not evaluated
+        state = {k: v for k, v in state.items() if not k.startswith('fc.')}
+    elif init.startswith('moco:'):
+        # {'state_dict': {'module.encoder_q.<torchvision key>': ...}, ...}
         state = load_file(source)
         prefix = 'module.encoder_q.'
         state = state.get('state_dict') if isinstance(state, dict) else None
         if not isinstance(state, dict) or not any(k.startswith(prefix) for k in state):
-            raise ValueError(f"{source}: not a MoCo checkpoint (expected 'state_dict' with {prefix}* keys)")
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}
+            raise ValueError(f"{source}: not a MoCo checkpoint (expected 'state_dict' with "
+                             f"{prefix}* keys)")
+        state = {k[len(prefix):]: v for k, v in state.items()
+                 if k.startswith(prefix) and not k.startswith(prefix + 'fc.')}
         arch = infer_resnet(state, source)
     elif init.startswith('vissl:'):
         state = vissl_trunk(load_file(source), source)
         arch = infer_resnet(state, source)
     elif init != 'random':
-        raise ValueError(f"--init={init}: expected random, torchvision:PATH, virtex:PATH, moco:PATH or vissl:PATH")
+        raise ValueError(f"--init={init}: expected random, torchvision:PATH, virtex:PATH, "
+                         "moco:PATH or vissl:PATH")
     torch.manual_seed(seed)
     try:
-        backbone = torchvision.models.get_model(arch, weights=None, zero_init_residual=zero_init_residual)
+        backbone = torchvision.models.get_model(arch, weights=None,
+                                                zero_init_residual=zero_init_residual)
     except ValueError:
         raise ValueError(f"--visual={arch}: not a torchvision model name (e.g. resnet50)") from None
-    backbone.fc = nn.Identity()  # forward now ends at the global average pool: (B, 2048) for ResNet-50
+    # forward now ends at the global average pool: (B, 2048) for ResNet-50
+    backbone.fc = nn.Identity()
     if state is not None:
         try:
             backbone.load_state_dict(state)
@@ -250,10 +286,11 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
 
 
 def vissl_trunk(state, path: str) -> dict:
-    """The ResNet trunk of a VISSL checkpoint in torchvision names. VISSL (facebookresearch/vissl) keeps it under
-    classy_state_dict -> base_model -> model -> trunk (its own checkpoints: PIRL, SimCLR, SwAV, ...) or under
-    model_state_dict (its converted files), with keys _feature_blocks.<torchvision key>; the heads sit beside the
-    trunk and are not read. Its extra_scripts/convert_vissl_to_torchvision.py strips the same prefix."""
+    """The ResNet trunk of a VISSL checkpoint in torchvision names. VISSL (facebookresearch/vissl)
+    keeps it under classy_state_dict -> base_model -> model -> trunk (its own checkpoints: PIRL,
+    SimCLR, SwAV, ...) or under model_state_dict (its converted files), with keys
+    _feature_blocks.<torchvision key>; the heads sit beside the trunk and are not read. Its
+    extra_scripts/convert_vissl_to_torchvision.py strips the same prefix."""
     trunk = state
     for key in ('classy_state_dict', 'base_model', 'model', 'trunk'):
         trunk = trunk.get(key, trunk) if isinstance(trunk, dict) else trunk
@@ -261,8 +298,8 @@ def vissl_trunk(state, path: str) -> dict:
         trunk = trunk['model_state_dict']
     prefix = '_feature_blocks.'
     if not isinstance(trunk, dict) or not any(str(k).startswith(prefix) for k in trunk):
-        raise ValueError(f"{path}: not a VISSL checkpoint (expected classy_state_dict -> base_model -> model -> "
-                         f"trunk, or model_state_dict, with {prefix}* keys)")
+        raise ValueError(f"{path}: not a VISSL checkpoint (expected classy_state_dict -> "
+                         f"base_model -> model -> trunk, or model_state_dict, with {prefix}* keys)")
     return {k[len(prefix):]: v for k, v in trunk.items() if k.startswith(prefix)}
 
 
@@ -272,10 +309,12 @@ def vissl_trunk(state, path: str) -> dict:
 RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')
 
 
-def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False, auto: bool = False) -> str:
-    """Make out_dir ready for a train.py run: take its lock (out_dir/.lock, released when the process exits), clear
-    the temporary files of saves that were killed, and for a scratch run refuse a folder that holds a run, unless
-    `overwrite` (then its files go) or `auto` and it holds only the log of a run that died before its first save.
+def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False,
+                     auto: bool = False) -> str:
+    """Make out_dir ready for a train.py run: take its lock (out_dir/.lock, released when the
+    process exits), clear the temporary files of saves that were killed, and for a scratch run
+    refuse a folder that holds a run, unless `overwrite` (then its files go) or `auto` and it holds
+    only the log of a run that died before its first save.
     Returns a note to print, or ''. ValueError with one line if refused."""
     os.makedirs(out_dir, exist_ok=True)
     note = take_lock(os.path.join(out_dir, '.lock'))
@@ -283,12 +322,14 @@ def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False, auto:
         if any(name.startswith(f'{run_file}.tmp') for run_file in RUN_FILES):
             os.remove(os.path.join(out_dir, name))
     earlier = [os.path.join(out_dir, name) for name in RUN_FILES
-               if os.path.exists(os.path.join(out_dir, name)) and os.path.getsize(os.path.join(out_dir, name))]
+               if os.path.exists(os.path.join(out_dir, name))
+               and os.path.getsize(os.path.join(out_dir, name))]
     if auto and earlier == [os.path.join(out_dir, 'log.jsonl')]:
         earlier = []
     if scratch and earlier and not overwrite:
-        raise ValueError(f"{out_dir} holds a run ({', '.join(map(os.path.basename, earlier))}): resume it with "
-                         f"--init_from=resume, write elsewhere with --out_dir, or replace it with --overwrite=True")
+        raise ValueError(f"{out_dir} holds a run ({', '.join(map(os.path.basename, earlier))}): "
+                         "resume it with --init_from=resume, write elsewhere with --out_dir, or "
+                         "replace it with --overwrite=True")
     if scratch:
         for path in earlier:
             os.remove(path)
@@ -296,9 +337,9 @@ def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False, auto:
 
 
 def take_lock(lock_path: str) -> str:
-    """Create the lock file (pid and host) atomically and whole: written beside it, then hard-linked to its name,
-    which fails if it exists. A live run's lock is refused (ValueError); a lock left by an ended process on this
-    host is taken over (the returned note says so)."""
+    """Create the lock file (pid and host) atomically and whole: written beside it, then hard-linked
+    to its name, which fails if it exists. A live run's lock is refused (ValueError); a lock left by
+    an ended process on this host is taken over (the returned note says so)."""
     mine, note = f"{lock_path}.{os.getpid()}", ''
     write_atomically(mine, lambda f: f.write(f"{os.getpid()} {socket.gethostname()}\n"), mode='w')
     try:
@@ -312,9 +353,10 @@ def take_lock(lock_path: str) -> str:
                     note = f"{lock_path} was left by pid {pid}, which has ended: taking it over"
                     os.remove(lock_path)
                     continue
-                raise ValueError(f"{os.path.dirname(lock_path)} is in use by another run (pid {pid} on {host}, "
-                                 f"{lock_path}); wait for it, write elsewhere with --out_dir, or remove {lock_path} "
-                                 f"if no run is using it") from None
+                raise ValueError(f"{os.path.dirname(lock_path)} is in use by another run (pid "
+                                 f"{pid} on {host}, {lock_path}); wait for it, write elsewhere "
+                                 f"with --out_dir, or remove {lock_path} if no run is using "
+                                 f"it") from None
             atexit.register(os.remove, lock_path)
             return note
     finally:

@@ -1,6 +1,6 @@
 """
-CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation (tylin/coco-caption) computes it, with a Python
-stand-in for its Java PTB tokenizer. Standard library only, so it can be copied alone.
+CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation (tylin/coco-caption) computes it, with
+a Python stand-in for its Java PTB tokenizer. Standard library only, so it can be copied alone.
 
     from cider import score
     score(candidates, references)   # {image id: caption}, {image id: [reference captions]} -> CIDEr-D x 100
@@ -14,11 +14,13 @@ from collections import Counter
 # Its list also names -LRB- etc., but they are lower-cased first and never match: brackets survive.
 PUNCTUATION = {"''", "'", "``", "`", '.', '?', '!', ',', ':', '-', '--', '...', ';'}
 BRACKETS = {'(': '-lrb-', ')': '-rrb-', '[': '-lsb-', ']': '-rsb-', '{': '-lcb-', '}': '-rcb-'}
-SPLIT_WORDS = {'cannot': 'can not', 'gonna': 'gon na', 'wanna': 'wan na', 'gotta': 'got ta', 'gimme': 'gim me',
-               'lemme': 'lem me'}
+SPLIT_WORDS = {'cannot': 'can not', 'gonna': 'gon na', 'wanna': 'wan na', 'gotta': 'got ta',
+               'gimme': 'gim me', 'lemme': 'lem me'}
 SPLIT_WORDS_RE = re.compile(r'\b(%s)\b' % '|'.join(SPLIT_WORDS))
-CLITICS = re.compile(r"(\w)(n't|'s|'re|'ll|'ve|'m|'d)(?!\w)")  # "don't" -> "do n't", "man's" -> "man 's"
-ABBREVIATIONS = 'mr|mrs|ms|dr|prof|st|jr|sr|vs|etc|inc|co|corp|ltd|ave|mt|ft|jan|feb|mar|apr|jun|jul|aug|sep|sept|oct|nov|dec'
+# "don't" -> "do n't", "man's" -> "man 's"
+CLITICS = re.compile(r"(\w)(n't|'s|'re|'ll|'ve|'m|'d)(?!\w)")
+ABBREVIATIONS = ('mr|mrs|ms|dr|prof|st|jr|sr|vs|etc|inc|co|corp|ltd|ave|mt|ft|jan|feb|mar|apr|'
+                 'jun|jul|aug|sep|sept|oct|nov|dec')
 PTB_TOKEN = re.compile(r"""
     (?:[a-z]\.)+(?!\w)                      # initials and acronyms keep their dots: u.s.
   | (?:%s)\.(?!\w)                          # common abbreviations keep their period
@@ -32,7 +34,8 @@ PTB_TOKEN = re.compile(r"""
 
 
 def ptb_tokenize(text: str) -> str:
-    """A Python stand-in for the COCO evaluation's tokenization: PTB rules, lower case, punctuation dropped."""
+    """A Python stand-in for the COCO evaluation's tokenization: PTB rules, lower case, punctuation
+    dropped."""
     text = text.lower().replace('\u2018', "'").replace('\u2019', "'")
     text = re.sub('[\u201c\u201d]', '"', text)
     text = re.sub('[\u2013\u2014]', ' -- ', text)  # PTB turns en and em dashes into "--"
@@ -49,16 +52,18 @@ def ptb_tokenize(text: str) -> str:
 
 def ngrams(sentence: str, n: int = 4) -> Counter:
     words = sentence.split()
-    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+    return Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
+                   for i in range(len(words) - k + 1))
 
 
-def cider_d(references: dict, candidates: dict, n: int = 4, sigma: float = 6.0) -> tuple[float, dict]:
+def cider_d(references: dict, candidates: dict, n: int = 4,
+            sigma: float = 6.0) -> tuple[float, dict]:
     """CIDEr-D of tokenized candidates against tokenized references: (mean, per-image scores).
 
     Per n-gram order: tf-idf vectors (tf = raw count; df = number of images whose references hold
     the n-gram; idf = log(#images) - log(max(1, df))); similarity = sum of min(hyp, ref) * ref
-    (the clipping that makes it "-D") over the norms, times exp(-(len_hyp - len_ref)^2 / (2 sigma^2))
-    with len = number of bigrams; mean over orders, then over references, times 10.
+    (the clipping that makes it "-D") over the norms, times exp(-(len_hyp - len_ref)^2 / (2
+    sigma^2)) with len = number of bigrams; mean over orders, then over references, times 10.
     """
     missing = [k for k in references if k not in candidates][:5]
     if missing or len(candidates) != len(references):
@@ -84,7 +89,8 @@ def cider_d(references: dict, candidates: dict, n: int = 4, sigma: float = 6.0) 
             ref, ref_norm, ref_len = vectors(ref_c)
             penalty = math.exp(-(hyp_len - ref_len) ** 2 / (2 * sigma ** 2))
             for k in range(n):
-                dot = sum(min(w, ref[k].get(g, 0.0)) * ref[k].get(g, 0.0) for g, w in hyp[k].items())
+                dot = sum(min(w, ref[k].get(g, 0.0)) * ref[k].get(g, 0.0)
+                          for g, w in hyp[k].items())
                 if hyp_norm[k] and ref_norm[k]:
                     total += penalty * dot / (hyp_norm[k] * ref_norm[k])
         scores[key] = 10.0 * total / n / len(counts)

@@ -2,25 +2,28 @@
 Images and captions in the COCO layout, and the image transforms every stage shares.
 
     from coco import CocoCaptions, collate, read_coco_split, read_instances, load_eval_image, normalize
-    data = CocoCaptions('data/coco', 'train2017', tokenizer, image_size=224, max_len=30, train=True, seed=0)
+    data = CocoCaptions('data/coco', 'train2017', tokenizer, image_size=224, max_len=30,
+                        train=True, seed=0)
     sample = data[(epoch, index)]      # {'image': (3, S, S) uint8, 'tokens': (T,) long}, or {'error': '...'}
     names, labels = read_instances('data/coco', 'train2017')   # for the multilabel pretext: labels=labels
     image = load_eval_image('photo.jpg', 224)   # shorter side to 256, center 224 crop: train.py's val,
                                                 # evaluate.py's VOC features and caption.py all use it
 
-Train augmentation, as in the paper: random resized crop (area scale (0.2, 1), aspect ratio (3/4, 4/3)),
-horizontal flip with p=0.5 that swaps the words left/right in the caption, colour jitter (brightness,
-contrast, saturation 0.4, hue 0.1) with p=0.8; the crop's smallest scale and the jitter's probability are
-arguments. Every random choice of an item comes from a generator seeded with (seed, epoch, index), so
-batches do not depend on the number of workers and a resumed run sees exactly the batches an unbroken one
-would. Images stay uint8 until the device (`normalize`). Errors are ValueError / OSError naming the file; a
-sample that fails to decode is returned as {'error': ...} for the caller to count.
+Train augmentation, as in the paper: random resized crop (area scale (0.2, 1), aspect ratio (3/4,
+4/3)), horizontal flip with p=0.5 that swaps the words left/right in the caption, colour jitter
+(brightness, contrast, saturation 0.4, hue 0.1) with p=0.8; the crop's smallest scale and the
+jitter's probability are arguments. Every random choice of an item comes from a generator seeded
+with (seed, epoch, index), so batches do not depend on the number of workers and a resumed run sees
+exactly the batches an unbroken one would. Images stay uint8 until the device (`normalize`). Errors
+are ValueError / OSError naming the file; a sample that fails to decode is returned as
+{'error': ...} for the caller to count.
 
-Speed (the training pipeline has to keep up with the GPUs on few cores): a JPEG whose crop keeps at least twice
-the output size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself; the crop is resized as a uint8 tensor
-(torch's vectorized antialiased bilinear, the same filter as PIL's); the flip runs on the uint8 crop, and the
-jitter in float32, each op clamped to [0, 255] as torchvision's are. `python dev/compare_pipeline.py` times it against the
-official OpenCV + albumentations pipeline on the same JPEGs.
+Speed (the training pipeline has to keep up with the GPUs on few cores): a JPEG whose crop keeps at
+least twice the output size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself; the crop is
+resized as a uint8 tensor (torch's vectorized antialiased bilinear, the same filter as PIL's); the
+flip runs on the uint8 crop, and the jitter in float32, each op clamped to [0, 255] as torchvision's
+are. `python dev/compare_pipeline.py` times it against the official OpenCV + albumentations pipeline
+on the same JPEGs.
 """
 
 import json
@@ -36,27 +39,34 @@ from PIL import Image
 
 from tokenizer import read_coco_captions
 
-try:  # torchvision >= 0.8; its image decoders are announced to move to torchcodec: PIL takes over then
+try:
+    # torchvision >= 0.8; its image decoders are announced to move to torchcodec: PIL takes over
+    # then
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:
     decode_jpeg = None
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif', '.tiff', '.webp')  # PIL reads these
+# PIL reads these
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif',
+                    '.tiff', '.webp')
 
 
 def read_coco_split(root: str, split: str) -> list[tuple[int, str, list[str]]]:
     """(image id, image path, its captions) for each captioned image of a COCO-layout split, by id:
     <root>/annotations/captions_<split>.json and <root>/<split>/."""
-    files, captions = read_coco_captions(os.path.join(root, 'annotations', f'captions_{split}.json'))
-    return [(i, os.path.join(root, split, files[i]), captions[i]) for i in sorted(captions) if i in files]
+    files, captions = read_coco_captions(os.path.join(root, 'annotations',
+                                                      f'captions_{split}.json'))
+    return [(i, os.path.join(root, split, files[i]), captions[i]) for i in sorted(captions)
+            if i in files]
 
 
 def read_instances(root: str, split: str) -> tuple[list[str], dict[int, list[int]]]:
-    """COCO instance annotations, <root>/annotations/instances_<split>.json, as (category names in file order,
-    {image id: its distinct category indices, sorted}). Indices run 1..K in file order, 0 being background /
-    padding (upstream's numbering: 81 outputs for COCO's 80 categories). Images without instances are absent
-    from the dict (upstream drops them); the file's images must be those of captions_<split>.json."""
+    """COCO instance annotations, <root>/annotations/instances_<split>.json, as (category names in
+    file order, {image id: its distinct category indices, sorted}). Indices run 1..K in file order,
+    0 being background / padding (upstream's numbering: 81 outputs for COCO's 80 categories). Images
+    without instances are absent from the dict (upstream drops them); the file's images must be
+    those of captions_<split>.json."""
     path = os.path.join(root, 'annotations', f'instances_{split}.json')
     try:
         with open(path) as f:
@@ -67,9 +77,11 @@ def read_instances(root: str, split: str) -> tuple[list[str], dict[int, list[int
         labels = {}
         for a in data['annotations']:
             if a['category_id'] not in index:
-                raise ValueError(f"{path}: annotation {a.get('id')} has category_id {a['category_id']}, not in categories")
+                raise ValueError(f"{path}: annotation {a.get('id')} has category_id "
+                                 f"{a['category_id']}, not in categories")
             if a['image_id'] not in image_ids:
-                raise ValueError(f"{path}: annotation {a.get('id')} is of image {a['image_id']}, not in images")
+                raise ValueError(f"{path}: annotation {a.get('id')} is of image {a['image_id']}, "
+                                 "not in images")
             labels.setdefault(a['image_id'], set()).add(index[a['category_id']])
     except OSError as e:
         raise OSError(f"{path}: {e.strerror}") from None
@@ -78,35 +90,42 @@ def read_instances(root: str, split: str) -> tuple[list[str], dict[int, list[int
     captioned = {i for i, _, _ in read_coco_split(root, split)}
     if image_ids != captioned:
         only_here, only_there = sorted(image_ids - captioned), sorted(captioned - image_ids)
-        raise ValueError(f"{path}: its images are not those of captions_{split}.json ({len(only_here)} only here, "
-                         f"{len(only_there)} only there; e.g. id {(only_here or only_there)[0]})")
+        raise ValueError(f"{path}: its images are not those of captions_{split}.json "
+                         f"({len(only_here)} only here, {len(only_there)} only there; e.g. id "
+                         f"{(only_here or only_there)[0]})")
     return names, {i: sorted(v) for i, v in labels.items()}
 
 
 def swap_left_right(caption: str) -> str:
-    """'a cat left of a dog' -> 'a cat right of a dog'; whole words only: 'bright', 'leftover' stay."""
-    return re.sub(r'\b(left|right)\b', lambda m: 'right' if m.group(1).lower() == 'left' else 'left',
-                  caption, flags=re.IGNORECASE)
+    """'a cat left of a dog' -> 'a cat right of a dog'; whole words only: 'bright', 'leftover'
+    stay."""
+    return re.sub(r'\b(left|right)\b',
+                  lambda m: 'right' if m.group(1).lower() == 'left' else 'left', caption,
+                  flags=re.IGNORECASE)
 
 
 # ----------------------------------------------------------------------------------------------
 # decoding and resizing
 
 def resize_box(image: Image.Image, box, size: int) -> Image.Image:
-    """The region `box` (left, top, right, bottom, in pixels of the full image) resized to size x size, bilinear.
-    An unloaded JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when that still leaves at least
-    `size` pixels across the box: most of the decoding time of a large photo is saved."""
+    """The region `box` (left, top, right, bottom, in pixels of the full image) resized to size x
+    size, bilinear.
+    An unloaded JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when that still
+    leaves at least `size` pixels across the box: most of the decoding time of a large photo is
+    saved."""
     W = image.size[0]
     reduce = min(box[2] - box[0], box[3] - box[1]) / size
     if image.format == 'JPEG' and reduce >= 2:
         drafted = image.draft('RGB', (math.ceil(W / reduce), math.ceil(image.size[1] / reduce)))
-        scale = drafted[1][2] / W if drafted else 1.0  # PIL says by how much: sizes are rounded up, scales are not
+        # PIL says by how much: sizes are rounded up, scales are not
+        scale = drafted[1][2] / W if drafted else 1.0
         box = tuple(v * scale for v in box)
     return to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: 16-bit and float grayscale scaled to 8 bits, transparency onto white."""
+    """Any PIL mode as 8-bit RGB: 16-bit and float grayscale scaled to 8 bits, transparency onto
+    white."""
     if image.mode == 'RGB':
         return image
     if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
@@ -121,14 +140,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def center_box(width: int, height: int, size: int):
-    """The eval transform's crop in source pixels: shorter side to round(size * 8/7) (256 for 224), center size."""
+    """The eval transform's crop in source pixels: shorter side to round(size * 8/7) (256 for 224),
+    center size."""
     side = min(width, height) * size / round(size * 8 / 7)
     left, top = (width - side) / 2, (height - side) / 2
     return left, top, left + side, top + side
 
 
 def load_eval_image(path: str, size: int) -> Image.Image:
-    """The eval transform of every stage: decode, shorter side to round(size * 8/7), center crop size x size, RGB."""
+    """The eval transform of every stage: decode, shorter side to round(size * 8/7), center crop
+    size x size, RGB."""
     with Image.open(path) as image:
         return resize_box(image, center_box(*image.size, size), size)
 
@@ -149,8 +170,9 @@ def normalize(pixels: torch.Tensor) -> torch.Tensor:
 # the pretraining dataset
 
 class EpochKeys(torch.utils.data.Sampler):
-    """A sampler of the (epoch, index) keys of the next pass. Setting .keys before each epoch lets one DataLoader,
-    and its persistent workers, serve a whole run: a new loader per epoch starts new worker processes every time."""
+    """A sampler of the (epoch, index) keys of the next pass. Setting .keys before each epoch lets
+    one DataLoader, and its persistent workers, serve a whole run: a new loader per epoch starts new
+    worker processes every time."""
 
     def __init__(self, keys=()):
         self.keys = list(keys)
@@ -164,26 +186,29 @@ class EpochKeys(torch.utils.data.Sampler):
 
 class CocoCaptions(torch.utils.data.Dataset):
     """Images of one COCO split with their captions; an item is one image and one of its captions,
-    addressed by (epoch, index) so that its augmentation is a pure function of the key. With `labels`
-    ({image id: category indices}, from read_instances), an item's tokens are its image's labels instead,
-    and images without labels are left out."""
+    addressed by (epoch, index) so that its augmentation is a pure function of the key. With
+    `labels` ({image id: category indices}, from read_instances), an item's tokens are its image's
+    labels instead, and images without labels are left out."""
 
-    def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2, color_jitter=0.8,
-                 labels=None):
+    def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2,
+                 color_jitter=0.8, labels=None):
         self.items = [(path, captions, None if labels is None else labels[i])
-                      for i, path, captions in read_coco_split(root, split) if labels is None or i in labels]
+                      for i, path, captions in read_coco_split(root, split)
+                      if labels is None or i in labels]
         if not self.items:
             raise ValueError(f"{root}/annotations/captions_{split}.json: no images with captions"
                              + (' and instances' if labels is not None else ''))
-        self.tokenizer, self.image_size, self.max_len, self.train, self.seed = tokenizer, image_size, max_len, train, seed
+        self.tokenizer, self.image_size, self.max_len, self.train, self.seed = \
+            tokenizer, image_size, max_len, train, seed
         self.min_crop_scale, self.color_jitter = min_crop_scale, color_jitter
 
     def __len__(self):
         return len(self.items)
 
     def keep_fraction(self, fraction, seed):
-        """Keep round(fraction * len) of the images, drawn with seed (the same subset on every process and on
-        resume); returns the kept indices, sorted, or None when fraction is 1 and all stay."""
+        """Keep round(fraction * len) of the images, drawn with seed (the same subset on every
+        process and on resume); returns the kept indices, sorted, or None when fraction is 1 and all
+        stay."""
         if fraction >= 1:
             return None
         draw = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(seed))
@@ -199,10 +224,14 @@ class CocoCaptions(torch.utils.data.Dataset):
         encode = self.encode if labels is None else lambda caption: torch.tensor(labels)
         try:
             if not self.train:
-                return {'image': to_uint8_tensor(load_eval_image(path, self.image_size)), 'tokens': encode(caption)}
+                return {'image': to_uint8_tensor(load_eval_image(path, self.image_size)),
+                        'tokens': encode(caption)}
             with Image.open(path) as image:
-                pixels = random_resized_crop(image, random_box(*image.size, rng, self.min_crop_scale), self.image_size)
-        except Exception as e:  # a corrupt or missing file must not end a long run: report and skip it
+                pixels = random_resized_crop(image,
+                                             random_box(*image.size, rng, self.min_crop_scale),
+                                             self.image_size)
+        except Exception as e:
+            # a corrupt or missing file must not end a long run: report and skip it
             return {'error': f"{path}: {str(e) or type(e).__name__}"}
         if rng.random() < 0.5:
             # flipping the image makes "left" wrong, so swap left/right words in the caption too
@@ -218,7 +247,8 @@ class CocoCaptions(torch.utils.data.Dataset):
 
 
 def random_box(W, H, rng, min_scale):
-    """Random resized crop's box: area scale (min_scale, 1), aspect ratio (3/4, 4/3), drawn as torchvision does."""
+    """Random resized crop's box: area scale (min_scale, 1), aspect ratio (3/4, 4/3), drawn as
+    torchvision does."""
     for _ in range(10):
         area = W * H * rng.uniform(min_scale, 1.0)
         ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
@@ -230,25 +260,32 @@ def random_box(W, H, rng, min_scale):
 
 
 def random_resized_crop(image: Image.Image, box, size: int) -> torch.Tensor:
-    """The integer box (left, top, right, bottom) of an opened, not yet decoded image, resized to (3, size, size)
-    uint8 with antialiased bilinear filtering (the filter of PIL's resize)."""
+    """The integer box (left, top, right, bottom) of an opened, not yet decoded image, resized to
+    (3, size, size) uint8 with antialiased bilinear filtering (the filter of PIL's resize)."""
     if image.format == 'JPEG' and min(box[2] - box[0], box[3] - box[1]) >= 2 * size:
-        return to_uint8_tensor(resize_box(image, box, size))  # a DCT-scaled decode, then PIL's fractional box
+        # a DCT-scaled decode, then PIL's fractional box
+        return to_uint8_tensor(resize_box(image, box, size))
     if image.format == 'JPEG' and image.mode in ('RGB', 'L') and decode_jpeg is not None:
-        # libjpeg-turbo through torchvision: PIL's decoder, straight into a (3, H, W) tensor (no copy out of PIL)
+        # libjpeg-turbo through torchvision: PIL's decoder, straight into a (3, H, W) tensor (no
+        # copy out of PIL)
         image.fp.seek(0)  # PIL has read only the header
-        with warnings.catch_warnings():  # torchvision 0.29 announces that its decoders will move to torchcodec
+        # torchvision 0.29 announces that its decoders will move to torchcodec
+        with warnings.catch_warnings():
             warnings.simplefilter('ignore', DeprecationWarning)
-            pixels = decode_jpeg(torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            pixels = decode_jpeg(torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8),
+                                 mode=ImageReadMode.RGB)
     else:
         image = to_rgb(image)
         # PIL keeps RGB pixels as RGBX: exporting them as they are costs half of packing them to RGB
-        with warnings.catch_warnings():  # torch warns about read-only buffers; this one is only read
+        # torch warns about read-only buffers; this one is only read
+        with warnings.catch_warnings():
             warnings.simplefilter('ignore', UserWarning)
             pixels = torch.frombuffer(image.tobytes('raw', 'RGBX'), dtype=torch.uint8)
-        pixels = pixels.view(image.size[1], image.size[0], 4).permute(2, 0, 1)  # (4, H, W), channels last in memory
+        # (4, H, W), channels last in memory
+        pixels = pixels.view(image.size[1], image.size[0], 4).permute(2, 0, 1)
     left, top, right, bottom = box
-    pixels = F.interpolate(pixels[None, :, top:bottom, left:right], size=(size, size), mode='bilinear',
+    pixels = F.interpolate(pixels[None, :, top:bottom, left:right], size=(size, size),
+                           mode='bilinear',
                            antialias=True, align_corners=False)  # torch's vectorized uint8 kernel
     return pixels[0, :3].contiguous()  # (3, size, size)
 
@@ -258,17 +295,19 @@ HUE_SECTORS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 
 
 def color_jitter(pixels: torch.Tensor, rng) -> torch.Tensor:
-    """Brightness, contrast and saturation factors in [0.6, 1.4] and a hue shift in [-0.1, 0.1] of the colour
-    circle, applied in random order to (3, S, S) uint8, each result clamped to [0, 255] (where it can leave
-    it: a factor above 1; a hue rotation keeps every pixel's max and min). The hue range is kept small because
-    captions name colours, and a large shift would make them false."""
+    """Brightness, contrast and saturation factors in [0.6, 1.4] and a hue shift in [-0.1, 0.1] of
+    the colour circle, applied in random order to (3, S, S) uint8, each result clamped to [0, 255]
+    (where it can leave it: a factor above 1; a hue rotation keeps every pixel's max and min). The
+    hue range is kept small because captions name colours, and a large shift would make them
+    false."""
     b, c, s = rng.uniform(0.6, 1.4, size=3)
     hue = rng.uniform(-0.1, 0.1)
     x = pixels.float()
     for i in rng.permutation(4):
         if i == 0:
             x.mul_(b)
-        elif i == 1:  # blend with the mean grey level (the mean of the grey image, from the channel means)
+        elif i == 1:
+            # blend with the mean grey level (the mean of the grey image, from the channel means)
             mean_grey = sum(w * m for w, m in zip(GRAY, x.mean((1, 2)).tolist()))
             x.mul_(c).add_((1 - c) * mean_grey)
         elif i == 2:  # blend with the grey image
@@ -282,18 +321,21 @@ def color_jitter(pixels: torch.Tensor, rng) -> torch.Tensor:
 
 
 def shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotate the HSV hue of (3, S, S) float RGB by `shift` turns, keeping saturation and value: a pixel keeps
-    its max M and min m, and channel n becomes M - (M - m) w(n + 6 hue), w the trapezoid clamp(min(k, 4 - k), 0, 1)
-    of period 6. Written without comparisons or torch.where, which are several times slower on CPU here."""
+    """Rotate the HSV hue of (3, S, S) float RGB by `shift` turns, keeping saturation and value: a
+    pixel keeps its max M and min m, and channel n becomes M - (M - m) w(n + 6 hue), w the trapezoid
+    clamp(min(k, 4 - k), 0, 1) of period 6. Written without comparisons or torch.where, which are
+    several times slower on CPU here."""
     top, bottom = x.amax(0), x.amin(0)
     chroma = top - bottom
     r, g, b = x
-    # which channel holds the max, as exact 0/1 floats (r before g before b on ties, as torchvision):
+    # which channel holds the max, as exact 0/1 floats (r before g before b on ties, as
+    # torchvision):
     # (v - top) * 1e7 + 1 is 1 where v == top and <= 0 wherever v is below it by more than 1e-7
     is_r = (r - top).mul_(1e7).add_(1).clamp_(min=0)
     is_g = (g - top).mul_(1e7).add_(1).clamp_(min=0).mul_(1 - is_r)
     is_b = 1 - is_r - is_g
-    # the hue in sixths of a turn: (g - b) / C where r is the max, 2 + (b - r) / C for g, 4 + (r - g) / C for b
+    # the hue in sixths of a turn: (g - b) / C where r is the max, 2 + (b - r) / C for g,
+    # 4 + (r - g) / C for b
     hue6 = (g - b).mul_(is_r)
     hue6.add_((b - r).add_(chroma, alpha=2).mul_(is_g))
     hue6.add_((r - g).add_(chroma, alpha=4).mul_(is_b))
@@ -305,7 +347,8 @@ def shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def pad_tokens(captions, pad_to: int = 0) -> torch.Tensor:
-    """Captions of ids (lists or 1-d tensors) right-padded with 0 to the longest (or to pad_to): (B, T) long."""
+    """Captions of ids (lists or 1-d tensors) right-padded with 0 to the longest (or to pad_to):
+    (B, T) long."""
     tokens = torch.zeros(len(captions), max(pad_to, *(len(c) for c in captions)), dtype=torch.long)
     for row, caption in zip(tokens, captions):
         row[:len(caption)] = torch.as_tensor(caption)
@@ -313,17 +356,19 @@ def pad_tokens(captions, pad_to: int = 0) -> torch.Tensor:
 
 
 def collate(samples, pad_to: int = 0):
-    """Stack images, right-pad captions with 0 to the longest in the batch (or to pad_to: one shape for every
-    batch, as torch.compile wants); pass load errors on."""
+    """Stack images, right-pad captions with 0 to the longest in the batch (or to pad_to: one shape
+    for every batch, as torch.compile wants); pass load errors on."""
     good = [s for s in samples if 'error' not in s]
     errors = [s['error'] for s in samples if 'error' in s]
     if not good:
         return None, None, errors
-    return torch.stack([s['image'] for s in good]), pad_tokens([s['tokens'] for s in good], pad_to), errors
+    return (torch.stack([s['image'] for s in good]),
+            pad_tokens([s['tokens'] for s in good], pad_to), errors)
 
 
 class BadImages:
-    """Counts the images that failed to load, with a warning for each; past `cap` of them, a ValueError."""
+    """Counts the images that failed to load, with a warning for each; past `cap` of them, a
+    ValueError."""
 
     def __init__(self, cap: int, count: int = 0):
         self.cap, self.count = cap, count
@@ -333,4 +378,5 @@ class BadImages:
             self.count += 1
             print(f"warning: skipped {error} ({self.count} skipped so far)", flush=True)
             if self.count > self.cap:
-                raise ValueError(f"more than max_bad_images={self.cap} images failed to load; last: {error}")
+                raise ValueError(f"more than max_bad_images={self.cap} images failed to load; "
+                                 f"last: {error}")

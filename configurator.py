@@ -1,6 +1,6 @@
 """
-The scripts' contract with their user: nanoGPT-style config overrides, validated; one-line errors; files
-written whole or not at all. Standard library only, so every script can import it.
+The scripts' contract with their user: nanoGPT-style config overrides, validated; one-line errors;
+files written whole or not at all. Standard library only, so every script can import it.
 
     python train.py config/shapes.py --batch_size=64 --compile=False
 
@@ -14,20 +14,22 @@ A script declares its config as module-level values, each check next to its valu
     max_len: Annotated[int, Interval('[3, inf)')] = 30
     args = configure(globals())              # returns the bare arguments that are not config files
 
-A bare `*.py` argument is a config file: it is executed and its assignments are applied as if they were
-flags, in order, so later flags win. `--key=value` sets one value. Every key must already exist in the
-script (unknown keys are refused, naming the nearest known one), and the value must have the default's
-type: an int is accepted where a float is expected, booleans are `True`/`False` only, a `None` default
-takes a Python literal only (a number, or a string in quotes: a bare word is refused, so that a typo never
-becomes a string). Then every annotated check runs on the final values (None means unset and passes). Any other bare argument is
-returned for the script (e.g. caption.py's image paths). `--help` lists the keys with their values.
+A bare `*.py` argument is a config file: it is executed and its assignments are applied as if they
+were flags, in order, so later flags win. `--key=value` sets one value. Every key must already exist
+in the script (unknown keys are refused, naming the nearest known one), and the value must have the
+default's type: an int is accepted where a float is expected, booleans are `True`/`False` only, a
+`None` default takes a Python literal only (a number, or a string in quotes: a bare word is refused,
+so that a typo never becomes a string). Then every annotated check runs on the final values (None
+means unset and passes). Any other bare argument is returned for the script (e.g. caption.py's image
+paths). `--help` lists the keys with their values.
 Errors exit with a one-line message naming the key or file.
 
 `one_line_errors()` is the other half of the error policy: library code raises ordinary exceptions
-(ValueError, OSError) whose message names the file; a script wraps its loading steps in it, and such an
-exception ends the script with one line `error: <message>`, not a traceback. `write_atomically()` is
-how every file the project writes is written: to a temporary file, then renamed over the target, so a
-crash or a full disk leaves the previous file intact and never half a file; `JsonLog` appends whole lines.
+(ValueError, OSError) whose message names the file; a script wraps its loading steps in it, and such
+an exception ends the script with one line `error: <message>`, not a traceback. `write_atomically()`
+is how every file the project writes is written: to a temporary file, then renamed over the target,
+so a crash or a full disk leaves the previous file intact and never half a file; `JsonLog` appends
+whole lines.
 """
 
 import ast
@@ -44,7 +46,8 @@ CONFIG_TYPES = (bool, int, float, str, type(None))
 
 
 class Interval:
-    """A check: the value lies in an interval written as in mathematics, e.g. '(0, 1]' or '[1, inf)'."""
+    """A check: the value lies in an interval written as in mathematics, e.g. '(0, 1]' or '[1,
+    inf)'."""
 
     def __init__(self, text: str):
         low, high = text[1:-1].split(',')
@@ -57,11 +60,13 @@ class Interval:
         if above and below:
             return None
         if self.high == math.inf:
-            return 'must be positive' if self.low == 0 and self.low_open else f'must be >= {self.low:g}'
+            return 'must be positive' if self.low == 0 and self.low_open else \
+                f'must be >= {self.low:g}'
         return f'must be in {self.text}'
 
 
-POSITIVE = Annotated[float, Interval('(0, inf)')]  # annotations for config values; int values pass too
+# annotations for config values; int values pass too
+POSITIVE = Annotated[float, Interval('(0, inf)')]
 NON_NEGATIVE = Annotated[float, Interval('[0, inf)')]
 FRACTION = Annotated[float, Interval('(0, 1]')]
 PROBABILITY = Annotated[float, Interval('[0, 1]')]
@@ -73,7 +78,8 @@ def config_keys(config: dict) -> list[str]:
 
 
 def problem(annotation, value):
-    """What is wrong with `value` for its annotation (Literal[...] or Annotated[type, Interval]), or None."""
+    """What is wrong with `value` for its annotation (Literal[...] or Annotated[type, Interval]), or
+    None."""
     if get_origin(annotation) is Literal and value not in get_args(annotation):
         return f"choose one of {', '.join(map(str, get_args(annotation)))}"
     if get_origin(annotation) is Annotated:
@@ -117,7 +123,8 @@ def check_type(key: str, value, default):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # --lr=1 means 1.0 (nanoGPT refuses it)
     if type(value) is not type(default):
-        raise ValueError(f"{key} takes a {type(default).__name__}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{key} takes a {type(default).__name__}, got {value!r} "
+                         f"({type(value).__name__})")
     return value
 
 
@@ -128,8 +135,9 @@ def unknown_key_message(key: str, known: list[str], where: str) -> str:
 
 
 def configure(config: dict, argv: list[str] | None = None) -> list[str]:
-    """Apply config files and --key=value flags in `argv` to `config` (a script's globals()), then run the
-    declared checks. Returns the bare arguments that are not config files. Exits with one line on error."""
+    """Apply config files and --key=value flags in `argv` to `config` (a script's globals()), then
+    run the declared checks. Returns the bare arguments that are not config files. Exits with one
+    line on error."""
     argv = sys.argv[1:] if argv is None else argv
     known = config_keys(config)
     rest = []
@@ -183,7 +191,8 @@ def apply_config_file(config: dict, path: str, known: list[str]) -> None:
 
 @contextmanager
 def one_line_errors():
-    """Turn the ValueError / OSError of a library call into the script's one-line `error: ...` exit."""
+    """Turn the ValueError / OSError of a library call into the script's one-line `error: ...`
+    exit."""
     try:
         yield
     except (ValueError, OSError) as e:
@@ -191,9 +200,10 @@ def one_line_errors():
 
 
 def write_atomically(path: str, write, mode: str = 'wb') -> None:
-    """write(file) into a temporary file beside `path`, then rename it over `path`: the file is whole or
-    absent, and a crash, a signal or a full disk leaves the previous one as it was. On failure the
-    temporary file is removed and an OSError names the file and the cause (e.g. No space left on device)."""
+    """write(file) into a temporary file beside `path`, then rename it over `path`: the file is
+    whole or absent, and a crash, a signal or a full disk leaves the previous one as it was. On
+    failure the temporary file is removed and an OSError names the file and the cause (e.g. No space
+    left on device)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -201,9 +211,11 @@ def write_atomically(path: str, write, mode: str = 'wb') -> None:
             f.flush()
             os.fsync(f.fileno())  # on the disk before the rename makes it the file
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save's zip writer reports a failed write as a RuntimeError
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer reports a failed write as a RuntimeError
         cause = e if isinstance(e, OSError) else e.__context__
-        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(e).splitlines()[0]
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else \
+            str(e).splitlines()[0]
         raise OSError(f"{path}: cannot write ({reason})") from None
     finally:
         if os.path.exists(tmp):
@@ -212,9 +224,9 @@ def write_atomically(path: str, write, mode: str = 'wb') -> None:
 
 
 class JsonLog:
-    """A log of one JSON record per line (train.py's log.jsonl), appended with one write() per record. A record
-    that does not fit (a full disk) leaves no cut line behind, and a line cut by an earlier crash is ended before
-    the first new record, so every line a reader meets is whole."""
+    """A log of one JSON record per line (train.py's log.jsonl), appended with one write() per
+    record. A record that does not fit (a full disk) leaves no cut line behind, and a line cut by an
+    earlier crash is ended before the first new record, so every line a reader meets is whole."""
 
     def __init__(self, path: str):
         self.path = path

@@ -6,8 +6,9 @@ The whole VirTex pipeline on the built-in shapes world, on a laptop CPU, in minu
 
 Each stage is one of the project's command lines, printed before it runs, so the demo doubles as a
 tour: copy any of them to run a stage alone. Writes data/shapes/ (kept between runs) and <out_dir>/
-(checkpoint, logs, VOC results, captions, an attention figure, loss curves), then prints a summary with
-the time of every stage. A finished pretraining in <out_dir> is reused (delete it to train again).
+(checkpoint, logs, VOC results, captions, an attention figure, loss curves), then prints a summary
+with the time of every stage. A finished pretraining in <out_dir> is reused (delete it to train
+again).
 """
 
 import json
@@ -33,13 +34,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_logged(args, log_path, echo=True):
-    """Run a project script (`python ARGS` in this folder), showing its output live if `echo`, and keep the output
-    in log_path. Returns its lines; exits with one line naming the log if the script fails."""
+    """Run a project script (`python ARGS` in this folder), showing its output live if `echo`, and
+    keep the output in log_path. Returns its lines; exits with one line naming the log if the script
+    fails."""
     if echo:
         print(f"$ {' '.join(['python'] + args)}", flush=True)
     lines = []
-    with subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as proc:
+    with subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, 'PYTHONUNBUFFERED': '1'}) as proc:
         for line in proc.stdout:
             if echo:
                 print(line, end='', flush=True)
@@ -47,15 +50,18 @@ def run_logged(args, log_path, echo=True):
     with open(os.path.join(HERE, log_path), 'w') as f:
         f.writelines(lines)
     if proc.returncode != 0:
-        raise SystemExit(f"error: {' '.join(args[:1])} failed (exit {proc.returncode}); its output is in {log_path}")
+        raise SystemExit(f"error: {' '.join(args[:1])} failed (exit {proc.returncode}); its output "
+                         f"is in {log_path}")
     return lines
 
 
 def random_init_args(ckpt_path, seed):
-    """evaluate.py's flags for the backbone a train.py run started from: its ResNet at random init."""
+    """evaluate.py's flags for the backbone a train.py run started from: its ResNet at random
+    init."""
     from checkpoints import load_file
     trained = load_file(os.path.join(HERE, ckpt_path))['config']
-    return ['--init=random', f"--visual={trained['visual']}", f"--image_size={trained['image_size']}",
+    return ['--init=random', f"--visual={trained['visual']}",
+            f"--image_size={trained['image_size']}",
             f"--zero_init_residual={trained['zero_init_residual']}", f'--seed={seed}']
 
 
@@ -68,25 +74,31 @@ def last_number(lines, label):
 
 
 def draw_curves(records, path, width=640, height=360):
-    """Train loss, val loss and val loss with shuffled images against iterations, as a PNG (PIL only)."""
-    series = [('train loss', (60, 60, 200), [(r['iter'], r['loss']) for r in records if r['event'] == 'train']),
-              ('val loss', (20, 150, 40), [(r['iter'], r['loss']) for r in records if r['event'] == 'val']),
+    """Train loss, val loss and val loss with shuffled images against iterations, as a PNG (PIL
+    only)."""
+    series = [('train loss', (60, 60, 200),
+               [(r['iter'], r['loss']) for r in records if r['event'] == 'train']),
+              ('val loss', (20, 150, 40),
+               [(r['iter'], r['loss']) for r in records if r['event'] == 'val']),
               ('val loss, shuffled images', (210, 40, 40),
                [(r['iter'], r['loss_shuffled']) for r in records if r['event'] == 'val'])]
     points = [p for _, _, s in series for p in s]
-    x_max, y_min, y_max = max(x for x, _ in points), min(y for _, y in points), max(y for _, y in points)
+    x_max, y_min, y_max = (max(x for x, _ in points), min(y for _, y in points),
+                           max(y for _, y in points))
     y_min, y_max = y_min - 0.05 * (y_max - y_min), y_max + 0.05 * (y_max - y_min)
     left, top, right, bottom = 50, 20, width - 20, height - 40
     image = Image.new('RGB', (width, height), 'white')
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
 
     def xy(x, y):
-        return left + (right - left) * x / x_max, bottom - (bottom - top) * (y - y_min) / (y_max - y_min)
+        return left + \
+            (right - left) * x / x_max, bottom - (bottom - top) * (y - y_min) / (y_max - y_min)
     draw.rectangle((left, top, right, bottom), outline='black')
     for k in range(5):  # axis labels: iterations below, loss (sum over directions) on the left
         y = y_min + (y_max - y_min) * k / 4
         draw.text((4, xy(0, y)[1] - 6), f"{y:.2f}", fill='black', font=font)
-        draw.text((xy(x_max * k / 4, y_min)[0] - 10, bottom + 6), f"{round(x_max * k / 4)}", fill='black', font=font)
+        draw.text((xy(x_max * k / 4, y_min)[0] - 10, bottom + 6), f"{round(x_max * k / 4)}",
+                  fill='black', font=font)
     draw.text(((left + right) // 2 - 25, bottom + 22), 'iteration', fill='black', font=font)
     for row, (name, colour, data) in enumerate(series):
         if len(data) > 1:
@@ -117,20 +129,27 @@ def main():
     else:
         stage('data', ['data/shapes/prepare.py', f'--out={data}'], 'prepare.log')
     if not os.path.exists(f"{data}/vocab.model"):
-        stage('vocabulary', ['tokenizer.py', f'--captions={data}/coco/annotations/captions_train2017.json',
+        stage('vocabulary',
+              ['tokenizer.py', f'--captions={data}/coco/annotations/captions_train2017.json',
                              f'--vocab_size={vocab_size}', f'--out={data}/vocab'], 'tokenizer.log')
-    stage('pretrain', ['train.py', config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
+    stage('pretrain',
+          ['train.py', config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
                        f'--out_dir={out}', f'--seed={seed}', '--init_from=auto'], 'train.log')
     voc = f'--voc_root={data}/VOC2007'
     pretrained = stage('evaluate pretrained', ['evaluate.py', voc, f'--ckpt={out}/ckpt.pt',
-                                               f'--out_json={out}/voc_pretrained.json'], 'evaluate_pretrained.log')
-    random_init = stage('evaluate random init', ['evaluate.py', voc, *random_init_args(f'{out}/ckpt.pt', seed),
-                                                 f'--out_json={out}/voc_random.json'], 'evaluate_random.log')
+                                               f'--out_json={out}/voc_pretrained.json'],
+                       'evaluate_pretrained.log')
+    random_init = stage('evaluate random init',
+                        ['evaluate.py', voc, *random_init_args(f'{out}/ckpt.pt', seed),
+                                                 f'--out_json={out}/voc_random.json'],
+                        'evaluate_random.log')
     captions = stage('caption', ['caption.py', f'--ckpt={out}/ckpt.pt', f'--coco_root={data}/coco',
-                                 '--split=val2017', f'--limit={caption_limit}', f'--out={out}/captions_val.json'],
+                                 '--split=val2017', f'--limit={caption_limit}',
+                                 f'--out={out}/captions_val.json'],
                      'caption.log')
     first_image = captions[0].split('\t')[0]
-    stage('attention figure', ['caption.py', f'--ckpt={out}/ckpt.pt', f'--attention_dir={out}/attention',
+    stage('attention figure',
+          ['caption.py', f'--ckpt={out}/ckpt.pt', f'--attention_dir={out}/attention',
                                first_image], 'attention.log')
 
     map_pretrained, map_random = last_number(pretrained, 'mAP'), last_number(random_init, 'mAP')
@@ -138,11 +157,13 @@ def main():
     with open(os.path.join(HERE, out, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
     train_records = [r for r in records if r['event'] == 'train']
-    images_per_s = sorted(r['img_s'] for r in train_records)[len(train_records) // 2]  # median over log windows
+    # median over log windows
+    images_per_s = sorted(r['img_s'] for r in train_records)[len(train_records) // 2]
     val_records = [r for r in records if r['event'] == 'val']
     curves = os.path.join(out, 'losses.png')
     draw_curves(records, os.path.join(HERE, curves))
-    figure = os.path.join(out, 'attention', os.path.splitext(os.path.basename(first_image))[0] + '.png')
+    figure = os.path.join(out, 'attention',
+                          os.path.splitext(os.path.basename(first_image))[0] + '.png')
     print("\nsome val captions (image<TAB>caption):")
     print(''.join(line for line in captions[:5]), end='')
     print(f"\n=== summary (seed {seed})")
@@ -151,7 +172,8 @@ def main():
              ('difference', f"{map_pretrained - map_random:+.2f}"),
              (f'CIDEr-D on {caption_limit} val images', f"{cider:.1f}"),
              ('pretraining speed', f"{images_per_s:.0f} img/s"),
-             ('the image is worth (val, last)', f"{val_records[-1]['image_gap']:.3f} nats/token" if val_records else '-'),
+             ('the image is worth (val, last)',
+              f"{val_records[-1]['image_gap']:.3f} nats/token" if val_records else '-'),
              ('attention figure', figure),
              ('loss curves', curves),
              *((f'time: {name}', f"{seconds / 60:.1f} min") for name, seconds in timings.items()),

@@ -1,6 +1,6 @@
 """
-The paper's optimization pieces: LookAhead (Zhang et al., 2019) around SGD, and the learning-rate schedule,
-linear warmup then cosine decay to 0. train.py, probe.py and bench.py use them.
+The paper's optimization pieces: LookAhead (Zhang et al., 2019) around SGD, and the learning-rate
+schedule, linear warmup then cosine decay to 0. train.py, probe.py and bench.py use them.
 
     from lookahead import LookAhead, warmup_cosine
     optimizer = LookAhead(torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9), k=5, alpha=0.5)
@@ -15,8 +15,8 @@ import torch
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """The lr multiplier at `step`: linear warmup from 0 over `warmup` steps, then cosine decay to 0 at `total`
-    (upstream's schedule; warmup=0 is the linear probe's plain cosine)."""
+    """The lr multiplier at `step`: linear warmup from 0 over `warmup` steps, then cosine decay to 0
+    at `total` (upstream's schedule; warmup=0 is the linear probe's plain cosine)."""
     if step < warmup:
         return step / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -53,7 +53,8 @@ class LookAhead:
                 fast.copy_(slow)
 
     def state_dict(self):
-        return {'optimizer': self.optimizer.state_dict(), 'slow': self.slow, 'step_count': self.step_count}
+        return {'optimizer': self.optimizer.state_dict(), 'slow': self.slow,
+                'step_count': self.step_count}
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state['optimizer'])

@@ -3,20 +3,25 @@ The VirTex model: a ResNet visual backbone plus the head of one pretext task, by
 backward Transformer caption decoders.
 
     from model import VirTex, VirTexConfig
-    model = VirTex(VirTexConfig(visual='resnet50', n_layer=1, n_embd=2048, n_head=32, vocab_size=10000))
+    model = VirTex(VirTexConfig(visual='resnet50', n_layer=1, n_embd=2048, n_head=32,
+                                vocab_size=10000))
     loss, parts = model(images, caption_tokens)        # (B,3,S,S) float, (B,T) long -> scalar, {'fwd','bwd'}
     grid = model.encode_images(images)                 # (B,2048,S/32,S/32): what evaluate.py pools
     memory = model.project(grid)                       # (B,S*S/1024,H): what the decoders attend to
     logp, cache = model.decode_step(memory, last_tokens, cache)   # one cached step of the forward decoder
 
 The pretext tasks of the paper's ablation (its Table 2), `VirTexConfig.pretext`:
-  bicaptioning               forward + backward caption decoders, the loss their sum (the paper's method)
+  bicaptioning               forward + backward caption decoders, the loss their sum (the paper's
+                             method)
   captioning                 the forward decoder alone
-  masked_lm                  one decoder without the causal mask predicts 15% of the words, hidden (BERT)
+  masked_lm                  one decoder without the causal mask predicts 15% of the words, hidden
+                             (BERT)
   token_classification       a linear layer on the pooled grid predicts the caption's set of words
-  multilabel_classification  the same over COCO's instance categories (the "tokens" are category indices)
-  cappa                      the forward decoder, but for a share of the captions (parallel_fraction) every input
-                             is [MASK] and nothing is causal: all words at once, from the image alone (CapPa)
+  multilabel_classification  the same over COCO's instance categories (the "tokens" are category
+                             indices)
+  cappa                      the forward decoder, but for a share of the captions
+                             (parallel_fraction) every input is [MASK] and nothing is causal: all
+                             words at once, from the image alone (CapPa)
 Only the backbone is kept after pretraining; `backbone_state_dict()` loads into a plain
 `torchvision.models.resnet50()` (fc aside). Imports only torch and torchvision, so it can be
 copied alone; loading weight files is checkpoints.py's. Architecture facts follow the paper and
@@ -39,8 +44,10 @@ LOSS_PARTS = {  # the terms forward() returns beside the loss
     'token_classification': ('classification',), 'multilabel_classification': ('classification',),
     'cappa': ('parallel', 'autoregressive')}
 PRETEXTS = tuple(LOSS_PARTS)
-VISUALS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2', 'wide_resnet101_2')
-MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)  # masked_lm: 15% of the words; of those 80% [MASK], 10% random, 10% kept
+VISUALS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
+           'wide_resnet101_2')
+# masked_lm: 15% of the words; of those 80% [MASK], 10% random, 10% kept
+MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)
 
 
 @dataclass
@@ -55,12 +62,14 @@ class VirTexConfig:
     pretext: str = 'bicaptioning'  # or one of the ablations, see PRETEXTS
     norm_first: bool = False    # False: post-norm layers, as in the paper
     zero_init_residual: bool = True  # the paper's backbone init (see VirTex.__init__)
-    init_std: float = 0.02      # std of the textual weights at init: BERT's, the paper's (see init_textual_weights)
+    # std of the textual weights at init: BERT's, the paper's (see init_textual_weights)
+    init_std: float = 0.02
     pad_id: int = 0             # <unk> doubles as padding, as upstream
     sos_id: int = 1
     eos_id: int = 2
     mask_id: int = 3            # [MASK], for masked_lm and cappa
-    parallel_fraction: float = 0.75  # cappa: share of captions predicted in parallel (big_vision's masked_pred_prob)
+    # cappa: share of captions predicted in parallel (big_vision's masked_pred_prob)
+    parallel_fraction: float = 0.75
 
     def __post_init__(self):  # refused here, so that a script can check a config before any work
         if self.pretext not in PRETEXTS:
@@ -70,7 +79,8 @@ class VirTexConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.max_len < 3:
-            raise ValueError(f"max_len={self.max_len} cannot hold [SOS] word [EOS]: it must be at least 3")
+            raise ValueError(f"max_len={self.max_len} cannot hold [SOS] word [EOS]: it must be "
+                             "at least 3")
         if not 0 <= self.parallel_fraction <= 1:
             raise ValueError(f"parallel_fraction={self.parallel_fraction} must be in [0, 1]")
 
@@ -78,8 +88,9 @@ class VirTexConfig:
     def bidirectional(self) -> bool:
         return self.pretext == 'bicaptioning'
 
+    # a Transformer head (else a linear classifier on the pooled grid)
     @property
-    def has_decoder(self) -> bool:  # a Transformer head (else a linear classifier on the pooled grid)
+    def has_decoder(self) -> bool:
         return self.pretext in ('bicaptioning', 'captioning', 'masked_lm', 'cappa')
 
     @property
@@ -124,9 +135,10 @@ class Attention(nn.Module):
         return self.split_heads(k), self.split_heads(v)  # 2 x (B, nh, N, hs)
 
     def forward(self, x, memory=None, cache=None, key_mask=None):
-        """x (B, T, H). Self-attention is causal, unless key_mask (B, T) is given: then every position sees
-        every key where key_mask is True, before and after it (masked_lm, cappa's parallel mode). With `cache`
-        (a dict), x is the newest position(s) and keys/values are appended to / read from the cache."""
+        """x (B, T, H). Self-attention is causal, unless key_mask (B, T) is given: then every
+        position sees every key where key_mask is True, before and after it (masked_lm, cappa's
+        parallel mode). With `cache` (a dict), x is the newest position(s) and keys/values are
+        appended to / read from the cache."""
         dropout = self.dropout if self.training else 0.0
         if self.cross:
             q = self.split_heads(self.q_proj(x))
@@ -141,7 +153,8 @@ class Attention(nn.Module):
         else:
             q, k, v = map(self.split_heads, self.qkv_proj(x).chunk(3, dim=-1))
             if cache is None and key_mask is not None:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :],
+                                                   dropout_p=dropout)
             elif cache is None:
                 # causal masking alone suffices: padding sits at the end, so a real position never
                 # sees a pad key, and outputs at pad positions are ignored by the loss
@@ -155,15 +168,17 @@ class Attention(nn.Module):
                 T_new, T_all = q.shape[2], k.shape[2]
                 mask = None
                 if T_new > 1:
-                    mask = torch.ones(T_new, T_all, dtype=torch.bool, device=x.device).tril(T_all - T_new)
+                    mask = torch.ones(T_new, T_all, dtype=torch.bool,
+                                      device=x.device).tril(T_all - T_new)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).reshape(x.shape)  # (B, T, H)
         return self.out_proj(y)
 
 
 class DecoderLayer(nn.Module):
-    """One Transformer decoder layer: self-attention (causal unless given a key_mask), cross-attention over the
-    image grid, GELU feed-forward of width 4H; post-norm (the paper) or pre-norm."""
+    """One Transformer decoder layer: self-attention (causal unless given a key_mask),
+    cross-attention over the image grid, GELU feed-forward of width 4H; post-norm (the paper) or
+    pre-norm."""
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
@@ -200,13 +215,15 @@ class VirTex(nn.Module):
         super().__init__()
         self.config = cfg
         # zero_init_residual: each block starts as identity, which helps training from scratch.
-        # At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only strided 1x1
-        # shortcuts, so the caption loss barely reaches the convolutions: the demo turns it off.
-        self.visual = torchvision.models.get_model(cfg.visual, weights=None, zero_init_residual=cfg.zero_init_residual)
+        # At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only strided
+        # 1x1 shortcuts, so the caption loss barely reaches the convolutions: the demo turns it off.
+        self.visual = torchvision.models.get_model(cfg.visual, weights=None,
+                                                   zero_init_residual=cfg.zero_init_residual)
         self.visual_width = self.visual.fc.in_features  # 2048 for resnet50, 512 for resnet18
         del self.visual.fc, self.visual.avgpool  # we keep the layer4 grid, not a pooled vector
         if not cfg.has_decoder:
-            # the classification pretexts: one linear layer on the pooled grid, PyTorch's default init as upstream
+            # the classification pretexts: one linear layer on the pooled grid, PyTorch's default
+            # init as upstream
             self.classifier = nn.Linear(self.visual_width, cfg.vocab_size)
             return
         H = cfg.n_embd
@@ -216,10 +233,12 @@ class VirTex(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_len, H)
         self.embedding_norm = nn.LayerNorm(H, eps=1e-8)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
-        self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))  # every pretext's decoder
-        self.layers_bwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer)) if cfg.bidirectional else None
-        # pre-norm layers need a last norm per direction (the official backward head is a deep copy of the
-        # forward one, final norm included); post-norm layers, the paper's, have none
+        # every pretext's decoder
+        self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.layers_bwd = (nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+                           if cfg.bidirectional else None)
+        # pre-norm layers need a last norm per direction (the official backward head is a deep copy
+        # of the forward one, final norm included); post-norm layers, the paper's, have none
         self.final_norm = nn.LayerNorm(H) if cfg.norm_first else None
         self.final_norm_bwd = nn.LayerNorm(H) if cfg.norm_first and cfg.bidirectional else None
         self.lm_head = nn.Linear(H, cfg.vocab_size)
@@ -227,10 +246,11 @@ class VirTex(nn.Module):
         self.init_textual_weights()
 
     def init_textual_weights(self):
-        # BERT-style: N(0, init_std) for linear, attention and embedding weights; biases keep PyTorch's defaults
-        # (attention biases start at 0, as in nn.MultiheadAttention). The paper's 0.02 was chosen for widths of
-        # 768-2048, where a matrix of that std has a gain near 1 (0.02 * sqrt(2048) = 0.9); at width H the same
-        # gain takes 0.02 * sqrt(2048 / H) (0.057 at H=256), and the image reaches the logits through 3 such matrices
+        # BERT-style: N(0, init_std) for linear, attention and embedding weights; biases keep
+        # PyTorch's defaults (attention biases start at 0, as in nn.MultiheadAttention). The paper's
+        # 0.02 was chosen for widths of 768-2048, where a matrix of that std has a gain near 1
+        # (0.02 * sqrt(2048) = 0.9); at width H the same gain takes 0.02 * sqrt(2048 / H) (0.057
+        # at H=256), and the image reaches the logits through 3 such matrices
         for module in self.textual_modules():
             for m in module.modules():
                 if isinstance(m, nn.Linear):
@@ -277,8 +297,10 @@ class VirTex(nn.Module):
         return x * (tokens != self.config.pad_id).unsqueeze(-1).to(x.dtype)
 
     def decode(self, memory, tokens, direction='fwd', start=0, cache=None, causal=True):
-        """Run one direction's decoder ('fwd' or 'bwd'): (B, T) ids -> (B, T, H) features (pre-logits).
-        causal=False: every position sees every other real one (masked_lm, cappa's parallel mode)."""
+        """Run one direction's decoder ('fwd' or 'bwd'): (B, T) ids -> (B, T, H) features
+        (pre-logits).
+        causal=False: every position sees every other real one (masked_lm, cappa's parallel
+        mode)."""
         layers, final_norm = ((self.layers_fwd, self.final_norm) if direction == 'fwd' else
                               (self.layers_bwd, self.final_norm_bwd))
         x = self.embed(tokens, start)
@@ -287,48 +309,62 @@ class VirTex(nn.Module):
             x = layer(x, memory, None if cache is None else cache.setdefault(i, {}), key_mask)
         return x if final_norm is None else final_norm(x)
 
-    def logits(self, memory: torch.Tensor, tokens: torch.Tensor, direction: str = 'fwd') -> torch.Tensor:
+    def logits(self, memory: torch.Tensor, tokens: torch.Tensor,
+               direction: str = 'fwd') -> torch.Tensor:
         """Full, uncached pass of one direction: (B, T) ids -> (B, T, V) next-token logits."""
         return self.lm_head(self.decode(memory, tokens, direction))
 
     def parallel_inputs(self, n) -> torch.Tensor:
-        """cappa's parallel mode reads (n, max_len - 1) [MASK]s: every input position, the one [SOS] held too
-        (big_vision has no BOS in this mode), whatever the caption: no word, not even its length, only the image."""
-        return torch.full((int(n), self.config.max_len - 1), self.config.mask_id, device=self.lm_head.weight.device)
+        """cappa's parallel mode reads (n, max_len - 1) [MASK]s: every input position, the one [SOS]
+        held too (big_vision has no BOS in this mode), whatever the caption: no word, not even its
+        length, only the image."""
+        return torch.full((int(n), self.config.max_len - 1), self.config.mask_id,
+                          device=self.lm_head.weight.device)
 
     def parallel_logits(self, memory: torch.Tensor) -> torch.Tensor:
-        """cappa's parallel mode: (B, N, H) memory -> (B, max_len - 1, V) logits of every position at once."""
+        """cappa's parallel mode: (B, N, H) memory -> (B, max_len - 1, V) logits of every position
+        at once."""
         return self.lm_head(self.decode(memory, self.parallel_inputs(len(memory)), causal=False))
 
     def caption_loss(self, memory, tokens, direction, reduction='mean'):
-        """Next-token cross-entropy over the real (non-pad) targets of one direction: their mean, or sum."""
+        """Next-token cross-entropy over the real (non-pad) targets of one direction: their mean, or
+        sum."""
         features = self.decode(memory, tokens[:, :-1], direction)  # (B, T-1, H)
         return self.word_loss(features, tokens[:, 1:], reduction)
 
     def word_loss(self, features, targets, reduction='mean'):
-        """Cross-entropy of the output layer on (B, T, H) features against (B, T) targets, pad ids left out."""
-        if torch.compiler.is_compiling():  # one static shape, one graph: every position, padding ignored
+        """Cross-entropy of the output layer on (B, T, H) features against (B, T) targets, pad ids
+        left out."""
+        # one static shape, one graph: every position, padding ignored
+        if torch.compiler.is_compiling():
             logits = self.lm_head(features).flatten(0, 1).float()
-            return F.cross_entropy(logits, targets.flatten(), ignore_index=self.config.pad_id, reduction=reduction)
+            return F.cross_entropy(logits, targets.flatten(), ignore_index=self.config.pad_id,
+                                   reduction=reduction)
         # the output layer is the biggest matmul: run it on real targets only, not on padding
         real = targets != self.config.pad_id
-        return F.cross_entropy(self.lm_head(features[real]).float(), targets[real], reduction=reduction)
+        return F.cross_entropy(self.lm_head(features[real]).float(), targets[real],
+                               reduction=reduction)
 
     def masked_lm_loss(self, memory, tokens, generator=None):
-        """Cross-entropy at the words mask_words chose, predicted from the corrupted caption seen both ways."""
+        """Cross-entropy at the words mask_words chose, predicted from the corrupted caption seen
+        both ways."""
         inputs, labels = mask_words(tokens, self.config, generator)
-        return self.word_loss(self.decode(memory, inputs, causal=False), labels)  # labels: pad where not chosen
+        # labels: pad where not chosen
+        return self.word_loss(self.decode(memory, inputs, causal=False), labels)
 
     def cappa_loss(self, memory, tokens, generator=None):
-        """CapPa: each caption is drawn, with probability parallel_fraction, into the parallel mode (every word
-        predicted at once from [MASK] inputs, parallel_logits) and otherwise into plain forward captioning. The
-        targets and the loss are captioning's: the mean cross-entropy over all real targets of the batch.
-        In eval mode every caption is scored both ways and the loss is their expectation (nothing is drawn).
-        Returns (loss, {'parallel': mean over its rows' targets, 'autoregressive': ...}); a mode that drew no
-        caption has NaN."""
+        """CapPa: each caption is drawn, with probability parallel_fraction, into the parallel mode
+        (every word predicted at once from [MASK] inputs, parallel_logits) and otherwise into plain
+        forward captioning. The targets and the loss are captioning's: the mean cross-entropy over
+        all real targets of the batch.
+        In eval mode every caption is scored both ways and the loss is their expectation (nothing is
+        drawn).
+        Returns (loss, {'parallel': mean over its rows' targets, 'autoregressive': ...}); a mode
+        that drew no caption has NaN."""
         targets = tokens[:, 1:]  # (B, T-1): what position t predicts, in both modes
         if self.training:
-            parallel = draw_parallel(len(tokens), self.config.parallel_fraction, tokens.device, generator)
+            parallel = draw_parallel(len(tokens), self.config.parallel_fraction,
+                                     tokens.device, generator)
             rows = {'parallel': parallel, 'autoregressive': ~parallel}  # (B,) each
         else:
             every = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
@@ -337,21 +373,26 @@ class VirTex(nn.Module):
         for mode, chosen in rows.items():
             counts[mode] = (targets[chosen] != self.config.pad_id).sum()
             if mode == 'parallel':
-                features = self.decode(memory[chosen], self.parallel_inputs(chosen.sum()), causal=False)
-                sums[mode] = self.word_loss(features[:, :targets.shape[1]], targets[chosen], 'sum')  # then pads
+                features = self.decode(memory[chosen], self.parallel_inputs(chosen.sum()),
+                                       causal=False)
+                # then pads
+                sums[mode] = self.word_loss(features[:, :targets.shape[1]], targets[chosen], 'sum')
             else:
-                sums[mode] = self.caption_loss(memory[chosen], tokens[chosen], 'fwd', reduction='sum')
+                sums[mode] = self.caption_loss(memory[chosen], tokens[chosen], 'fwd',
+                                               reduction='sum')
         means = {mode: sums[mode] / counts[mode] for mode in rows}  # 0 / 0 is NaN
         if self.training:
-            loss = (sums['parallel'] + sums['autoregressive']) / (counts['parallel'] + counts['autoregressive'])
+            loss = ((sums['parallel'] + sums['autoregressive'])
+                    / (counts['parallel'] + counts['autoregressive']))
         else:
             fraction = self.config.parallel_fraction
             loss = fraction * means['parallel'] + (1 - fraction) * means['autoregressive']
         return loss, {mode: mean.detach() for mode, mean in means.items()}
 
     def classification_loss(self, pooled, labels):
-        """Cross-entropy against the K-hot / K target of each row's set of labels (upstream's loss): the mean
-        of -log p over the distinct ids of a row, pad (and, for caption words, [SOS] [EOS] [MASK]) left out."""
+        """Cross-entropy against the K-hot / K target of each row's set of labels (upstream's loss):
+        the mean of -log p over the distinct ids of a row, pad (and, for caption words, [SOS] [EOS]
+        [MASK]) left out."""
         logp = F.log_softmax(self.classifier(pooled).float(), dim=-1)  # (B, V)
         targets = torch.zeros_like(logp).scatter_(1, labels, 1.0)  # repeated ids count once
         special = [self.config.pad_id]
@@ -359,32 +400,36 @@ class VirTex(nn.Module):
             special += [self.config.sos_id, self.config.eos_id, self.config.mask_id]
         targets[:, special] = 0
         per_row = -(logp * targets).sum(1) / targets.sum(1).clamp(min=1)
-        return per_row.sum() / (targets.sum(1) > 0).sum().clamp(min=1)  # rows without labels do not count
+        # rows without labels do not count
+        return per_row.sum() / (targets.sum(1) > 0).sum().clamp(min=1)
 
     def visual_features(self, images: torch.Tensor) -> torch.Tensor:
-        """What the pretext head reads: the projected grid (B, N, H) for decoders, the pooled grid (B, C) else."""
+        """What the pretext head reads: the projected grid (B, N, H) for decoders, the pooled grid
+        (B, C) else."""
         grid = self.encode_images(images)
         return self.project(grid) if self.config.has_decoder else grid.mean((2, 3))
 
     def forward(self, images: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
         """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id (for
-        multilabel_classification: category indices 1.., padded with 0). generator: the draws of masked_lm's
-        words and of cappa's modes (default: the global RNG).
+        multilabel_classification: category indices 1.., padded with 0). generator: the draws of
+        masked_lm's words and of cappa's modes (default: the global RNG).
 
-        Returns (loss, parts): a scalar with grad, and its detached terms (LOSS_PARTS): for bicaptioning the
-        loss is forward CE + backward CE, parts {'fwd': .., 'bwd': ..}; for cappa the mean over both modes'
-        targets, parts each mode's own mean; otherwise the one loss, parts {'fwd'}, {'masked_lm'} or
-        {'classification'}.
+        Returns (loss, parts): a scalar with grad, and its detached terms (LOSS_PARTS): for
+        bicaptioning the loss is forward CE + backward CE, parts {'fwd': .., 'bwd': ..}; for cappa
+        the mean over both modes' targets, parts each mode's own mean; otherwise the one loss, parts
+        {'fwd'}, {'masked_lm'} or {'classification'}.
         """
         if caption_tokens.ndim != 2 or caption_tokens.shape[0] != images.shape[0]:
-            raise ValueError(f"caption_tokens must be (B, T) with B={images.shape[0]}, got {tuple(caption_tokens.shape)}")
+            raise ValueError(f"caption_tokens must be (B, T) with B={images.shape[0]}, got "
+                             f"{tuple(caption_tokens.shape)}")
         return self.losses(self.visual_features(images), caption_tokens, generator)
 
     def losses(self, visual_features: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
-        """forward() from visual_features() on: scoring the same captions against other images (train.py's
-        image-reliance check) needs no second pass through the backbone."""
+        """forward() from visual_features() on: scoring the same captions against other images
+        (train.py's image-reliance check) needs no second pass through the backbone."""
         if caption_tokens.shape[1] > self.config.max_len and self.config.has_decoder:
-            raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed max_len={self.config.max_len}")
+            raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed "
+                             f"max_len={self.config.max_len}")
         if not self.config.has_decoder:
             loss = self.classification_loss(visual_features, caption_tokens)
             return loss, {'classification': loss.detach()}
@@ -398,7 +443,8 @@ class VirTex(nn.Module):
         parts = {'fwd': loss_fwd.detach()}
         loss = loss_fwd
         if self.layers_bwd is not None:
-            # length = position of the last real id + 1 (a rare real <unk> inside a caption is id 0 too)
+            # length = position of the last real id + 1
+            # (a rare real <unk> inside a caption is id 0 too)
             real = (caption_tokens != self.config.pad_id).int()
             lengths = caption_tokens.shape[1] - real.flip(1).argmax(1)
             tokens_bwd = reverse_captions(caption_tokens, lengths)
@@ -417,7 +463,8 @@ class VirTex(nn.Module):
         memory (B, N, H) is read only on the first call (cache=None), when the cross-attention keys
         and values of every layer are computed once. last_tokens (B,) are the newest ids (first
         call: [SOS]). Returns log-probabilities (B, V) of the next id and the updated cache; with
-        return_attention, also the last layer's cross-attention over the grid, mean over heads (B, N).
+        return_attention, also the last layer's cross-attention over the grid, mean over heads
+        (B, N).
         """
         if cache is None:
             cache = {'pos': 0, 'layers': {}}
@@ -433,7 +480,8 @@ class VirTex(nn.Module):
         over heads: (B, N). SDPA does not return weights, so they are recomputed from q and k."""
         cross = cache['layers'][len(self.layers_fwd) - 1]['cross']
         q, k = cross['q'], cross['k']  # (B, nh, 1, hs), (B, nh, N, hs)
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (B, nh, 1, N)
+        # (B, nh, 1, N)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
         return weights.mean(1)[:, -1]
 
     @staticmethod
@@ -455,7 +503,8 @@ class VirTex(nn.Module):
         """Three optimizer groups (few, so SGD can use its foreach/fused path): the backbone at
         cnn_lr; the textual head at lr, with weight decay except on the embedding and decoder
         layers' norm weights and biases (upstream's NO_DECAY rule)."""
-        no_decay_names = re.compile(r'^(embedding_norm\.|layers_(fwd|bwd)\.\d+\..*(norm\d\.|bias$)|final_norm(_bwd)?\.)')
+        no_decay_names = re.compile(
+            r'^(embedding_norm\.|layers_(fwd|bwd)\.\d+\..*(norm\d\.|bias$)|final_norm(_bwd)?\.)')
         visual, decay, no_decay = [], [], []
         for name, p in self.named_parameters():  # named_parameters lists the tied weight once
             if name.startswith('visual.'):
@@ -485,23 +534,25 @@ class VirTex(nn.Module):
         return counter.get_total_flops()
 
     def backbone_state_dict(self) -> dict:
-        """The ResNet weights in torchvision naming (no fc): loads into torchvision.models.<visual>()
-        with strict=False, missing only fc.weight and fc.bias."""
+        """The ResNet weights in torchvision naming (no fc): loads into
+        torchvision.models.<visual>() with strict=False, missing only fc.weight and fc.bias."""
         return {k: v.detach().clone() for k, v in self.visual.state_dict().items()}
 
 
 def draw_parallel(n: int, fraction: float, device=None, generator=None) -> torch.Tensor:
-    """cappa's choice of mode for n captions: (n,) bool, True (parallel) with probability `fraction` each."""
+    """cappa's choice of mode for n captions: (n,) bool, True (parallel) with probability `fraction`
+    each."""
     return torch.rand(n, device=device, generator=generator) < fraction
 
 
 def mask_words(tokens: torch.Tensor, cfg: VirTexConfig, generator=None):
     """BERT's corruption for masked_lm: (B, T) captions -> (inputs, labels), both (B, T).
 
-    Of each caption's n words (the ids between [SOS] and [EOS]), ceil(0.15 n) positions are chosen uniformly;
-    a chosen id becomes [MASK] with p=0.8, a random word id with p=0.1 and stays with p=0.1. labels hold the
-    original id at every chosen position, pad elsewhere: the loss is on all chosen words, as in BERT (the
-    official code labels only the [MASK]ed ones). Draws from `generator` (default: the global RNG).
+    Of each caption's n words (the ids between [SOS] and [EOS]), ceil(0.15 n) positions are chosen
+    uniformly; a chosen id becomes [MASK] with p=0.8, a random word id with p=0.1 and stays with
+    p=0.1. labels hold the original id at every chosen position, pad elsewhere: the loss is on all
+    chosen words, as in BERT (the official code labels only the [MASK]ed ones). Draws from
+    `generator` (default: the global RNG).
     """
     pad, (p_mask, p_random) = cfg.pad_id, MASK_PROBS
     words = (tokens != pad) & (tokens != cfg.sos_id) & (tokens != cfg.eos_id)  # (B, T)
@@ -509,13 +560,17 @@ def mask_words(tokens: torch.Tensor, cfg: VirTexConfig, generator=None):
     if (n_words == 0).any():
         raise ValueError("masked_lm: a caption has no words to mask (only [SOS] and [EOS])")
     n_chosen = torch.ceil(n_words * MASK_FRACTION).long()  # >= 1
-    scores = torch.rand(tokens.shape, device=tokens.device, generator=generator).masked_fill(~words, 2.0)
-    rank = scores.argsort(1).argsort(1)  # each position's place in its row's random order; non-words last
+    scores = torch.rand(tokens.shape, device=tokens.device,
+                        generator=generator).masked_fill(~words, 2.0)
+    # each position's place in its row's random order; non-words last
+    rank = scores.argsort(1).argsort(1)
     chosen = rank < n_chosen[:, None]
     action = torch.rand(tokens.shape, device=tokens.device, generator=generator)
-    random_ids = torch.randint(cfg.mask_id + 1, cfg.vocab_size, tokens.shape, device=tokens.device, generator=generator)
+    random_ids = torch.randint(cfg.mask_id + 1, cfg.vocab_size, tokens.shape, device=tokens.device,
+                               generator=generator)
     inputs = torch.where(chosen & (action < p_mask), cfg.mask_id, tokens)
-    inputs = torch.where(chosen & (action >= p_mask) & (action < p_mask + p_random), random_ids, inputs)
+    inputs = torch.where(chosen & (action >= p_mask) & (action < p_mask + p_random),
+                         random_ids, inputs)
     return inputs, torch.where(chosen, tokens, pad)
 
 
@@ -523,12 +578,14 @@ def mask_words(tokens: torch.Tensor, cfg: VirTexConfig, generator=None):
 # where it runs
 
 def check_device(device: str) -> None:
-    """ValueError with one line if `device` is not one torch can use here (e.g. cuda on a machine without it)."""
+    """ValueError with one line if `device` is not one torch can use here (e.g. cuda on a machine
+    without it)."""
     try:
         kind = torch.device(device).type
     except RuntimeError:
         raise ValueError(f"--device={device}: not a device name (cpu, cuda, cuda:1, ...)") from None
-    available = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
+    available = {'cpu': True, 'cuda': torch.cuda.is_available(),
+                 'mps': torch.backends.mps.is_available()}
     if not available.get(kind, False):
         raise ValueError(f"--device={device}: not available on this machine (use --device=cpu)")
     index = torch.device(device).index
@@ -537,9 +594,10 @@ def check_device(device: str) -> None:
 
 
 def native_bf16(device) -> bool:
-    """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs with AVX512-BF16
-    or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later). Elsewhere oneDNN emulates bf16,
-    slower than float32, so 'auto' precisions (train.py's dtype, evaluate.py's svm_dtype) pick float32 there."""
+    """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs
+    with AVX512-BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later).
+    Elsewhere oneDNN emulates bf16, slower than float32, so 'auto' precisions (train.py's dtype,
+    evaluate.py's svm_dtype) pick float32 there."""
     if torch.device(device).type == 'cuda':
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:  # a private call, but the only one that names the CPU's bf16 instructions

@@ -1,18 +1,21 @@
 """
-The linear probe, the paper's ImageNet protocol: a frozen backbone and one new linear layer trained on an
-ImageFolder layout (ROOT/train/<class>/*, ROOT/val/<class>/*, as ImageNet and iNaturalist are usually laid out).
+The linear probe, the paper's ImageNet protocol: a frozen backbone and one new linear layer trained
+on an ImageFolder layout (ROOT/train/<class>/*, ROOT/val/<class>/*, as ImageNet and iNaturalist are
+usually laid out).
 
   python probe.py --data_root=data/shapes/imagefolder --ckpt=out/demo_seed0/ckpt.pt
   python probe.py --data_root=data/shapes/imagefolder --init=random --visual=resnet18 --image_size=64 --zero_init_residual=False
   python probe.py --data_root=PATH/imagenet --init=moco:moco_v2_800ep_pretrain.pth.tar      # any evaluate.py source
 
-The protocol (official scripts/clf_linear.py and configs/downstream/imagenet_clf.yaml): the backbone frozen and in
-eval mode (its BatchNorm statistics fixed); a new fc on layer4's global average pool, weights N(0, 0.01), bias 0;
-SGD, momentum 0.9, lr 0.3, no weight decay, batch 256, cosine decay to 0 over the run, no warmup, 100 epochs on
-ImageNet. Train images: random resized crop, scale (0.08, 1), and a horizontal flip; val images: the eval transform
-of every stage (shorter side round(S*8/7), center crop S). Reports top-1 and, with 5 classes or more, top-5.
---augment=False trains on the val transform's features of the training images, extracted once and kept in memory:
-much faster, not the paper's protocol. Unreadable images are skipped and counted, up to max_bad_images.
+The protocol (official scripts/clf_linear.py and configs/downstream/imagenet_clf.yaml): the backbone
+frozen and in eval mode (its BatchNorm statistics fixed); a new fc on layer4's global average pool,
+weights N(0, 0.01), bias 0; SGD, momentum 0.9, lr 0.3, no weight decay, batch 256, cosine decay to 0
+over the run, no warmup, 100 epochs on ImageNet. Train images: random resized crop, scale (0.08, 1),
+and a horizontal flip; val images: the eval transform of every stage (shorter side round(S*8/7),
+center crop S). Reports top-1 and, with 5 classes or more, top-5.
+--augment=False trains on the val transform's features of the training images, extracted once and
+kept in memory: much faster, not the paper's protocol. Unreadable images are skipped and counted,
+up to max_bad_images.
 """
 
 import json
@@ -27,8 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoints import load_backbone
-from coco import (IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize, random_box, random_resized_crop,
-                  to_uint8_tensor)
+from coco import (IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize, random_box,
+                  random_resized_crop, to_uint8_tensor)
 from configurator import NON_NEGATIVE, POSITIVE, Interval, write_atomically
 from lookahead import warmup_cosine
 from model import check_device
@@ -36,7 +39,8 @@ from model import check_device
 # ----------------------------------------------------------------------------------------------
 data_root = 'data/shapes/imagefolder'  # has train/<class>/ and val/<class>/
 ckpt = ''               # this project's checkpoint, or:
-init = ''               # 'random' | 'torchvision:PATH' | 'virtex:PATH' | 'moco:PATH' | 'vissl:PATH', as evaluate.py
+# 'random' | 'torchvision:PATH' | 'virtex:PATH' | 'moco:PATH' | 'vissl:PATH', as evaluate.py
+init = ''
 visual = 'resnet50'     # for --init=random|torchvision:
 zero_init_residual = True  # for --init=random
 image_size: NON_NEGATIVE = 0  # 0: the checkpoint's training image size, else 224
@@ -45,7 +49,8 @@ batch_size: POSITIVE = 256
 lr: POSITIVE = 0.3
 momentum: Annotated[float, Interval('[0, 1)')] = 0.9
 weight_decay: NON_NEGATIVE = 0.0
-augment = True          # False: fixed val-transform features of the training images (fast, not the protocol)
+# False: fixed val-transform features of the training images (fast, not the protocol)
+augment = True
 num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)
 max_bad_images: NON_NEGATIVE = 100
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -59,22 +64,26 @@ def read_imagefolder(root: str, split: str) -> tuple[list[str], list[int], list[
     """(image paths, their class indices, the class names, sorted) of ROOT/<split>/<class>/*."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: no such folder (expected ROOT/train/<class>/ and ROOT/val/<class>/)")
+        raise ValueError(f"{folder}: no such folder (expected ROOT/train/<class>/ and "
+                         "ROOT/val/<class>/)")
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     if not classes:
         raise ValueError(f"{folder}: no class folders")
     paths, labels = [], []
     for c, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(folder, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        files = sorted(f for f in os.listdir(os.path.join(folder, name))
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
-            raise ValueError(f"{os.path.join(folder, name)}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+            raise ValueError(f"{os.path.join(folder, name)}: no images "
+                             f"({', '.join(IMAGE_EXTENSIONS)})")
         paths += [os.path.join(folder, name, f) for f in files]
         labels += [c] * len(files)
     return paths, labels, classes
 
 
 class FolderImages(torch.utils.data.Dataset):
-    """Item (epoch, index) -> (uint8 (3, S, S), label, error or ''); augmentation seeded by (seed, epoch, index)."""
+    """Item (epoch, index) -> (uint8 (3, S, S), label, error or ''); augmentation seeded by (seed,
+    epoch, index)."""
 
     def __init__(self, paths, labels, size, train, seed):
         self.paths, self.labels, self.size, self.train, self.seed = paths, labels, size, train, seed
@@ -86,23 +95,26 @@ class FolderImages(torch.utils.data.Dataset):
         epoch, i = key
         try:
             if not self.train:
-                return to_uint8_tensor(load_eval_image(self.paths[i], self.size)), self.labels[i], ''
+                return to_uint8_tensor(
+                    load_eval_image(self.paths[i], self.size)), self.labels[i], ''
             rng = np.random.default_rng([self.seed, epoch, i])
             with Image.open(self.paths[i]) as image:
                 pixels = random_resized_crop(image, random_box(*image.size, rng, 0.08), self.size)
             return (pixels.flip(-1) if rng.random() < 0.5 else pixels), self.labels[i], ''
         except Exception as e:
-            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1, f"{self.paths[i]}: cannot read image ({e})"
+            return torch.zeros(3, self.size, self.size,
+                               dtype=torch.uint8), -1, f"{self.paths[i]}: cannot read image ({e})"
 
 
 def loader(dataset, keys, batch_size, num_workers):
     """A DataLoader over the keys' items whose workers live as long as it does."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=num_workers,
-                                       persistent_workers=num_workers > 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys,
+                                       num_workers=num_workers, persistent_workers=num_workers > 0)
 
 
 def batches(data_loader, bad: BadImages):
-    """Yield (uint8 images, labels) of the readable images, counting the unreadable ones in `bad`."""
+    """Yield (uint8 images, labels) of the readable images, counting the unreadable ones in
+    `bad`."""
     for images, labels, errors in data_loader:
         bad.add([e for e in errors if e])
         ok = labels >= 0
@@ -112,8 +124,10 @@ def batches(data_loader, bad: BadImages):
 
 @torch.no_grad()
 def pooled(backbone, images, device):
-    """(B, 3, S, S) uint8 -> (B, D): the global average pool, unnormalised as in the official probe."""
-    return backbone(normalize(images.to(device)).contiguous(memory_format=torch.channels_last)).float()
+    """(B, 3, S, S) uint8 -> (B, D): the global average pool, unnormalised as in the official
+    probe."""
+    return backbone(
+        normalize(images.to(device)).contiguous(memory_format=torch.channels_last)).float()
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -129,9 +143,11 @@ def main():
     val_paths, val_labels, val_classes = read_imagefolder(data_root, 'val')
     if val_classes != classes:
         only = sorted(set(classes) ^ set(val_classes))
-        raise ValueError(f"{data_root}: train and val have different classes (e.g. {only[0]!r} is in only one)")
+        raise ValueError(f"{data_root}: train and val have different classes (e.g. {only[0]!r} is "
+                         "in only one)")
     backbone, arch, size = load_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)
-    backbone = backbone.to(device, memory_format=torch.channels_last).eval()  # frozen: BatchNorm statistics fixed
+    # frozen: BatchNorm statistics fixed
+    backbone = backbone.to(device, memory_format=torch.channels_last).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     width = backbone(torch.zeros(1, 3, size, size, device=device)).shape[1]
@@ -139,29 +155,35 @@ def main():
     fc = nn.Linear(width, len(classes)).to(device)
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
-    optimizer = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum,
+                                weight_decay=weight_decay)
     steps_per_epoch = len(train_paths) // batch_size or 1
     total_steps = epochs * steps_per_epoch
-    print(f"{len(train_paths)} train and {len(val_paths)} val images, {len(classes)} classes; {arch} at {size}px, "
-          f"frozen; {epochs} epochs x {steps_per_epoch} steps of {batch_size}; {'augmented' if augment else 'fixed features'}")
+    print(f"{len(train_paths)} train and {len(val_paths)} val images, {len(classes)} classes; "
+          f"{arch} at {size}px, frozen; {epochs} epochs x {steps_per_epoch} steps of {batch_size}; "
+          f"{'augmented' if augment else 'fixed features'}")
     bad = BadImages(max_bad_images)
     train_keys = EpochKeys((0, i) for i in range(len(train_paths)))
-    train_loader = loader(FolderImages(train_paths, train_labels, size, train=augment, seed=seed), train_keys,
-                          batch_size, num_workers)
+    train_loader = loader(FolderImages(train_paths, train_labels, size, train=augment, seed=seed),
+                          train_keys, batch_size, num_workers)
     if not augment:  # the features never change: compute them once
-        feats, labels = zip(*((pooled(backbone, x, device), y) for x, y in batches(train_loader, bad)))
+        feats, labels = zip(*((pooled(backbone, x, device), y)
+                              for x, y in batches(train_loader, bad)))
         cached = torch.cat(feats), torch.cat(labels).to(device)
         steps_per_epoch = len(cached[0]) // batch_size or 1  # readable images only
         total_steps = epochs * steps_per_epoch
     order = torch.Generator().manual_seed(seed)
     step, t0 = 0, time.time()
     for epoch in range(epochs):
-        permutation = torch.randperm(len(cached[0]) if not augment else len(train_paths), generator=order).tolist()
+        permutation = torch.randperm(len(cached[0]) if not augment else len(train_paths),
+                                     generator=order).tolist()
         if augment:
             train_keys.keys = [(epoch, i) for i in permutation[:steps_per_epoch * batch_size]]
-            stream = ((pooled(backbone, x, device), y.to(device)) for x, y in batches(train_loader, bad))
+            stream = ((pooled(backbone, x, device), y.to(device))
+                      for x, y in batches(train_loader, bad))
         else:
-            stream = ((cached[0][permutation[i:i + batch_size]], cached[1][permutation[i:i + batch_size]])
+            stream = ((cached[0][permutation[i:i + batch_size]],
+                       cached[1][permutation[i:i + batch_size]])
                       for i in range(0, steps_per_epoch * batch_size, batch_size))
         for features, labels in stream:
             for group in optimizer.param_groups:  # cosine from lr to 0 over the run, per step
@@ -173,17 +195,20 @@ def main():
             step += 1
             if step % log_interval == 0 or step == total_steps:
                 eta = (time.time() - t0) / step * (total_steps - step)
-                print(f"epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | loss {loss.item():.4f} | "
-                      f"lr {optimizer.param_groups[0]['lr']:.4f} | eta {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+                print(f"epoch {epoch + 1}/{epochs} | step {step}/{total_steps} | loss "
+                      f"{loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.4f} | eta "
+                      f"{int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
 
     del train_loader  # its workers
     val_loader = loader(FolderImages(val_paths, val_labels, size, train=False, seed=seed),
                         EpochKeys((0, i) for i in range(len(val_paths))), batch_size, num_workers)
-    logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y) for x, y in batches(val_loader, bad)))
+    logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y)
+                           for x, y in batches(val_loader, bad)))
     logits, labels = torch.cat(logits), torch.cat(labels)
-    result = {'top1': round(100 * accuracy(logits, labels, 1), 2), 'classes': len(classes), 'train_images': len(train_paths),
-              'val_images': len(labels), 'epochs': epochs, 'augment': augment, 'skipped_images': bad.count,
-              'source': ckpt or init, 'minutes': round((time.time() - t0) / 60, 2)}
+    result = {'top1': round(100 * accuracy(logits, labels, 1), 2), 'classes': len(classes),
+              'train_images': len(train_paths), 'val_images': len(labels), 'epochs': epochs,
+              'augment': augment, 'skipped_images': bad.count, 'source': ckpt or init,
+              'minutes': round((time.time() - t0) / 60, 2)}
     if len(classes) >= 5:
         result['top5'] = round(100 * accuracy(logits, labels, 5), 2)
     if out_json:

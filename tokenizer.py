@@ -15,8 +15,8 @@ lower-cased and stripped of accents both when training and when encoding. Ids 0-
 
 (The file is not called tokenize.py: that name would shadow the standard-library module
 `tokenize`, which `import torch` needs, for every script in this folder.)
-Imports only the standard library and sentencepiece, so it can be copied alone. Errors are ValueError /
-OSError naming the file; the command line prints them as one line.
+Imports only the standard library and sentencepiece, so it can be copied alone. Errors are
+ValueError / OSError naming the file; the command line prints them as one line.
 """
 
 import argparse
@@ -87,25 +87,28 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if int(i) > MASK_ID])
 
     def pieces_hash(self) -> str:
-        """A hash of the pieces in id order: two vocabularies with it equal give every id the same piece."""
+        """A hash of the pieces in id order: two vocabularies with it equal give every id the same
+        piece."""
         pieces = '\n'.join(self.sp.id_to_piece(i) for i in range(len(self)))
         return hashlib.sha256(pieces.encode()).hexdigest()
 
 
 def read_coco_captions(path: str) -> tuple[dict[int, str], dict[int, list[str]]]:
-    """A COCO captions JSON file as ({image id: file name}, {image id: its captions}), every caption checked
-    to be text with a word in it, so a bad one stops a run at start-up, not when its image is first drawn.
+    """A COCO captions JSON file as ({image id: file name}, {image id: its captions}), every caption
+    checked to be text with a word in it, so a bad one stops a run at start-up, not when its image
+    is first drawn.
     ValueError / OSError naming the file if it is unusable. (coco.py reads its splits with it.)"""
     try:
         with open(path) as f:
             data = json.load(f)
-        files = {image['id']: image['file_name'] for image in data.get('images', [])}  # the tokenizer needs none
+        # the tokenizer needs none
+        files = {image['id']: image['file_name'] for image in data.get('images', [])}
         captions = {}
         for a in data['annotations']:
             caption = a['caption']
             if not isinstance(caption, str) or not caption.strip():
-                raise ValueError(f"{path}: annotation {a.get('id')} of image {a['image_id']} has the caption "
-                                 f"{caption!r}: not text with words")
+                raise ValueError(f"{path}: annotation {a.get('id')} of image {a['image_id']} has "
+                                 f"the caption {caption!r}: not text with words")
             captions.setdefault(a['image_id'], []).append(caption)
     except OSError as e:
         raise OSError(f"{path}: {e.strerror}") from None
@@ -117,7 +120,8 @@ def read_coco_captions(path: str) -> tuple[dict[int, str], dict[int, list[str]]]
 
 
 def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
-    """Train the BPE model and write out_prefix.model / .vocab atomically (temp names, then rename)."""
+    """Train the BPE model and write out_prefix.model / .vocab atomically (temp names, then
+    rename)."""
     tmp_prefix = f"{out_prefix}.tmp{os.getpid()}"
     try:
         spm.SentencePieceTrainer.train(
@@ -143,18 +147,24 @@ def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument('--captions', required=True, help='COCO captions JSON (captions_train2017.json)')
+    parser.add_argument('--captions', required=True, help='COCO captions JSON '
+                                                          '(captions_train2017.json)')
     parser.add_argument('--vocab_size', type=int, default=10000, help='paper: 10000')
-    parser.add_argument('--out', required=True, help='output prefix: writes PREFIX.model and PREFIX.vocab')
+    parser.add_argument('--out', required=True, help='output prefix: writes PREFIX.model and '
+                                                     'PREFIX.vocab')
     args = parser.parse_args(argv)
     if args.vocab_size <= len(SPECIAL_PIECES) + 1:
-        raise SystemExit(f"error: --vocab_size={args.vocab_size} must be larger than {len(SPECIAL_PIECES) + 1}")
+        raise SystemExit(f"error: --vocab_size={args.vocab_size} must be larger than "
+                         f"{len(SPECIAL_PIECES) + 1}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise SystemExit(f"error: --out={args.out}: folder {out_dir} does not exist or is not writable")
+        raise SystemExit(f"error: --out={args.out}: folder {out_dir} does not exist or is not "
+                         "writable")
     try:
-        captions = [c for image_captions in read_coco_captions(args.captions)[1].values() for c in image_captions]
-        print(f"training a {args.vocab_size}-piece BPE vocabulary on {len(captions):,} captions from {args.captions}")
+        captions = [c for image_captions in read_coco_captions(args.captions)[1].values()
+                    for c in image_captions]
+        print(f"training a {args.vocab_size}-piece BPE vocabulary on {len(captions):,} captions "
+              f"from {args.captions}")
         train(captions, args.vocab_size, args.out)
         tok = Tokenizer(args.out + '.model')
     except (ValueError, OSError) as e:
