@@ -43,7 +43,8 @@ def run(*args, cwd=HERE, env=None, check=True):
     proc = subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, 'PYTHONUNBUFFERED': '1', **(env or {})})
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(f"{' '.join(args)} failed "
+                             f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
@@ -80,12 +81,15 @@ def snapshot(root):
 # the synthetic world of data/shapes/prepare.py: `world` in the COCO, VOC and ImageFolder formats,
 # `shapes` a little larger, with a vocabulary, for the tests of the scripts
 PREPARE = os.path.join(HERE, 'data', 'shapes', 'prepare.py')
-TINY = ['--n_train=30', '--n_val=10', '--n_voc_trainval=30', '--n_voc_test=30', '--n_folder_train=20', '--n_folder_val=10',
-        '--size=64', '--seed=3', '--min_positives=2']  # 30 VOC images have few of each attribute value
+TINY = ['--n_train=30', '--n_val=10', '--n_voc_trainval=30', '--n_voc_test=30',
+        '--n_folder_train=20', '--n_folder_val=10',
+        # 30 VOC images have few of each attribute value
+        '--size=64', '--seed=3', '--min_positives=2']
 
 
 def run_prepare(*args):
-    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, PREPARE, *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 def load_prepare():
@@ -110,11 +114,11 @@ def world(tmp_path_factory):
 @pytest.fixture(scope='session')
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp('shapes')
-    run('data/shapes/prepare.py', f'--out={root}', '--n_train=64', '--n_val=16', '--n_voc_trainval=40',
-        '--n_voc_test=40', '--n_folder_train=60', '--n_folder_val=30', '--size=64', '--seed=1', '--workers=1',
-        '--min_positives=2')
-    run('tokenizer.py', f'--captions={root}/coco/annotations/captions_train2017.json', '--vocab_size=96',
-        f'--out={root}/vocab')
+    run('data/shapes/prepare.py', f'--out={root}', '--n_train=64', '--n_val=16',
+        '--n_voc_trainval=40', '--n_voc_test=40', '--n_folder_train=60', '--n_folder_val=30',
+        '--size=64', '--seed=1', '--workers=1', '--min_positives=2')
+    run('tokenizer.py', f'--captions={root}/coco/annotations/captions_train2017.json',
+        '--vocab_size=96', f'--out={root}/vocab')
     return root
 
 
@@ -133,9 +137,10 @@ def definitions(script, *names, **globals_):
 
 def train_args(shapes, out_dir, *extra):
     """A tiny, fast train.py run on the tiny world (about 0.1 s per iteration)."""
-    return ['train.py', 'config/shapes.py', f'--data_root={shapes}/coco', f'--tokenizer={shapes}/vocab.model',
-            f'--out_dir={out_dir}', '--n_embd=64', '--n_head=1', '--image_size=32', '--batch_size=8',
-            '--num_workers=0', '--eval_interval=0', '--log_interval=1', '--compile=False', *extra]
+    return ['train.py', 'config/shapes.py', f'--data_root={shapes}/coco',
+            f'--tokenizer={shapes}/vocab.model', f'--out_dir={out_dir}', '--n_embd=64',
+            '--n_head=1', '--image_size=32', '--batch_size=8', '--num_workers=0',
+            '--eval_interval=0', '--log_interval=1', '--compile=False', *extra]
 
 
 def read_log(out_dir, event='train'):
@@ -144,7 +149,8 @@ def read_log(out_dir, event='train'):
 
 
 def make_voc(root, n_trainval=24, n_test=18, classes=('bird', 'cat', 'dog'), seed=0):
-    """A tiny VOC2007 folder: JPEGs with a coloured square per present class; ~10% of labels difficult (0)."""
+    """A tiny VOC2007 folder: JPEGs with a coloured square per present class; ~10% of labels
+    difficult (0)."""
     rng = np.random.default_rng(seed)
     colours = [(220, 30, 30), (30, 200, 30), (30, 60, 220), (230, 230, 30)]
     os.makedirs(os.path.join(root, 'JPEGImages'), exist_ok=True)
@@ -163,7 +169,8 @@ def make_voc(root, n_trainval=24, n_test=18, classes=('bird', 'cat', 'dog'), see
                 image[y:y + 12, x:x + 12] = colours[c]
             Image.fromarray(image).save(os.path.join(root, 'JPEGImages', name + '.jpg'))
             label = np.where(present, 1, -1)
-            label[present & (rng.random(len(classes)) < 0.1) & (np.arange(len(classes)) != i % len(classes))] = 0
+            label[present & (rng.random(len(classes)) < 0.1) & (np.arange(len(classes)) != i
+                                                                % len(classes))] = 0
             names.append(name)
             labels.append(label)
         with open(os.path.join(root, 'ImageSets', 'Main', f'{split}.txt'), 'w') as f:
@@ -175,25 +182,27 @@ def make_voc(root, n_trainval=24, n_test=18, classes=('bird', 'cat', 'dog'), see
 
 
 def one_line(proc):
-    """The one line on stderr of a script that refused to go on (fails if it went on or said more)."""
+    """The one line on stderr of a script that refused to go on (fails if it went on or said
+    more)."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1, (proc.stdout[-999:], proc.stderr)
     return lines[0]
 
 
 def run_all(*commands):
-    """run(..., check=False) several commands at once: most of their time goes to importing torch."""
+    """run(..., check=False) several commands at once: most of their time goes to importing
+    torch."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=4) as pool:
         return list(pool.map(lambda args: run(*args, check=False), commands))
 
 
 class SmallDisk:
-    """A folder where writes fail, to check that a full disk loses nothing. Where the machine lets us
-    mount (root) it is a tmpfs, which leave() and fill_up_to() shrink: writes fail with 'No space left
-    on device'. Elsewhere it is a plain folder, and they set the file size limit (RLIMIT_FSIZE) of the
-    scripts run() there: writes fail with 'File too large' (SIGXFSZ is ignored, so that the write
-    fails, not the process)."""
+    """A folder where writes fail, to check that a full disk loses nothing. Where the machine lets
+    us mount (root) it is a tmpfs, which leave() and fill_up_to() shrink: writes fail with 'No space
+    left on device'. Elsewhere it is a plain folder, and they set the file size limit (RLIMIT_FSIZE)
+    of the scripts run() there: writes fail with 'File too large' (SIGXFSZ is ignored, so that the
+    write fails, not the process)."""
 
     PAGE = 4096  # a tmpfs gives files whole pages
 
@@ -201,12 +210,13 @@ class SmallDisk:
         folder.mkdir()
         self.folder, self.limit = folder, None
         mount = ['mount', '-t', 'tmpfs', '-o', 'size=512m', 'tmpfs', str(folder)]
-        self.mounted = os.geteuid() == 0 and not subprocess.run(mount, capture_output=True).returncode
+        self.mounted = os.geteuid() == 0 and \
+            not subprocess.run(mount, capture_output=True).returncode
         self.cause = 'No space left on device' if self.mounted else 'File too large'
 
     def leave(self, free):
-        """From now on `free` more bytes fit on the disk (and a page for a run's .lock), or, without a
-        tmpfs, in any one file."""
+        """From now on `free` more bytes fit on the disk (and a page for a run's .lock), or, without
+        a tmpfs, in any one file."""
         if not self.mounted:
             self.limit = free
             return
@@ -272,16 +282,22 @@ def test_model_shapes_and_parts():
 
 
 def test_paper_parameter_counts_and_the_init_std_knob():
-    """The paper's configs keep the official models' parameter counts (counted from the official code's modules);
-    the small-scale init knob changes values only, and defaults to the paper's 0.02."""
+    """The paper's configs keep the official models' parameter counts (counted from the official
+    code's modules); the small-scale init knob changes values only, and defaults to the paper's
+    0.02."""
     from model import VirTex, VirTexConfig
-    assert sum(p.numel() for p in VirTex(VirTexConfig()).parameters()) == 182_555_472  # bicaptioning R-50 L1 H2048
-    assert sum(p.numel() for p in VirTex(VirTexConfig(pretext='captioning')).parameters()) == 115_407_696
-    assert sum(p.numel() for p in VirTex(VirTexConfig(n_embd=1024, n_head=16)).parameters()) == 69_482_320
+    # bicaptioning R-50 L1 H2048
+    assert sum(p.numel() for p in VirTex(VirTexConfig()).parameters()) == 182_555_472
+    assert sum(p.numel()
+               for p in VirTex(VirTexConfig(pretext='captioning')).parameters()) == 115_407_696
+    assert sum(p.numel()
+               for p in VirTex(VirTexConfig(n_embd=1024, n_head=16)).parameters()) == 69_482_320
     torch.manual_seed(0)
-    paper, wide = VirTex(tiny_cfg(n_embd=256, n_head=4)), VirTex(tiny_cfg(n_embd=256, n_head=4, init_std=0.0566))
+    paper, wide = (VirTex(tiny_cfg(n_embd=256, n_head=4)),
+                   VirTex(tiny_cfg(n_embd=256, n_head=4, init_std=0.0566)))
     for model, std in ((paper, 0.02), (wide, 0.0566)):
-        for weight in (model.visual_projection.weight, model.layers_fwd[0].cross_attn.kv_proj.weight,
+        for weight in (model.visual_projection.weight,
+                       model.layers_fwd[0].cross_attn.kv_proj.weight,
                        model.word_embedding.weight[1:]):
             assert abs(weight.std().item() - std) < 0.1 * std
 
@@ -316,7 +332,8 @@ def test_padding_never_changes_the_loss():
     with torch.no_grad():
         a, parts_a = model(images, tokens)
         b, parts_b = model(images, padded)
-    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(parts_a['bwd'], parts_b['bwd'], atol=1e-6)
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(parts_a['bwd'],
+                                                              parts_b['bwd'], atol=1e-6)
 
 
 def test_causal_mask_holds_in_both_directions():
@@ -330,7 +347,8 @@ def test_causal_mask_holds_in_both_directions():
         memory = model.project(model.encode_images(images))
         for direction in ('fwd', 'bwd'):
             a, b = model.logits(memory, tokens, direction), model.logits(memory, changed, direction)
-            assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6), f'{direction}: later ids leak into earlier logits'
+            assert torch.allclose(a[:, :4], b[:, :4], atol=1e-6), \
+                f'{direction}: later ids leak into earlier logits'
             assert not torch.allclose(a[:, 4:], b[:, 4:]), 'the test must change something'
 
 
@@ -349,7 +367,8 @@ def test_cached_decoding_equals_full_forward():
                 steps.append(logp)
         real = tokens != 0
         diff = (full - torch.stack(steps, 1))[real].abs().max().item()
-        assert diff < 1e-5, f'cached step logits differ from the full pass by {diff} (norm_first={norm_first})'
+        assert diff < 1e-5, \
+            f'cached step logits differ from the full pass by {diff} (norm_first={norm_first})'
 
 
 def test_select_cache_reorders_rows():
@@ -414,11 +433,14 @@ def test_backbone_exports_into_torchvision():
 
 
 def toy_images_and_captions(B=32, seed=0):
-    """Dark images are captioned [SOS] 5 [EOS], bright ones [SOS] 6 [EOS]: the caption is in the image."""
+    """Dark images are captioned [SOS] 5 [EOS], bright ones [SOS] 6 [EOS]: the caption is in the
+    image."""
     g = torch.Generator().manual_seed(seed)
     bright = torch.rand(B, generator=g) < 0.5
-    images = torch.randn(B, 3, 32, 32, generator=g) * 0.1 + torch.where(bright, 2.0, -2.0).view(B, 1, 1, 1)
-    tokens = torch.stack([torch.ones(B, dtype=torch.long), torch.where(bright, 6, 5), torch.full((B,), 2)], 1)
+    images = torch.randn(B, 3, 32, 32, generator=g) * 0.1 + \
+        torch.where(bright, 2.0, -2.0).view(B, 1, 1, 1)
+    tokens = torch.stack([torch.ones(B, dtype=torch.long), torch.where(bright, 6, 5),
+                          torch.full((B,), 2)], 1)
     return images, tokens
 
 
@@ -438,15 +460,18 @@ def test_image_reliance_gap_positive_when_trained_and_zero_without_the_image():
         memory = model.project(model.encode_images(images))
         true, _ = model.losses(memory, tokens)
         shuffled, _ = model.losses(memory.roll(1, 0), tokens)
-        assert shuffled - true > 0.3, f'a model that reads the image loses {shuffled - true:.3f} without it'
+        assert shuffled - true > 0.3, \
+            f'a model that reads the image loses {shuffled - true:.3f} without it'
         model.visual_projection.weight.zero_(), model.visual_projection.bias.zero_()
         memory = model.project(model.encode_images(images))
-        assert torch.equal(model.losses(memory, tokens)[0], model.losses(memory.roll(1, 0), tokens)[0]), \
+        assert torch.equal(model.losses(memory, tokens)[0],
+                           model.losses(memory.roll(1, 0), tokens)[0]), \
             'with the image projected to zero, the shuffled loss is the same number'
 
 
 def test_the_liftable_modules_import_nothing_from_this_folder():
-    """model.py, tokenizer.py, lookahead.py, cider.py and configurator.py are meant to be copied alone."""
+    """model.py, tokenizer.py, lookahead.py, cider.py and configurator.py are meant to be copied
+    alone."""
     local = {os.path.splitext(name)[0] for name in os.listdir(HERE) if name.endswith('.py')}
     for path in ['model.py', 'tokenizer.py', 'lookahead.py', 'cider.py', 'configurator.py']:
         source = open(os.path.join(HERE, path)).read()
@@ -457,18 +482,22 @@ def test_the_liftable_modules_import_nothing_from_this_folder():
 # ---- the pretext tasks of the paper's ablation -----------------------------------------------
 
 def test_every_pretext_has_the_official_parameter_count():
-    """R-50, vocabulary 10,000, L1 H2048 where there is a Transformer; counted from the official code's modules."""
+    """R-50, vocabulary 10,000, L1 H2048 where there is a Transformer; counted from the official
+    code's modules."""
     from model import PRETEXTS, VirTex, VirTexConfig
     official = {'bicaptioning': 182_555_472, 'captioning': 115_407_696, 'masked_lm': 115_407_696,
                 'token_classification': 43_998_032, 'multilabel_classification': 23_674_001,
-                'cappa': 115_407_696}  # cappa: captioning's modules; [MASK] is already in the vocabulary
+                # cappa: captioning's modules; [MASK] is already in the vocabulary
+                'cappa': 115_407_696}
     assert set(official) == set(PRETEXTS)
     with torch.device('meta'):  # sizes only: no memory, no init time
         for pretext, count in official.items():
-            vocab = 81 if pretext == 'multilabel_classification' else 10000  # COCO's 80 categories + background
+            # COCO's 80 categories + background
+            vocab = 81 if pretext == 'multilabel_classification' else 10000
             model = VirTex(VirTexConfig(pretext=pretext, vocab_size=vocab))
             assert sum(p.numel() for p in model.parameters()) == count, pretext
-    with pytest.raises(ValueError, match="pretext='mlm': choose one of bicaptioning, captioning, masked_lm"):
+    with pytest.raises(ValueError,
+                       match="pretext='mlm': choose one of bicaptioning, captioning, masked_lm"):
         VirTex(tiny_cfg(pretext='mlm'))
 
 
@@ -478,13 +507,15 @@ def test_classification_losses_equal_a_loop_over_each_rows_labels(pretext):
     torch.manual_seed(0)
     model = VirTex(tiny_cfg(pretext=pretext))
     images, _ = tiny_batch()
-    # repeated ids count once; padding always, and for caption words [SOS] [EOS] [MASK] too, are no labels
+    # repeated ids count once; padding always, and for caption words [SOS] [EOS] [MASK] too, are no
+    # labels
     labels = torch.tensor([[1, 7, 7, 9, 2, 0], [1, 3, 12, 2, 0, 0], [1, 5, 6, 30, 31, 2]])
     loss, parts = model(images, labels)
     assert set(parts) == {'classification'}
     logp = F.log_softmax(model.classifier(model.encode_images(images).mean((2, 3))), dim=-1)
     special = {0, 1, 2, 3} if pretext == 'token_classification' else {0}
-    want = torch.stack([-logp[b, sorted(set(row.tolist()) - special)].mean() for b, row in enumerate(labels)]).mean()
+    want = torch.stack([-logp[b, sorted(set(row.tolist()) - special)].mean()
+                        for b, row in enumerate(labels)]).mean()
     assert torch.allclose(loss, want, atol=1e-6)
     loss.backward()
     assert model.visual.conv1.weight.grad.abs().sum() > 0, 'the loss reaches the backbone'
@@ -504,15 +535,20 @@ def test_mask_words_draws_bert_positions_and_labels():
     chosen = labels != 0
     for b, n in enumerate(lengths):
         positions = chosen[b].nonzero().flatten().tolist()
-        assert len(positions) == math.ceil(n * MASK_FRACTION) and all(1 <= p <= n for p in positions), (b, positions)
-    assert torch.equal(labels[chosen], tokens[chosen]), 'labels: the original words at every chosen position'
+        assert len(positions) == math.ceil(n * MASK_FRACTION) and \
+            all(1 <= p <= n for p in positions), (b, positions)
+    assert torch.equal(labels[chosen], tokens[chosen]), \
+        'labels: the original words at every chosen position'
     assert torch.equal(inputs[~chosen], tokens[~chosen]), 'nothing else changes'
-    # over many draws: of the chosen words 80% [MASK], 10% a random word id (never a special id), 10% kept
+    # over many draws: of the chosen words 80% [MASK], 10% a random word id (never a special id),
+    # 10% kept
     many = tokens.repeat(2000, 1)
     inputs, labels = mask_words(many, cfg, torch.Generator().manual_seed(1))
     chosen = labels != 0
-    masked, kept = (inputs[chosen] == 3).float().mean(), (inputs[chosen] == many[chosen]).float().mean()
-    assert abs(masked - 0.8) < 0.02 and 0.09 < kept < 0.125, (masked, kept)  # a random id may be the word itself
+    masked, kept = ((inputs[chosen] == 3).float().mean(),
+                    (inputs[chosen] == many[chosen]).float().mean())
+    # a random id may be the word itself
+    assert abs(masked - 0.8) < 0.02 and 0.09 < kept < 0.125, (masked, kept)
     assert inputs[chosen].min() >= 3 and inputs.max() < 40
     with pytest.raises(ValueError, match='no words to mask'):
         mask_words(torch.tensor([[1, 2, 0]]), cfg)
@@ -521,17 +557,20 @@ def test_mask_words_draws_bert_positions_and_labels():
 def test_masked_lm_loss_sees_both_ways_and_ignores_padding():
     from model import VirTex, mask_words
     torch.manual_seed(0)
-    mlm, captioning = VirTex(tiny_cfg(pretext='masked_lm')).eval(), VirTex(tiny_cfg(pretext='captioning')).eval()
+    mlm, captioning = (VirTex(tiny_cfg(pretext='masked_lm')).eval(),
+                       VirTex(tiny_cfg(pretext='captioning')).eval())
     images, tokens = tiny_batch()
     with torch.no_grad():
         memory = mlm.project(mlm.encode_images(images))
         later = tokens.clone()
         later[:, 4] = 39
-        # no causal mask: a later word changes an earlier position's output; in the captioning decoder it cannot
+        # no causal mask: a later word changes an earlier position's output; in the captioning
+        # decoder it cannot
         assert not torch.allclose(mlm.decode(memory, tokens, causal=False)[:, 1],
                                   mlm.decode(memory, later, causal=False)[:, 1])
         memory_c = captioning.project(captioning.encode_images(images))
-        assert torch.allclose(captioning.decode(memory_c, tokens)[:, 1], captioning.decode(memory_c, later)[:, 1])
+        assert torch.allclose(captioning.decode(memory_c, tokens)[:, 1],
+                              captioning.decode(memory_c, later)[:, 1])
         # padding is hidden from the unmasked attention: more of it changes no real position
         padded = F.pad(tokens, (0, 3))
         real = tokens != 0
@@ -541,7 +580,8 @@ def test_masked_lm_loss_sees_both_ways_and_ignores_padding():
         loss, parts = mlm.losses(memory, tokens, torch.Generator().manual_seed(3))
         inputs, labels = mask_words(tokens, mlm.config, torch.Generator().manual_seed(3))
         chosen = labels != 0
-        want = F.cross_entropy(mlm.lm_head(mlm.decode(memory, inputs, causal=False))[chosen], labels[chosen])
+        want = F.cross_entropy(mlm.lm_head(mlm.decode(memory, inputs, causal=False))[chosen],
+                               labels[chosen])
     assert set(parts) == {'masked_lm'} and torch.allclose(loss, want, atol=1e-6)
 
 
@@ -552,7 +592,8 @@ def test_cappa_parallel_mode_reads_only_the_image():
     images, tokens = tiny_batch()
     with torch.no_grad():
         memory = model.project(model.encode_images(images))
-        # the parallel mode's input is [MASK] at every position, [SOS]'s included, whatever the caption
+        # the parallel mode's input is [MASK] at every position, [SOS]'s included, whatever the
+        # caption
         logits = model.parallel_logits(memory)  # (B, max_len - 1, V)
         masks = torch.full((3, model.config.max_len - 1), model.config.mask_id)
         assert torch.allclose(logits, model.lm_head(model.decode(memory, masks, causal=False)))
@@ -561,8 +602,9 @@ def test_cappa_parallel_mode_reads_only_the_image():
         later[:, 6] = 9
         assert not torch.allclose(model.decode(memory, masks, causal=False)[:, 2],
                                   model.decode(memory, later, causal=False)[:, 2])
-        # the loss: cross-entropy of those logits at the caption's real targets; padding is no target, and the
-        # same caption with more padding, or another caption's words, change nothing the decoder reads
+        # the loss: cross-entropy of those logits at the caption's real targets; padding is no
+        # target, and the same caption with more padding, or another caption's words, change nothing
+        # the decoder reads
         targets = tokens[:, 1:]
         real = targets != 0
         want = F.cross_entropy(logits[:, :targets.shape[1]][real], targets[real])
@@ -580,14 +622,17 @@ def test_cappa_with_no_parallel_share_is_captioning_and_the_draw_is_seeded():
     cappa = VirTex(tiny_cfg(pretext='cappa', parallel_fraction=0.0, dropout=0.0))
     cappa.load_state_dict(captioning.state_dict())
     images, tokens = tiny_batch()
-    for mode in (True, False):  # training (every caption drawn autoregressive) and eval (the expectation)
+    # training (every caption drawn autoregressive) and eval (the expectation)
+    for mode in (True, False):
         captioning.train(mode), cappa.train(mode)
         loss, parts = cappa(images, tokens)
         assert torch.allclose(loss, captioning(images, tokens)[0], atol=1e-6), mode
         assert set(parts) == {'parallel', 'autoregressive'}
-    draws = torch.stack([draw_parallel(64, 0.75, generator=torch.Generator().manual_seed(s)) for s in range(200)])
+    draws = torch.stack([draw_parallel(64, 0.75, generator=torch.Generator().manual_seed(s))
+                         for s in range(200)])
     assert abs(draws.float().mean() - 0.75) < 0.01, 'the share of parallel captions is the fraction'
-    assert torch.equal(draw_parallel(64, 0.75, generator=torch.Generator().manual_seed(3)), draws[3])
+    assert torch.equal(draw_parallel(64, 0.75, generator=torch.Generator().manual_seed(3)),
+                       draws[3])
     with pytest.raises(ValueError, match=r'parallel_fraction=1.5 must be in \[0, 1\]'):
         VirTex(tiny_cfg(pretext='cappa', parallel_fraction=1.5))
 
@@ -602,7 +647,8 @@ def quick_args(shapes, out_dir, *extra):
 
 @pytest.fixture(scope='module')
 def short_run(shapes, tmp_path_factory):
-    """A finished 2-iteration run's folder (ckpt.pt, log.jsonl): tests copy it, never write in it."""
+    """A finished 2-iteration run's folder (ckpt.pt, log.jsonl): tests copy it, never write in
+    it."""
     out = tmp_path_factory.mktemp('short_run') / 'run'
     run(*quick_args(shapes, out, '--max_iters=2', '--warmup_iters=1'))
     return out
@@ -610,8 +656,9 @@ def short_run(shapes, tmp_path_factory):
 
 @pytest.fixture
 def start():
-    """start(*args, env=...) Popens a project script with text pipes, to signal it mid-run. What still
-    runs when the test ends is killed, children included (each runs in a session of its own)."""
+    """start(*args, env=...) Popens a project script with text pipes, to signal it mid-run. What
+    still runs when the test ends is killed, children included (each runs in a session of its
+    own)."""
     import signal
     started = []
 
@@ -629,52 +676,64 @@ def start():
 
 def test_training_reduces_the_loss(shapes, tmp_path):
     # the demo's head rate is set for 2.5k steps; 40 steps need a faster one to show the drop
-    run(*train_args(shapes, tmp_path, '--max_iters=40', '--warmup_iters=5', '--ckpt_interval=1000', '--lr=3e-3'))
+    run(*train_args(shapes, tmp_path, '--max_iters=40', '--warmup_iters=5', '--ckpt_interval=1000',
+                    '--lr=3e-3'))
     losses = [r['loss'] for r in read_log(tmp_path)]
     assert len(losses) == 40
     first, last = np.mean(losses[:3]), np.mean(losses[-3:])
     assert last < 0.8 * first, f'loss went {first:.3f} -> {last:.3f}'
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['iter_num'] == 40 and ckpt['config']['max_iters'] == 40 and ckpt['model_args']['vocab_size'] == 96
+    assert ckpt['iter_num'] == 40 and ckpt['config']['max_iters'] == 40 and \
+        ckpt['model_args']['vocab_size'] == 96
 
 
 def test_bfloat16_training_learns(shapes, tmp_path):
-    """The GPU path's autocast, on a CPU: bf16 matmuls and convolutions, float32 weights and loss."""
-    proc = run(*train_args(shapes, tmp_path, '--max_iters=30', '--warmup_iters=5', '--ckpt_interval=1000',
-                           '--lr=3e-3', '--dtype=bfloat16'))
+    """The GPU path's autocast, on a CPU: bf16 matmuls and convolutions, float32 weights and
+    loss."""
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=30', '--warmup_iters=5',
+                           '--ckpt_interval=1000', '--lr=3e-3', '--dtype=bfloat16'))
     assert 'cpu bfloat16' in proc.stdout
     losses = [r['loss'] for r in read_log(tmp_path)]
-    assert all(math.isfinite(x) for x in losses) and np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
+    assert all(math.isfinite(x) for x in losses) and \
+        np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3]), losses
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert all(v.dtype != torch.bfloat16 for v in ckpt['model'].values()), 'the weights stay float32'
+    assert all(v.dtype != torch.bfloat16 for v in ckpt['model'].values()), \
+        'the weights stay float32'
 
 
 @pytest.mark.skipif(not any(map(shutil.which, ('g++', 'c++', 'clang++'))),
                     reason='torch.compile on a CPU (inductor) needs a C++ compiler')
 def test_compiled_training_learns_with_one_graph(shapes, tmp_path):
-    """torch.compile on a CPU, as on a GPU: captions of different lengths are padded to max_len, and the loss
-    keeps static shapes when compiled, so the model compiles once: no recompilation, no graph break."""
-    proc = run(*train_args(shapes, tmp_path, '--max_iters=6', '--warmup_iters=1', '--ckpt_interval=1000',
-                           '--lr=3e-3', '--compile=True'), env={'TORCH_LOGS': 'recompiles,graph_breaks'})
+    """torch.compile on a CPU, as on a GPU: captions of different lengths are padded to max_len, and
+    the loss keeps static shapes when compiled, so the model compiles once: no recompilation, no
+    graph break."""
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=6', '--warmup_iters=1',
+                           '--ckpt_interval=1000', '--lr=3e-3', '--compile=True'),
+               env={'TORCH_LOGS': 'recompiles,graph_breaks'})
     captions = load_json(shapes / 'coco' / 'annotations' / 'captions_train2017.json')['annotations']
     assert len({len(a['caption'].split()) for a in captions}) > 5, 'captions of many lengths'
-    assert 'Recompiling function' not in proc.stderr and 'Graph break' not in proc.stderr, proc.stderr[-3000:]
+    assert 'Recompiling function' not in proc.stderr and 'Graph break' not in proc.stderr, \
+        proc.stderr[-3000:]
     losses = [r['loss'] for r in read_log(tmp_path)]
-    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], \
+        losses
 
 
-@pytest.mark.parametrize('pretext', ['bicaptioning', 'captioning', 'masked_lm', 'token_classification',
+@pytest.mark.parametrize('pretext',
+                         ['bicaptioning', 'captioning', 'masked_lm', 'token_classification',
                                      'multilabel_classification', 'cappa'])
 def test_resume_is_exact(shapes, tmp_path, pretext):
     # warmup longer than the run keeps the LR schedule independent of max_iters; k=3 puts a
-    # LookAhead sync in the resumed half, so the saved slow weights matter. The validation at iteration 2 runs
-    # twice in the resumed run (before the save, and again after resuming): it must not touch the training RNG
-    common = ['--warmup_iters=10', '--lookahead_k=3', '--ckpt_interval=2', '--dropout=0.1', '--deterministic=True',
-              f'--pretext={pretext}', '--eval_interval=2', '--eval_iters=1']
+    # LookAhead sync in the resumed half, so the saved slow weights matter. The validation at
+    # iteration 2 runs twice in the resumed run (before the save, and again after resuming): it must
+    # not touch the training RNG
+    common = ['--warmup_iters=10', '--lookahead_k=3', '--ckpt_interval=2', '--dropout=0.1',
+              '--deterministic=True', f'--pretext={pretext}', '--eval_interval=2', '--eval_iters=1']
     run(*train_args(shapes, tmp_path / 'whole', '--max_iters=4', *common))
     run(*train_args(shapes, tmp_path / 'split', '--max_iters=2', *common))
     (tmp_path / 'split' / 'ckpt.pt.tmp').write_bytes(b'a save that was killed half way')
-    proc = run(*train_args(shapes, tmp_path / 'split', '--max_iters=4', '--init_from=resume', *common))
+    proc = run(*train_args(shapes, tmp_path / 'split', '--max_iters=4',
+                           '--init_from=resume', *common))
     assert 'resuming from' in proc.stdout
     whole = torch.load(tmp_path / 'whole' / 'ckpt.pt', weights_only=True)
     split = torch.load(tmp_path / 'split' / 'ckpt.pt', weights_only=True)
@@ -683,26 +742,31 @@ def test_resume_is_exact(shapes, tmp_path, pretext):
         assert torch.equal(value, split['model'][key]), f'{key} differs after resume'
     for a, b in zip(whole['optimizer']['slow'], split['optimizer']['slow']):
         assert torch.equal(a, b)
-    assert [r['loss'] for r in read_log(tmp_path / 'whole')][2:] == [r['loss'] for r in read_log(tmp_path / 'split')][2:]
+    assert [r['loss'] for r in read_log(tmp_path / 'whole')][2:] == \
+        [r['loss'] for r in read_log(tmp_path / 'split')][2:]
     from model import LOSS_PARTS
     parts = LOSS_PARTS[pretext]
     record, val = read_log(tmp_path / 'whole')[-1], read_log(tmp_path / 'whole', 'val')[-1]
     if pretext != 'cappa':  # cappa's parts are its two modes' own means, not terms of a sum
         assert record['loss'] == pytest.approx(sum(record[f'loss_{p}'] for p in parts), rel=1e-5)
-        assert val['image_gap'] == pytest.approx((val['loss_shuffled'] - val['loss']) / len(parts), abs=1e-5)
+        assert val['image_gap'] == pytest.approx((val['loss_shuffled'] - val['loss']) / len(parts),
+                                                 abs=1e-5)
     gaps = [val[f'loss_shuffled_{p}'] - val[f'loss_{p}'] for p in parts]
     assert val['image_gap'] == pytest.approx(sum(gaps) / len(gaps), abs=1e-6)
-    expected_outputs = 11 if pretext == 'multilabel_classification' else 96  # 10 shapes + background; the vocabulary
-    assert whole['model_args']['pretext'] == pretext and whole['model_args']['vocab_size'] == expected_outputs
+    # 10 shapes + background; the vocabulary
+    expected_outputs = 11 if pretext == 'multilabel_classification' else 96
+    assert whole['model_args']['pretext'] == pretext and whole['model_args']['vocab_size'] == \
+        expected_outputs
 
 
 def test_torchrun_two_processes(shapes, tmp_path):
     args = ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-            *train_args(shapes, tmp_path, '--max_iters=3', '--warmup_iters=1', '--ckpt_interval=1000'))
+            *train_args(shapes, tmp_path, '--max_iters=3', '--warmup_iters=1',
+                        '--ckpt_interval=1000'))
     proc = run(*args, env={'OMP_NUM_THREADS': '1'}, check=False)
     if proc.returncode != 0 and 'terminate called without an active exception' in proc.stderr:
-        # a rare abort inside gloo's teardown (seen twice on the 2-core development machine, after training
-        # had finished); anything else fails at once, and a second abort fails too
+        # a rare abort inside gloo's teardown (seen twice on the 2-core development machine, after
+        # training had finished); anything else fails at once, and a second abort fails too
         shutil.rmtree(tmp_path)
         tmp_path.mkdir()
         proc = run(*args, env={'OMP_NUM_THREADS': '1'}, check=False)
@@ -716,7 +780,8 @@ def test_torchrun_two_processes(shapes, tmp_path):
 
 def test_train_config_and_input_errors(shapes, tmp_path):
     cases = [(['--n_embed=64'], "unknown config key 'n_embed' (did you mean 'n_embd'?)"),
-             (['--init_from=restart'], "--init_from='restart': choose one of scratch, resume, auto"),
+             (['--init_from=restart'],
+              "--init_from='restart': choose one of scratch, resume, auto"),
              (['--batch_size=0'], '--batch_size=0: must be positive'),
              (['--data_root=/no/such/coco'], 'data_root=/no/such/coco: no such file'),
              (['--tokenizer=/no/such.model'], 'tokenizer=/no/such.model: no such file'),
@@ -728,8 +793,10 @@ def test_train_config_and_input_errors(shapes, tmp_path):
              (['--max_bad_images=-1'], '--max_bad_images=-1: must be >= 0'),
              (['--n_layer=0'], '--n_layer=0: must be positive'),
              (['--dropout=1.0'], '--dropout=1.0: must be in [0, 1)'),
-             (['--parallel_fraction=0.5'], '--parallel_fraction is for --pretext=cappa only, not bicaptioning'),
-             (['--pretext=cappa', '--parallel_fraction=1.5'], '--parallel_fraction=1.5: must be in [0, 1]')]
+             (['--parallel_fraction=0.5'], '--parallel_fraction is for --pretext=cappa only, not '
+              'bicaptioning'),
+             (['--pretext=cappa', '--parallel_fraction=1.5'],
+              '--parallel_fraction=1.5: must be in [0, 1]')]
     for extra, message in cases:
         proc = run(*train_args(shapes, tmp_path / 'errors', '--max_iters=1', *extra), check=False)
         assert proc.returncode != 0 and message in proc.stderr, (extra, proc.stderr)
@@ -751,12 +818,15 @@ def test_pretext_input_errors_are_one_line(shapes, tmp_path):
     instances = mismatched / 'annotations' / 'instances_val2017.json'
     d = load_json(instances)
     d['images'] = d['images'][1:]
-    d['annotations'] = [a for a in d['annotations'] if a['image_id'] in {im['id'] for im in d['images']}]
+    d['annotations'] = [a for a in d['annotations']
+                        if a['image_id'] in {im['id'] for im in d['images']}]
     instances.write_text(json.dumps(d))
-    cases = [(['--pretext=mlm'], "--pretext='mlm': choose one of bicaptioning, captioning, masked_lm"),
+    cases = [(['--pretext=mlm'],
+              "--pretext='mlm': choose one of bicaptioning, captioning, masked_lm"),
              (['--pretext=multilabel_classification', f'--data_root={no_instances}'],
               f'{no_instances}/annotations/instances_train2017.json: No such file or directory'),
-             (['--pretext=multilabel_classification', f'--data_root={mismatched}', '--eval_interval=5'],
+             (['--pretext=multilabel_classification', f'--data_root={mismatched}',
+               '--eval_interval=5'],
               f'{instances}: its images are not those of captions_val2017.json')]
     for extra, message in cases:
         proc = run(*train_args(shapes, tmp_path / 'errors', '--max_iters=1', *extra), check=False)
@@ -767,19 +837,26 @@ def test_pretext_input_errors_are_one_line(shapes, tmp_path):
 def test_train_fraction_is_a_seeded_subset_kept_on_resume(shapes, tmp_path):
     runs = {}
     for name, extra in (('a', ['--seed=0']), ('b', ['--seed=0']), ('c', ['--seed=1'])):
-        proc = run(*train_args(shapes, tmp_path / name, '--max_iters=1', '--train_fraction=0.5', *extra))
+        proc = run(*train_args(shapes, tmp_path / name, '--max_iters=1',
+                               '--train_fraction=0.5', *extra))
         assert 'data: 32 training images (0.5 of 64)' in proc.stdout
         runs[name] = torch.load(tmp_path / name / 'ckpt.pt', weights_only=True)['train_subset']
     assert runs['a'] == runs['b'] and runs['a'] != runs['c'], 'the subset is a function of the seed'
-    assert len(runs['a']) == 32 and runs['a'] == sorted(set(runs['a'])) and 0 <= min(runs['a']) and max(runs['a']) < 64
-    proc = run(*train_args(shapes, tmp_path / 'a', '--max_iters=2', '--train_fraction=0.25', '--init_from=resume'),
+    assert len(runs['a']) == 32 and runs['a'] == sorted(set(runs['a'])) and \
+        0 <= min(runs['a']) and max(runs['a']) < 64
+    proc = run(*train_args(shapes, tmp_path / 'a', '--max_iters=2', '--train_fraction=0.25',
+                           '--init_from=resume'),
                check=False)
-    assert proc.returncode != 0 and 'was trained on other images (--train_fraction=0.5, --seed=0)' in proc.stderr
-    run(*train_args(shapes, tmp_path / 'a', '--max_iters=2', '--train_fraction=0.5', '--init_from=resume'))
+    assert proc.returncode != 0 and \
+        'was trained on other images (--train_fraction=0.5, --seed=0)' in proc.stderr
+    run(*train_args(shapes, tmp_path / 'a', '--max_iters=2', '--train_fraction=0.5',
+                    '--init_from=resume'))
     for bad, message in (('0', 'must be in (0, 1]'), ('1.5', 'must be in (0, 1]'),
                          ('0.01', '1 training images (0.01 of 64) are fewer than one batch')):
-        proc = run(*train_args(shapes, tmp_path / 'd', '--max_iters=1', f'--train_fraction={bad}'), check=False)
-        assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        proc = run(*train_args(shapes, tmp_path / 'd', '--max_iters=1', f'--train_fraction={bad}'),
+                   check=False)
+        assert proc.returncode != 0 and message in proc.stderr and \
+            len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
@@ -790,9 +867,12 @@ def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
     other = VirTex(VirTexConfig(**{**good['model_args'], 'n_embd': 32}))
     files = {'truncated': ((tmp_path / 'good' / 'ckpt.pt').read_bytes()[:3000], 'cannot be read'),
              'foreign': ({'state_dict': good['model']}, 'not a checkpoint of this project'),
-             'architecture': ({**good, 'model': other.state_dict()}, 'does not fit this architecture'),
-             'model_only': ({'model': good['model'], 'model_args': good['model_args']}, 'cannot resume from it: no optimizer'),
-             'changed': ({**good, 'model_args': {**good['model_args'], 'n_embd': 32}, 'model': other.state_dict()},
+             'architecture': ({**good, 'model': other.state_dict()}, 'does not fit this '
+                              'architecture'),
+             'model_only': ({'model': good['model'], 'model_args': good['model_args']},
+                            'cannot resume from it: no optimizer'),
+             'changed': ({**good, 'model_args': {**good['model_args'], 'n_embd': 32},
+                          'model': other.state_dict()},
                          'the model differs from the config: n_embd=32 in the checkpoint, 64 now')}
     for name, (content, message) in files.items():
         out = tmp_path / name
@@ -809,15 +889,18 @@ def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
 
 
 def test_validation_reports_the_image_gap(shapes, tmp_path):
-    proc = run(*train_args(shapes, tmp_path, '--max_iters=4', '--warmup_iters=1', '--eval_interval=2', '--eval_iters=2'))
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=4', '--warmup_iters=1',
+                           '--eval_interval=2', '--eval_iters=2'))
     line = next(l for l in proc.stdout.splitlines() if l.startswith('iter 2: val loss'))
-    assert re.fullmatch(r'iter 2: val loss \d+\.\d{4} \(fwd \d+\.\d{3} bwd \d+\.\d{3}\) \| shuffled images '
-                        r'\d+\.\d{4}: the image is worth -?\d+\.\d{3} nats/token', line), line
+    assert re.fullmatch(r'iter 2: val loss \d+\.\d{4} \(fwd \d+\.\d{3} bwd \d+\.\d{3}\) \| '
+                        r'shuffled images \d+\.\d{4}: the image is worth -?\d+\.\d{3} nats/token',
+                        line), line
     records = read_log(tmp_path, 'val')
     assert [r['iter'] for r in records] == [2, 4]
     for r in records:
         assert r['image_gap'] == pytest.approx((r['loss_shuffled'] - r['loss']) / 2, abs=1e-5)
-        assert r['loss_shuffled'] == pytest.approx(r['loss_shuffled_fwd'] + r['loss_shuffled_bwd'], abs=1e-5)
+        assert r['loss_shuffled'] == pytest.approx(r['loss_shuffled_fwd'] + r['loss_shuffled_bwd'],
+                                                   abs=1e-5)
 
 
 def test_bad_images_are_skipped_up_to_a_cap(shapes, tmp_path):
@@ -827,25 +910,29 @@ def test_bad_images_are_skipped_up_to_a_cap(shapes, tmp_path):
     names = sorted(os.listdir(root / 'train2017'))
     (root / 'train2017' / names[0]).write_bytes(b'not a jpeg')
     (root / 'train2017' / names[1]).unlink()
-    args = train_args(shapes, tmp_path / 'out', f'--data_root={root}', '--max_iters=8', '--warmup_iters=1',
-                      '--ckpt_interval=1000')
+    args = train_args(shapes, tmp_path / 'out', f'--data_root={root}', '--max_iters=8',
+                      '--warmup_iters=1', '--ckpt_interval=1000')
     proc = run(*args)
-    assert proc.stdout.count('warning: skipped') == 2 and names[0] in proc.stdout and names[1] in proc.stdout
+    assert proc.stdout.count('warning: skipped') == 2 and names[0] in proc.stdout and \
+        names[1] in proc.stdout
     assert '2 images skipped' in proc.stdout
     proc = run(*args, '--max_bad_images=1', '--overwrite=True', check=False)
-    assert proc.returncode != 0 and 'more than max_bad_images=1 images failed to load' in proc.stderr
+    assert proc.returncode != 0 and \
+        'more than max_bad_images=1 images failed to load' in proc.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
     run(*train_args(shapes, tmp_path, '--max_iters=2', '--warmup_iters=1', '--ckpt_interval=1'))
     before = (tmp_path / 'ckpt.pt').read_bytes()
-    proc = run(*train_args(shapes, tmp_path, '--max_iters=30', '--warmup_iters=1', '--ckpt_interval=1',
-                           '--init_from=resume', '--cnn_lr=1e30', '--lr=1e30'), check=False)
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=30', '--warmup_iters=1',
+                           '--ckpt_interval=1', '--init_from=resume', '--cnn_lr=1e30', '--lr=1e30'),
+               check=False)
     assert proc.returncode != 0 and 'non-finite' in proc.stderr, proc.stderr
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point()), \
         'a checkpoint with non-finite weights must never replace the last good one'
-    assert ckpt['iter_num'] < 30 and (ckpt['iter_num'] > 2 or (tmp_path / 'ckpt.pt').read_bytes() == before)
+    assert ckpt['iter_num'] < 30 and (ckpt['iter_num'] > 2
+                                      or (tmp_path / 'ckpt.pt').read_bytes() == before)
 
 
 def test_voc_in_the_loop_logs_each_map_and_keeps_the_best_backbone(shapes, tmp_path):
@@ -906,7 +993,8 @@ def torchrun_workers(pid):
     for child in filter(str.isdigit, os.listdir('/proc')):
         try:
             with open(f'/proc/{child}/stat') as f:
-                parent = int(f.read().rpartition(')')[2].split()[1])  # after the (name): state, ppid
+                # after the (name): state, ppid
+                parent = int(f.read().rpartition(')')[2].split()[1])
             with open(f'/proc/{child}/environ', 'rb') as f:
                 env = dict(item.partition(b'=')[::2] for item in f.read().split(b'\0') if item)
         except OSError:  # it ended meanwhile
@@ -939,7 +1027,8 @@ def test_an_out_dir_with_a_run_is_refused_resumed_or_replaced(shapes, short_run,
     assert records == [('start', 0), ('train', 1), ('checkpoint', 1)], 'the old records are gone'
     assert torch.load(held / 'ckpt.pt', weights_only=True)['iter_num'] == 1
 
-    # auto resumes where there is a checkpoint; a last log line cut by a crash stays a line of its own
+    # auto resumes where there is a checkpoint; a last log line cut by a crash stays a line of its
+    # own
     cut = tmp_path / 'cut'
     shutil.copytree(short_run, cut)
     with open(cut / 'log.jsonl', 'a') as f:
@@ -962,19 +1051,21 @@ def test_the_lock_keeps_a_second_run_out_and_a_stale_one_is_taken_over(shapes, t
     lock.write_text(f'{os.getpid()} {host}\n')  # a live process on this host: this test's
     proc = run(*quick_args(shapes, out, '--max_iters=1'), check=False)
     assert one_line(proc) == (
-        f"error: {out} is in use by another run (pid {os.getpid()} on {host}, {lock}); wait for it, "
-        f"write elsewhere with --out_dir, or remove {lock} if no run is using it")
+        f"error: {out} is in use by another run (pid {os.getpid()} on {host}, {lock}); wait "
+        f"for it, write elsewhere with --out_dir, or remove {lock} if no run is using it")
     assert lock.read_text() == f'{os.getpid()} {host}\n' and os.listdir(out) == ['.lock']
     ended = subprocess.Popen([PY, '-c', 'pass'])
     ended.wait()
     lock.write_text(f'{ended.pid} {host}\n')  # left by a run that was killed
     proc = run(*quick_args(shapes, out, '--max_iters=1', '--init_from=auto'))  # no ckpt.pt: scratch
-    assert f"note: {lock} was left by pid {ended.pid}, which has ended: taking it over" in proc.stdout
+    assert (f"note: {lock} was left by pid {ended.pid}, which has ended: taking it over"
+            in proc.stdout)
     assert 'resuming' not in proc.stdout and read_log(out)[-1]['iter'] == 1
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl'], 'the lock goes when the run ends'
 
 
-def test_sigterm_and_sigint_save_and_the_resumed_run_equals_an_unbroken_one(shapes, tmp_path, start):
+def test_sigterm_and_sigint_save_and_the_resumed_run_equals_an_unbroken_one(shapes,
+                                                                            tmp_path, start):
     import signal
     # one DataLoader worker: the signals come while a worker process exists
     common = ['--max_iters=5', '--warmup_iters=2', '--ckpt_interval=1000', '--num_workers=1',
@@ -987,7 +1078,8 @@ def test_sigterm_and_sigint_save_and_the_resumed_run_equals_an_unbroken_one(shap
         read_until(proc, after)
         proc.send_signal(signum)
         out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 128 + signum and 'Traceback' not in err, (proc.returncode, out, err)
+        assert proc.returncode == 128 + signum and 'Traceback' not in err, \
+            (proc.returncode, out, err)
         said = re.escape(f'; {split}/ckpt.pt holds iteration ') + r'\1: continue with --init_from'
         stop = int(re.search(rf'stopped by {signum.name} at iteration (\d+){said}=resume', out)[1])
         assert torch.load(split / 'ckpt.pt', weights_only=True)['iter_num'] == stop
@@ -1032,7 +1124,8 @@ def test_sigterm_to_one_torchrun_process_stops_both_at_one_iteration(shapes, tmp
     import signal
     out_dir = tmp_path / 'run'
     common = ['--max_iters=8', '--warmup_iters=1', '--ckpt_interval=1000', '--log_interval=2']
-    for attempt in range(2):  # one retry on gloo's rare teardown abort (test_torchrun_two_processes)
+    # one retry on gloo's rare teardown abort (test_torchrun_two_processes)
+    for attempt in range(2):
         proc = start(*TORCHRUN, *quick_args(shapes, out_dir, *common), env={'OMP_NUM_THREADS': '1'})
         read_until(proc, 'iter 2/')
         os.kill(torchrun_workers(proc.pid)[1], signal.SIGTERM)  # rank 1 only
@@ -1040,9 +1133,11 @@ def test_sigterm_to_one_torchrun_process_stops_both_at_one_iteration(shapes, tmp
         if attempt or 'terminate called without an active exception' not in err:
             break
         shutil.rmtree(out_dir)
-    stop = int(re.search(r'stopped by SIGTERM at iteration (\d+);', out)[1])  # rank 0, not signalled
+    # rank 0, not signalled
+    stop = int(re.search(r'stopped by SIGTERM at iteration (\d+);', out)[1])
     assert stop % 2 == 0 and stop < 8, 'the processes agree at log_interval boundaries'
-    # the save gathers every process's RNG state: it is written only if both stopped at this iteration
+    # the save gathers every process's RNG state: it is written only if both stopped at this
+    # iteration
     ckpt = torch.load(out_dir / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == stop and len(ckpt['rng_state']) == 2
     for attempt in range(2):
@@ -1073,7 +1168,8 @@ def test_a_full_disk_keeps_the_last_checkpoint(shapes, short_run, small_disk):
 def test_a_full_disk_never_cuts_a_log_line(shapes, short_run, small_disk):
     out = small_disk.folder / 'run'
     shutil.copytree(short_run, out)
-    small_disk.fill_up_to(out / 'log.jsonl', slack=150)  # the resume record fits, a train record not
+    # the resume record fits, a train record not
+    small_disk.fill_up_to(out / 'log.jsonl', slack=150)
     proc = small_disk.run(*quick_args(shapes, out, '--max_iters=3', '--init_from=resume'))
     error = one_line(proc)
     assert error.startswith(f"error: {out}/log.jsonl: cannot write (")
@@ -1134,8 +1230,9 @@ def test_bad_settings_and_data_are_refused_at_start_up(shapes, short_run, tmp_pa
                   f"error: {tmp_path}/tokenizer/ckpt.pt: was trained with another tokenizer than "
                   f"{tmp_path}/other.model (its pieces differ, so the ids would mean other words)"))
     cases.append((quick_args(shapes, tmp_path / 'max_iters', '--max_iters=2', '--init_from=resume'),
-                  f"error: {tmp_path}/max_iters/ckpt.pt: is at iteration 2 already; give --max_iters "
-                  f"above it to train on (the learning-rate schedule follows max_iters)"))
+                  f"error: {tmp_path}/max_iters/ckpt.pt: is at iteration 2 already; give "
+                  f"--max_iters above it to train on (the learning-rate schedule follows "
+                  f"max_iters)"))
     for (command, message), proc in zip(cases, run_all(*(command for command, _ in cases))):
         assert one_line(proc).startswith(message), (command, proc.stderr)
         assert 'iter ' not in proc.stdout, (command, 'refused before training')
@@ -1161,7 +1258,8 @@ def test_clearer_messages_for_bad_checkpoints_outputs_and_losses(shapes, short_r
     torch.save({'model': np.zeros(3)}, tmp_path / 'numpy.pt')
     model = VirTex(tiny_cfg())
     ckpt = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, ckpt)
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}},
+               ckpt)
     image = str(sorted((shapes / 'coco' / 'val2017').iterdir())[0])
     folder = tmp_path / 'exports'
     folder.mkdir()
@@ -1186,8 +1284,9 @@ def test_clearer_messages_for_bad_checkpoints_outputs_and_losses(shapes, short_r
     # AdamW's steps are about lr in size: weights of 1e30 overflow within two iterations
     proc = run(*quick_args(shapes, tmp_path / 'diverged', '--max_iters=5', '--warmup_iters=0',
                            '--cnn_lr=1e30', '--lr=1e30'), check=False)
-    assert re.fullmatch(r'error: non-finite loss \(nan\) by iteration \d; no checkpoint was written',
-                        one_line(proc))
+    assert re.fullmatch(
+        r'error: non-finite loss \(nan\) by iteration \d; no checkpoint was written',
+        one_line(proc))
 
 
 # ---- coco.py: instances, the training dataset and its augmentation, the eval transform -------
@@ -1208,13 +1307,16 @@ def test_read_instances_errors_name_the_file(world, tmp_path):
         assert str(path) in str(error.value)
         return str(error.value)
 
-    assert 'has category_id 99, not in categories' in broken(lambda d: d['annotations'][0].update(category_id=99))
-    assert 'is of image 12345, not in images' in broken(lambda d: d['annotations'][0].update(image_id=12345))
+    assert 'has category_id 99, not in categories' in broken(
+        lambda d: d['annotations'][0].update(category_id=99))
+    assert 'is of image 12345, not in images' in broken(
+        lambda d: d['annotations'][0].update(image_id=12345))
 
     def drop_last_image(d):
         last = d['images'].pop()['id']
         d['annotations'] = [a for a in d['annotations'] if a['image_id'] != last]
-    assert 'images are not those of captions_val2017.json (0 only here, 1 only there' in broken(drop_last_image)
+    assert 'images are not those of captions_val2017.json (0 only here, 1 only there' in broken(
+        drop_last_image)
     assert 'not a COCO instances file' in broken(lambda d: d.pop('categories'))
     # an image with no instances is left out (upstream drops them), not an error
     d = copy.deepcopy(good)
@@ -1230,7 +1332,8 @@ def test_read_instances_errors_name_the_file(world, tmp_path):
 def test_flip_swaps_whole_words_only():
     from coco import swap_left_right as swap
     assert swap('a star left of a ring, right of a box') == 'a star right of a ring, left of a box'
-    assert swap('the bright leftover copyright sign on the Left') == 'the bright leftover copyright sign on the right'
+    assert swap('the bright leftover copyright sign on the Left') == \
+        'the bright leftover copyright sign on the right'
     assert swap(swap('left-hand right')) == 'left-hand right'
 
 
@@ -1241,23 +1344,27 @@ def test_coco_dataset_and_collate(shapes):
     data = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 30, train=True, seed=0)
     assert len(data) == 64
     a, b = data[(0, 3)], data[(0, 3)]
-    assert torch.equal(a['image'], b['image']) and torch.equal(a['tokens'], b['tokens']), 'pure function of the key'
+    assert torch.equal(a['image'], b['image']) and torch.equal(a['tokens'], b['tokens']), \
+        'pure function of the key'
     assert a['image'].shape == (3, 48, 48) and a['image'].dtype == torch.uint8
     assert a['tokens'][0] == tok.sos_id and a['tokens'][-1] == tok.eos_id
     short = CocoCaptions(str(shapes / 'coco'), 'train2017', tok, 48, 6, train=True, seed=0)
     tokens = short[(0, 3)]['tokens']
-    assert len(tokens) <= 6 and tokens[-1] == tok.eos_id, 'over-long captions drop words, never [EOS]'
+    assert len(tokens) <= 6 and tokens[-1] == tok.eos_id, \
+        'over-long captions drop words, never [EOS]'
     images, padded, errors = collate([a, short[(0, 3)], {'error': 'x.jpg: broken'}])
-    assert images.shape == (2, 3, 48, 48) and padded.shape == (2, len(a['tokens'])) and errors == ['x.jpg: broken']
+    assert images.shape == (2, 3, 48, 48) and padded.shape == (2, len(a['tokens'])) and errors == \
+        ['x.jpg: broken']
     assert padded[1, len(tokens):].eq(0).all()
     assert collate([a], pad_to=30)[1].shape == (1, 30), 'one shape for torch.compile'
     val = CocoCaptions(str(shapes / 'coco'), 'val2017', tok, 48, 30, train=False, seed=0)
-    assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), 'eval transform is deterministic'
+    assert torch.equal(val[(0, 0)]['image'], val[(5, 0)]['image']), \
+        'eval transform is deterministic'
 
 
 def test_train_augmentation_matches_its_reference_ops(tmp_path):
-    """The fast tensor pipeline computes what PIL / torchvision compute: antialiased bilinear crops, and the
-    colour jitter as torchvision's adjust_* in the drawn order."""
+    """The fast tensor pipeline computes what PIL / torchvision compute: antialiased bilinear crops,
+    and the colour jitter as torchvision's adjust_* in the drawn order."""
     import torchvision.transforms.functional as TF
     from coco import color_jitter, random_resized_crop, shift_hue
     rng = np.random.default_rng(0)
@@ -1266,13 +1373,15 @@ def test_train_augmentation_matches_its_reference_ops(tmp_path):
     Image.fromarray(photo).save(tmp_path / 'a.jpg', quality=95)
     Image.fromarray(photo).save(tmp_path / 'a.png')
     decoded = np.asarray(Image.open(tmp_path / 'a.jpg').convert('RGB'))
-    # the first two decode in full; the third from a 1/4-scale DCT decode (its crop keeps 4x the pixels needed)
+    # the first two decode in full; the third from a 1/4-scale DCT decode (its crop keeps 4x the
+    # pixels needed)
     for name, box, size in (('a.jpg', (10, 20, 110, 140), 64), ('a.jpg', (0, 0, 200, 150), 100),
                             ('a.png', (3, 7, 150, 120), 50), ('a.jpg', (5, 5, 185, 145), 32)):
         with Image.open(tmp_path / name) as image:
             ours = random_resized_crop(image, box, size)
         source = photo if name.endswith('png') else decoded
-        want = np.asarray(Image.fromarray(source).resize((size, size), Image.Resampling.BILINEAR, box=box))
+        want = np.asarray(Image.fromarray(source).resize((size, size),
+                                                         Image.Resampling.BILINEAR, box=box))
         diff = np.abs(ours.permute(1, 2, 0).numpy().astype(int) - want.astype(int))
         assert ours.shape == (3, size, size) and ours.dtype == torch.uint8
         scaled_decode = min(box[2] - box[0], box[3] - box[1]) >= 2 * size
@@ -1293,15 +1402,18 @@ def test_train_augmentation_matches_its_reference_ops(tmp_path):
         for i in draw.permutation(4):
             want = ops[i](want)
         got = color_jitter(pixels, np.random.default_rng(seed)).float() / 255
-        assert (got - want).abs().max() < 2.5 / 255, seed  # torchvision rounds nothing; ours rounds once, at the end
+        # torchvision rounds nothing; ours rounds once, at the end
+        assert (got - want).abs().max() < 2.5 / 255, seed
 
 
 def test_one_eval_transform_for_every_stage(tmp_path):
-    """train.py's validation images, evaluate.py's VOC features and caption.py's input are the same pixels."""
+    """train.py's validation images, evaluate.py's VOC features and caption.py's input are the same
+    pixels."""
     import caption
     from coco import CocoCaptions, load_eval_image, normalize
     from evaluate import VocImages
-    # left half red, right half blue, with a green band at the top edge that the center crop must cut away
+    # left half red, right half blue, with a green band at the top edge that the center crop must
+    # cut away
     pixels = np.zeros((80, 100, 3), np.uint8)
     pixels[:, :50] = (200, 0, 0)
     pixels[:, 50:] = (0, 0, 200)
@@ -1311,7 +1423,8 @@ def test_one_eval_transform_for_every_stage(tmp_path):
     (root / 'annotations').mkdir()
     Image.fromarray(pixels).save(root / 'val2017' / '000000000001.jpg', quality=95)
     (root / 'annotations' / 'captions_val2017.json').write_text(json.dumps(
-        {'images': [{'id': 1, 'file_name': '000000000001.jpg'}], 'annotations': [{'image_id': 1, 'caption': 'x'}]}))
+        {'images': [{'id': 1, 'file_name': '000000000001.jpg'}],
+         'annotations': [{'image_id': 1, 'caption': 'x'}]}))
     path, size = str(root / 'val2017' / '000000000001.jpg'), 32
 
     class Words:
@@ -1319,15 +1432,19 @@ def test_one_eval_transform_for_every_stage(tmp_path):
 
         def encode(self, text):
             return [5]
-    from_train = CocoCaptions(str(root), 'val2017', Words(), size, 30, train=False, seed=0)[(0, 0)]['image']
+    from_train = CocoCaptions(str(root), 'val2017', Words(), size, 30, train=False,
+                              seed=0)[(0, 0)]['image']
     from_evaluate = VocImages([path], size)[0][0]
     from_caption = caption.to_tensor([load_eval_image(path, size)])[0]
-    assert from_train.dtype == from_evaluate.dtype == torch.uint8 and from_train.shape == (3, size, size)
+    assert from_train.dtype == from_evaluate.dtype == torch.uint8 and from_train.shape == \
+        (3, size, size)
     assert torch.equal(from_train, from_evaluate)
     assert torch.allclose(normalize(from_train[None])[0], from_caption)
-    # shorter side 80 -> round(32 * 8/7) = 37, center 32: the top band is cropped away, the halves stay halves
+    # shorter side 80 -> round(32 * 8/7) = 37, center 32: the top band is cropped away, the halves
+    # stay halves
     image = from_train.permute(1, 2, 0).int()
-    assert image[:, :14, 0].min() > 150 and image[:, 18:, 2].min() > 150 and image[..., 1].max() < 60
+    assert image[:, :14, 0].min() > 150 and image[:, 18:, 2].min() > 150 and \
+        image[..., 1].max() < 60
 
 
 # ---- tokenizer.py: the BPE vocabulary, its special ids and its command line ------------------
@@ -1365,12 +1482,16 @@ def test_tokenizer_bad_inputs(tmp_path, vocab):
     bad_json.write_text('{"annotations": [')
     empty = tmp_path / 'empty.json'
     empty.write_text('{"annotations": []}')
-    cases = [([f'--captions={tmp_path / "missing.json"}', '--out=' + str(tmp_path / 'v')], 'missing.json'),
-             ([f'--captions={bad_json}', '--out=' + str(tmp_path / 'v')], 'bad.json: not a COCO captions file'),
+    cases = [([f'--captions={tmp_path / "missing.json"}', '--out=' + str(tmp_path / 'v')],
+              'missing.json'),
+             ([f'--captions={bad_json}', '--out=' + str(tmp_path / 'v')], 'bad.json: not a COCO '
+              'captions file'),
              ([f'--captions={empty}', '--out=' + str(tmp_path / 'v')], 'empty.json: no captions'),
-             ([f'--captions={vocab / "caps.json"}', '--vocab_size=100000', '--out=' + str(tmp_path / 'v')],
+             ([f'--captions={vocab / "caps.json"}', '--vocab_size=100000',
+               '--out=' + str(tmp_path / 'v')],
               'the largest that works is'),
-             ([f'--captions={vocab / "caps.json"}', f'--out={tmp_path}/no/such/dir/v'], 'not writable')]
+             ([f'--captions={vocab / "caps.json"}', f'--out={tmp_path}/no/such/dir/v'],
+              'not writable')]
     for args, message in cases:
         proc = run('tokenizer.py', *args, check=False)
         assert proc.returncode != 0, args
@@ -1389,14 +1510,17 @@ def test_lookahead_one_cycle_by_hand():
     for g in grads:
         w.grad = g.clone()
         opt.step()
-    fast = torch.tensor([1.0, -2.0]) - 0.1 * (grads[0] + grads[1])  # two plain SGD steps: [0.6, -2.0]
+    # two plain SGD steps: [0.6, -2.0]
+    fast = torch.tensor([1.0, -2.0]) - 0.1 * (grads[0] + grads[1])
     slow = torch.tensor([1.0, -2.0]) + 0.5 * (fast - torch.tensor([1.0, -2.0]))
-    assert torch.allclose(w.detach(), slow) and torch.allclose(opt.slow[0], slow), 'slow + alpha * (fast - slow)'
+    assert torch.allclose(w.detach(), slow) and torch.allclose(opt.slow[0], slow), \
+        'slow + alpha * (fast - slow)'
     state = opt.state_dict()
     clone_w = nn.Parameter(torch.zeros(2))
     clone = LookAhead(torch.optim.SGD([clone_w], lr=0.1), k=2, alpha=0.5)
     clone.load_state_dict(state)
-    assert clone.step_count == 2 and torch.allclose(clone.slow[0], slow), 'slow weights and counter are saved'
+    assert clone.step_count == 2 and torch.allclose(clone.slow[0], slow), \
+        'slow weights and counter are saved'
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -1406,7 +1530,8 @@ def test_lr_schedule_warmup_then_cosine():
     assert abs(get_lr(600) - 0.5) < 1e-12, 'half way through the cosine'
     assert abs(get_lr(1100)) < 1e-12 and get_lr(1099) > 0
     assert abs(get_lr(350) - 0.5 * (1 + math.cos(math.pi * 0.25))) < 1e-12
-    assert warmup_cosine(0, 0, 10) == 1.0 and abs(warmup_cosine(5, 0, 10) - 0.5) < 1e-12, "the probe's plain cosine"
+    assert warmup_cosine(0, 0, 10) == 1.0 and abs(warmup_cosine(5, 0, 10) - 0.5) < 1e-12, \
+        "the probe's plain cosine"
 
 
 # ---- checkpoints.py: safe loading, official and other weight files, load_backbone ------------
@@ -1418,15 +1543,18 @@ def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
     torch.manual_seed(0)
     model = VirTex(tiny_cfg()).eval()
     path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 64}}, path)
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'config': {'image_size': 64}}, path)
     loaded = load_model(path)
     images, tokens = tiny_batch()
     with torch.no_grad():
         memory = model.project(model.encode_images(images))
-        assert torch.equal(model.logits(memory, tokens), loaded.logits(loaded.project(loaded.encode_images(images)), tokens))
+        assert torch.equal(model.logits(memory, tokens),
+                           loaded.logits(loaded.project(loaded.encode_images(images)), tokens))
     other = tmp_path / 'other.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(tiny_cfg(n_embd=128))}, other)
-    with pytest.raises(ValueError, match=r'other\.pt: does not fit this architecture: .*shape mismatches'):
+    with pytest.raises(ValueError, match=r'other\.pt: does not fit this architecture: .*shape '
+                                         r'mismatches'):
         load_model(other)
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(path.read_bytes()[:5000])
@@ -1441,7 +1569,8 @@ def test_checkpoint_round_trip_and_architecture_errors(tmp_path):
 
 
 class RunsCode:
-    """Unpickling this runs a command that leaves a file behind: a checkpoint must never be loaded that way."""
+    """Unpickling this runs a command that leaves a file behind: a checkpoint must never be loaded
+    that way."""
 
     def __init__(self, marker):
         self.marker = str(marker)
@@ -1457,22 +1586,27 @@ def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, s
     model = VirTex(tiny_cfg())
     marker = tmp_path / 'code_ran'
     path = tmp_path / 'pickled.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'hook': RunsCode(marker)}, path)
-    reason = 'holds Python objects (posix.system), not only tensors; refused because loading it could run code'
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'hook': RunsCode(marker)}, path)
+    reason = ('holds Python objects (posix.system), not only tensors; refused because loading it '
+              'could run code')
     with pytest.raises(ValueError, match=re.escape(f'checkpoint {path}: {reason}')):
         load_model(path)
     with pytest.raises(ValueError, match=re.escape(reason)):
         load_backbone(init=f'torchvision:{path}', visual='resnet18')
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    for args in (['caption.py', f'--ckpt={path}', str(path)], ['evaluate.py', f'--voc_root={voc}', f'--ckpt={path}']):
+    for args in (['caption.py', f'--ckpt={path}', str(path)],
+                 ['evaluate.py', f'--voc_root={voc}', f'--ckpt={path}']):
         proc = run(*args, check=False)
-        assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.returncode != 0 and reason in proc.stderr and \
+            len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert 'weights_only' not in proc.stderr, 'never advise the unsafe way'
     out = tmp_path / 'run'
     out.mkdir()
     (out / 'ckpt.pt').write_bytes(path.read_bytes())
     proc = run(*train_args(shapes, out, '--max_iters=2', '--init_from=resume'), check=False)
-    assert proc.returncode != 0 and reason in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.returncode != 0 and reason in proc.stderr and \
+        len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not marker.exists(), 'nothing in the file ran'
 
 
@@ -1487,28 +1621,31 @@ class OfficialEmbedding(nn.Module):
 
 
 class OfficialTextualHead(nn.Module):
-    """The official textual head's math on PyTorch's own nn.TransformerDecoder (as upstream uses it),
-    with upstream's module names, so its state_dict has the official key layout."""
+    """The official textual head's math on PyTorch's own nn.TransformerDecoder (as upstream uses
+    it), with upstream's module names, so its state_dict has the official key layout."""
 
     def __init__(self, C, V, H, L, max_len, norm_first=False):
         super().__init__()
         self.visual_projection = nn.Linear(C, H)
         self.embedding = OfficialEmbedding(V, H, max_len)
-        layer = nn.TransformerDecoderLayer(H, H // 64, 4 * H, dropout=0.1, activation='gelu', batch_first=True,
-                                           norm_first=norm_first)
+        layer = nn.TransformerDecoderLayer(H, H // 64, 4 * H, dropout=0.1, activation='gelu',
+                                           batch_first=True, norm_first=norm_first)
         # upstream adds a final LayerNorm for pre-norm layers
-        self.transformer = nn.TransformerDecoder(layer, L, norm=nn.LayerNorm(H) if norm_first else None)
+        self.transformer = nn.TransformerDecoder(layer, L,
+                                                 norm=nn.LayerNorm(H) if norm_first else None)
         self.output = nn.Linear(H, V)
         self.output.weight = self.embedding.words.weight
 
     def forward(self, grid, tokens, lengths):
         memory = self.visual_projection(grid.view(*grid.shape[:2], -1).permute(0, 2, 1))
         T = tokens.shape[1]
-        x = self.embedding.layer_norm(self.embedding.words(tokens) + self.embedding.positions(torch.arange(T)))
+        x = self.embedding.layer_norm(self.embedding.words(tokens)
+                                      + self.embedding.positions(torch.arange(T)))
         x = x * (tokens != 0).unsqueeze(-1)
         future = torch.triu(torch.full((T, T), float('-inf')), diagonal=1)
         padding = lengths.unsqueeze(1) < torch.ones_like(tokens).cumsum(1)
-        return self.output(self.transformer(x, memory, tgt_mask=future, tgt_key_padding_mask=padding))
+        return self.output(self.transformer(x, memory, tgt_mask=future,
+                                            tgt_key_padding_mask=padding))
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
@@ -1526,9 +1663,11 @@ def test_from_official_computes_the_official_function(tmp_path, norm_first):
     official.visual.cnn.fc = nn.Identity()
     official.textual = OfficialTextualHead(512, V, H, L, max_len, norm_first)
     official.backward_textual = copy.deepcopy(official.textual)
-    for shared in ('visual_projection', 'embedding', 'output'):  # as upstream's bicaptioning model does
+    # as upstream's bicaptioning model does
+    for shared in ('visual_projection', 'embedding', 'output'):
         setattr(official.backward_textual, shared, getattr(official.textual, shared))
-    with torch.no_grad():  # random values everywhere, biases and norms included, so nothing passes by luck
+    # random values everywhere, biases and norms included, so nothing passes by luck
+    with torch.no_grad():
         for p in official.parameters():
             p.normal_(0, 0.05)
         for m in official.modules():
@@ -1539,10 +1678,12 @@ def test_from_official_computes_the_official_function(tmp_path, norm_first):
     torch.save({'model': official.state_dict(), 'iteration': 500000}, path)
     model = load_official(path)
     assert (model.config.visual, model.config.n_layer, model.config.n_embd, model.config.n_head,
-            model.config.vocab_size, model.config.max_len, model.config.bidirectional, model.config.norm_first) == \
+            model.config.vocab_size, model.config.max_len, model.config.bidirectional,
+            model.config.norm_first) == \
         ('resnet18', L, H, 2, V, max_len, True, norm_first)
     if norm_first:  # each direction keeps its own final norm; the random values make them differ
-        assert not torch.equal(official.textual.transformer.norm.weight, official.backward_textual.transformer.norm.weight)
+        assert not torch.equal(official.textual.transformer.norm.weight,
+                               official.backward_textual.transformer.norm.weight)
     images, tokens = tiny_batch(S=64, T=9, vocab=V)
     lengths = (tokens != 0).sum(1)
     with torch.no_grad():
@@ -1558,12 +1699,14 @@ def test_from_official_computes_the_official_function(tmp_path, norm_first):
         assert torch.allclose(model.logits(memory, tokens)[real], want_fwd[real], atol=1e-4)
         tokens_bwd = reverse_captions(tokens, lengths)
         want_bwd = official.backward_textual(grid, tokens_bwd, lengths)
-        assert torch.allclose(model.logits(memory, tokens_bwd, 'bwd')[real], want_bwd[real], atol=1e-4)
+        assert torch.allclose(model.logits(memory, tokens_bwd, 'bwd')[real],
+                              want_bwd[real], atol=1e-4)
     # the official torch.hub backbone file: plain torchvision keys, no fc
     backbone_path = tmp_path / 'backbone.pth'
     torch.save({k: v for k, v in official.visual.cnn.state_dict().items()}, backbone_path)
     backbone = load_official(backbone_path)
-    assert all(torch.equal(backbone.backbone_state_dict()[k], v) for k, v in official.visual.cnn.state_dict().items())
+    assert all(torch.equal(backbone.backbone_state_dict()[k], v)
+               for k, v in official.visual.cnn.state_dict().items())
     with pytest.raises(ValueError, match='neither an official VirTex checkpoint'):
         torch.save({'foo': torch.zeros(1)}, tmp_path / 'foo.pth')
         load_official(tmp_path / 'foo.pth')
@@ -1577,9 +1720,11 @@ def test_virtex_init_from_an_official_backbone_file(tmp_path):
     for p in reference.parameters():
         p.data.normal_(0, 0.1)
     path = tmp_path / 'backbone.pth'
-    torch.save(reference.state_dict(), path)  # plain torchvision keys, fc included, as the official torch.hub file
+    # plain torchvision keys, fc included, as the official torch.hub file
+    torch.save(reference.state_dict(), path)
     backbone, arch, size = load_backbone(init=f'virtex:{path}', visual='resnet50')
-    assert arch == 'resnet18' and size == 224  # architecture inferred from the weights; the paper's image size
+    # architecture inferred from the weights; the paper's image size
+    assert arch == 'resnet18' and size == 224
     reference.fc = torch.nn.Identity()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -1587,8 +1732,8 @@ def test_virtex_init_from_an_official_backbone_file(tmp_path):
 
 
 def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
-    """The official classification files hold a linear layer under textual.output; masked LM's the keys of a
-    captioning head. For evaluation both give their backbone."""
+    """The official classification files hold a linear layer under textual.output; masked LM's the
+    keys of a captioning head. For evaluation both give their backbone."""
     import torchvision
     from checkpoints import load_backbone
     torch.manual_seed(2)
@@ -1598,7 +1743,9 @@ def test_virtex_init_from_official_files_of_the_other_pretexts(tmp_path):
         p.data.normal_(0, 0.1)
     state = {f'visual.cnn.{k}': v for k, v in cnn.state_dict().items()}
     path = tmp_path / 'token_classification_R_18.pth'
-    torch.save({'model': {**state, 'textual.output.weight': torch.randn(40, 512), 'textual.output.bias': torch.zeros(40)},
+    torch.save(
+        {'model': {**state, 'textual.output.weight': torch.randn(40, 512),
+                   'textual.output.bias': torch.zeros(40)},
                 'optimizer': {}}, path)
     backbone, arch, _ = load_backbone(init=f'virtex:{path}', visual='resnet50')
     assert arch == 'resnet18'
@@ -1611,8 +1758,10 @@ def test_torchvision_init_equals_random_init_with_same_seed(tmp_path):
     torch.manual_seed(7)
     state = torchvision.models.resnet18(zero_init_residual=True).state_dict()
     path = tmp_path / 'r18.pth'
-    torch.save({'state_dict': {'module.' + k: v for k, v in state.items()}}, path)  # DataParallel-style, with fc
-    random_backbone, arch, size = load_backbone(init='random', visual='resnet18', image_size=32, seed=7)
+    # DataParallel-style, with fc
+    torch.save({'state_dict': {'module.' + k: v for k, v in state.items()}}, path)
+    random_backbone, arch, size = load_backbone(init='random', visual='resnet18',
+                                                image_size=32, seed=7)
     loaded_backbone, _, _ = load_backbone(init=f'torchvision:{path}', visual='resnet18')
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -1628,11 +1777,14 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path):
     from checkpoints import load_backbone
     from model import VirTex, VirTexConfig
     torch.manual_seed(0)
-    model = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, n_head=1, max_len=12))
-    for p in model.visual.parameters():  # zero_init_residual leaves some weights 0: make every weight count
+    model = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, n_head=1,
+                                max_len=12))
+    # zero_init_residual leaves some weights 0: make every weight count
+    for p in model.visual.parameters():
         p.data.normal_(0, 0.1)
     path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 48}}, path)
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'config': {'image_size': 48}}, path)
     backbone, arch, size = load_backbone(ckpt=str(path), visual='resnet50')
     assert size == 48 and arch == 'resnet18'  # what the checkpoint was trained with, not --visual
     reference = torchvision.models.resnet18()
@@ -1644,12 +1796,14 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path):
     assert load_backbone(ckpt=str(path), image_size=40)[2] == 40  # an explicit --image_size wins
     # and the command line, end to end
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=12, n_test=9)
-    proc = run('evaluate.py', f'--voc_root={voc}', f'--ckpt={path}', '--num_workers=0', '--device=cpu')
+    proc = run('evaluate.py', f'--voc_root={voc}', f'--ckpt={path}', '--num_workers=0',
+               '--device=cpu')
     assert 'resnet18' in proc.stdout and '48px' in proc.stdout
     assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize('pretext', ['masked_lm', 'token_classification', 'multilabel_classification'])
+@pytest.mark.parametrize('pretext',
+                         ['masked_lm', 'token_classification', 'multilabel_classification'])
 def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption(tmp_path, pretext):
     from dataclasses import asdict
     from checkpoints import load_backbone
@@ -1657,10 +1811,12 @@ def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption
     torch.manual_seed(0)
     model = VirTex(tiny_cfg(pretext=pretext, vocab_size=11 if 'multilabel' in pretext else 40))
     path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {'image_size': 32}}, path)
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
+                'config': {'image_size': 32}}, path)
     backbone, arch, size = load_backbone(ckpt=str(path))
     assert (arch, size) == ('resnet18', 32)
-    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in model.visual.state_dict().items())
+    assert all(torch.equal(backbone.state_dict()[k], v)
+               for k, v in model.visual.state_dict().items())
     proc = run('caption.py', f'--ckpt={path}', str(path), check=False)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert f'a {pretext} checkpoint has no caption decoder' in proc.stderr
@@ -1673,20 +1829,26 @@ def test_moco_init_takes_the_query_encoder_and_refuses_other_layouts(tmp_path):
     encoder = torchvision.models.resnet18()
     for p in encoder.parameters():
         p.data.normal_(0, 0.1)
-    # the official MoCo v2 layout: DataParallel prefix, query and key encoders, an MLP projection head as fc
-    state = {f'module.encoder_q.{k}': v for k, v in encoder.state_dict().items() if not k.startswith('fc.')}
-    state.update({'module.encoder_q.fc.0.weight': torch.zeros(512, 512), 'module.encoder_q.fc.2.weight': torch.zeros(128, 512),
-                  'module.encoder_k.conv1.weight': torch.zeros(64, 3, 7, 7), 'module.queue': torch.zeros(128, 16)})
+    # the official MoCo v2 layout: DataParallel prefix, query and key encoders, an MLP projection
+    # head as fc
+    state = {f'module.encoder_q.{k}': v for k, v in encoder.state_dict().items()
+             if not k.startswith('fc.')}
+    state.update({'module.encoder_q.fc.0.weight': torch.zeros(512, 512),
+                  'module.encoder_q.fc.2.weight': torch.zeros(128, 512),
+                  'module.encoder_k.conv1.weight': torch.zeros(64, 3, 7, 7),
+                  'module.queue': torch.zeros(128, 16)})
     path = tmp_path / 'moco_v2_800ep_pretrain.pth.tar'
     torch.save({'epoch': 800, 'arch': 'resnet18', 'state_dict': state, 'optimizer': {}}, path)
     backbone, arch, _ = load_backbone(init=f'moco:{path}', visual='resnet50')
     assert arch == 'resnet18'
-    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in encoder.state_dict().items() if not k.startswith('fc.'))
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in encoder.state_dict().items()
+               if not k.startswith('fc.'))
     torch.save({'state_dict': encoder.state_dict()}, tmp_path / 'plain.pth')
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
     proc = run('evaluate.py', f'--voc_root={voc}', f'--init=moco:{tmp_path}/plain.pth', check=False)
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "plain.pth: not a MoCo checkpoint (expected 'state_dict' with module.encoder_q.* keys)" in proc.stderr
+    assert ("plain.pth: not a MoCo checkpoint (expected 'state_dict' with module.encoder_q.* keys)"
+            in proc.stderr)
 
 
 def test_vissl_init_reads_the_trunk_of_either_vissl_layout(tmp_path):
@@ -1732,7 +1894,8 @@ def test_bad_voc_folders(tmp_path):
     cat = os.path.join(main, 'cat_trainval.txt')
     good = open(cat).read()
     with open(cat, 'w') as f:
-        f.write(good.replace(' 1\n', ' 2\n', 1) if ' 1\n' in good else good.replace('-1\n', ' 2\n', 1))
+        f.write(good.replace(' 1\n', ' 2\n', 1) if ' 1\n' in good
+                else good.replace('-1\n', ' 2\n', 1))
     with pytest.raises(ValueError, match=re.escape(cat) + r':\d+: expected'):
         read_voc(voc, 'trainval')
     with open(cat, 'w') as f:
@@ -1756,7 +1919,8 @@ def test_undecodable_image(tmp_path):
         extract_features(backbone, paths, 16, 'trainval', num_workers=0)
     os.remove(paths[3])
     with pytest.raises(ValueError, match=re.escape(paths[2]) + ': cannot read image'):
-        extract_features(backbone, paths, 16, 'trainval', num_workers=1)  # the same one-line error from a worker
+        # the same one-line error from a worker
+        extract_features(backbone, paths, 16, 'trainval', num_workers=1)
 
 
 # ---- average precision and folds -------------------------------------------------------------
@@ -1770,10 +1934,13 @@ def test_average_precision_hand_example_ties_and_difficult():
     # thresholds 0.9: 0 tp of 1 | 0.8 (tie, one threshold): 1 tp of 3 | 0.3: 2 of 4 | 0.1: 3 of 5
     # AP = sum (R_n - R_{n-1}) P_n = 1/3 * (1/3 + 2/4 + 3/5) = 43/90
     assert average_precision(scores[judged], labels[judged]) == pytest.approx(43 / 90, abs=1e-12)
-    # breaking the tie by order would give 1/3 * (1/2 + 2/4 + 3/5) = 0.5333; counting the difficult one as a
-    # negative would give 37/90
-    assert average_precision(scores, torch.where(labels == 0, -1, labels)) == pytest.approx(37 / 90, abs=1e-12)
-    assert average_precision(torch.tensor([0.3, 0.2]), torch.tensor([-1, -1])) == 0.0  # no positives, as sklearn
+    # breaking the tie by order would give 1/3 * (1/2 + 2/4 + 3/5) = 0.5333; counting the difficult
+    # one as a negative would give 37/90
+    assert average_precision(scores,
+                             torch.where(labels == 0, -1, labels)) == \
+        pytest.approx(37 / 90, abs=1e-12)
+    # no positives, as sklearn
+    assert average_precision(torch.tensor([0.3, 0.2]), torch.tensor([-1, -1])) == 0.0
     assert average_precision(torch.tensor([5.0, 1.0, 0.0]), torch.tensor([1, 1, -1])) == 1.0
 
 
@@ -1785,15 +1952,18 @@ def test_average_precision_matches_sklearn():
         n = int(rng.integers(2, 60))
         labels = rng.choice([-1, 1], n)
         labels[0] = 1
-        scores = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(size=n)  # many ties / none
+        # many ties / none
+        scores = rng.integers(0, 6, n).astype(float) if trial % 2 else rng.normal(size=n)
         expected = metrics.average_precision_score(labels > 0, scores)
-        assert average_precision(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected, abs=1e-12)
+        assert average_precision(torch.tensor(scores),
+                                 torch.tensor(labels)) == pytest.approx(expected, abs=1e-12)
 
 
 def test_stratified_folds_hand_example():
     from evaluate import stratified_folds
-    # positives (seen first) 0,1,5,7 and negatives 2,3,4,6,8,9. Dealing the label-sorted list round-robin gives
-    # the 4 positives to folds 0,1,2,0 -> block sizes 2,1,1; the 6 negatives to folds 1,2,0,1,2,0 -> 2,2,2
+    # positives (seen first) 0,1,5,7 and negatives 2,3,4,6,8,9. Dealing the label-sorted list
+    # round-robin gives the 4 positives to folds 0,1,2,0 -> block sizes 2,1,1; the 6 negatives to
+    # folds 1,2,0,1,2,0 -> 2,2,2
     labels = np.array([1, 1, -1, -1, -1, 1, -1, 1, -1, -1])
     assert stratified_folds(labels).tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
 
@@ -1808,7 +1978,8 @@ def test_stratified_folds_match_sklearn():
         if min((labels == 1).sum(), (labels == -1).sum()) < 3:
             continue
         expected = np.empty(n, dtype=np.int64)
-        for fold, (_, test) in enumerate(model_selection.StratifiedKFold(3).split(np.zeros(n), labels)):
+        for fold, (_, test) in enumerate(
+                model_selection.StratifiedKFold(3).split(np.zeros(n), labels)):
             expected[test] = fold
         assert stratified_folds(labels).tolist() == expected.tolist(), labels
 
@@ -1830,13 +2001,16 @@ def svm_gradient(w, b, x, y, cost):
 
 
 def small_problem(n=80, D=12, P=5, seed=0, dtype=torch.float64):
-    """Correlated nonnegative features (a big shared direction, like pooled ReLU features) and mixed costs."""
+    """Correlated nonnegative features (a big shared direction, like pooled ReLU features) and mixed
+    costs."""
     g = torch.Generator().manual_seed(seed)
     x = torch.relu(3 + torch.randn(n, 1, generator=g) * 0.3 + torch.randn(n, D, generator=g))
     x = (x / x.norm(dim=1, keepdim=True)).to(dtype)
-    y = torch.where(x[:, :1] - x[:, 1:2] + 0.05 * torch.randn(n, P, generator=g, dtype=dtype) > 0, 1.0, -1.0)
+    y = torch.where(x[:, :1] - x[:, 1:2] + 0.05 * torch.randn(n, P, generator=g, dtype=dtype) > 0,
+                    1.0, -1.0)
     y = y.to(dtype)
-    cost = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0][:P], dtype=dtype) * torch.where(y > 0, 2.0, 1.0)
+    cost = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0][:P],
+                        dtype=dtype) * torch.where(y > 0, 2.0, 1.0)
     cost[torch.rand(n, P, generator=g) < 0.3] = 0  # left-out samples, as the CV folds
     return x, y, cost
 
@@ -1874,15 +2048,21 @@ def test_fit_svms_float32_and_leaving_out_equals_dropping():
     w64, b64 = fit_svms(x, y, cost, tol=1e-10)
     w32, b32 = fit_svms(x.float(), y.float(), cost.float())  # defaults: float32, tol 1e-4
     scores64, scores32 = x @ w64 + b64, (x.float() @ w32 + b32).double()
-    assert torch.allclose(scores32, scores64, atol=2e-3 * scores64.abs().max()), (scores32 - scores64).abs().max()
-    # bfloat16 CG products bend the Newton directions only: the float32 gradient test still stops it at the optimum
+    assert torch.allclose(scores32, scores64, atol=2e-3 * scores64.abs().max()), \
+        (scores32 - scores64).abs().max()
+    # bfloat16 CG products bend the Newton directions only: the float32 gradient test still stops it
+    # at the optimum
     w16, b16 = fit_svms(x.float(), y.float(), cost.float(), cg_dtype=torch.bfloat16)
-    grad0 = svm_gradient(torch.zeros_like(w16), torch.zeros_like(b16), x.float(), y.float(), cost.float()).norm(dim=0)
-    assert (svm_gradient(w16, b16, x.float(), y.float(), cost.float()).norm(dim=0) <= 1e-4 * grad0).all()
+    grad0 = svm_gradient(torch.zeros_like(w16), torch.zeros_like(b16), x.float(), y.float(),
+                         cost.float()).norm(dim=0)
+    assert (svm_gradient(w16, b16, x.float(), y.float(), cost.float()).norm(dim=0) <= 1e-4
+            * grad0).all()
     scores16 = (x.float() @ w16 + b16).double()
-    assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), (scores16 - scores64).abs().max()
+    assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), \
+        (scores16 - scores64).abs().max()
     from evaluate import svm_products_dtype
-    assert svm_products_dtype('cpu', 'float32') == torch.float32 and svm_products_dtype('cpu') in (torch.float32, torch.bfloat16)
+    assert svm_products_dtype('cpu', 'float32') == torch.float32 and \
+        svm_products_dtype('cpu') in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match='--svm_dtype=fp8: expected auto, float32 or bfloat16'):
         svm_products_dtype('cpu', 'fp8')
     # a sample with cost 0 is out of the problem: the same as solving without its row
@@ -1898,16 +2078,19 @@ def test_fit_svms_matches_linear_svc():
     for p, C in enumerate([0.1, 1.0, 10.0]):
         cost = C * torch.where(y[:, p:p + 1] > 0, 2.0, 1.0).double()
         w, b = fit_svms(x, y[:, p:p + 1], cost, tol=1e-10)
-        clf = svm.LinearSVC(C=C, class_weight={1: 2, -1: 1}, loss='squared_hinge', dual=True, tol=1e-10,
-                            max_iter=200000).fit(x.numpy(), y[:, p].numpy())
+        clf = svm.LinearSVC(C=C, class_weight={1: 2, -1: 1}, loss='squared_hinge', dual=True,
+                            tol=1e-10, max_iter=200000).fit(x.numpy(), y[:, p].numpy())
         ours, theirs = (x @ w + b)[:, 0].numpy(), clf.decision_function(x.numpy())
-        # the intercept is penalized like a weight (liblinear), otherwise b would differ a lot on these features
-        assert np.allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max()), (C, np.abs(ours - theirs).max())
+        # the intercept is penalized like a weight (liblinear), otherwise b would differ a lot on
+        # these features
+        assert np.allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max()), \
+            (C, np.abs(ours - theirs).max())
         assert abs(b[0].item() - clf.intercept_[0]) < 1e-4 * max(1.0, abs(clf.intercept_[0]))
 
 
 def test_protocol_matches_upstream_with_linear_svc():
-    """Per-class test AP of train_and_test_svms vs upstream's LinearSVC + cross_val_score, on a small problem."""
+    """Per-class test AP of train_and_test_svms vs upstream's LinearSVC + cross_val_score, on a
+    small problem."""
     import warnings
     from sklearn.metrics import average_precision_score
     from sklearn.model_selection import cross_val_score
@@ -1917,7 +2100,8 @@ def test_protocol_matches_upstream_with_linear_svc():
     n, m, D, C = 240, 200, 24, 3
     centers = torch.rand(C, D, generator=g)
     labels = torch.rand(n + m, C, generator=g) < torch.tensor([0.1, 0.25, 0.4])
-    x = torch.relu(1.5 + labels.double() @ centers.double() * 2 + torch.randn(n + m, D, generator=g).double())
+    x = torch.relu(1.5 + labels.double() @ centers.double() * 2
+                   + torch.randn(n + m, D, generator=g).double())
     x = x / x.norm(dim=1, keepdim=True)
     voc = torch.where(labels, 1, -1)
     voc[(torch.rand(n + m, C, generator=g) < 0.1) & labels] = 0
@@ -1927,25 +2111,30 @@ def test_protocol_matches_upstream_with_linear_svc():
         y = np.where(voc[:n, c].numpy() == 1, 1, -1)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            cv = [cross_val_score(LinearSVC(C=k, class_weight={1: 2, -1: 1}, max_iter=2000, dual=True), x[:n].numpy(),
+            cv = [
+                cross_val_score(LinearSVC(C=k, class_weight={1: 2, -1: 1}, max_iter=2000,
+                                          dual=True), x[:n].numpy(),
                                   y, cv=3, scoring='average_precision').mean() for k in SVM_COSTS]
-            clf = LinearSVC(C=SVM_COSTS[int(np.argmax(cv))], class_weight={1: 2, -1: 1}, max_iter=2000,
-                            dual=True).fit(x[:n].numpy(), y)
+            clf = LinearSVC(C=SVM_COSTS[int(np.argmax(cv))], class_weight={1: 2, -1: 1},
+                            max_iter=2000, dual=True).fit(x[:n].numpy(), y)
         assert np.allclose(cv_ap[c].numpy(), cv, atol=2e-3), (c, cv_ap[c], cv)
         assert int(best[c]) == int(np.argmax(cv)), c
         judged = voc[n:, c].numpy() != 0
-        expected = average_precision_score(voc[n:, c].numpy()[judged] > 0, clf.decision_function(x[n:].numpy()[judged]))
+        expected = average_precision_score(voc[n:, c].numpy()[judged] > 0,
+                                           clf.decision_function(x[n:].numpy()[judged]))
         assert abs(test_ap[c].item() - expected) < 2e-3, (c, test_ap[c].item(), expected)
 
 
 def test_cost_selection_takes_best_fold_mean_and_first_of_ties():
-    from evaluate import N_FOLDS, SVM_COSTS, average_precision, fit_svms, stratified_folds, train_and_test_svms
+    from evaluate import (N_FOLDS, SVM_COSTS, average_precision, fit_svms, stratified_folds,
+                          train_and_test_svms)
     g = torch.Generator().manual_seed(4)
     n, D = 90, 16
     x = torch.relu(1 + torch.randn(n, D, generator=g))
     x = x / x.norm(dim=1, keepdim=True)
-    voc = torch.stack([torch.where(x[:, 0] + 0.2 * torch.randn(n, generator=g) > x[:, 0].median(), 1, -1),
-                       torch.where(x[:, 3] > 0.3, 1, -1)], 1)
+    voc = torch.stack(
+        [torch.where(x[:, 0] + 0.2 * torch.randn(n, generator=g) > x[:, 0].median(), 1, -1),
+         torch.where(x[:, 3] > 0.3, 1, -1)], 1)
     test_ap, best, cv_ap = train_and_test_svms(x, voc, x, voc)
     # recompute the fold-mean AP of class 0 by fitting each fold's training rows alone
     y = torch.where(voc[:, 0] == 1, 1.0, -1.0)
@@ -1956,12 +2145,13 @@ def test_cost_selection_takes_best_fold_mean_and_first_of_ties():
         cost = torch.tensor(SVM_COSTS) * torch.where(y[rows] > 0, 2.0, 1.0)[:, None]
         w, b = fit_svms(x[rows], y[rows, None].expand(-1, len(SVM_COSTS)), cost)
         scores = x[~rows] @ w + b
-        expected += torch.tensor([average_precision(scores[:, k], y[~rows]) for k in range(len(SVM_COSTS))],
+        expected += torch.tensor([average_precision(scores[:, k], y[~rows])
+                                  for k in range(len(SVM_COSTS))],
                                  dtype=torch.float64) / N_FOLDS
     assert torch.allclose(cv_ap[0], expected, atol=1e-4), (cv_ap[0], expected)
     assert int(best[0]) == int(expected.argmax()) and cv_ap[0, best[0]] == cv_ap[0].max()
-    # ties keep the smallest C, as upstream: positives and negatives sit at two points, every cost ranks them
-    # perfectly and gets CV AP 1
+    # ties keep the smallest C, as upstream: positives and negatives sit at two points, every cost
+    # ranks them perfectly and gets CV AP 1
     voc = torch.where(torch.arange(30) % 3 == 0, 1, -1)[:, None]
     x = torch.stack([voc[:, 0] == 1, voc[:, 0] != 1], 1).float()
     _, best, cv_ap = train_and_test_svms(x, voc, x, voc)
@@ -1986,12 +2176,14 @@ def test_difficult_test_images_do_not_count():
 def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
     voc = make_voc(tmp_path / 'VOC2007')
     feats, out = tmp_path / 'feats.npz', tmp_path / 'result.json'
-    common = ['--visual=resnet18', '--image_size=32', '--num_workers=0', '--device=cpu', '--batch_size=8']
-    first = run('evaluate.py', f'--voc_root={voc}', '--init=random', *common, f'--save_features={feats}',
-                f'--out_json={out}')
+    common = ['--visual=resnet18', '--image_size=32', '--num_workers=0', '--device=cpu',
+              '--batch_size=8']
+    first = run('evaluate.py', f'--voc_root={voc}', '--init=random', *common,
+                f'--save_features={feats}', f'--out_json={out}')
     lines = first.stdout.strip().splitlines()
     assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
-    assert 'trainval 24/24' in first.stdout and 'test 18/18' in first.stdout and 'images/s' in first.stdout
+    assert 'trainval 24/24' in first.stdout and 'test 18/18' in first.stdout and \
+        'images/s' in first.stdout
     assert json.loads(out.read_text())['mAP'] == float(lines[-1].split()[1])
     with np.load(feats) as f:
         assert f['train_x'].shape == (24, 512) and f['test_y'].shape == (18, 3)
@@ -1999,22 +2191,26 @@ def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
         assert list(f['class_names']) == ['bird', 'cat', 'dog']
     again = run('evaluate.py', f'--features={feats}')
     assert again.stdout.strip().splitlines()[-1] == lines[-1]
-    assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]  # atomic writes leave no temporary files
+    # atomic writes leave no temporary files
+    assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
 
 
 def test_evaluate_judges_an_attribute_folder(world):
-    proc = run('evaluate.py', f'--voc_root={world / "attributes" / "position"}', '--init=random', '--visual=resnet18',
-               '--image_size=64', '--zero_init_residual=False', '--num_workers=0', '--device=cpu')
+    proc = run('evaluate.py', f'--voc_root={world / "attributes" / "position"}', '--init=random',
+               '--visual=resnet18', '--image_size=64', '--zero_init_residual=False',
+               '--num_workers=0', '--device=cpu')
     lines = proc.stdout.strip().splitlines()
     assert '30 trainval and 30 test images, 5 classes' in proc.stdout, proc.stdout
-    assert {line.split()[0] for line in lines} >= {'left', 'right', 'top', 'bottom', 'middle'}, proc.stdout
+    assert {line.split()[0] for line in lines} >= {'left', 'right', 'top', 'bottom',
+                                                   'middle'}, proc.stdout
     assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
 
 
 def test_feature_files_with_no_classes_or_no_samples_are_refused(tmp_path):
     import evaluate
     x, y = np.random.rand(6, 4).astype(np.float32), np.ones((6, 2), dtype=np.int64)
-    cases = {'no_classes': (x, y[:, :0], x[:5], y[:5, :0], '6 train and 5 test samples, 4-d, 0 classes'),
+    cases = {'no_classes': (x, y[:, :0], x[:5], y[:5, :0],
+                            '6 train and 5 test samples, 4-d, 0 classes'),
              'no_train': (x[:0], y[:0], x[:5], y[:5], '0 train and 5 test samples, 4-d, 2 classes'),
              'no_test': (x, y, x[:0], y[:0], '6 train and 0 test samples, 4-d, 2 classes')}
     for name, (train_x, train_y, test_x, test_y, counts) in cases.items():
@@ -2023,7 +2219,8 @@ def test_feature_files_with_no_classes_or_no_samples_are_refused(tmp_path):
         with pytest.raises(ValueError) as error:
             evaluate.load_features(str(path))
         assert str(error.value) == f'{path}: empty: {counts} (need at least one of each)'
-    proc = run('evaluate.py', f'--features={tmp_path / "no_classes.npz"}', check=False)  # was: need at least one array
+    # was: need at least one array
+    proc = run('evaluate.py', f'--features={tmp_path / "no_classes.npz"}', check=False)
     assert proc.returncode != 0 and proc.stderr.strip() == (
         f'error: {tmp_path / "no_classes.npz"}: empty: 6 train and 5 test samples, 4-d, 0 classes '
         '(need at least one of each)'), proc.stderr
@@ -2032,8 +2229,10 @@ def test_feature_files_with_no_classes_or_no_samples_are_refused(tmp_path):
 def test_bad_feature_files_and_weight_sources(tmp_path):
     import evaluate
     from checkpoints import load_backbone
-    good = dict(train_x=np.random.rand(6, 4).astype(np.float32), train_y=np.ones((6, 2), dtype=np.int64),
-                test_x=np.random.rand(5, 4).astype(np.float32), test_y=-np.ones((5, 2), dtype=np.int64))
+    good = dict(train_x=np.random.rand(6, 4).astype(np.float32),
+                train_y=np.ones((6, 2), dtype=np.int64),
+                test_x=np.random.rand(5, 4).astype(np.float32),
+                test_y=-np.ones((5, 2), dtype=np.int64))
     bad_files = {
         'missing': ({k: v for k, v in good.items() if k != 'test_y'}, 'missing arrays'),
         'shapes': ({**good, 'test_x': good['test_x'][:, :3]}, 'shapes disagree'),
@@ -2051,8 +2250,10 @@ def test_bad_feature_files_and_weight_sources(tmp_path):
     # a failing run leaves an earlier result in place
     out = tmp_path / 'result.json'
     out.write_text('{"mAP": 1.0}')
-    proc = run('evaluate.py', f'--features={tmp_path / "shapes.npz"}', f'--out_json={out}', check=False)
-    assert proc.returncode != 0 and 'shapes disagree' in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run('evaluate.py', f'--features={tmp_path / "shapes.npz"}', f'--out_json={out}',
+               check=False)
+    assert proc.returncode != 0 and 'shapes disagree' in proc.stderr and \
+        len(proc.stderr.strip().splitlines()) == 1
     assert out.read_text() == '{"mAP": 1.0}'
     # weight sources: exactly one
     for ckpt, init in (('', ''), ('a.pt', 'random')):
@@ -2061,8 +2262,11 @@ def test_bad_feature_files_and_weight_sources(tmp_path):
     with pytest.raises(ValueError, match='--init=imagenet'):
         load_backbone(init='imagenet')
     voc = make_voc(tmp_path / 'VOC2007', n_trainval=6, n_test=3)
-    proc = run('evaluate.py', f'--voc_root={voc}', '--init=imagenet', check=False)  # the command line: one line
-    assert proc.returncode != 0 and proc.stderr.strip() == 'error: --init=imagenet: expected random, torchvision:PATH, virtex:PATH, moco:PATH or vissl:PATH'
+    # the command line: one line
+    proc = run('evaluate.py', f'--voc_root={voc}', '--init=imagenet', check=False)
+    assert proc.returncode != 0 and proc.stderr.strip() == \
+        ('error: --init=imagenet: expected random, torchvision:PATH, virtex:PATH, moco:PATH or '
+         'vissl:PATH')
 
 
 # ---- caption.py: beam search, nucleus sampling, the command line -----------------------------
@@ -2124,7 +2328,8 @@ def test_batched_beam_search_equals_one_image_at_a_time():
     with torch.no_grad():
         memory = model.project(model.encode_images(images))
     batched = caption.beam_search(model, memory, beam_size=3, max_steps=12)
-    single = [caption.beam_search(model, memory[b:b + 1], beam_size=3, max_steps=12)[0] for b in range(4)]
+    single = [caption.beam_search(model, memory[b:b + 1], beam_size=3, max_steps=12)[0]
+              for b in range(4)]
     assert batched == single
 
 
@@ -2153,7 +2358,8 @@ def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
         table[word][2] = 1.0                                  # then [EOS]
     model = TableModel(table)
     memory = torch.zeros(1, 1, 1)
-    assert caption.beam_search(model, memory, beam_size=1) == [[3, 5]], 'greedy: 0.55 * 0.34 = 0.187'
+    assert caption.beam_search(model, memory, beam_size=1) == [[3, 5]], \
+        'greedy: 0.55 * 0.34 = 0.187'
     assert caption.beam_search(model, memory, beam_size=2) == [[4, 5]], 'best: 0.45 * 0.9 = 0.405'
     # B [EOS] (0.45 * 0.3 = 0.135) finishes first but loses to A X [EOS] (0.187), found a step later
     table[4][5], table[4][6], table[4][2] = 0.35, 0.35, 0.3
@@ -2168,7 +2374,8 @@ def test_nucleus_sampling_respects_top_p():
         table[word][2] = 1.0
     model = TableModel(table)
     g = torch.Generator().manual_seed(0)
-    firsts = Counter(caption.sample(model, torch.zeros(400, 1, 1), top_p=0.9, generator=g)[i][0] for i in range(400))
+    firsts = Counter(caption.sample(model, torch.zeros(400, 1, 1), top_p=0.9, generator=g)[i][0]
+                     for i in range(400))
     assert set(firsts) == {3, 4} and 0.6 < firsts[3] / 400 < 0.8, firsts
     g = torch.Generator().manual_seed(0)
     assert caption.sample(model, torch.zeros(5, 1, 1), top_p=0.5, generator=g) == [[3]] * 5
@@ -2176,15 +2383,18 @@ def test_nucleus_sampling_respects_top_p():
 
 def test_sampling_on_a_real_model_fills_every_position_without_crashing():
     import caption
-    model = spread_out_decoder(eos_bias=-1e4)  # captions never end: sampling must stop at max_len by itself
+    # captions never end: sampling must stop at max_len by itself
+    model = spread_out_decoder(eos_bias=-1e4)
     images, _ = tiny_batch(B=3)
     with torch.no_grad():
         memory = model.project(model.encode_images(images))
         want = greedy_uncached(model, memory, 11)  # [SOS] + 11 predictions use all 12 positions
     g = torch.Generator().manual_seed(0)
     sampled = caption.sample(model, memory, top_p=0.9, max_steps=30, generator=g)
-    assert [len(c) for c in sampled] == [model.config.max_len] * 3, 'one word per position, then stop'
-    greedy = caption.sample(model, memory, top_p=1e-9, max_steps=30, generator=g)  # only the top word is kept
+    assert [len(c) for c in sampled] == [model.config.max_len] * 3, \
+        'one word per position, then stop'
+    # only the top word is kept
+    greedy = caption.sample(model, memory, top_p=1e-9, max_steps=30, generator=g)
     cold = caption.sample(model, memory, top_p=1.0, temperature=1e-4, max_steps=30, generator=g)
     assert [c[:11] for c in greedy] == [c[:11] for c in cold] == want
     short = caption.sample(model, memory, top_p=0.9, max_steps=4, generator=g)
@@ -2194,8 +2404,8 @@ def test_sampling_on_a_real_model_fills_every_position_without_crashing():
 def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     val = shapes / 'coco' / 'val2017'
     files = sorted(os.listdir(val))[:3]
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', f'--attention_dir={tmp_path}/att',
-               *[str(val / f) for f in files])
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2',
+               f'--attention_dir={tmp_path}/att', *[str(val / f) for f in files])
     lines = proc.stdout.strip().splitlines()
     assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
     import caption
@@ -2206,20 +2416,25 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     model.eval()
     with torch.no_grad():
         image = load_eval_image(str(val / files[0]), saved['config']['image_size'])
-        ids = caption.beam_search(model, model.project(model.encode_images(caption.to_tensor([image]))), beam_size=2)[0]
+        ids = caption.beam_search(model,
+                                  model.project(model.encode_images(caption.to_tensor([image]))),
+                                  beam_size=2)[0]
     assert lines[0].split('\t')[1] == Tokenizer(saved['config']['tokenizer']).decode(ids)
     figure = Image.open(tmp_path / 'att' / files[0].replace('.jpg', '.png'))
     panels = 1 + min(len(ids) + 1, model.config.max_len)  # the image, each word and [EOS]
     assert figure.size == (min(panels, 6) * 160, math.ceil(panels / 6) * 180)
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--coco_root={shapes}/coco', '--limit=5', f'--out={tmp_path}/r.json')
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--coco_root={shapes}/coco', '--limit=5',
+               f'--out={tmp_path}/r.json')
     last = proc.stdout.strip().splitlines()[-1]
     assert re.fullmatch(r'CIDEr: \d+\.\d', last), last
     entries = json.loads((tmp_path / 'r.json').read_text())
     assert len(entries) == 5 and all(isinstance(e['image_id'], int) for e in entries)
     rescored = run('caption.py', f'--results={tmp_path}/r.json', f'--coco_root={shapes}/coco')
     assert rescored.stdout.strip() == last, 'scoring the written results gives the same CIDEr'
-    sampled = run('caption.py', f'--ckpt={tiny_ckpt}', '--top_p=0.9', '--temperature=1.5', *[str(val / f) for f in files])
-    assert [line.split('\t')[0] for line in sampled.stdout.strip().splitlines()] == [str(val / f) for f in files]
+    sampled = run('caption.py', f'--ckpt={tiny_ckpt}', '--top_p=0.9', '--temperature=1.5',
+                  *[str(val / f) for f in files])
+    assert [line.split('\t')[0]
+            for line in sampled.stdout.strip().splitlines()] == [str(val / f) for f in files]
 
 
 def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):
@@ -2231,7 +2446,8 @@ def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):
     rgb.convert('RGBA').save(tmp_path / 'rgba.png')
     rgb.convert('P').save(tmp_path / 'palette.png')
     rgb.convert('CMYK').save(tmp_path / 'cmyk.jpg')
-    Image.fromarray((np.asarray(rgb.convert('L'), dtype=np.uint16) * 257)).save(tmp_path / 'deep16.png')
+    Image.fromarray((np.asarray(rgb.convert('L'), dtype=np.uint16)
+                     * 257)).save(tmp_path / 'deep16.png')
     (tmp_path / 'notes.txt').write_text('not an image')
     (tmp_path / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
     # a PNG whose header claims 30000 x 30000 pixels: refused before decoding anything
@@ -2239,8 +2455,10 @@ def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):
     png[16:24] = struct.pack('>II', 30000, 30000)
     png[29:33] = struct.pack('>I', zlib.crc32(bytes(png[12:29])))
     (tmp_path / 'bomb.png').write_bytes(bytes(png))
-    names = ['gray.png', 'rgba.png', 'palette.png', 'cmyk.jpg', 'deep16.png', 'notes.txt', 'truncated.jpg', 'bomb.png']
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2', *[str(tmp_path / n) for n in names], check=False)
+    names = ['gray.png', 'rgba.png', 'palette.png', 'cmyk.jpg', 'deep16.png', 'notes.txt',
+             'truncated.jpg', 'bomb.png']
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--beam_size=2',
+               *[str(tmp_path / n) for n in names], check=False)
     assert proc.returncode == 1, 'the exit code says something failed'
     captioned = [line.split('\t')[0] for line in proc.stdout.strip().splitlines()]
     assert captioned == [str(tmp_path / n) for n in names[:5]], proc.stderr
@@ -2256,47 +2474,56 @@ def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
     image = str(sorted((shapes / 'coco' / 'val2017').iterdir())[0])
     proc = run('caption.py', f'--ckpt={tmp_path}/no_tok.pt', image, check=False)
     assert proc.returncode != 0 and 'names no tokenizer: pass --tokenizer' in proc.stderr
-    run('tokenizer.py', f'--captions={shapes}/coco/annotations/captions_train2017.json', '--vocab_size=80',
-        f'--out={tmp_path}/v80')
-    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--tokenizer={tmp_path}/v80.model', image, check=False)
-    assert proc.returncode != 0 and 'has 80 pieces but' in proc.stderr and 'trained with 96' in proc.stderr
+    run('tokenizer.py', f'--captions={shapes}/coco/annotations/captions_train2017.json',
+        '--vocab_size=80', f'--out={tmp_path}/v80')
+    proc = run('caption.py', f'--ckpt={tiny_ckpt}', f'--tokenizer={tmp_path}/v80.model', image,
+               check=False)
+    assert proc.returncode != 0 and 'has 80 pieces but' in proc.stderr and \
+        'trained with 96' in proc.stderr
     proc = run('caption.py', image, check=False)
     assert proc.returncode != 0 and 'give exactly one of --ckpt' in proc.stderr
 
 
 
 def test_cappa_captions_both_ways_and_parallel_needs_cappa(shapes, tiny_ckpt, tmp_path):
-    """A cappa checkpoint captions with the cached beam search, and with --parallel=True in one pass from [MASK]
-    inputs: argmax per position, cut at the first [EOS], as model.parallel_logits computes it."""
+    """A cappa checkpoint captions with the cached beam search, and with --parallel=True in one pass
+    from [MASK] inputs: argmax per position, cut at the first [EOS], as model.parallel_logits
+    computes it."""
     import caption
     from checkpoints import load_checkpoint
     from coco import load_eval_image
     from tokenizer import Tokenizer
-    run(*train_args(shapes, tmp_path / 'cappa', '--max_iters=6', '--warmup_iters=2', '--pretext=cappa', '--lr=3e-3'))
+    run(*train_args(shapes, tmp_path / 'cappa', '--max_iters=6', '--warmup_iters=2',
+                    '--pretext=cappa', '--lr=3e-3'))
     ckpt, val = tmp_path / 'cappa' / 'ckpt.pt', shapes / 'coco' / 'val2017'
     files = [str(val / f) for f in sorted(os.listdir(val))[:2]]
     beam = run('caption.py', f'--ckpt={ckpt}', *files).stdout.strip().splitlines()
-    parallel = run('caption.py', f'--ckpt={ckpt}', '--parallel=True', *files).stdout.strip().splitlines()
+    parallel = run('caption.py', f'--ckpt={ckpt}', '--parallel=True',
+                   *files).stdout.strip().splitlines()
     assert [line.split('\t')[0] for line in beam + parallel] == files + files
     model, saved = load_checkpoint(ckpt)
     model.eval()
     with torch.no_grad():
-        memory = model.project(model.encode_images(caption.to_tensor([load_eval_image(files[0], 32)])))
+        memory = model.project(
+            model.encode_images(caption.to_tensor([load_eval_image(files[0], 32)])))
         ids = model.parallel_logits(memory)[0].argmax(-1).tolist()
     ids = ids[:ids.index(2)] if 2 in ids else ids
-    assert parallel[0].split('\t')[1] == Tokenizer(saved['config']['tokenizer']).decode([i for i in ids if i])
+    assert parallel[0].split('\t')[1] == \
+        Tokenizer(saved['config']['tokenizer']).decode([i for i in ids if i])
     proc = run('caption.py', f'--ckpt={tiny_ckpt}', '--parallel=True', files[0], check=False)
     assert proc.returncode != 0 and proc.stderr.strip() == \
         f'error: --parallel=True needs a cappa checkpoint; {tiny_ckpt} is bicaptioning'
 
 
 def test_a_tokenizer_without_the_special_pieces_is_refused(tmp_path):
-    """[SOS], [EOS] and [MASK] (cappa's and masked_lm's input) must sit at ids 1-3: tokenizer.py puts them there."""
+    """[SOS], [EOS] and [MASK] (cappa's and masked_lm's input) must sit at ids 1-3: tokenizer.py
+    puts them there."""
     import sentencepiece as spm
     from tokenizer import Tokenizer
     words = 'a red star on the left two blue circles above a green square'.split()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter([' '.join(words[i:] + words[:i]) for i in range(12)]),
-                                   model_prefix=str(tmp_path / 'plain'), vocab_size=30, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([' '.join(words[i:] + words[:i]) for i in range(12)]),
+        model_prefix=str(tmp_path / 'plain'), vocab_size=30, minloglevel=2)
     with pytest.raises(ValueError, match=r'plain\.model: expected \[SOS\] at id 1'):
         Tokenizer(tmp_path / 'plain.model')
 
@@ -2316,7 +2543,8 @@ def test_cider_d_by_hand():
     # i2 vs each 'a bird X': unigrams 1 / sqrt(2), bigrams 1 / sqrt(2), nothing longer
     s2 = 10 * 2 * pen * (2 / math.sqrt(2)) / 4 / 2
     corpus, per_image = cider.cider_d(refs, cands)
-    assert per_image['i1'] == pytest.approx(s1, abs=1e-12) and per_image['i2'] == pytest.approx(s2, abs=1e-12)
+    assert per_image['i1'] == pytest.approx(s1, abs=1e-12) and per_image['i2'] == \
+        pytest.approx(s2, abs=1e-12)
     assert corpus == pytest.approx((s1 + s2) / 2, abs=1e-12)
     rare = {f'i{k}': [f'w{k} x{k} y{k} z{k}'] for k in range(5)}
     assert cider.cider_d(rare, {k: v[0] for k, v in rare.items()})[0] == pytest.approx(10.0)
@@ -2345,7 +2573,8 @@ def make_imagefolder(root, classes=3, per_class=(30, 15), seed=0):
         for c in range(classes):
             os.makedirs(root / split / f'c{c}', exist_ok=True)
             for i in range(n):
-                pixels = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8) + np.array(colours[c], np.uint8) // 2
+                pixels = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8) + \
+                    np.array(colours[c], np.uint8) // 2
                 Image.fromarray(pixels).save(root / split / f'c{c}' / f'{i:03d}.jpg')
     return root
 
@@ -2353,34 +2582,44 @@ def make_imagefolder(root, classes=3, per_class=(30, 15), seed=0):
 @pytest.mark.parametrize('augment', [True, False])
 def test_probe_learns_a_world_its_backbone_sees(tmp_path, augment):
     root = make_imagefolder(tmp_path / 'folder')
-    common = [f'--data_root={root}', '--init=random', '--visual=resnet18', '--image_size=32', '--epochs=6',
-              '--batch_size=16', '--log_interval=1', '--num_workers=0', f'--augment={augment}']
+    common = [f'--data_root={root}', '--init=random', '--visual=resnet18', '--image_size=32',
+              '--epochs=6', '--batch_size=16', '--log_interval=1', '--num_workers=0',
+              f'--augment={augment}']
     proc = run('probe.py', *common, f'--out_json={tmp_path}/probe.json')
     losses = [float(x) for x in re.findall(r'loss ([\d.]+)', proc.stdout)]
-    assert len(losses) == 6 * (90 // 16) and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
-    assert proc.stdout.strip().splitlines()[-1] == 'top-1: 100.00', proc.stdout  # random features tell colours apart
+    assert len(losses) == 6 * (90 // 16) and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), \
+        losses
+    # random features tell colours apart
+    assert proc.stdout.strip().splitlines()[-1] == 'top-1: 100.00', proc.stdout
     result = load_json(tmp_path / 'probe.json')
-    assert result['top1'] == 100.0 and result['val_images'] == 45 and 'top5' not in result  # 3 classes: no top-5
+    # 3 classes: no top-5
+    assert result['top1'] == 100.0 and result['val_images'] == 45 and 'top5' not in result
 
 
 def test_probe_bad_folders_and_images(tmp_path):
     root = make_imagefolder(tmp_path / 'folder', per_class=(4, 2))
-    common = ['--init=random', '--visual=resnet18', '--image_size=32', '--epochs=1', '--batch_size=4', '--num_workers=0']
+    common = ['--init=random', '--visual=resnet18', '--image_size=32', '--epochs=1',
+              '--batch_size=4', '--num_workers=0']
     (tmp_path / 'none' / 'train').mkdir(parents=True)
     empty = make_imagefolder(tmp_path / 'empty', per_class=(4, 2))
     (empty / 'train' / 'c3').mkdir()
     differ = make_imagefolder(tmp_path / 'differ', per_class=(4, 2))
     shutil.rmtree(differ / 'val' / 'c2')
-    cases = [(tmp_path / 'missing', 'missing/train: no such folder'), (tmp_path / 'none', 'none/train: no class folders'),
-             (empty, 'empty/train/c3: no images'), (differ, "train and val have different classes (e.g. 'c2'")]
+    cases = [(tmp_path / 'missing', 'missing/train: no such folder'),
+             (tmp_path / 'none', 'none/train: no class folders'),
+             (empty, 'empty/train/c3: no images'),
+             (differ, "train and val have different classes (e.g. 'c2'")]
     for data_root, message in cases:
         proc = run('probe.py', f'--data_root={data_root}', *common, check=False)
-        assert proc.returncode != 0 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.returncode != 0 and message in proc.stderr and \
+            len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     (root / 'train' / 'c0' / 'broken.jpg').write_bytes(b'not a jpeg')
     proc = run('probe.py', f'--data_root={root}', *common)
-    assert 'warning: skipped' in proc.stdout and 'broken.jpg' in proc.stdout and '1 images skipped' in proc.stdout
+    assert 'warning: skipped' in proc.stdout and 'broken.jpg' in proc.stdout and \
+        '1 images skipped' in proc.stdout
     proc = run('probe.py', f'--data_root={root}', *common, '--max_bad_images=0', check=False)
-    assert proc.returncode != 0 and 'more than max_bad_images=0 images failed to load' in proc.stderr
+    assert proc.returncode != 0 and \
+        'more than max_bad_images=0 images failed to load' in proc.stderr
 
 
 # ---- export.py: a backbone in torchvision's and Detectron2's layouts -------------------------
@@ -2388,14 +2627,18 @@ def test_probe_bad_folders_and_images(tmp_path):
 def test_detectron2_names_are_a_bijection_for_resnet50(tmp_path):
     import torchvision
     from export import from_detectron2, to_detectron2
-    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items() if not k.startswith('fc.')}
+    state = {k: v for k, v in torchvision.models.resnet50().state_dict().items()
+             if not k.startswith('fc.')}
     d2 = to_detectron2(state)
     assert len(d2) == len(state) and from_detectron2(d2).keys() == state.keys()
-    assert all(d2[to] is state[k] for k, to in zip(state, d2)), 'the values are carried over, in order'
-    for key in ('stem.conv1.weight', 'stem.conv1.norm.running_var', 'res2.0.conv1.weight', 'res2.0.conv3.norm.bias',
-                'res2.0.shortcut.weight', 'res2.0.shortcut.norm.running_mean', 'res5.2.conv2.norm.weight'):
+    assert all(d2[to] is state[k] for k, to in zip(state, d2)), \
+        'the values are carried over, in order'
+    for key in ('stem.conv1.weight', 'stem.conv1.norm.running_var', 'res2.0.conv1.weight',
+                'res2.0.conv3.norm.bias', 'res2.0.shortcut.weight',
+                'res2.0.shortcut.norm.running_mean', 'res5.2.conv2.norm.weight'):
         assert key in d2, key
-    pattern = re.compile(r'^(stem\.conv1(\.norm)?|res[2-5]\.\d+\.(conv[123](\.norm)?|shortcut(\.norm)?))\.'
+    pattern = re.compile(
+        r'^(stem\.conv1(\.norm)?|res[2-5]\.\d+\.(conv[123](\.norm)?|shortcut(\.norm)?))\.'
                          r'(weight|bias|running_mean|running_var|num_batches_tracked)$')
     assert all(pattern.match(k) for k in d2), [k for k in d2 if not pattern.match(k)][:3]
 
@@ -2406,16 +2649,22 @@ def test_export_writes_both_layouts_from_a_checkpoint(tmp_path):
     from model import VirTex
     model = VirTex(tiny_cfg(pretext='token_classification'))
     path = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, path)
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}},
+               path)
     run('export.py', f'--ckpt={path}', f'--out={tmp_path}/tv.pth')
-    result = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / 'tv.pth', weights_only=True), strict=False)
+    result = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / 'tv.pth',
+                                                                      weights_only=True),
+                                                           strict=False)
     assert sorted(result.missing_keys) == ['fc.bias', 'fc.weight'] and not result.unexpected_keys
     run('export.py', f'--ckpt={path}', '--format=detectron2', f'--out={tmp_path}/d2.pth')
     d2 = torch.load(tmp_path / 'd2.pth', weights_only=True)
     assert d2['matching_heuristics'] is True and '__author__' in d2
-    assert torch.equal(d2['model']['res5.1.conv2.norm.running_var'], model.visual.layer4[1].bn2.running_var)
-    proc = run('export.py', f'--ckpt={path}', '--format=onnx', f'--out={tmp_path}/x.pth', check=False)
-    assert proc.returncode != 0 and "--format='onnx': choose one of torchvision, detectron2" in proc.stderr
+    assert torch.equal(d2['model']['res5.1.conv2.norm.running_var'],
+                       model.visual.layer4[1].bn2.running_var)
+    proc = run('export.py', f'--ckpt={path}', '--format=onnx', f'--out={tmp_path}/x.pth',
+               check=False)
+    assert proc.returncode != 0 and \
+        "--format='onnx': choose one of torchvision, detectron2" in proc.stderr
 
 
 def test_export_and_write_atomically_on_a_full_disk(small_disk, tmp_path):
@@ -2423,7 +2672,8 @@ def test_export_and_write_atomically_on_a_full_disk(small_disk, tmp_path):
     from model import VirTex
     model = VirTex(tiny_cfg())
     ckpt = tmp_path / 'ckpt.pt'
-    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}}, ckpt)
+    torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}},
+               ckpt)
     old = small_disk.folder / 'result.json'
     old.write_text('{"mAP": 1.0}')
     small_disk.leave(2**20)
@@ -2443,15 +2693,19 @@ def test_export_and_write_atomically_on_a_full_disk(small_disk, tmp_path):
 
 def test_configurator_types_files_and_errors(tmp_path):
     from configurator import configure
-    config = {'lr': 0.1, 'batch_size': 8, 'compile': True, 'out_dir': 'out', 'init': None, '_private': 1}
-    rest = configure(config, ['--lr=1', '--compile=False', '--out_dir=123', '--init=7', 'image.jpg'])
-    assert config['lr'] == 1.0 and isinstance(config['lr'], float), 'int accepted where a float is expected'
+    config = {'lr': 0.1, 'batch_size': 8, 'compile': True, 'out_dir': 'out', 'init': None,
+              '_private': 1}
+    rest = configure(config,
+                     ['--lr=1', '--compile=False', '--out_dir=123', '--init=7', 'image.jpg'])
+    assert config['lr'] == 1.0 and isinstance(config['lr'], float), \
+        'int accepted where a float is expected'
     assert config['compile'] is False and config['out_dir'] == '123' and config['init'] == 7
     unset = {'init': None}
     configure(unset, ['--init="random"'])
     assert unset['init'] == 'random', 'a None default takes a quoted string'
     with pytest.raises(SystemExit, match="--init takes a number or a quoted string, got 'abc'"):
-        configure({'init': None}, ['--init=abc'])  # a bare word is refused: a typo of a number never becomes a string
+        # a bare word is refused: a typo of a number never becomes a string
+        configure({'init': None}, ['--init=abc'])
     assert rest == ['image.jpg'], 'bare non-.py arguments are returned to the script'
     cfg_file = tmp_path / 'c.py'
     cfg_file.write_text("batch_size = 32  # why\nimport math\n")
@@ -2459,7 +2713,8 @@ def test_configurator_types_files_and_errors(tmp_path):
     assert config['batch_size'] == 64, 'flags after a config file win'
     configure(config, ['--batch_size=16', str(cfg_file)])
     assert config['batch_size'] == 32, 'later arguments win, config files included'
-    with pytest.raises(SystemExit, match="unknown config key 'batch_sise'.*did you mean 'batch_size'"):
+    with pytest.raises(SystemExit, match="unknown config key 'batch_sise'.*did you mean "
+                                         "'batch_size'"):
         configure(config, ['--batch_sise=3'])
     with pytest.raises(SystemExit, match='takes True or False'):
         configure(config, ['--compile=yes'])
@@ -2479,13 +2734,18 @@ def test_configurator_runs_the_checks_declared_next_to_the_values(tmp_path):
     from typing import Annotated, Literal
     from configurator import FRACTION, POSITIVE, Interval, configure
     config = {'batch_size': 8, 'share': 1.0, 'dtype': 'float32', 'max_len': 30, 'fraction': None,
-              '__annotations__': {'batch_size': POSITIVE, 'share': FRACTION, 'dtype': Literal['float32', 'bfloat16'],
-                                  'max_len': Annotated[int, Interval('[3, inf)')], 'fraction': FRACTION}}
+              '__annotations__': {'batch_size': POSITIVE, 'share': FRACTION,
+                                  'dtype': Literal['float32', 'bfloat16'],
+                                  'max_len': Annotated[int, Interval('[3, inf)')],
+                                  'fraction': FRACTION}}
     configure(config, ['--batch_size=2', '--share=0.5', '--dtype=bfloat16', '--max_len=3'])
-    assert (config['batch_size'], config['share'], config['dtype'], config['max_len']) == (2, 0.5, 'bfloat16', 3)
+    assert (config['batch_size'], config['share'], config['dtype'],
+            config['max_len']) == (2, 0.5, 'bfloat16', 3)
     assert config['fraction'] is None, 'None means unset and passes every check'
-    cases = [('--batch_size=0', "--batch_size=0: must be positive"), ('--share=0', "--share=0.0: must be in (0, 1]"),
-             ('--share=1.5', "--share=1.5: must be in (0, 1]"), ('--max_len=2', "--max_len=2: must be >= 3"),
+    cases = [('--batch_size=0', "--batch_size=0: must be positive"),
+             ('--share=0', "--share=0.0: must be in (0, 1]"),
+             ('--share=1.5', "--share=1.5: must be in (0, 1]"),
+             ('--max_len=2', "--max_len=2: must be >= 3"),
              ('--dtype=fp8', "--dtype='fp8': choose one of float32, bfloat16")]
     for flag, message in cases:
         with pytest.raises(SystemExit, match=re.escape(message)):
@@ -2514,16 +2774,19 @@ def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
 # ---- bench.py ----------------------------------------------------------------------------------
 
 def test_bench_times_the_gpu_path_on_a_cpu():
-    """dev/gpu_check.sh's stages, small, on a CPU: float32 and bfloat16 steps side by side, and the step fed by the
-    real data path through a DataLoader worker; one table with a row for each."""
-    proc = run('bench.py', '--stages=train,train_data', '--models=shapes', '--shapes_batch=4', '--warmup_steps=1',
-               '--timed_steps=1', '--dtypes=float32,bfloat16', '--data_workers=1')
+    """dev/gpu_check.sh's stages, small, on a CPU: float32 and bfloat16 steps side by side, and the
+    step fed by the real data path through a DataLoader worker; one table with a row for each."""
+    proc = run('bench.py', '--stages=train,train_data', '--models=shapes', '--shapes_batch=4',
+               '--warmup_steps=1', '--timed_steps=1', '--dtypes=float32,bfloat16',
+               '--data_workers=1')
     table = proc.stdout.split('\n\n')[-1].splitlines()
     assert table[0].split()[:3] == ['stage', '|', 'what'], table
     rows = [[cell.strip() for cell in line.split('|')] for line in table[1:]]
     settings = [row[2] for row in rows]
-    assert settings == ['batch 4, float32', 'batch 4, bfloat16', 'batch 4, bfloat16, data path, 1 workers'], rows
-    assert all(re.fullmatch(r'[\d.]+ img/s', row[3]) and float(row[3].split()[0]) > 0 for row in rows), rows
+    assert settings == ['batch 4, float32', 'batch 4, bfloat16', 'batch 4, bfloat16, data path, '
+                        '1 workers'], rows
+    assert all(re.fullmatch(r'[\d.]+ img/s', row[3]) and float(row[3].split()[0]) > 0
+               for row in rows), rows
 
 
 # ---- demo.py and dev/: no tests of their own -------------------------------------------------
@@ -2535,8 +2798,9 @@ def test_bench_times_the_gpu_path_on_a_cpu():
 @pytest.fixture(scope='module')
 def objects_world(tmp_path_factory):
     out = tmp_path_factory.mktemp('objects')
-    run('dev/objects_world.py', f'--out={out}', '--n_train=2', '--n_val=1', '--n_voc_trainval=16', '--n_voc_test=16',
-        '--n_folder_train=2', '--n_folder_val=1', '--size=48', '--workers=1', '--min_positives=1')
+    run('dev/objects_world.py', f'--out={out}', '--n_train=2', '--n_val=1', '--n_voc_trainval=16',
+        '--n_voc_test=16', '--n_folder_train=2', '--n_folder_val=1', '--size=48', '--workers=1',
+        '--min_positives=1')
     return out
 
 
@@ -2557,8 +2821,10 @@ def test_coco_json_well_formed(world):
             with Image.open(world / 'coco' / split / im['file_name']) as img:
                 img.load()
                 assert img.size == (im['width'], im['height']) == (64, 64) and img.mode == 'RGB', im
-            assert len(per_image.get(im['id'], [])) == 5, f"{im['file_name']}: {per_image.get(im['id'])}"
-            assert len(set(per_image[im['id']])) == 5, f"captions not all different: {per_image[im['id']]}"
+            assert len(per_image.get(im['id'], [])) == 5, \
+                f"{im['file_name']}: {per_image.get(im['id'])}"
+            assert len(set(per_image[im['id']])) == 5, \
+                f"captions not all different: {per_image[im['id']]}"
             image_ids.append(im['id'])
         assert set(per_image) == {im['id'] for im in d['images']}, 'captions for unlisted images'
         assert len(os.listdir(world / 'coco' / split)) == n, 'stray files in ' + split
@@ -2576,24 +2842,30 @@ def test_coco_instances_json_well_formed_and_true_to_the_scenes(world):
                                    for i, c in enumerate(prep.CATEGORIES)]
         captions = load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')
         assert d['images'] == captions['images']
-        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
+        scenes = {s['image_id']: s
+                  for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
         per_image = {}
         for a in d['annotations']:
-            assert set(a) >= {'id', 'image_id', 'category_id', 'bbox', 'area', 'iscrowd'} and a['iscrowd'] == 0, a
+            assert set(a) >= {'id', 'image_id', 'category_id', 'bbox', 'area',
+                              'iscrowd'} and a['iscrowd'] == 0, a
             per_image.setdefault(a['image_id'], []).append(a)
         for image_id, scene in scenes.items():
-            got = sorted((d['categories'][a['category_id'] - 1]['name'], *a['bbox']) for a in per_image[image_id])
+            got = sorted((d['categories'][a['category_id'] - 1]['name'], *a['bbox'])
+                         for a in per_image[image_id])
             # VOC's boxes are 1-based and inclusive, COCO's [x, y, width, height] from 0
-            want = sorted((o['category'], o['bbox'][0] - 1, o['bbox'][1] - 1, o['bbox'][2] - o['bbox'][0] + 1,
-                           o['bbox'][3] - o['bbox'][1] + 1) for o in scene['objects'])
+            want = sorted((o['category'], o['bbox'][0] - 1, o['bbox'][1] - 1,
+                           o['bbox'][2] - o['bbox'][0] + 1, o['bbox'][3] - o['bbox'][1] + 1)
+                          for o in scene['objects'])
             assert got == want, image_id
             assert all(a['area'] == a['bbox'][2] * a['bbox'][3] for a in per_image[image_id])
         names, labels = read_instances(str(world / 'coco'), split)
         assert names == prep.CATEGORIES
-        assert labels == {i: sorted({prep.CATEGORIES.index(o['category']) + 1 for o in s['objects']})
+        assert labels == \
+            {i: sorted({prep.CATEGORIES.index(o['category']) + 1 for o in s['objects']})
                           for i, s in scenes.items()}
     ids = [a['id'] for split in ('train2017', 'val2017')
-           for a in load_json(world / 'coco' / 'annotations' / f'instances_{split}.json')['annotations']]
+           for a in load_json(world / 'coco' / 'annotations'
+                              / f'instances_{split}.json')['annotations']]
     assert len(ids) == len(set(ids)), 'instance ids are unique across splits, as in COCO'
 
 
@@ -2608,25 +2880,31 @@ def test_voc_files_consistent(world):
                 img.load()
                 assert img.size == (64, 64), name
             root = ET.parse(world / 'VOC2007' / 'Annotations' / f'{name}.xml').getroot()
-            assert root.findtext('folder') == 'VOC2007' and root.findtext('filename') == f'{name}.jpg'
-            assert [root.findtext(f'size/{k}') for k in ('width', 'height', 'depth')] == ['64', '64', '3']
+            assert root.findtext('folder') == 'VOC2007' and root.findtext('filename') == \
+                f'{name}.jpg'
+            assert [root.findtext(f'size/{k}')
+                    for k in ('width', 'height', 'depth')] == ['64', '64', '3']
             assert root.findtext('segmented') == '0'
             objects[name] = []
             for obj in root.findall('object'):
-                assert obj.findtext('name') in prep.CATEGORIES and obj.findtext('pose') == 'Unspecified'
-                assert obj.findtext('truncated') in ('0', '1') and obj.findtext('difficult') in ('0', '1')
+                assert obj.findtext('name') in prep.CATEGORIES and obj.findtext('pose') == \
+                    'Unspecified'
+                assert obj.findtext('truncated') in ('0', '1') and \
+                    obj.findtext('difficult') in ('0', '1')
                 box = [int(obj.findtext(f'bndbox/{k}')) for k in ('xmin', 'ymin', 'xmax', 'ymax')]
                 assert 1 <= box[0] <= box[2] <= 64 and 1 <= box[1] <= box[3] <= 64, (name, box)
                 objects[name].append((obj.findtext('name'), obj.findtext('difficult') == '1'))
             assert objects[name], f'{name} has no objects'
         for c in prep.CATEGORIES:
             lines = (main_dir / f'{c}_{split}.txt').read_text().splitlines()
-            assert [line.split()[0] for line in lines] == names, f'{c}_{split}.txt lists other images'
+            assert [line.split()[0] for line in lines] == names, \
+                f'{c}_{split}.txt lists other images'
             for line in lines:
                 assert re.fullmatch(r'\d{6} (-1| 1| 0)', line), f'{c}_{split}.txt: {line!r}'
                 flags = [difficult for cat, difficult in objects[line[:6]] if cat == c]
                 expected = -1 if not flags else 0 if all(flags) else 1
-                assert int(line[7:]) == expected, f'{c}_{split}.txt: {line!r}, objects {objects[line[:6]]}'
+                assert int(line[7:]) == expected, \
+                    f'{c}_{split}.txt: {line!r}, objects {objects[line[:6]]}'
         scenes = load_json(world / 'VOC2007' / f'scenes_{split}.json')
         assert [s['name'] for s in scenes] == names
         for s in scenes:
@@ -2637,7 +2915,8 @@ def test_voc_files_consistent(world):
 def test_imagefolder_files_each_image_under_its_largest_object(world):
     root = world / 'imagefolder'
     for split, n in (('train', 20), ('val', 10)):
-        assert sorted(p.name for p in (root / split).iterdir()) == sorted(prep.CATEGORIES), 'a folder per category'
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(prep.CATEGORIES), \
+            'a folder per category'
         files = {p.stem: p.parent.name for p in (root / split).glob('*/*.jpg')}
         assert len(files) == n
         for s in load_json(root / f'scenes_{split}.json'):
@@ -2647,34 +2926,40 @@ def test_imagefolder_files_each_image_under_its_largest_object(world):
 
 
 def test_coco_and_voc_disjoint(world):
-    files = {'coco': list((world / 'coco').glob('*2017/*.jpg')), 'voc': list((world / 'VOC2007').glob('JPEGImages/*'))}
+    files = {'coco': list((world / 'coco').glob('*2017/*.jpg')),
+             'voc': list((world / 'VOC2007').glob('JPEGImages/*'))}
     pixels = {k: {np.asarray(Image.open(p)).tobytes() for p in v} for k, v in files.items()}
     assert len(pixels['coco']) == 40 and len(pixels['voc']) == 60, 'images repeat within a data set'
     assert not pixels['coco'] & pixels['voc'], 'an image is in both COCO and VOC'
 
 
 def test_category_independent_of_colour_and_background():
-    # random conv features see colour and texture: if those predicted the category, the comparison would be moot
+    # random conv features see colour and texture: if those predicted the category, the comparison
+    # would be moot
     counts = np.zeros((len(prep.CATEGORIES), len(prep.COLOURS) + len(prep.BACKGROUNDS)))
     for i in range(1500):
         scene = prep.make_scene(np.random.default_rng([11, i]), 64)
         for o in scene['objects']:
             c = prep.CATEGORIES.index(o['category'])
             counts[c, list(prep.COLOURS).index(o['colour'])] += 1
-            counts[c, len(prep.COLOURS) + list(prep.BACKGROUNDS).index(scene['background']['kind'])] += 1
+            counts[c, len(prep.COLOURS)
+                   + list(prep.BACKGROUNDS).index(scene['background']['kind'])] += 1
     for block in (counts[:, :len(prep.COLOURS)], counts[:, len(prep.COLOURS):]):
         expected = block.sum(1, keepdims=True) * block.sum(0, keepdims=True) / block.sum()
-        cramers_v = np.sqrt(((block - expected) ** 2 / expected).sum() / block.sum() / (min(block.shape) - 1))
+        cramers_v = np.sqrt(((block - expected) ** 2 / expected).sum() / block.sum()
+                            / (min(block.shape) - 1))
         assert cramers_v < 0.1, f'category and colour/background associated: V = {cramers_v:.3f}'
 
 
 def test_same_seed_same_files(world, tmp_path):
-    result = run_prepare(f'--out={tmp_path}', *TINY, '--workers=2')  # other worker count, same bytes
+    # other worker count, same bytes
+    result = run_prepare(f'--out={tmp_path}', *TINY, '--workers=2')
     assert result.returncode == 0, result.stderr
     files = sorted(p.relative_to(world) for p in world.rglob('*') if p.is_file())
     assert files == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*') if p.is_file())
     for f in files:
-        assert (world / f).read_bytes() == (tmp_path / f).read_bytes(), f'{f} differs between two runs'
+        assert (world / f).read_bytes() == (tmp_path / f).read_bytes(), \
+            f'{f} differs between two runs'
 
 
 def test_bad_inputs_fail_cleanly(tmp_path):
@@ -2682,12 +2967,14 @@ def test_bad_inputs_fail_cleanly(tmp_path):
     blocker.write_text('not a folder')
     ok_out = f'--out={tmp_path}/ok'
     for args, names in (([f'--out={blocker}/shapes'], [str(blocker), '--out']),
-                        ([ok_out, '--n_train=-5'], ['--n_train']), ([ok_out, '--size=8'], ['--size']),
-                        ([ok_out, '--n_val=ten'], ['--n_val']), ([ok_out, '--workers=0'], ['--workers'])):
+                        ([ok_out, '--n_train=-5'], ['--n_train']),
+                        ([ok_out, '--size=8'], ['--size']), ([ok_out, '--n_val=ten'], ['--n_val']),
+                        ([ok_out, '--workers=0'], ['--workers'])):
         result = run_prepare(*TINY, *args)  # later flags win over TINY's
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1, (args, result.stderr)
-        assert all(name in lines[0] for name in names) and 'Traceback' not in lines[0], (args, lines[0])
+        assert all(name in lines[0] for name in names) and 'Traceback' not in lines[0], \
+            (args, lines[0])
     assert not (tmp_path / 'ok').exists(), 'bad flags left output behind'
 
 
@@ -2698,18 +2985,22 @@ SIZE_OF = {'small': 'small', 'little': 'small', 'large': 'large', 'big': 'large'
 COUNT = {'a': 1, 'an': 1, 'two': 2, 'three': 3, 'four': 4}
 NP = (rf"(?:{'|'.join(COUNT)}) (?:(?:{'|'.join(SIZE_OF)}) )?(?:(?:{'|'.join(prep.COLOURS)}) )?"
       rf"(?:{'|'.join(sorted(NOUNS, key=len, reverse=True))})")
-NP_PARTS = re.compile(rf"({'|'.join(COUNT)}) (?:({'|'.join(SIZE_OF)}) )?(?:({'|'.join(prep.COLOURS)}) )?(\w+)")
+NP_PARTS = re.compile(rf"({'|'.join(COUNT)}) (?:({'|'.join(SIZE_OF)}) "
+                      rf")?(?:({'|'.join(prep.COLOURS)}) )?(\w+)")
 
-POSITIONS = {'on the left': lambda x, y: x < 0.4, 'on the right': lambda x, y: x > 0.6,  # x, y in image widths
+# x, y in image widths
+POSITIONS = {'on the left': lambda x, y: x < 0.4, 'on the right': lambda x, y: x > 0.6,
              'at the top': lambda x, y: y < 0.4, 'at the bottom': lambda x, y: y > 0.6,
              'in the middle': lambda x, y: max(abs(x - 0.5), abs(y - 0.5)) < 0.2}
 
 
 def matching(phrase, scene):
-    """The plainly visible objects a noun phrase like 'a small red star' can refer to, and its count."""
+    """The plainly visible objects a noun phrase like 'a small red star' can refer to, and its
+    count."""
     count, size, colour, noun = NP_PARTS.fullmatch(phrase).groups()
     return [o for o in scene['objects'] if not o['difficult'] and o['category'] == NOUNS[noun]
-            and colour in (None, o['colour']) and (size is None or SIZE_OF[size] == o['size'])], COUNT[count]
+            and colour in (None, o['colour'])
+            and (size is None or SIZE_OF[size] == o['size'])], COUNT[count]
 
 
 def check_caption(caption, scene):
@@ -2718,33 +3009,47 @@ def check_caption(caption, scene):
     for m in re.finditer(rf'\b{NP}\b', caption):
         objs, count = matching(m.group(), scene)
         assert objs, f'{caption!r}: no visible object is {m.group()!r}'
-        if count > 1:  # "two red stars": exactly that many of the category, all visible, all fitting the words
+        # "two red stars": exactly that many of the category, all visible, all fitting the words
+        if count > 1:
             same = [o for o in scene['objects'] if o['category'] == objs[0]['category']]
             assert len(objs) == len(same) == count, f'{caption!r}: {m.group()!r} is a wrong count'
         mentioned[objs[0]['category']] += count
-    for c in prep.CATEGORIES:  # every visible object named once; nothing else, hidden objects included
-        assert mentioned[c] == sum(o['category'] == c for o in shown), f'{caption!r}: {c} mentioned {mentioned[c]}x'
+    # every visible object named once; nothing else, hidden objects included
+    for c in prep.CATEGORIES:
+        assert mentioned[c] == sum(o['category'] == c for o in shown), \
+            f'{caption!r}: {c} mentioned {mentioned[c]}x'
     nouns = [w for w in re.findall(r'\w+', caption) if w in NOUNS]
-    assert len(nouns) == len(re.findall(rf'\b{NP}\b', caption)), f'{caption!r}: a shape named outside a phrase'
-    # relations: some pair of objects fitting the two phrases must be clearly (15% of the width) in that order
-    for m in re.finditer(rf'\b({NP}) (to the left of|to the right of|above|below) ({NP})\b', caption):
-        (first, _), relation, (second, _) = matching(m.group(1), scene), m.group(2), matching(m.group(3), scene)
-        axis, sign = {'to the left of': (0, 1), 'to the right of': (0, -1), 'above': (1, 1), 'below': (1, -1)}[relation]
-        assert any(sign * (b['center'][axis] - a['center'][axis]) > 0.15 * size for a in first for b in second), \
+    assert len(nouns) == len(re.findall(rf'\b{NP}\b', caption)), \
+        f'{caption!r}: a shape named outside a phrase'
+    # relations: some pair of objects fitting the two phrases must be clearly (15% of the width) in
+    # that order
+    for m in re.finditer(rf'\b({NP}) (to the left of|to the right of|above|below) ({NP})\b',
+                         caption):
+        (first, _), relation, (second, _) = matching(m.group(1),
+                                                     scene), m.group(2), matching(m.group(3), scene)
+        axis, sign = {'to the left of': (0, 1), 'to the right of': (0, -1), 'above': (1, 1),
+                      'below': (1, -1)}[relation]
+        assert any(sign * (b['center'][axis] - a['center'][axis]) > 0.15 * size for a in first
+                   for b in second), \
             f'{caption!r}: {m.group()!r} is not true of {scene["objects"]}'
-    for m in re.finditer(rf'\b({NP}) (on the left|on the right|at the top|at the bottom|in the middle)\b', caption):
+    for m in re.finditer(rf'\b({NP}) (on the left|on the right|at the top|at the bottom|in the '
+                         r'middle)\b', caption):
         objs, holds = matching(m.group(1), scene)[0], POSITIONS[m.group(2)]
-        assert any(holds(*(np.array(o['center']) / size)) for o in objs), f'{caption!r}: {m.group()!r} is false'
+        assert any(holds(*(np.array(o['center']) / size)) for o in objs), \
+            f'{caption!r}: {m.group()!r} is false'
     for m in re.finditer(r'\b(two|three|four) shapes\b', caption):
-        assert COUNT[m.group(1)] == len(shown) == len(scene['objects']), f'{caption!r}: wrong number of shapes'
+        assert COUNT[m.group(1)] == len(shown) == len(scene['objects']), \
+            f'{caption!r}: wrong number of shapes'
     return bool(re.search(r'left of|right of|above|below', caption))
 
 
 def test_captions_true_to_scene(world):
     n_relations = 0
     for split in ('train2017', 'val2017'):
-        scenes = {s['image_id']: s for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
-        for a in load_json(world / 'coco' / 'annotations' / f'captions_{split}.json')['annotations']:
+        scenes = {s['image_id']: s
+                  for s in load_json(world / 'coco' / 'annotations' / f'scenes_{split}.json')}
+        for a in load_json(world / 'coco' / 'annotations'
+                           / f'captions_{split}.json')['annotations']:
             n_relations += check_caption(a['caption'], scenes[a['image_id']])
     assert n_relations >= 20, 'too few captions with left/right/above/below relations'
 
@@ -2766,20 +3071,25 @@ ATTRIBUTES = ['category', 'colour', 'size', 'count', 'background', 'position', '
 
 
 def attribute_truth(scene, background):
-    """The attributes' definitions, written out again: {attribute: {value: 1 or 0}}; a value not there is -1."""
+    """The attributes' definitions, written out again: {attribute: {value: 1 or 0}}; a value not
+    there is -1."""
     def where(o):
         x, y = np.array(o['center']) / scene['size']
-        return [p for p, holds in (('left', x < 1 / 3), ('right', x > 2 / 3), ('top', y < 1 / 3), ('bottom', y > 2 / 3),
+        return [p
+                for p, holds in (('left', x < 1 / 3), ('right', x > 2 / 3), ('top', y < 1 / 3),
+                                 ('bottom', y > 2 / 3),
                                    ('middle', max(abs(x - .5), abs(y - .5)) < 1 / 8)) if holds]
     per_object = {'category': lambda o: [o['category']], 'colour': lambda o: [o['colour']],
-                  'size': lambda o: {'tiny': ['small'], 'small': ['small'], 'large': ['large']}.get(o['size'], []),
+                  'size': lambda o: {'tiny': ['small'], 'small': ['small'],
+                                     'large': ['large']}.get(o['size'], []),
                   'position': where, 'binding': lambda o: [f"{o['colour']}_{o['category']}"],
                   'texture': lambda o: [o['texture']] if 'texture' in o else []}
     truth = {}
     for attribute, values_of in per_object.items():
         truth[attribute] = {}
         for o in scene['objects']:
-            for v in values_of(o):  # 1 if any plainly visible object has it, else 0 (only difficult ones)
+            # 1 if any plainly visible object has it, else 0 (only difficult ones)
+            for v in values_of(o):
                 truth[attribute][v] = max(truth[attribute].get(v, 0), 0 if o['difficult'] else 1)
     shown = sum(not o['difficult'] for o in scene['objects'])
     truth['count'] = {['one', 'two', 'three', 'four'][shown - 1]: 1}
@@ -2789,17 +3099,23 @@ def attribute_truth(scene, background):
 
 def world_truth(world, background):
     """{split: (names, truth per image)} from a world's VOC2007 scene records."""
-    return {split: ([s['name'] for s in scenes], [attribute_truth(s, background(s)) for s in scenes])
-            for split in ('trainval', 'test') for scenes in [load_json(world / 'VOC2007' / f'scenes_{split}.json')]}
+    return {split: ([s['name'] for s in scenes],
+                    [attribute_truth(s, background(s)) for s in scenes])
+            for split in ('trainval', 'test')
+            for scenes in [load_json(world / 'VOC2007' / f'scenes_{split}.json')]}
 
 
 def kept_and_left_out(truth, attribute, min_positives):
-    """The values with at least min_positives images labelled 1 in both splits, and the others with their counts."""
-    positives = {split: Counter(v for t in per_image for v, flag in t[attribute].items() if flag == 1)
+    """The values with at least min_positives images labelled 1 in both splits, and the others with
+    their counts."""
+    positives = {split: Counter(v for t in per_image for v, flag in t[attribute].items()
+                                if flag == 1)
                  for split, (_, per_image) in truth.items()}
     values = sorted({v for _, per_image in truth.values() for t in per_image for v in t[attribute]})
-    kept = [v for v in values if min(positives['trainval'][v], positives['test'][v]) >= min_positives]
-    return kept, {v: (positives['trainval'][v], positives['test'][v]) for v in values if v not in kept}
+    kept = [v for v in values if min(positives['trainval'][v], positives['test'][v])
+            >= min_positives]
+    return kept, {v: (positives['trainval'][v], positives['test'][v]) for v in values
+                  if v not in kept}
 
 
 def shapes_background(scene):
@@ -2826,59 +3142,73 @@ def test_attribute_folders_are_voc_layout_and_true_to_the_scenes(world):
     assert sorted(p.name for p in (world / 'attributes').iterdir()) == sorted(ATTRIBUTES)
     for attribute in ATTRIBUTES:
         root = world / 'attributes' / attribute
-        assert os.readlink(root / 'JPEGImages') == os.path.join('..', '..', 'VOC2007', 'JPEGImages'), 'not a link'
+        assert os.readlink(root / 'JPEGImages') == \
+            os.path.join('..', '..', 'VOC2007', 'JPEGImages'), 'not a link'
         assert (root / 'JPEGImages').resolve() == (world / 'VOC2007' / 'JPEGImages').resolve()
         kept, _ = kept_and_left_out(truth, attribute, 2)
         for split, (names, per_image) in truth.items():
             main_dir = root / 'ImageSets' / 'Main'
-            assert (main_dir / f'{split}.txt').read_bytes() == (voc_main / f'{split}.txt').read_bytes()
-            assert sorted(p.name for p in main_dir.glob(f'*_{split}.txt')) == [f'{v}_{split}.txt' for v in kept]
+            assert (main_dir / f'{split}.txt').read_bytes() == \
+                (voc_main / f'{split}.txt').read_bytes()
+            assert sorted(p.name
+                          for p in main_dir.glob(f'*_{split}.txt')) == \
+                [f'{v}_{split}.txt' for v in kept]
             for v in kept:
                 lines = (main_dir / f'{v}_{split}.txt').read_text().splitlines()
-                assert all(re.fullmatch(r'\d{6} (-1| 1| 0)', line) for line in lines), (attribute, v, lines[:3])
+                assert all(re.fullmatch(r'\d{6} (-1| 1| 0)', line) for line in lines), \
+                    (attribute, v, lines[:3])
             paths, labels, values = read_voc(str(root), split)
             assert values == kept and all(os.path.exists(p) for p in paths), (attribute, values)
             assert paths == [str(root / 'JPEGImages' / f'{m}.jpg') for m in names]
             want = np.array([[t[attribute].get(v, -1) for v in kept] for t in per_image])
             assert (labels == want).all(), f'{attribute} {split}: labels differ from the scenes'
-            if attribute in prep.EXCLUSIVE:  # every value is kept in this world: exactly one 1 per image
+            # every value is kept in this world: exactly one 1 per image
+            if attribute in prep.EXCLUSIVE:
                 assert len(values) == {'count': 4, 'background': 6}[attribute], values
                 assert ((labels == 1).sum(1) == 1).all() and not (labels == 0).any(), attribute
             if attribute == 'category':  # the VOC task itself, byte for byte
                 assert values == sorted(prep.CATEGORIES)
                 for v in values:
-                    assert (main_dir / f'{v}_{split}.txt').read_bytes() == (voc_main / f'{v}_{split}.txt').read_bytes()
+                    assert (main_dir / f'{v}_{split}.txt').read_bytes() == \
+                        (voc_main / f'{v}_{split}.txt').read_bytes()
     colour = read_voc(str(world / 'attributes' / 'colour'), 'test')[1]
-    assert (colour == 0).any() and (colour == 1).any() and (colour == -1).any(), 'difficult objects were not 0'
+    assert (colour == 0).any() and (colour == 1).any() and (colour == -1).any(), \
+        'difficult objects were not 0'
 
 
 def test_attributes_only_rewrites_them_and_reports_the_left_out_values(world, tmp_path):
     shutil.copytree(world / 'VOC2007', tmp_path / 'VOC2007')
     result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=2')
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes'], 'wrote more than the attributes'
-    assert snapshot(tmp_path / 'attributes') == snapshot(world / 'attributes'), 'not what the full run wrote'
+    assert sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes'], \
+        'wrote more than the attributes'
+    assert snapshot(tmp_path / 'attributes') == snapshot(world / 'attributes'), \
+        'not what the full run wrote'
     assert snapshot(tmp_path / 'VOC2007') == snapshot(world / 'VOC2007')
     truth = world_truth(world, shapes_background)
     reported = {}
     for line in result.stdout.splitlines()[:-1]:
-        m = re.fullmatch(r'attributes/(\w+): (\d+) values(?:; left out, with fewer than 2 positives in '
-                         r'trainval/test: (.*))?', line)
+        m = re.fullmatch(r'attributes/(\w+): (\d+) values(?:; left out, with fewer than 2 '
+                         r'positives in trainval/test: (.*))?', line)
         assert m, line
         left_out = re.findall(r'(\w+) \((\d+)/(\d+)\)', m.group(3) or '')
         reported[m.group(1)] = {v: (int(a), int(b)) for v, a, b in left_out}
         assert int(m.group(2)) == len(kept_and_left_out(truth, m.group(1), 2)[0]), line
     assert list(reported) == ATTRIBUTES, result.stdout
     assert reported == {a: kept_and_left_out(truth, a, 2)[1] for a in ATTRIBUTES}, result.stdout
-    assert reported['binding'] and not reported['count'], 'this world leaves out some pairs and no counts'
-    assert result.stdout.splitlines()[-1].startswith('wrote the attributes of 60 VOC2007 images'), result.stdout
-    # an attribute with no value left is a one-line error naming it, and the earlier folders stay as they were
+    assert reported['binding'] and not reported['count'], \
+        'this world leaves out some pairs and no counts'
+    assert result.stdout.splitlines()[-1].startswith('wrote the attributes of 60 VOC2007 images'), \
+        result.stdout
+    # an attribute with no value left is a one-line error naming it, and the earlier folders stay as
+    # they were
     before = snapshot(tmp_path / 'attributes')
     result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=3')
     assert result.returncode != 0 and result.stderr.strip() == (
-        'prepare.py: error: attribute binding: no value has --min_positives=3 positives in both trainval and test '
-        '(make more VOC images or lower --min_positives)'), result.stderr
-    assert snapshot(tmp_path / 'attributes') == before and sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes']
+        'prepare.py: error: attribute binding: no value has --min_positives=3 positives in both '
+        'trainval and test (make more VOC images or lower --min_positives)'), result.stderr
+    assert snapshot(tmp_path / 'attributes') == before and sorted(os.listdir(tmp_path)) == \
+        ['VOC2007', 'attributes']
 
 
 def test_attributes_only_refuses_scenes_that_do_not_match_the_image_list(world, tmp_path):
@@ -2889,7 +3219,8 @@ def test_attributes_only_refuses_scenes_that_do_not_match_the_image_list(world, 
     test_list = voc / 'ImageSets' / 'Main' / 'test.txt'
     test_scenes = voc / 'scenes_test.json'
     for split in ('trainval', 'test'):
-        shutil.copy(world / 'VOC2007' / 'ImageSets' / 'Main' / f'{split}.txt', voc / 'ImageSets' / 'Main')
+        shutil.copy(world / 'VOC2007' / 'ImageSets' / 'Main' / f'{split}.txt',
+                    voc / 'ImageSets' / 'Main')
         shutil.copy(world / 'VOC2007' / f'scenes_{split}.json', voc)
 
     def refused(path, scene_list=None, image_list=None, text=None):
@@ -2902,20 +3233,24 @@ def test_attributes_only_refuses_scenes_that_do_not_match_the_image_list(world, 
         return lines[0]
 
     swapped = [scenes[1], scenes[0], *scenes[2:]]
-    assert f'does not match {test_list} (30 scenes for 30 images, first difference at image 1)' in refused(
-        test_scenes, swapped)
-    assert '29 scenes for 30 images, first difference at image 30' in refused(test_scenes, scenes[:-1])
+    assert (f'does not match {test_list} (30 scenes for 30 images, first difference at image 1)'
+            in refused(test_scenes, swapped))
+    assert '29 scenes for 30 images, first difference at image 30' in refused(
+        test_scenes, scenes[:-1])
     renamed = [*scenes[:4], {**scenes[4], 'name': '999999'}, *scenes[5:]]
     assert 'first difference at image 5' in refused(test_scenes, renamed)
     assert '30 scenes for 31 images' in refused(test_scenes, image_list=names + ['999999'])
     assert 'not JSON' in refused(test_scenes, text='{"truncated": ')
-    assert 'not the scene records of this world' in refused(test_scenes, [{**s, 'background': 'grass'} for s in scenes])
+    assert 'not the scene records of this world' in refused(test_scenes,
+                                                            [{**s, 'background': 'grass'}
+                                                             for s in scenes])
     test_scenes.write_text(json.dumps(scenes))
     test_list.write_text(''.join(f'{m}\n' for m in names))
     (voc / 'scenes_trainval.json').unlink()
     result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=1')
     assert result.returncode != 0 and result.stderr.strip() == (
-        f'prepare.py: error: {voc / "scenes_trainval.json"}: No such file or directory'), result.stderr
+        f'prepare.py: error: {voc / "scenes_trainval.json"}: No such file or directory'), \
+        result.stderr
     result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=0')
     assert result.returncode != 0 and '--min_positives must be >= 1' in result.stderr, result.stderr
 

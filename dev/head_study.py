@@ -1,35 +1,43 @@
 """
-Dev: which part of the caption head keeps the image's signal from the backbone? The same ResNet-18, images, seed
-and budget are trained through a ladder of heads, each rung one change from the one before, and each backbone is
-then judged by the VOC SVMs of evaluate.py. With the defaults it runs in 17 minutes on 2 CPU cores (1002 s measured):
+Dev: which part of the caption head keeps the image's signal from the backbone? The same ResNet-18,
+images, seed and budget are trained through a ladder of heads, each rung one change from the one
+before, and each backbone is then judged by the VOC SVMs of evaluate.py. With the defaults it runs
+in 17 minutes on 2 CPU cores (1002 s measured):
 
   python data/shapes/prepare.py && python tokenizer.py --captions=data/shapes/coco/annotations/captions_train2017.json \
       --vocab_size=256 --out=data/shapes/vocab                      # once
   python dev/head_study.py                                          # all rungs, a table at the end
   python dev/head_study.py --rungs=labels,bicaptioning --steps=200  # some rungs
 
-Per rung it prints the validation loss with the true images, with every caption paired with another image
-(`shuffled`), their difference (`gap`, what the image is worth in nats per target) and `text-only`: the loss of
-a predictor that never sees the image (for the bag heads the best one, the mean target distribution; for captions
-a decoder trained as long on the same captions with the image replaced by zeros; the shallow rung, which sees only
-the previous word, cannot reach it even with the image). All heads train with AdamW at
-the same learning rates, no augmentation (the images are kept in memory as uint8), batches of 64, warmup then
-cosine.
+Per rung it prints the validation loss with the true images, with every caption paired with another
+image (`shuffled`), their difference (`gap`, what the image is worth in nats per target) and
+`text-only`: the loss of a predictor that never sees the image (for the bag heads the best one, the
+mean target distribution; for captions a decoder trained as long on the same captions with the image
+replaced by zeros; the shallow rung, which sees only the previous word, cannot reach it even with
+the image). All heads train with AdamW at the same learning rates, no augmentation (the images are
+kept in memory as uint8), batches of 64, warmup then cosine.
 
 The rungs (each adds one change to the previous one):
-  labels          linear layer on the pooled grid, per-class sigmoids: the image's categories (a label pretext)
-  category_words  linear layer on the pooled grid, one softmax: the categories named in a caption, equally weighted
+  labels          linear layer on the pooled grid, per-class sigmoids: the image's categories (a
+                  label pretext)
+  category_words  linear layer on the pooled grid, one softmax: the categories named in a caption,
+                  equally weighted
   caption_words   the same over all the caption's words (the paper's token classification pretext)
-  shallow         captions predicted word by word: the projected pooled grid added to each word embedding, then the
-                  tied output layer (no Transformer)
-  decoder         + one Transformer decoder layer (self-attention and feed-forward), the image still added
-  cross_attention the image enters by cross-attention over the grid instead (the forward captioning head)
+  shallow         captions predicted word by word: the projected pooled grid added to each word
+                  embedding, then the tied output layer (no Transformer)
+  decoder         + one Transformer decoder layer (self-attention and feed-forward), the image still
+                  added
+  cross_attention the image enters by cross-attention over the grid instead (the forward
+                  captioning head)
   bicaptioning    + the backward decoder: the VirTex head as config/shapes.py trains it
-  paper_init      the same with the paper's init (std 0.02), dropout 0.1 and one learning rate for head and backbone
-  sorted_names    bicaptioning with each caption replaced by the sorted names of the image's categories
-  cappa           bicaptioning's forward decoder alone, with CapPa's parallel prediction: 75 % of the captions are
-                  predicted all at once from [MASK] inputs (train.py --pretext=cappa); its text-only reference mixes
-                  the same shares of the per-position word frequencies and the text-only decoder
+  paper_init      the same with the paper's init (std 0.02), dropout 0.1 and one learning rate for
+                  head and backbone
+  sorted_names    bicaptioning with each caption replaced by the sorted names of the image's
+                  categories
+  cappa           bicaptioning's forward decoder alone, with CapPa's parallel prediction: 75 % of
+                  the captions are predicted all at once from [MASK] inputs (train.py
+                  --pretext=cappa); its text-only reference mixes the same shares of the
+                  per-position word frequencies and the text-only decoder
 """
 import math
 import os
@@ -44,15 +52,18 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from coco import load_eval_image, normalize, pad_tokens, read_coco_split, to_uint8_tensor  # noqa: E402
+from coco import (load_eval_image, normalize, pad_tokens, read_coco_split,  # noqa: E402
+                  to_uint8_tensor)
 from configurator import configure  # noqa: E402
 from evaluate import read_voc, train_and_test_svms  # noqa: E402
 from model import VirTex, VirTexConfig  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
-data = 'data/shapes'        # the shapes world (data/shapes/prepare.py) and its vocabulary data/shapes/vocab.model
-rungs = 'labels,category_words,caption_words,shallow,decoder,cross_attention,bicaptioning,paper_init,sorted_names,cappa'
+# the shapes world (data/shapes/prepare.py) and its vocabulary data/shapes/vocab.model
+data = 'data/shapes'
+rungs = ('labels,category_words,caption_words,shallow,decoder,cross_attention,bicaptioning,'
+         'paper_init,sorted_names,cappa')
 steps = 400
 batch_size = 64
 lr = 2e-3                   # AdamW, backbone
@@ -67,8 +78,8 @@ val_images = 512            # validation captions for the losses
 # -----------------------------------------------------------------------------
 configure(globals())
 torch.set_num_threads(os.cpu_count() or 1)
-RUNGS = ['labels', 'category_words', 'caption_words', 'shallow', 'decoder', 'cross_attention', 'bicaptioning',
-         'paper_init', 'sorted_names', 'cappa']
+RUNGS = ['labels', 'category_words', 'caption_words', 'shallow', 'decoder', 'cross_attention',
+         'bicaptioning', 'paper_init', 'sorted_names', 'cappa']
 chosen = rungs.split(',')
 unknown = [r for r in chosen if r not in RUNGS]
 if unknown:
@@ -76,8 +87,8 @@ if unknown:
 
 
 def load_pixels(paths, center_crop):
-    """(N, 3, 64, 64) uint8: whole images (training, as train.py with min_crop_scale=1), or through the eval
-    transform (VOC, as evaluate.py: shorter side to 73, center 64)."""
+    """(N, 3, 64, 64) uint8: whole images (training, as train.py with min_crop_scale=1), or through
+    the eval transform (VOC, as evaluate.py: shorter side to 73, center 64)."""
     if center_crop:
         return torch.stack([to_uint8_tensor(load_eval_image(p, 64)) for p in paths])
     return torch.stack([to_uint8_tensor(Image.open(p).convert('RGB')) for p in paths])
@@ -85,17 +96,20 @@ def load_pixels(paths, center_crop):
 
 t_start = time.time()
 tok = Tokenizer(f'{data}/vocab.model')
-train_items, val_items = read_coco_split(f'{data}/coco', 'train2017'), read_coco_split(f'{data}/coco', 'val2017')
+train_items, val_items = read_coco_split(f'{data}/coco',
+                                         'train2017'), read_coco_split(f'{data}/coco', 'val2017')
 train_pixels = load_pixels([p for _, p, _ in train_items], center_crop=False)
 val_pixels = load_pixels([p for _, p, _ in val_items[:val_images]], center_crop=False)
 voc_paths, voc_labels = {}, {}
 for split in ('trainval', 'test'):
     paths, voc_labels[split], class_names = read_voc(f'{data}/VOC2007', split)
     voc_paths[split] = load_pixels(paths, center_crop=True)
-print(f"loaded {len(train_items)} training, {len(val_pixels)} val and {sum(len(v) for v in voc_paths.values())} "
-      f"VOC images in {time.time() - t_start:.0f}s", flush=True)
+print(f"loaded {len(train_items)} training, {len(val_pixels)} val and "
+      f"{sum(len(v) for v in voc_paths.values())} VOC images in {time.time() - t_start:.0f}s",
+      flush=True)
 
-# the targets: the categories of an image are the names of its objects that its captions name (VOC's non-difficult)
+# the targets: the categories of an image are the names of its objects that its captions name (VOC's
+# non-difficult)
 category_of = {}
 for word in class_names:  # singular and plural pieces of each category name
     for form in (word, word + 's', word + 'es'):
@@ -114,7 +128,8 @@ def categories(captions):
 
 
 def targets(items, rung, rng):
-    """One training target per image, drawn as train.py draws a caption: ids (list) or a label vector."""
+    """One training target per image, drawn as train.py draws a caption: ids (list) or a label
+    vector."""
     out = []
     for _, _, captions in items:
         caption = captions[rng.integers(len(captions))]
@@ -132,7 +147,8 @@ def targets(items, rung, rng):
 
 
 class Head(nn.Module):
-    """The rung's head on top of the shared backbone (model.visual); the caption rungs reuse VirTex's modules."""
+    """The rung's head on top of the shared backbone (model.visual); the caption rungs reuse
+    VirTex's modules."""
 
     def __init__(self, rung):
         super().__init__()
@@ -141,13 +157,14 @@ class Head(nn.Module):
         self.caption = rung not in ('labels', 'category_words', 'caption_words')
         pretext = 'bicaptioning' if rung in ('bicaptioning', 'paper_init', 'sorted_names') else \
             'cappa' if rung == 'cappa' else 'captioning'
-        cfg = VirTexConfig(visual='resnet18', vocab_size=len(tok), n_layer=1, n_embd=n_embd, n_head=n_head,
-                           dropout=0.1 if paper else dropout, pretext=pretext,
+        cfg = VirTexConfig(visual='resnet18', vocab_size=len(tok), n_layer=1, n_embd=n_embd,
+                           n_head=n_head, dropout=0.1 if paper else dropout, pretext=pretext,
                            zero_init_residual=False, init_std=0.02 if paper else init_std)
         torch.manual_seed(seed)  # the same backbone init on every rung
         self.model = VirTex(cfg)
         if not self.caption:
-            self.linear = nn.Linear(self.model.visual_width, len(class_names) if rung == 'labels' else len(tok))
+            self.linear = nn.Linear(self.model.visual_width,
+                                    len(class_names) if rung == 'labels' else len(tok))
 
     def head_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith('model.visual.')]
@@ -156,20 +173,23 @@ class Head(nn.Module):
         """Per-target mean loss: (loss, number of targets) for a batch. grid (B, C, h, w)."""
         m = self.model
         if not self.caption:
-            logits = self.linear(grid.mean((2, 3)))                                  # (B, classes or V)
+            # (B, classes or V)
+            logits = self.linear(grid.mean((2, 3)))
             if self.rung == 'labels':
                 y = torch.zeros_like(logits)
                 for row, labels in zip(y, target):
                     row[labels] = 1
                 return F.binary_cross_entropy_with_logits(logits, y)
             y = torch.zeros_like(logits)
-            for row, ids in zip(y, target):  # a word that comes twice counts twice: the target sums to 1
+            # a word that comes twice counts twice: the target sums to 1
+            for row, ids in zip(y, target):
                 if ids:
                     row.index_add_(0, torch.tensor(ids), row.new_full((len(ids),), 1 / len(ids)))
             keep = y.sum(1) > 0
             return -(y[keep] * logits[keep].log_softmax(-1)).sum(1).mean()
         tokens = pad_tokens(target)
-        if self.rung in ('shallow', 'decoder'):  # the pooled image added to every position, no cross-attention
+        # the pooled image added to every position, no cross-attention
+        if self.rung in ('shallow', 'decoder'):
             image = m.visual_projection(grid.mean((2, 3)))[:, None]                  # (B, 1, H)
             x = m.embed(tokens[:, :-1]) + image * (tokens[:, :-1] != 0).unsqueeze(-1)
             if self.rung == 'decoder':
@@ -179,14 +199,15 @@ class Head(nn.Module):
             real = tokens[:, 1:] != 0
             return F.cross_entropy(m.lm_head(x[real]), tokens[:, 1:][real])
         loss, parts = m.losses(m.project(grid), tokens)
-        if self.rung == 'cappa':  # per target already: the mean over both modes' targets (in eval, their mix)
+        # per target already: the mean over both modes' targets (in eval, their mix)
+        if self.rung == 'cappa':
             return loss
         return loss / len(parts)  # per direction, so that every rung's loss is per target
 
 
 def text_only_loss(train_rows, val_rows, rung):
-    """The loss of an image-blind predictor: for bag targets the best one, the mean target distribution; for
-    captions a decoder that is trained without the image."""
+    """The loss of an image-blind predictor: for bag targets the best one, the mean target
+    distribution; for captions a decoder that is trained without the image."""
     if rung == 'labels':
         y = torch.zeros(len(train_rows), len(class_names))
         for row, labels in zip(y, train_rows):
@@ -202,7 +223,8 @@ def text_only_loss(train_rows, val_rows, rung):
         for ids in rows:
             for i in ids:
                 mean[i] += 1 / (len(ids) * len(rows))
-        losses = [-sum(math.log(mean.get(i, 1e-6)) for i in ids) / len(ids) for ids in val_rows if ids]
+        losses = [-sum(math.log(mean.get(i, 1e-6)) for i in ids) / len(ids)
+                  for ids in val_rows if ids]
         return float(np.mean(losses))
     forward, both_directions = text_only_decoder(train_rows, val_rows)
     if rung == 'cappa':  # its eval loss mixes the modes: 0.75 parallel, 0.25 forward captioning
@@ -211,10 +233,12 @@ def text_only_loss(train_rows, val_rows, rung):
 
 
 def position_frequencies_loss(train_rows, val_rows):
-    """The best image-blind parallel predictor: each position's word frequencies in the training captions."""
+    """The best image-blind parallel predictor: each position's word frequencies in the training
+    captions."""
     counts = Counter((t, i) for ids in train_rows for t, i in enumerate(ids[1:]))
     totals = Counter(t for ids in train_rows for t in range(len(ids) - 1))
-    losses = [-math.log(max(counts[(t, i)], 1e-6) / totals[t]) for ids in val_rows for t, i in enumerate(ids[1:])]
+    losses = [-math.log(max(counts[(t, i)], 1e-6) / totals[t]) for ids in val_rows
+              for t, i in enumerate(ids[1:])]
     return float(np.mean(losses))
 
 
@@ -222,14 +246,17 @@ TEXT_ONLY = {}
 
 
 def text_only_decoder(train_rows, val_rows):
-    """A bicaptioning decoder trained on the same captions with the image replaced by zeros (no backbone, so it
-    is quick), same steps and batch: its val loss (forward, mean of both directions) is the text-only reference."""
+    """A bicaptioning decoder trained on the same captions with the image replaced by zeros (no
+    backbone, so it is quick), same steps and batch: its val loss (forward, mean of both directions)
+    is the text-only reference."""
     key = (len(train_rows), tuple(map(tuple, val_rows[:8])))
     if key not in TEXT_ONLY:
         torch.manual_seed(seed)
-        model = VirTex(VirTexConfig(visual='resnet18', vocab_size=len(tok), n_layer=1, n_embd=n_embd, n_head=n_head,
-                                    dropout=0.0, zero_init_residual=False, init_std=init_std))
-        optimizer = torch.optim.AdamW([p for n, p in model.named_parameters() if not n.startswith('visual.')], lr=lr)
+        model = VirTex(VirTexConfig(visual='resnet18', vocab_size=len(tok), n_layer=1,
+                                    n_embd=n_embd, n_head=n_head, dropout=0.0,
+                                    zero_init_residual=False, init_std=init_std))
+        optimizer = torch.optim.AdamW([p for n, p in model.named_parameters()
+                                       if not n.startswith('visual.')], lr=lr)
         rng = np.random.default_rng(seed)
         for step in range(steps):
             index = rng.integers(len(train_rows), size=batch_size)
@@ -247,13 +274,16 @@ def text_only_decoder(train_rows, val_rows):
 
 @torch.no_grad()
 def validate(head, val_rows):
-    """(true-image loss, shuffled-image loss) on the val images, in batches of 128 (each rolled by one)."""
+    """(true-image loss, shuffled-image loss) on the val images, in batches of 128 (each rolled by
+    one)."""
     head.eval()
     sums = np.zeros(2)
     for s in range(0, len(val_rows), 128):
-        grid = head.model.encode_images(normalize(val_pixels[s:s + 128]).contiguous(memory_format=torch.channels_last))
+        grid = head.model.encode_images(
+            normalize(val_pixels[s:s + 128]).contiguous(memory_format=torch.channels_last))
         rows = val_rows[s:s + 128]
-        sums += [head.losses(grid, rows).item() * len(rows), head.losses(grid.roll(1, 0), rows).item() * len(rows)]
+        sums += [head.losses(grid, rows).item() * len(rows),
+                 head.losses(grid.roll(1, 0), rows).item() * len(rows)]
     head.train()
     return sums / len(val_rows)
 
@@ -264,7 +294,8 @@ def voc_map(backbone):
     model = backbone.eval()
     features = {}
     for split, pixels in voc_paths.items():
-        features[split] = torch.cat([F.normalize(model.encode_images(normalize(pixels[s:s + 256])).mean((2, 3)), dim=1)
+        features[split] = torch.cat(
+            [F.normalize(model.encode_images(normalize(pixels[s:s + 256])).mean((2, 3)), dim=1)
                                      for s in range(0, len(pixels), 256)])
     ap, _, _ = train_and_test_svms(features['trainval'], torch.from_numpy(voc_labels['trainval']),
                                    features['test'], torch.from_numpy(voc_labels['test']))
@@ -272,7 +303,8 @@ def voc_map(backbone):
 
 
 rows = []
-random_backbone = Head('labels').model  # the same init, untrained: the reference every rung should beat
+# the same init, untrained: the reference every rung should beat
+random_backbone = Head('labels').model
 rows.append(('random init', '', '', '', '', voc_map(random_backbone)))
 print(f"random init: VOC mAP {rows[-1][-1]:.2f}", flush=True)
 for rung in chosen:
@@ -280,7 +312,8 @@ for rung in chosen:
     head = Head(rung).to(memory_format=torch.channels_last)
     rng = np.random.default_rng(seed)
     val_rows = targets(val_items[:val_images], rung, np.random.default_rng(seed + 1))
-    text_only = text_only_loss(targets(train_items, rung, np.random.default_rng(seed + 2)), val_rows, rung)
+    text_only = text_only_loss(targets(train_items, rung, np.random.default_rng(seed + 2)),
+                               val_rows, rung)
     rates = (lr, lr) if rung == 'paper_init' else (lr, head_lr)
     groups = [{'params': list(head.model.visual.parameters()), 'lr': rates[0]},
               {'params': head.head_parameters(), 'lr': rates[1]}]
@@ -289,30 +322,34 @@ for rung in chosen:
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     order, position = rng.permutation(len(train_items)), 0
     for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps)) if step >= warmup else 1)
+        scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps))
+                                                 if step >= warmup else 1)
         for g in optimizer.param_groups:
             g['lr'] = g['base_lr'] * scale
         if position + batch_size > len(order):
             order, position = rng.permutation(len(train_items)), 0
         index = order[position:position + batch_size]
         position += batch_size
-        grid = head.model.encode_images(normalize(train_pixels[index]).contiguous(memory_format=torch.channels_last))
+        grid = head.model.encode_images(
+            normalize(train_pixels[index]).contiguous(memory_format=torch.channels_last))
         loss = head.losses(grid, targets([train_items[i] for i in index], rung, rng))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g['params']], 10.0)
         optimizer.step()
         if (step + 1) % 100 == 0:
-            print(f"  {rung} step {step + 1}/{steps}: loss {loss.item():.3f} ({time.time() - t0:.0f}s)", flush=True)
+            print(f"  {rung} step {step + 1}/{steps}: loss {loss.item():.3f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
     true, shuffled = validate(head, val_rows)
-    rows.append((rung, f"{true:.3f}", f"{shuffled:.3f}", f"{shuffled - true:+.3f}", f"{text_only:.3f}",
-                 voc_map(head.model)))
-    print(f"{rung}: val loss {true:.3f}, shuffled images {shuffled:.3f}, text-only {text_only:.3f}, "
-          f"VOC mAP {rows[-1][-1]:.2f} ({time.time() - t0:.0f}s)", flush=True)
+    rows.append((rung, f"{true:.3f}", f"{shuffled:.3f}", f"{shuffled - true:+.3f}",
+                 f"{text_only:.3f}", voc_map(head.model)))
+    print(f"{rung}: val loss {true:.3f}, shuffled images {shuffled:.3f}, text-only "
+          f"{text_only:.3f}, VOC mAP {rows[-1][-1]:.2f} ({time.time() - t0:.0f}s)", flush=True)
 
 header = ('head', 'val loss', 'shuffled', 'gap', 'text-only', 'VOC mAP')
 table = [header] + [(*r[:5], f"{r[5]:.2f}") for r in rows]
 widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-print(f"\n{steps} steps x {batch_size} images per rung, seed {seed}, {time.time() - t_start:.0f}s in all")
+print(f"\n{steps} steps x {batch_size} images per rung, seed {seed}, "
+      f"{time.time() - t_start:.0f}s in all")
 for r in table:
     print(' | '.join(cell.ljust(w) for cell, w in zip(r, widths)))

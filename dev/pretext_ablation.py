@@ -1,20 +1,23 @@
 """
-The paper's pretext-task ablation (its Table 2) on a synthetic world, and what each backbone knows beyond the
-category: the same ResNet pretrained with each pretext task (and at random init), every one judged by the same
-VOC07 linear SVMs on the world's VOC classes and on each of its attribute tasks (data/shapes/prepare.py writes
-them: colour, size, count, background, position, colour x category binding; the objects world adds texture).
+The paper's pretext-task ablation (its Table 2) on a synthetic world, and what each backbone knows
+beyond the category: the same ResNet pretrained with each pretext task (and at random init), every
+one judged by the same VOC07 linear SVMs on the world's VOC classes and on each of its attribute
+tasks (data/shapes/prepare.py writes them: colour, size, count, background, position, colour x
+category binding; the objects world adds texture).
 
   python dev/pretext_ablation.py                                # every pretext + random init, seeds 0 and 1
   python dev/pretext_ablation.py --seeds=0 --pretexts=masked_lm,token_classification
   python dev/pretext_ablation.py --data=data/objects --pretexts=bicaptioning,multilabel_classification --seeds=0
 
-Every run is `python train.py config/shapes.py --pretext=P --seed=S` (the demo's recipe; nothing else changes)
-into OUT/P_seedS/, where OUT is out/ablation for the shapes world and out/ablation_<world> for another. Then, per
-backbone, `evaluate.py --voc_root=DATA/VOC2007 --save_features=...` extracts the features once (and gives the
-category mAP), and for every attribute the same features with the attribute's labels go through
-`evaluate.py --features=...`: the SVMs only, seconds each. A run that already finished (its last checkpoint, with
-this pretext and seed) is judged again, not retrained; for bicaptioning on the shapes world that includes the
-demo's own run, out/demo_seedS/. Needs DATA/ with the COCO instances files and DATA/vocab.model (see README).
+Every run is `python train.py config/shapes.py --pretext=P --seed=S` (the demo's recipe; nothing
+else changes) into OUT/P_seedS/, where OUT is out/ablation for the shapes world and
+out/ablation_<world> for another. Then, per backbone, `evaluate.py --voc_root=DATA/VOC2007
+--save_features=...` extracts the features once (and gives the category mAP), and for every
+attribute the same features with the attribute's labels go through `evaluate.py --features=...`: the
+SVMs only, seconds each. A run that already finished (its last checkpoint, with this pretext and
+seed) is judged again, not retrained; for bicaptioning on the shapes world that includes the demo's
+own run, out/demo_seedS/. Needs DATA/ with the COCO instances files and DATA/vocab.model (see
+README).
 Prints both tables and writes OUT/results.json.
 """
 
@@ -26,7 +29,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import HERE, config_max_iters, finished, random_init_args, train, train_minutes, voc_map  # noqa: E402
+from runs import (HERE, config_max_iters, finished, random_init_args, train,  # noqa: E402
+                  train_minutes, voc_map)
 from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
 from evaluate import read_voc  # noqa: E402
 from model import PRETEXTS  # noqa: E402
@@ -36,7 +40,8 @@ pretexts = ','.join(PRETEXTS)
 seeds = '0,1'
 data = 'data/shapes'
 config = 'config/shapes.py'
-out_dir = ''                # default: out/ablation, or out/ablation_<world> for a world other than the shapes world
+# default: out/ablation, or out/ablation_<world> for a world other than the shapes world
+out_dir = ''
 attributes = True           # also judge every backbone on DATA/attributes/*
 # ----------------------------------------------------------------------------------------------
 if configure(globals()):
@@ -47,11 +52,13 @@ for p in pretext_list:
         raise SystemExit(f"error: --pretexts: {p!r} is not one of {', '.join(PRETEXTS)}")
 world = os.path.basename(data.rstrip('/'))
 out_dir = out_dir or ('out/ablation' if world == 'shapes' else f'out/ablation_{world}')
-needed = [f'{data}/coco/annotations/instances_train2017.json', f'{data}/vocab.model', f'{data}/VOC2007', config]
+needed = [f'{data}/coco/annotations/instances_train2017.json', f'{data}/vocab.model',
+          f'{data}/VOC2007', config]
 for path in needed + ([f'{data}/attributes'] if attributes else []):
     if not os.path.exists(os.path.join(HERE, path)):
-        raise SystemExit(f"error: {path} does not exist (make the world and its vocabulary first: see README; "
-                         f"an older world gets its attributes with prepare.py --attributes_only)")
+        raise SystemExit(f"error: {path} does not exist (make the world and its vocabulary first: "
+                         "see README; an older world gets its attributes with prepare.py "
+                         "--attributes_only)")
 max_iters = config_max_iters(config)
 voc = f'{data}/VOC2007'
 attribute_names = sorted(os.listdir(os.path.join(HERE, data, 'attributes'))) if attributes else []
@@ -59,7 +66,8 @@ attribute_names = ['category'] + [a for a in attribute_names if a != 'category']
 
 
 def judge(name, source_args, folder):
-    """{attribute: mAP} of one backbone: its VOC features extracted once, then the SVMs per attribute."""
+    """{attribute: mAP} of one backbone: its VOC features extracted once, then the SVMs per
+    attribute."""
     features = f'{folder}/{name}_features.npz'
     maps = {'category': voc_map([f'--voc_root={voc}', *source_args, f'--save_features={features}'],
                                 f'{folder}/{name}_voc.log')}
@@ -68,12 +76,14 @@ def judge(name, source_args, folder):
     for attribute in attribute_names[1:]:
         labels = {}
         for split, key in (('trainval', 'train_y'), ('test', 'test_y')):
-            paths, labels[key], names = read_voc(os.path.join(HERE, data, 'attributes', attribute), split)
+            paths, labels[key], names = read_voc(os.path.join(HERE, data, 'attributes', attribute),
+                                                 split)
             same = list(map(os.path.basename, read_voc(os.path.join(HERE, voc), split)[0]))
-            assert list(map(os.path.basename, paths)) == same, f'{attribute}: other images than VOC2007'
+            assert list(map(os.path.basename, paths)) == same, \
+                f'{attribute}: other images than VOC2007'
         path = f'{folder}/{name}_{attribute}.npz'
-        np.savez(os.path.join(HERE, path), train_x=arrays['train_x'], test_x=arrays['test_x'], **labels,
-                 class_names=np.array(names))
+        np.savez(os.path.join(HERE, path), train_x=arrays['train_x'], test_x=arrays['test_x'],
+                 **labels, class_names=np.array(names))
         maps[attribute] = voc_map([f'--features={path}'], f'{folder}/{name}_{attribute}.log')
         os.remove(os.path.join(HERE, path))
     return maps
@@ -85,7 +95,8 @@ t_start = time.time()
 for seed in seed_list:
     for pretext in pretext_list:
         run_dir, demo_dir = f'{out_dir}/{pretext}_seed{seed}', f'out/demo_seed{seed}'
-        if world == 'shapes' and pretext == 'bicaptioning' and not finished(run_dir, max_iters, pretext=pretext,
+        if world == 'shapes' and pretext == 'bicaptioning' and not finished(run_dir, max_iters,
+                                                                            pretext=pretext,
                                                                            seed=seed) \
                 and finished(demo_dir, max_iters, pretext=pretext, seed=seed, train_fraction=1.0):
             run_dir = demo_dir
@@ -96,14 +107,17 @@ for seed in seed_list:
             train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
                             f'--pretext={pretext}', f'--seed={seed}'])
         maps = judge(f'{pretext}_seed{seed}', [f'--ckpt={run_dir}/ckpt.pt'], out_dir)
-        results[(pretext, seed)] = {'maps': maps, 'train_min': train_minutes(run_dir), 'run': run_dir}
-        print(f"seed {seed}: {pretext}: " + ', '.join(f'{a} {m:.2f}' for a, m in maps.items()), flush=True)
+        results[(pretext, seed)] = {'maps': maps, 'train_min': train_minutes(run_dir),
+                                    'run': run_dir}
+        print(f"seed {seed}: {pretext}: " + ', '.join(f'{a} {m:.2f}' for a, m in maps.items()),
+              flush=True)
     print(f"seed {seed}: random init", flush=True)  # the ResNet every run started from
     maps = judge(f'random_seed{seed}', random_init_args(f'{run_dir}/ckpt.pt', seed), out_dir)
     results[('random init', seed)] = {'maps': maps, 'train_min': 0.0}
 
 # ----------------------------------------------------------------------------------------------
-# the tables: the pretext table (category mAP per seed, mean, gain, time), then the attributes (seed means)
+# the tables: the pretext table (category mAP per seed, mean, gain, time), then the attributes (seed
+# means)
 rows = ['random init'] + pretext_list
 mean = lambda row, attribute: np.mean([results[(row, s)]['maps'][attribute] for s in seed_list])
 print(f"\n{'pretext':<27}" + ''.join(f"{'seed ' + str(s):>9}" for s in seed_list)
@@ -115,12 +129,13 @@ for row in rows:
           + f"{mean(row, 'category') - mean('random init', 'category'):>+11.2f}"
           + (f"{minutes:>11.1f}" if minutes else f"{'-':>11}"))
 if attribute_names[1:]:
-    print(f"\nmAP per attribute (mean of seeds {', '.join(map(str, seed_list))}); 'others' is the mean of all but "
-          f"category")
+    print(f"\nmAP per attribute (mean of seeds {', '.join(map(str, seed_list))}); 'others' is the "
+          f"mean of all but category")
     print(f"{'pretext':<27}" + ''.join(f"{a:>11}" for a in attribute_names) + f"{'others':>9}")
     for row in rows:
         others = np.mean([mean(row, a) for a in attribute_names[1:]])
-        print(f"{row:<27}" + ''.join(f"{mean(row, a):>11.2f}" for a in attribute_names) + f"{others:>9.2f}")
+        print(f"{row:<27}" + ''.join(f"{mean(row, a):>11.2f}" for a in attribute_names)
+              + f"{others:>9.2f}")
 print(f"\nwall time {(time.time() - t_start) / 60:.1f} min")
 with open(os.path.join(HERE, out_dir, 'results.json'), 'w') as f:
     json.dump([{'pretext': p, 'seed': s, **r} for (p, s), r in results.items()], f, indent=1)

@@ -1,7 +1,8 @@
 """
-Helpers of the dev experiments that train and judge several backbones (pretext_ablation.py, data_efficiency.py,
-recipe_study.py, attributes.py): run a project script with its output kept in a log (demo.py's runner), tell a
-finished train.py run from an unfinished one, read the numbers the scripts print last.
+Helpers of the dev experiments that train and judge several backbones (pretext_ablation.py,
+data_efficiency.py, recipe_study.py, attributes.py): run a project script with its output kept in a
+log (demo.py's runner), tell a finished train.py run from an unfinished one, read the numbers the
+scripts print last.
 """
 
 import json
@@ -17,7 +18,8 @@ from demo import random_init_args, run_logged  # noqa: E402
 
 
 def run(args, log_path):
-    """A project script (paths relative to the repository), its output kept in log_path; returns its output."""
+    """A project script (paths relative to the repository), its output kept in log_path; returns its
+    output."""
     t0 = time.time()
     lines = run_logged(args, log_path, echo=False)
     print(f"  {os.path.basename(args[0])} done in {time.time() - t0:.0f} s", flush=True)
@@ -31,17 +33,20 @@ def config_max_iters(config):
 
 
 def finished(run_dir, max_iters, **expected):
-    """True if run_dir holds train.py's last checkpoint of a max_iters run whose config has the expected values."""
+    """True if run_dir holds train.py's last checkpoint of a max_iters run whose config has the
+    expected values."""
     path = os.path.join(HERE, run_dir, 'ckpt.pt')
     if not os.path.exists(path):
         return False
     ckpt = load_file(path)
     cfg = ckpt['config']
-    return ckpt['iter_num'] == cfg['max_iters'] == max_iters and all(cfg[k] == v for k, v in expected.items())
+    return ckpt['iter_num'] == cfg['max_iters'] == max_iters and all(cfg[k] == v
+                                                                     for k, v in expected.items())
 
 
 def train(run_dir, args):
-    """train.py with args into run_dir, from the start (the callers skip runs that finished: see finished())."""
+    """train.py with args into run_dir, from the start (the callers skip runs that finished: see
+    finished())."""
     os.makedirs(os.path.join(HERE, run_dir), exist_ok=True)
     run(['train.py', *args, f'--out_dir={run_dir}', '--overwrite=True'], f'{run_dir}/train.log')
 
@@ -54,11 +59,13 @@ def train_minutes(run_dir):
 
 
 def voc_map(args, log_path):
-    """evaluate.py's VOC07 mAP with these arguments (e.g. ['--voc_root=...', '--ckpt=...'], or ['--features=...'])."""
+    """evaluate.py's VOC07 mAP with these arguments (e.g. ['--voc_root=...', '--ckpt=...'], or
+    ['--features=...'])."""
     output = run(['evaluate.py', *args], log_path)
     return float(re.findall(r'^mAP: ([\d.]+)', output, re.M)[-1])
 
 
 def random_init_map(voc_root, seed, log_path, run_dir):
     """The baseline every table shows: the ResNet a run in run_dir started from, at random init."""
-    return voc_map([f'--voc_root={voc_root}', *random_init_args(f'{run_dir}/ckpt.pt', seed)], log_path)
+    return voc_map([f'--voc_root={voc_root}', *random_init_args(f'{run_dir}/ckpt.pt', seed)],
+                   log_path)
