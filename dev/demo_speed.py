@@ -3,9 +3,9 @@ The demo against an earlier version of itself, side by side on one machine: each
 of its commit (so data generation and the vocabulary are part of the time, as for a newcomer), one
 after the other, never at once.
 
-  python dev/demo_speed.py                                  # f9db9ea (fp32, batch 64, 2500 iterations) vs HEAD
+  python dev/demo_speed.py                      # f9db9ea (fp32, batch 64, 2500 iterations) vs HEAD
   python dev/demo_speed.py --seeds=0,1 --before=f9db9ea --after=HEAD
-  python dev/demo_speed.py --pretrain_iters=200   # only each commit's pretraining, 200 iterations (minutes)
+  python dev/demo_speed.py --pretrain_iters=150 # each commit's pretraining alone, 150 iterations
 
 With --pretrain_iters=N each commit's clone runs only its own `train.py config/shapes.py` for N
 iterations (after its demo generated the data and vocabulary once) and the ratio is of the

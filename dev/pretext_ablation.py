@@ -31,7 +31,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, config_max_iters, finished, random_init_args, train,  # noqa: E402
                   train_minutes, voc_map)
-from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
+# runs.py put the repository on the path
+from configurator import configure, write_atomically  # noqa: E402
 from evaluate import read_voc  # noqa: E402
 from model import PRETEXTS  # noqa: E402
 
@@ -137,5 +138,6 @@ if attribute_names[1:]:
         print(f"{row:<27}" + ''.join(f"{mean(row, a):>11.2f}" for a in attribute_names)
               + f"{others:>9.2f}")
 print(f"\nwall time {(time.time() - t_start) / 60:.1f} min")
-with open(os.path.join(HERE, out_dir, 'results.json'), 'w') as f:
-    json.dump([{'pretext': p, 'seed': s, **r} for (p, s), r in results.items()], f, indent=1)
+rows_json = [{'pretext': p, 'seed': s, **r} for (p, s), r in results.items()]
+write_atomically(os.path.join(HERE, out_dir, 'results.json'),
+                 lambda f: json.dump(rows_json, f, indent=1), mode='w')
