@@ -1,0 +1,85 @@
+"""
+Does a change keep the function the model trains? Two commits' train.py run the demo's config on the
+same data, seed and float32 for a few iterations, logging the loss of every iteration, and the two
+logs are compared bit for bit. A refactoring must give the same numbers; a change of numerics (a
+fused optimizer) shows where it starts to differ and by how much.
+
+  python dev/same_losses.py                 # f9db9ea vs HEAD, 100 iterations
+  python dev/same_losses.py --foreach=True  # HEAD's fused optimizers set back to foreach
+
+Both run from fresh clones in out/same_losses/<commit>/ (kept), on this checkout's
+data/shapes/ (python demo.py or data/shapes/prepare.py + tokenizer.py make it). With --foreach=True
+the later commit's clone has `fused=True` replaced by `foreach=True` in its train.py, in a folder of
+its own. Run nothing else meanwhile.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+from configurator import configure  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+before = 'f9db9ea'
+after = 'HEAD'
+iters = 100
+foreach = False             # True: the later commit's optimizers as the earlier one built them
+# ----------------------------------------------------------------------------------------------
+if configure(globals()):
+    raise SystemExit("error: this script takes only --key=value flags")
+data = os.path.join(HERE, 'data/shapes')
+if not os.path.exists(os.path.join(data, 'vocab.model')):
+    raise SystemExit(f"error: {data}/vocab.model does not exist: run python demo.py once")
+
+
+def clone(commit, name):
+    folder = os.path.join(HERE, 'out/same_losses', name)
+    if not os.path.exists(folder):
+        subprocess.run(['git', 'clone', '--quiet', HERE, folder], check=True)
+        subprocess.run(['git', '-C', folder, 'checkout', '--quiet', commit], check=True)
+    return folder
+
+
+def losses(commit, name, patch=False):
+    """{iteration: (loss, its terms)} of `iters` float32 iterations of commit's train.py."""
+    folder = clone(commit, name)
+    if patch:
+        path = os.path.join(folder, 'train.py')
+        with open(path) as f:
+            text = f.read()
+        if 'fused=True' not in text and 'foreach=True' not in text:
+            raise SystemExit(f"error: {path} builds no fused optimizer to set back")
+        with open(path, 'w') as f:
+            f.write(text.replace('fused=True', 'foreach=True'))
+    run_dir = os.path.join(folder, 'out/same_losses')
+    args = ['train.py', 'config/shapes.py', f'--data_root={data}/coco',
+            f'--tokenizer={data}/vocab.model', f'--max_iters={iters}', '--log_interval=1',
+            '--eval_interval=0', f'--ckpt_interval={iters}', '--dtype=float32',
+            f'--out_dir={run_dir}']
+    # the clone's own run of last time goes (f9db9ea's train.py has no --overwrite)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"{name}: python {' '.join(args)}", flush=True)
+    proc = subprocess.run([sys.executable, *args], cwd=folder, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"error: {name}'s train.py failed:\n{proc.stderr[-2000:]}")
+    with open(os.path.join(run_dir, 'log.jsonl')) as f:
+        records = [json.loads(line) for line in f]
+    return {r['iter']: tuple(v for k, v in sorted(r.items()) if k.startswith('loss'))
+            for r in records if r['event'] == 'train'}
+
+
+old = losses(before, before)
+new = losses(after, after + ('-foreach' if foreach else ''), patch=foreach)
+same = [i for i in sorted(old) if old[i] == new.get(i)]
+first_diff = next((i for i in sorted(old) if old[i] != new.get(i)), None)
+print(f"\n{len(same)} of {len(old)} iterations have bitwise equal losses")
+if first_diff is None:
+    print(f"the same function: every loss of {before} and {after} agrees to the last bit")
+else:
+    worst = max(abs(a - b) for i in old for a, b in zip(old[i], new[i]))
+    print(f"first difference at iteration {first_diff}: {old[first_diff]} vs {new[first_diff]}; "
+          f"largest difference in {iters} iterations {worst:.2e}")
