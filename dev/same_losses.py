@@ -1,8 +1,9 @@
 """
 Does a change keep the function the model trains? Two commits' train.py run the demo's config on the
 same data, seed and float32 for a few iterations, logging the loss of every iteration, and the two
-logs are compared bit for bit. A refactoring must give the same numbers; a change of numerics (a
-fused optimizer) shows where it starts to differ and by how much.
+logs are compared bit for bit; then each commit's evaluate.py judges the earlier commit's
+checkpoint, and the per-class APs are compared the same way. A refactoring must give the same
+numbers; a change of numerics (a fused optimizer) shows where it starts to differ and by how much.
 
   python dev/same_losses.py                 # f9db9ea vs HEAD, 100 iterations
   python dev/same_losses.py --foreach=True  # HEAD's fused optimizers set back to foreach
@@ -37,6 +38,7 @@ if not os.path.exists(os.path.join(data, 'vocab.model')):
 
 
 def clone(commit, name):
+    """out/same_losses/<name>, a clone of the repository at commit (made once)."""
     folder = os.path.join(HERE, 'out/same_losses', name)
     if not os.path.exists(folder):
         subprocess.run(['git', 'clone', '--quiet', HERE, folder], check=True)
@@ -68,12 +70,31 @@ def losses(commit, name, patch=False):
         raise SystemExit(f"error: {name}'s train.py failed:\n{proc.stderr[-2000:]}")
     with open(os.path.join(run_dir, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
-    return {r['iter']: tuple(v for k, v in sorted(r.items()) if k.startswith('loss'))
-            for r in records if r['event'] == 'train'}
+    losses = {r['iter']: tuple(v for k, v in sorted(r.items()) if k.startswith('loss'))
+              for r in records if r['event'] == 'train'}
+    return losses, folder
 
 
-old = losses(before, before)
-new = losses(after, after + ('-foreach' if foreach else ''), patch=foreach)
+def class_aps(commit_folder, ckpt):
+    """{class: {'ap':, 'cost':, 'cv_ap':}} of the commit's evaluate.py on ckpt."""
+    out_json = os.path.join(commit_folder, 'out/same_losses/voc.json')
+    args = ['evaluate.py', f'--ckpt={ckpt}', f'--voc_root={data}/VOC2007', f'--out_json={out_json}']
+    proc = subprocess.run([sys.executable, *args], cwd=commit_folder, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise SystemExit(f"error: evaluate.py in {commit_folder} failed:\n{proc.stderr[-2000:]}")
+    with open(out_json) as f:
+        result = json.load(f)
+    print(f"{os.path.basename(commit_folder)}: evaluate.py: mAP {result['mAP']:.2f}", flush=True)
+    return result['classes']
+
+
+# names that stay true when HEAD moves on
+before, after = (subprocess.run(['git', '-C', HERE, 'rev-parse', '--short', c], check=True,
+                                capture_output=True, text=True).stdout.strip()
+                 for c in (before, after))
+old, old_folder = losses(before, before)
+new, new_folder = losses(after, after + ('-foreach' if foreach else ''), patch=foreach)
 same = [i for i in sorted(old) if old[i] == new.get(i)]
 first_diff = next((i for i in sorted(old) if old[i] != new.get(i)), None)
 print(f"\n{len(same)} of {len(old)} iterations have bitwise equal losses")
@@ -83,3 +104,7 @@ else:
     worst = max(abs(a - b) for i in old for a, b in zip(old[i], new[i]))
     print(f"first difference at iteration {first_diff}: {old[first_diff]} vs {new[first_diff]}; "
           f"largest difference in {iters} iterations {worst:.2e}")
+old_ckpt = os.path.join(old_folder, 'out/same_losses/ckpt.pt')
+old_aps, new_aps = (class_aps(folder, old_ckpt) for folder in (old_folder, new_folder))
+print("evaluate.py: " + ("the same per-class APs and costs to the last bit" if old_aps == new_aps
+                         else "the per-class results differ"))
