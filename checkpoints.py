@@ -1,9 +1,9 @@
 """
 Every weight file this project reads, read as untrusted input (torch.load with weights_only=True):
 its own train.py checkpoints, those of the official VirTex code (kdexd/virtex), and the torchvision,
-MoCo and VISSL backbones that evaluate.py and probe.py judge. And the folder a train.py run writes
-its checkpoints into:
-claim_run_folder takes its lock and refuses to replace a run by mistake.
+MoCo and VISSL backbones that evaluate.py and probe.py judge. For train.py: load_for_resume refuses
+a checkpoint that cannot continue the run, and claim_run_folder takes the run folder's lock and
+refuses to replace a run by mistake.
 
     from checkpoints import load_model, load_official
     model = load_model('out/ckpt.pt')                          # a train.py checkpoint, any pretext
@@ -26,6 +26,7 @@ import os
 import pickle
 import re
 import socket
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
@@ -61,8 +62,7 @@ def load_model(path: str, device='cpu') -> VirTex:
 
 def load_checkpoint(path: str) -> tuple[VirTex, dict]:
     """A train.py checkpoint as (model with its weights, the whole checkpoint dict, whose 'config'
-    is the run's):
-    the one loading path of evaluate.py, caption.py and train.py's resume."""
+    is the run's): the one loading path of evaluate.py, caption.py and train.py's resume."""
     ckpt = load_file(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or \
             not isinstance(ckpt.get('model_args'), dict):
@@ -76,6 +76,38 @@ def load_checkpoint(path: str) -> tuple[VirTex, dict]:
         raise ValueError(
             f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
     load_strict(model, ckpt['model'], path)
+    return model, ckpt
+
+
+def load_for_resume(path: str, model_args: dict, tokenizer: str, tokenizer_pieces: str,
+                    train_subset, optimizer: str, max_iters: int) -> tuple[VirTex, dict]:
+    """A train.py checkpoint that can continue a run with these settings, as load_checkpoint gives
+    it; otherwise a ValueError (FileNotFoundError) naming the file and what stands in the way."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--init_from=resume: {path} does not exist")
+    model, ckpt = load_checkpoint(path)
+    saved = asdict(model.config)
+    changed = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in model_args.items()
+               if saved[k] != v]
+    if changed:
+        raise ValueError(f"{path}: the model differs from the config: {'; '.join(changed)}")
+    missing = [k for k in ('optimizer', 'iter_num', 'data_position', 'rng_state', 'world_size')
+               if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: cannot resume from it: no {', '.join(missing)} (a model-only "
+                         "file?)")
+    if ckpt['tokenizer_pieces'] != tokenizer_pieces:
+        raise ValueError(f"{path}: was trained with another tokenizer than {tokenizer} (its pieces "
+                         "differ, so the ids would mean other words)")
+    if ckpt['train_subset'] != train_subset:  # --train_fraction or --seed changed: other images
+        raise ValueError(f"{path}: was trained on other images (--train_fraction="
+                         f"{ckpt['config']['train_fraction']}, --seed={ckpt['config']['seed']})")
+    if ckpt['config']['optimizer'] != optimizer:
+        raise ValueError(f"{path}: was trained with --optimizer={ckpt['config']['optimizer']}, "
+                         f"not {optimizer}")
+    if ckpt['iter_num'] >= max_iters:
+        raise ValueError(f"{path}: is at iteration {ckpt['iter_num']} already; give --max_iters "
+                         "above it to train on (the learning-rate schedule follows max_iters)")
     return model, ckpt
 
 

@@ -28,7 +28,6 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
 from functools import partial
 from typing import Annotated, Literal
 
@@ -38,7 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from checkpoints import claim_run_folder, load_checkpoint
+from checkpoints import claim_run_folder, load_for_resume
 from coco import BadImages, CocoCaptions, EpochKeys, collate, normalize, read_instances
 from configurator import (FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Interval, JsonLog,
                           config_keys, configure, one_line_errors, write_atomically)
@@ -269,46 +268,12 @@ model_args = dict(visual=visual, vocab_size=n_classes, n_layer=n_layer, n_embd=n
                   pad_id=tok.pad_id, sos_id=tok.sos_id, eos_id=tok.eos_id, mask_id=tok.mask_id)
 if parallel_fraction is not None:
     model_args['parallel_fraction'] = parallel_fraction
-
-
-def load_for_resume(path):
-    """The model and training state of `path`, refused with one line if they cannot continue this
-    run."""
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --init_from=resume: {path} does not exist")
-    # the loading path of every stage: a bad file is one line, not a traceback
-    with one_line_errors():
-        model, ckpt = load_checkpoint(path)
-    saved = asdict(model.config)
-    changed = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in model_args.items()
-               if saved[k] != v]
-    if changed:
-        raise SystemExit(f"error: {path}: the model differs from the config: {'; '.join(changed)}")
-    missing = [k for k in ('optimizer', 'iter_num', 'data_position', 'rng_state', 'world_size')
-               if k not in ckpt]
-    if missing:
-        raise SystemExit(f"error: {path}: cannot resume from it: no {', '.join(missing)} (a "
-                         "model-only file?)")
-    if ckpt['tokenizer_pieces'] != tok.pieces_hash():
-        raise SystemExit(f"error: {path}: was trained with another tokenizer than {tokenizer} (its "
-                         f"pieces differ, so the ids would mean other words)")
-    if ckpt['train_subset'] != train_subset:  # --train_fraction or --seed changed: other images
-        raise SystemExit(f"error: {path}: was trained on other images (--train_fraction="
-                         f"{ckpt['config']['train_fraction']}, --seed={ckpt['config']['seed']})")
-    if ckpt['config']['optimizer'] != optimizer:
-        raise SystemExit(f"error: {path}: was trained with "
-                         f"--optimizer={ckpt['config']['optimizer']}, not {optimizer}")
-    if ckpt['iter_num'] >= max_iters:
-        raise SystemExit(f"error: {path}: is at iteration {ckpt['iter_num']} already; give "
-                         "--max_iters above it to train on (the learning-rate schedule follows "
-                         "max_iters)")
-    return model, ckpt
-
-
 ckpt = None
 torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
 if init_from == 'resume':
-    model, ckpt = load_for_resume(ckpt_path)
+    with one_line_errors():  # refused if the file cannot continue this run
+        model, ckpt = load_for_resume(ckpt_path, model_args, tokenizer, tok.pieces_hash(),
+                                      train_subset, optimizer, max_iters)
 else:
     model = VirTex(VirTexConfig(**model_args))
 # channels_last: cuDNN and oneDNN convolutions both run faster on NHWC (4x on a 2-core CPU for R-18
