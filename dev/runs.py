@@ -1,6 +1,6 @@
 """
 Helpers of the dev experiments that train and judge several backbones (pretext_ablation.py,
-data_efficiency.py, recipe_study.py, attributes.py): run a project script with its output kept in a
+data_efficiency.py, recipe_study.py): run a project script with its output kept in a
 log (demo.py's runner), tell a finished train.py run from an unfinished one, read the numbers the
 scripts print last.
 """
