@@ -253,11 +253,11 @@ def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS, cg_dt
     Difficult (0) is negative in training and in the CV folds, and left out of the test AP.
     """
     n, C = train_y.shape
-    K, dev = len(costs), train_x.device
+    K, device = len(costs), train_x.device
     y = torch.where(train_y == 1, 1.0, -1.0).to(train_x.dtype)                     # (n, C)
     weight = torch.where(train_y == 1, POSITIVE_WEIGHT, 1.0).to(train_x.dtype)     # (n, C)
     folds = torch.from_numpy(
-        np.stack([stratified_folds(y[:, c].cpu().numpy()) for c in range(C)], 1)).to(dev)
+        np.stack([stratified_folds(y[:, c].cpu().numpy()) for c in range(C)], 1)).to(device)
     # one problem per (split, class, cost): splits 0..2 leave out one CV fold (cost 0), split 3 is
     # the refit on all of trainval. Upstream refits every cost too, so solving all S*C*K = 320
     # together costs one call.
@@ -265,7 +265,7 @@ def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS, cg_dt
     keep = torch.stack([folds != f for f in range(N_FOLDS)]
                        + [torch.ones_like(folds, dtype=torch.bool)])
     # (C*K,) class-major
-    cost_grid = torch.tensor(costs, dtype=train_x.dtype, device=dev).repeat(C)
+    cost_grid = torch.tensor(costs, dtype=train_x.dtype, device=device).repeat(C)
     cost = (keep * weight).repeat_interleave(K, 2) * cost_grid                    # (S, n, C*K)
     cost = cost.permute(1, 0, 2).reshape(n, S * C * K)                            # (n, S*C*K)
     # (D, S*C*K), (S*C*K,)
@@ -281,7 +281,7 @@ def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS, cg_dt
                                                  y[held_out, c]) / N_FOLDS
     # the first of equal means, like upstream's strict '>' over increasing C
     best = cv_ap.argmax(1)
-    classes, costs = torch.arange(C, device=dev), best.to(dev)
+    classes, costs = torch.arange(C, device=device), best.to(device)
     # (D, C): each class's refit at its chosen cost
     chosen_w = w.view(-1, S, C, K)[:, N_FOLDS, classes, costs]
     chosen_b = b.view(S, C, K)[N_FOLDS, classes, costs]         # (C,)

@@ -415,7 +415,7 @@ def voc_map():
     """The backbone's VOC07 mAP, as evaluate.py computes it: pooled features of trainval and test
     with the eval transform (each process extracts its share), then the SVMs on rank 0. Returns
     (mAP, {class: AP}) on rank 0."""
-    from evaluate import extract_features, read_voc, train_and_test_svms
+    from evaluate import extract_features, read_voc, svm_products_dtype, train_and_test_svms
     raw_model.eval()
     splits = {}
     for split in ('trainval', 'test'):
@@ -435,9 +435,8 @@ def voc_map():
     raw_model.train()
     if not master_process:
         return None, None
-    # evaluate.py's svm_dtype=auto
-    products = torch.bfloat16 if native_bf16(device) else torch.float32
-    test_ap, _, _ = train_and_test_svms(*splits['trainval'], *splits['test'], cg_dtype=products)
+    test_ap, _, _ = train_and_test_svms(*splits['trainval'], *splits['test'],
+                                        cg_dtype=svm_products_dtype(device))
     return 100 * test_ap.mean().item(), {name: 100 * ap
                                          for name, ap in zip(class_names, test_ap.tolist())}
 

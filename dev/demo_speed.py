@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runs import HERE, clone  # noqa: E402
+# runs.py put the repository on the path
 from configurator import configure  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -46,18 +47,10 @@ def summary_value(text, label):
     return match.group(1).strip()
 
 
-def clone(commit):
-    folder = os.path.join(HERE, out_dir, commit)
-    if not os.path.exists(folder):
-        subprocess.run(['git', 'clone', '--quiet', HERE, folder], check=True)
-        subprocess.run(['git', '-C', folder, 'checkout', '--quiet', commit], check=True)
-    return folder
-
-
 if pretrain_iters > 0:
     ms_per_iter = {}
     for commit in (before, after):
-        folder = clone(commit)
+        folder = clone(commit, os.path.join(HERE, out_dir, commit))
         if not os.path.exists(os.path.join(folder, 'data/shapes/vocab.model')):
             raise SystemExit(f"error: {folder} has no data/shapes/vocab.model; run its demo "
                              "once first")
@@ -77,7 +70,7 @@ if pretrain_iters > 0:
 
 rows = []
 for commit in (before, after):
-    folder = clone(commit)
+    folder = clone(commit, os.path.join(HERE, out_dir, commit))
     for seed in str(seeds).split(','):
         print(f"{commit}, seed {seed}: python demo.py --seed={seed}", flush=True)
         t0 = time.time()

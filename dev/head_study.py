@@ -322,6 +322,9 @@ for rung in chosen:
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     order, position = rng.permutation(len(train_items)), 0
     for step in range(steps):
+        # the schedule the study's tables were measured with: warmup to the full rate at step
+        # warmup - 1 and a cosine over all steps (lookahead.warmup_cosine starts at 0 and decays
+        # after the warmup only, so it would change every rung's number)
         scale = min(1.0, (step + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * step / steps))
                                                  if step >= warmup else 1)
         for g in optimizer.param_groups:

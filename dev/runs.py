@@ -1,13 +1,14 @@
 """
 Helpers of the dev experiments that train and judge several backbones (pretext_ablation.py,
-data_efficiency.py, recipe_study.py): run a project script with its output kept in a
-log (demo.py's runner), tell a finished train.py run from an unfinished one, read the numbers the
-scripts print last.
+data_efficiency.py, recipe_study.py, demo_speed.py, same_losses.py): run a project script with its
+output kept in a log (demo.py's runner), clone a commit, tell a finished train.py run from an
+unfinished one, read the numbers the scripts print last.
 """
 
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -24,6 +25,14 @@ def run(args, log_path):
     lines = run_logged(args, log_path, echo=False)
     print(f"  {os.path.basename(args[0])} done in {time.time() - t0:.0f} s", flush=True)
     return ''.join(lines)
+
+
+def clone(commit, folder):
+    """folder/, a clone of this repository checked out at commit (made once, then reused)."""
+    if not os.path.exists(folder):
+        subprocess.run(['git', 'clone', '--quiet', HERE, folder], check=True)
+        subprocess.run(['git', '-C', folder, 'checkout', '--quiet', commit], check=True)
+    return folder
 
 
 def config_max_iters(config):

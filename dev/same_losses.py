@@ -20,8 +20,9 @@ import shutil
 import subprocess
 import sys
 
-HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runs import HERE, clone  # noqa: E402
+# runs.py put the repository on the path
 from configurator import configure  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -37,18 +38,9 @@ if not os.path.exists(os.path.join(data, 'vocab.model')):
     raise SystemExit(f"error: {data}/vocab.model does not exist: run python demo.py once")
 
 
-def clone(commit, name):
-    """out/same_losses/<name>, a clone of the repository at commit (made once)."""
-    folder = os.path.join(HERE, 'out/same_losses', name)
-    if not os.path.exists(folder):
-        subprocess.run(['git', 'clone', '--quiet', HERE, folder], check=True)
-        subprocess.run(['git', '-C', folder, 'checkout', '--quiet', commit], check=True)
-    return folder
-
-
 def losses(commit, name, patch=False):
     """{iteration: (loss, its terms)} of `iters` float32 iterations of commit's train.py."""
-    folder = clone(commit, name)
+    folder = clone(commit, os.path.join(HERE, 'out/same_losses', name))
     if patch:
         path = os.path.join(folder, 'train.py')
         with open(path) as f:
