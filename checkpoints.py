@@ -6,10 +6,13 @@ a checkpoint that cannot continue the run, and claim_run_folder takes the run fo
 refuses to replace a run by mistake.
 
     from checkpoints import load_model, load_official
-    model = load_model('out/ckpt.pt')                          # a train.py checkpoint, any pretext
-    model = load_official('bicaptioning_R_50_L1_H2048.pth')   # a VirTex, same function as the official model
-    model = load_official('backbone_R_50.pth')                 # a backbone-only file: the head stays random
-    backbone, arch, size = load_backbone(init='moco:moco_v2.pth.tar')  # evaluate.py's and probe.py's weight sources
+    model = load_model('out/ckpt.pt')      # a train.py checkpoint, any pretext
+    # a VirTex that computes the same function as the official model
+    model = load_official('bicaptioning_R_50_L1_H2048.pth')
+    # a backbone-only file: the head stays random
+    model = load_official('backbone_R_50.pth')
+    # evaluate.py's and probe.py's weight sources
+    backbone, arch, size = load_backbone(init='moco:moco_v2.pth.tar')
 
 For official files the architecture is read from the weights. The key layout below comes from
 reading the official code: its textual head is PyTorch's nn.TransformerDecoder under `textual.` (and

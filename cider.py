@@ -3,7 +3,8 @@ CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation (tylin/coco-captio
 a Python stand-in for its Java PTB tokenizer. Standard library only, so it can be copied alone.
 
     from cider import score
-    score(candidates, references)   # {image id: caption}, {image id: [reference captions]} -> CIDEr-D x 100
+    # {image id: caption}, {image id: [reference captions]} -> CIDEr-D x 100
+    score(candidates, references)
 """
 
 import math

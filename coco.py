@@ -1,13 +1,17 @@
 """
 Images and captions in the COCO layout, and the image transforms every stage shares.
 
-    from coco import CocoCaptions, collate, read_coco_split, read_instances, load_eval_image, normalize
+    from coco import (CocoCaptions, collate, read_coco_split, read_instances, load_eval_image,
+                      normalize)
     data = CocoCaptions('data/coco', 'train2017', tokenizer, image_size=224, max_len=30,
                         train=True, seed=0)
-    sample = data[(epoch, index)]      # {'image': (3, S, S) uint8, 'tokens': (T,) long}, or {'error': '...'}
-    names, labels = read_instances('data/coco', 'train2017')   # for the multilabel pretext: labels=labels
-    image = load_eval_image('photo.jpg', 224)   # shorter side to 256, center 224 crop: train.py's val,
-                                                # evaluate.py's VOC features and caption.py all use it
+    # {'image': (3, S, S) uint8, 'tokens': (T,) long}, or {'error': '...'}
+    sample = data[(epoch, index)]
+    # for the multilabel pretext: CocoCaptions(..., labels=labels)
+    names, labels = read_instances('data/coco', 'train2017')
+    # shorter side to 256, center 224 crop: train.py's val, evaluate.py's VOC features and
+    # caption.py all use it
+    image = load_eval_image('photo.jpg', 224)
 
 Train augmentation, as in the paper: random resized crop (area scale (0.2, 1), aspect ratio (3/4,
 4/3)), horizontal flip with p=0.5 that swaps the words left/right in the caption, colour jitter

@@ -5,10 +5,12 @@ backward Transformer caption decoders.
     from model import VirTex, VirTexConfig
     model = VirTex(VirTexConfig(visual='resnet50', n_layer=1, n_embd=2048, n_head=32,
                                 vocab_size=10000))
-    loss, parts = model(images, caption_tokens)        # (B,3,S,S) float, (B,T) long -> scalar, {'fwd','bwd'}
-    grid = model.encode_images(images)                 # (B,2048,S/32,S/32): what evaluate.py pools
-    memory = model.project(grid)                       # (B,S*S/1024,H): what the decoders attend to
-    logp, cache = model.decode_step(memory, last_tokens, cache)   # one cached step of the forward decoder
+    # (B,3,S,S) float, (B,T) long -> scalar, {'fwd','bwd'}
+    loss, parts = model(images, caption_tokens)
+    grid = model.encode_images(images)     # (B,2048,S/32,S/32): what evaluate.py pools
+    memory = model.project(grid)           # (B,S*S/1024,H): what the decoders attend to
+    # one cached step of the forward decoder
+    logp, cache = model.decode_step(memory, last_tokens, cache)
 
 The pretext tasks of the paper's ablation (its Table 2), `VirTexConfig.pretext`:
   bicaptioning               forward + backward caption decoders, the loss their sum (the paper's

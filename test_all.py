@@ -1499,6 +1499,19 @@ def test_tokenizer_bad_inputs(tmp_path, vocab):
     assert not list(tmp_path.glob('v*')), 'nothing half-written is left behind'
 
 
+def test_a_tokenizer_without_the_special_pieces_is_refused(tmp_path):
+    """[SOS], [EOS] and [MASK] (cappa's and masked_lm's input) must sit at ids 1-3: tokenizer.py
+    puts them there."""
+    import sentencepiece as spm
+    from tokenizer import Tokenizer
+    words = 'a red star on the left two blue circles above a green square'.split()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([' '.join(words[i:] + words[:i]) for i in range(12)]),
+        model_prefix=str(tmp_path / 'plain'), vocab_size=30, minloglevel=2)
+    with pytest.raises(ValueError, match=r'plain\.model: expected \[SOS\] at id 1'):
+        Tokenizer(tmp_path / 'plain.model')
+
+
 # ---- lookahead.py: LookAhead and the warmup + cosine schedule --------------------------------
 
 def test_lookahead_one_cycle_by_hand():
@@ -2514,18 +2527,6 @@ def test_cappa_captions_both_ways_and_parallel_needs_cappa(shapes, tiny_ckpt, tm
     assert proc.returncode != 0 and proc.stderr.strip() == \
         f'error: --parallel=True needs a cappa checkpoint; {tiny_ckpt} is bicaptioning'
 
-
-def test_a_tokenizer_without_the_special_pieces_is_refused(tmp_path):
-    """[SOS], [EOS] and [MASK] (cappa's and masked_lm's input) must sit at ids 1-3: tokenizer.py
-    puts them there."""
-    import sentencepiece as spm
-    from tokenizer import Tokenizer
-    words = 'a red star on the left two blue circles above a green square'.split()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([' '.join(words[i:] + words[:i]) for i in range(12)]),
-        model_prefix=str(tmp_path / 'plain'), vocab_size=30, minloglevel=2)
-    with pytest.raises(ValueError, match=r'plain\.model: expected \[SOS\] at id 1'):
-        Tokenizer(tmp_path / 'plain.model')
 
 # ---- cider.py: CIDEr-D and the PTB tokenizer -------------------------------------------------
 
