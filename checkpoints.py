@@ -5,7 +5,7 @@ MoCo and VISSL backbones that evaluate.py and probe.py judge. For train.py: load
 a checkpoint that cannot continue the run, and claim_run_folder takes the run folder's lock and
 refuses to replace a run by mistake.
 
-    from checkpoints import load_model, load_official
+    from checkpoints import load_backbone, load_model, load_official
     model = load_model('out/ckpt.pt')      # a train.py checkpoint, any pretext
     # a VirTex that computes the same function as the official model
     model = load_official('bicaptioning_R_50_L1_H2048.pth')
