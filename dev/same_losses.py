@@ -11,7 +11,7 @@ numbers; a change of numerics (a fused optimizer) shows where it starts to diffe
 Both run from fresh clones in out/same_losses/<commit>/ (kept), on this checkout's
 data/shapes/ (python demo.py or data/shapes/prepare.py + tokenizer.py make it). With --foreach=True
 the later commit's clone has `fused=True` replaced by `foreach=True` in its train.py, in a folder of
-its own. Run nothing else meanwhile.
+its own.
 """
 
 import json
