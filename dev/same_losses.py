@@ -39,7 +39,8 @@ if not os.path.exists(os.path.join(data, 'vocab.model')):
 
 
 def losses(commit, name, patch=False):
-    """{iteration: (loss, its terms)} of `iters` float32 iterations of commit's train.py."""
+    """({iteration: (loss, its terms)} of `iters` float32 iterations of commit's train.py, the
+    clone's folder)."""
     folder = clone(commit, os.path.join(HERE, 'out/same_losses', name))
     if patch:
         path = os.path.join(folder, 'train.py')
@@ -62,9 +63,9 @@ def losses(commit, name, patch=False):
         raise SystemExit(f"error: {name}'s train.py failed:\n{proc.stderr[-2000:]}")
     with open(os.path.join(run_dir, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
-    losses = {r['iter']: tuple(v for k, v in sorted(r.items()) if k.startswith('loss'))
-              for r in records if r['event'] == 'train'}
-    return losses, folder
+    per_iteration = {r['iter']: tuple(v for k, v in sorted(r.items()) if k.startswith('loss'))
+                     for r in records if r['event'] == 'train'}
+    return per_iteration, folder
 
 
 def class_aps(commit_folder, ckpt):
