@@ -302,6 +302,10 @@ def read_voc(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
     main = os.path.join(root, 'ImageSets', 'Main')
     class_files = sorted(glob.glob(os.path.join(main, f'*_{split}.txt')))
     if not class_files:
+        note = os.path.join(root, 'LEFT_OUT.txt')  # an attribute task a small world left out
+        if os.path.exists(note):
+            with open(note) as f:
+                raise ValueError(f"{root}: {f.read().strip()}")
         raise ValueError(f"{main}: no class files *_{split}.txt (is --voc_root a VOC2007 folder?)")
     # the image order; VOC has it, else take the first class file
     reference = os.path.join(main, f'{split}.txt')

@@ -13,6 +13,7 @@ the helpers and fixtures that several sections share.
 """
 
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -3128,7 +3129,8 @@ def test_attribute_function_follows_the_definitions():
     for i in range(200):
         scene = prep.make_scene(np.random.default_rng([5, i]), 64)
         got, want = prep.attributes(scene), attribute_truth(scene, shapes_background(scene))
-        assert list(got) == ATTRIBUTES and got == {a: want[a] for a in ATTRIBUTES}, scene
+        assert list(got) == ATTRIBUTES == list(prep.ATTRIBUTE_TASKS), scene
+        assert got == {a: want[a] for a in ATTRIBUTES}, scene
         for attribute in prep.EXCLUSIVE:
             assert list(got[attribute].values()) == [1], (attribute, got[attribute])
         zeros.update(a for a, values in got.items() for flag in values.values() if flag == 0)
@@ -3201,15 +3203,87 @@ def test_attributes_only_rewrites_them_and_reports_the_left_out_values(world, tm
         'this world leaves out some pairs and no counts'
     assert result.stdout.splitlines()[-1].startswith('wrote the attributes of 60 VOC2007 images'), \
         result.stdout
-    # an attribute with no value left is a one-line error naming it, and the earlier folders stay as
-    # they were
-    before = snapshot(tmp_path / 'attributes')
+    # an attribute with no value left is left out with a note that evaluate.py gives as its error
     result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=3')
-    assert result.returncode != 0 and result.stderr.strip() == (
+    assert result.returncode == 0, result.stderr
+    assert re.search(r'^attributes/binding: left out: no value has --min_positives=3 positives in '
+                     r'both trainval and test \(positives in trainval/test: \w+ \(\d/\d\)',
+                     result.stdout, re.M), result.stdout
+    assert os.listdir(tmp_path / 'attributes' / 'binding') == ['LEFT_OUT.txt']
+    # asked for by name, it refuses the world: one line naming it, the earlier folders as they were
+    before = snapshot(tmp_path / 'attributes')
+    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=3',
+                         '--attributes=colour,binding')
+    assert result.returncode != 0 and result.stderr.strip().startswith(
         'prepare.py: error: attribute binding: no value has --min_positives=3 positives in both '
-        'trainval and test (make more VOC images or lower --min_positives)'), result.stderr
+        'trainval and test (positives in trainval/test: '), result.stderr
+    assert result.stderr.strip().endswith('make more VOC images or lower --min_positives')
     assert snapshot(tmp_path / 'attributes') == before and sorted(os.listdir(tmp_path)) == \
         ['VOC2007', 'attributes']
+    result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--attributes=colour,shape')
+    assert result.returncode != 0 and result.stderr.strip() == (
+        "prepare.py: error: --attributes: 'shape' is not one of " + ', '.join(ATTRIBUTES))
+    run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=2',
+                '--attributes=colour,count')
+    assert sorted(os.listdir(tmp_path / 'attributes')) == ['colour', 'count']
+
+
+def attribute_digest(root):
+    """One sha256 of every file and link under root, their names included."""
+    digest = hashlib.sha256()
+    for name, content in snapshot(root).items():
+        digest.update(name.encode() + (content.encode() if isinstance(content, str) else content))
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize('n_voc', [40, 2000])
+def test_a_small_world_is_written_and_leaves_out_the_attribute_tasks_it_cannot_fill(tmp_path,
+                                                                                    n_voc):
+    from evaluate import read_voc
+    result = run_prepare(f'--out={tmp_path}', '--n_train=20', '--n_val=10',
+                         f'--n_voc_trainval={n_voc // 2}', f'--n_voc_test={n_voc // 2}',
+                         '--n_folder_train=10', '--n_folder_val=10', '--workers=2')
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes', 'coco', 'imagefolder']
+    truth = world_truth(tmp_path, shapes_background)
+    left_out = [a for a in ATTRIBUTES if not kept_and_left_out(truth, a, 10)[0]]
+    for attribute in ATTRIBUTES:
+        root = tmp_path / 'attributes' / attribute
+        if attribute in left_out:  # a note that names it and each value's counts
+            counts = ', '.join(f'{v} ({a}/{b})'
+                               for v, (a, b) in kept_and_left_out(truth, attribute, 10)[1].items())
+            assert (f'attributes/{attribute}: left out: no value has --min_positives=10 '
+                    f'positives in both trainval and test (positives in trainval/test: {counts}); '
+                    'make more VOC images or lower --min_positives') in result.stdout.splitlines()
+            assert os.listdir(root) == ['LEFT_OUT.txt']
+            proc = run('evaluate.py', f'--voc_root={root}', '--init=random', '--visual=resnet18',
+                       check=False)
+            assert one_line(proc) == (f'error: {root}: left out when the world was written: no '
+                                      f'value has --min_positives=10 positives in both trainval '
+                                      f'and test (positives in trainval/test: {counts}); make '
+                                      'more VOC images or lower --min_positives')
+        else:
+            kept = kept_and_left_out(truth, attribute, 10)[0]
+            for split in ('trainval', 'test'):
+                assert read_voc(str(root), split)[2] == kept
+    if n_voc == 40:
+        assert {'background', 'binding'} <= set(left_out), left_out
+        assert result.stdout.splitlines()[-2] == (f"attribute tasks left out: {', '.join(left_out)} "
+                                                  "(too few positives; each folder's LEFT_OUT.txt "
+                                                  "says why)")
+    else:  # all kept, and the files are those of the code before tasks could be left out
+        assert not left_out and 'left out' not in result.stdout
+        assert attribute_digest(tmp_path / 'attributes') == \
+            'd52a24e71db83b2db093273520bf049d01ed88d6ec60cef6b0432cbb6ecab9bc'
+
+
+def test_a_small_objects_world_is_written_too(tmp_path):
+    proc = run('dev/objects_world.py', f'--out={tmp_path}', '--n_train=2', '--n_val=1',
+               '--n_voc_trainval=20', '--n_voc_test=20', '--n_folder_train=2', '--n_folder_val=1',
+               '--size=48', '--workers=2')
+    assert "attribute tasks left out: " in proc.stdout, proc.stdout
+    assert sorted(os.listdir(tmp_path)) == ['VOC2007', 'attributes', 'coco', 'imagefolder']
+    assert (tmp_path / 'attributes' / 'binding' / 'LEFT_OUT.txt').exists()
 
 
 def test_attributes_only_refuses_scenes_that_do_not_match_the_image_list(world, tmp_path):

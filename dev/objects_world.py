@@ -8,8 +8,8 @@ Texture, colour, size, place and background are drawn independently of the categ
 tells it.
 
   python dev/objects_world.py                    # 10000/1000 COCO + 2000/2000 VOC images at 96 px into data/objects
-  python dev/objects_world.py --out=/tmp/objects --n_train=200 --n_val=20 --n_voc_trainval=50 --n_voc_test=50 \
-      --min_positives=2          # a world this small has few images of each attribute value
+  python dev/objects_world.py --out=/tmp/objects --n_train=200 --n_val=20 --n_voc_trainval=50 --n_voc_test=50
+      # a world this small leaves out the attribute tasks with too few positives, and says which
   python tokenizer.py --captions=data/objects/coco/annotations/captions_train2017.json --vocab_size=1000 \
       --out=data/objects/vocab     # 286 words: from ~800 pieces on every word is one piece; 1414 is the most it takes
 
@@ -660,7 +660,8 @@ def attributes(scene):
 
 def main():
     args = prepare.command_line('Write the synthetic objects world in COCO + VOC2007 formats.',
-                                out='data/objects', size=96, min_size=48, prog='objects_world.py')
+                                out='data/objects', size=96, min_size=48, prog='objects_world.py',
+                                tasks=prepare.ATTRIBUTE_TASKS + ('texture',))
     prepare.write_world(args, make_example, CATEGORIES, ('objects world', 'dev/objects_world.py'),
                         'objects_world.py', attributes)
 

@@ -63,6 +63,12 @@ for path in needed + ([f'{data}/attributes'] if attributes else []):
 max_iters = config_max_iters(config)
 voc = f'{data}/VOC2007'
 attribute_names = sorted(os.listdir(os.path.join(HERE, data, 'attributes'))) if attributes else []
+# a small world leaves out the attribute tasks with too few positives (their LEFT_OUT.txt says why)
+left_out = [a for a in attribute_names
+            if os.path.exists(os.path.join(HERE, data, 'attributes', a, 'LEFT_OUT.txt'))]
+if left_out:
+    print(f"note: {data}/attributes: {', '.join(left_out)} left out when the world was written")
+attribute_names = [a for a in attribute_names if a not in left_out]
 attribute_names = ['category'] + [a for a in attribute_names if a != 'category']
 
 

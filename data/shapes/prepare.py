@@ -18,7 +18,10 @@ OUT/attributes/<attribute>/ are more VOC2007-layout tasks on the same VOC images
 to them), one per thing the captions say beyond the category: category (the VOC task itself),
 colour, size (small, large), count (one..four, plainly visible), background, position (left, right,
 top, bottom, middle) and binding (colour x category, e.g. red_star); values with fewer than
---min_positives positives in a split are left out, and listed.
+--min_positives positives in a split are left out, and listed. An attribute with no value left is
+left out whole (a small world), its folder holding only LEFT_OUT.txt, which says why; the rest of
+the world is written. --attributes=colour,size writes those only, and refuses one left without
+values.
 The 10 categories differ only by shape; colour, size, rotation, position, count and background are
 drawn independently of them, so naming them takes shape (random conv features see colour and
 texture, not shape).
@@ -524,6 +527,9 @@ def attributes(scene):
     return scene_attributes(scene, BACKGROUNDS[scene['background']['kind']])
 
 
+ATTRIBUTE_TASKS = ('category', 'colour', 'size', 'count', 'background', 'position', 'binding')
+
+
 def voc_attributes(voc_root, attributes, args):
     """{split: (image names, one attributes(scene) per image)} of a written VOC2007 folder, from its
     scenes_<split>.json, which must list the images of ImageSets/Main/<split>.txt in that order."""
@@ -561,8 +567,12 @@ def write_attributes(root, voc, args):
     """ROOT/<attribute>/ImageSets/Main/{<split>,<value>_<split>}.txt for each attribute, and
     JPEGImages as a relative link to the VOC2007 images beside ROOT. A value with fewer than
     --min_positives positives in either split is left out: its test AP would rest on a few images
-    (or be 0, with none)."""
-    for attribute in voc['trainval'][1][0]:
+    (or be 0, with none). An attribute left with no value is left out whole, its folder holding
+    only LEFT_OUT.txt, the one line that evaluate.py gives as the reason, unless --attributes
+    asked for it: then the world is refused."""
+    asked = args.attributes.split(',') if args.attributes else []
+    left_out_tasks = []
+    for attribute in asked or voc['trainval'][1][0]:
         positives = {split: Counter(v for image in images for v, flag in image[attribute].items()
                                     if flag == 1)
                      for split, (_, images) in voc.items()}
@@ -570,15 +580,24 @@ def write_attributes(root, voc, args):
                          for v in image[attribute]})
         kept = [v for v in values if min(counts[v] for counts in positives.values())
                 >= args.min_positives]
-        if not kept:
-            args.error(f'attribute {attribute}: no value has --min_positives={args.min_positives} '
-                       'positives in both trainval and test (make more VOC images or lower '
-                       '--min_positives)')
         left_out = [f"{v} ({positives['trainval'][v]}/{positives['test'][v]})" for v in values
                     if v not in kept]
-        print(f'attributes/{attribute}: {len(kept)} values' + ('; left out, with fewer than '
-                                                               f'{args.min_positives} '
-              f'positives in trainval/test: {", ".join(left_out)}' if left_out else ''), flush=True)
+        counts = f"positives in trainval/test: {', '.join(left_out) or 'none'}"
+        if not kept:
+            reason = (f"no value has --min_positives={args.min_positives} positives in both "
+                      f"trainval and test ({counts}); make more VOC images or lower "
+                      "--min_positives")
+            if asked:
+                args.error(f"attribute {attribute}: {reason}")
+            print(f"attributes/{attribute}: left out: {reason}", flush=True)
+            os.makedirs(os.path.join(root, attribute))
+            with open(os.path.join(root, attribute, 'LEFT_OUT.txt'), 'w') as f:
+                f.write(f"left out when the world was written: {reason}\n")
+            left_out_tasks.append(attribute)
+            continue
+        print(f'attributes/{attribute}: {len(kept)} values' + (
+            f'; left out, with fewer than {args.min_positives} {counts}' if left_out else ''),
+            flush=True)
         main_dir = os.path.join(root, attribute, 'ImageSets', 'Main')
         os.makedirs(main_dir)
         os.symlink(os.path.join('..', '..', 'VOC2007', 'JPEGImages'),
@@ -591,10 +610,14 @@ def write_attributes(root, voc, args):
                 with open(os.path.join(main_dir, f'{v}_{split}.txt'), 'w') as f:
                     f.writelines(f'{m} {image[attribute].get(v, -1):2d}\n'
                                  for m, image in zip(names, images))
+    if left_out_tasks:
+        print(f"attribute tasks left out: {', '.join(left_out_tasks)} (too few positives; each "
+              "folder's LEFT_OUT.txt says why)", flush=True)
 
 
-def command_line(description, out, size, min_size, prog):
-    """The arguments both worlds take, checked; errors are one line that starts with prog."""
+def command_line(description, out, size, min_size, prog, tasks):
+    """The arguments both worlds take, checked; errors are one line that starts with prog. tasks:
+    the names of the world's attribute tasks."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument('--out', default=out, help='writes OUT/coco, OUT/VOC2007, OUT/imagefolder, '
                                                    'OUT/attributes')
@@ -613,6 +636,9 @@ def command_line(description, out, size, min_size, prog):
     parser.add_argument('--min_positives', type=int, default=10,
                         help='attribute values with fewer images labelled 1 in trainval or test '
                              'are left out')
+    parser.add_argument('--attributes', default='',
+                        help='comma-separated attribute tasks to write, refused if one has too '
+                             'few positives (default: every one, those with too few left out)')
     parser.add_argument('--attributes_only', action='store_true',
                         help='only (re)write OUT/attributes, from the scene records of an existing '
                              'OUT/VOC2007')
@@ -627,6 +653,9 @@ def command_line(description, out, size, min_size, prog):
         parser.error(f'--size must be between {min_size} and 1024 (got {args.size})')
     if args.n_voc_trainval + args.n_voc_test > 999999:
         parser.error('--n_voc_trainval + --n_voc_test must be <= 999999 (VOC names have 6 digits)')
+    for name in args.attributes.split(',') if args.attributes else []:
+        if name not in tasks:
+            parser.error(f"--attributes: {name!r} is not one of {', '.join(tasks)}")
     args.error = parser.error
     return args
 
@@ -686,7 +715,8 @@ def write_world(args, make_example, categories, source, prog, attributes):
 
 def main():
     args = command_line('Write the synthetic shapes world in COCO + VOC2007 formats.',
-                        out='data/shapes', size=64, min_size=32, prog='prepare.py')
+                        out='data/shapes', size=64, min_size=32, prog='prepare.py',
+                        tasks=ATTRIBUTE_TASKS)
     write_world(args, make_example, CATEGORIES, ('shapes world', 'data/shapes/prepare.py'),
                 'prepare.py', attributes)
 
