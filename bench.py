@@ -28,39 +28,42 @@ import tempfile
 import time
 from contextlib import nullcontext
 from functools import partial
+from typing import Annotated
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from configurator import configure
+from configurator import NON_NEGATIVE, POSITIVE, CommaList, Interval, configure
 from coco import CocoCaptions, collate, normalize
 from lookahead import LookAhead
 from model import VirTex, VirTexConfig, native_bf16
 
+STAGES = ('train', 'train_data', 'data', 'caption', 'svm', 'torchrun')
 # ----------------------------------------------------------------------------------------------
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-# training precisions to time, e.g. float32,bfloat16; auto: float32 and, where the
-dtypes = 'auto'
-                            # hardware has it, bfloat16 on a CPU; bfloat16 (else float16) on a GPU
+# training precisions to time, e.g. float32,bfloat16; auto: float32 and, where the hardware has it,
+# bfloat16 on a CPU; bfloat16 (else float16) on a GPU
+dtypes: Annotated[str, CommaList('auto', 'float32', 'bfloat16', 'float16')] = 'auto'
 compile = torch.cuda.is_available()  # torch.compile the training step (GPU default)
-stages = 'train,data,caption,svm'
-models = 'shapes,paper'     # which model configs to time for train and caption
-paper_batch = 0             # 0: 32 on a GPU (per GPU, as in the paper), 8 on a CPU
-shapes_batch = 64           # config/shapes.py
-warmup_steps = 3            # untimed steps first (compilation, allocator warm-up)
-timed_steps = 5
+stages: Annotated[str, CommaList(*STAGES)] = 'train,data,caption,svm'
+# which model configs to time for train and caption
+models: Annotated[str, CommaList('shapes', 'paper')] = 'shapes,paper'
+paper_batch: NON_NEGATIVE = 0  # 0: 32 on a GPU (per GPU, as in the paper), 8 on a CPU
+shapes_batch: POSITIVE = 64  # config/shapes.py
+warmup_steps: NON_NEGATIVE = 3  # untimed steps first (compilation, allocator warm-up)
+timed_steps: POSITIVE = 5
 # images per data-pipeline measurement (the first batch of 32 is not timed)
-data_images = 256
-data_workers = min(8, os.cpu_count() or 1)  # DataLoader workers of the train_data stage
-torchrun_iters = 40         # iterations of the torchrun stage's run
-caption_images = 8          # images per beam-search batch
-caption_steps = 13          # decoding steps per caption (a COCO caption is ~12 words + [EOS])
-peak_tflops = 989.0         # per-GPU bf16 dense peak for MFU (H100/H200 989, A100 312)
+data_images: Annotated[int, Interval('(32, inf)')] = 256
+data_workers: NON_NEGATIVE = min(8, os.cpu_count() or 1)  # DataLoader workers of train_data
+torchrun_iters: POSITIVE = 40  # iterations of the torchrun stage's run
+caption_images: POSITIVE = 8  # images per beam-search batch
+caption_steps: POSITIVE = 13  # decoding steps per caption (a COCO caption is ~12 words + [EOS])
+peak_tflops: POSITIVE = 989.0  # per-GPU bf16 dense peak for MFU (H100/H200 989, A100 312)
 seed = 0
 # ----------------------------------------------------------------------------------------------
-if __name__ == '__main__':  # dev/compare_pipeline.py imports this file for its JPEGs
-    configure(globals())
+if __name__ == '__main__' and configure(globals()):  # dev/compare_pipeline.py imports this file
+    raise SystemExit("error: this script takes only --key=value flags")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if dtypes == 'auto':
     dtypes = ('bfloat16' if native_bf16(device) else 'float16') if device_type == 'cuda' else \

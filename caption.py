@@ -30,8 +30,8 @@ from PIL import Image, ImageDraw, ImageFont
 from checkpoints import load_checkpoint, load_official
 from cider import score
 from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split, to_uint8_tensor
-from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, configure, one_line_errors,
-                          write_atomically)
+from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, check_outputs, configure,
+                          one_line_errors, write_atomically)
 from model import VirTex, check_device
 from tokenizer import Tokenizer
 
@@ -235,15 +235,27 @@ def main():
     if results:  # score an existing results file, caption nothing
         if not coco_root:
             raise SystemExit("error: --results needs --coco_root (and --split) for the references")
+        ignored = [flag for flag, value in (('ckpt', ckpt), ('official', official), ('out', out),
+                                            ('top_p', top_p), ('parallel', parallel),
+                                            ('attention_dir', attention_dir), ('limit', limit))
+                   if value] + (['image paths'] if paths else [])
+        if ignored:
+            raise SystemExit(f"error: --results scores a file and captions nothing: drop "
+                             f"{', '.join(ignored)}")
         try:
             with open(results) as f:
                 entries = json.load(f)
+            if not isinstance(entries, list):
+                raise TypeError(f"a list of {{image_id, caption}} records is expected, not a "
+                                f"{type(entries).__name__}")
             candidates = {e['image_id']: e['caption'] for e in entries}
         except OSError as e:
             raise SystemExit(f"error: {results}: {e.strerror}") from None
         except (ValueError, KeyError, TypeError) as e:
             raise SystemExit(
                 f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
+        if not candidates:
+            raise SystemExit(f"error: {results}: holds no captions to score")
         references = {i: refs for i, _, refs in read_coco_split(coco_root, split)}
         print(f"CIDEr: {score(candidates, references):.1f}")
         return
@@ -273,6 +285,11 @@ def main():
     if len(tok) != model.config.vocab_size:
         raise SystemExit(f"error: tokenizer {tokenizer_path} has {len(tok)} pieces but {source} "
                          f"was trained with {model.config.vocab_size}")
+    if ckpt and saved.get('tokenizer_pieces', tok.pieces_hash()) != tok.pieces_hash():
+        # the same size is not enough: another vocabulary would decode the ids as other words
+        raise SystemExit(f"error: {tokenizer_path}: not the vocabulary {ckpt} was trained with "
+                         "(its pieces differ: replaced since, or another one); pass that one as "
+                         "--tokenizer")
     image_size = image_size or trained.get('image_size', 224)
 
     # the images: files and folders from the command line, or a COCO split
@@ -290,6 +307,13 @@ def main():
             files.append(p)
     if not files:
         raise SystemExit("error: no images given (pass image files or folders, or --coco_root)")
+    figures = [os.path.join(attention_dir, os.path.splitext(os.path.basename(p))[0] + '.png')
+               for p in files] if attention_dir else []
+    annotations = os.path.join(coco_root, 'annotations', f'captions_{split}.json') \
+        if coco_root else ''
+    check_outputs({'out': out, 'attention_dir': figures},
+                  {'--ckpt': ckpt, '--official': official, '--tokenizer': tokenizer_path,
+                   'an image to caption': files, 'the references': annotations})
 
     generator = torch.Generator(device).manual_seed(seed)
     if attention_dir:

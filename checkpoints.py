@@ -83,7 +83,8 @@ def load_checkpoint(path: str) -> tuple[VirTex, dict]:
 
 
 def load_for_resume(path: str, model_args: dict, tokenizer: str, tokenizer_pieces: str,
-                    train_subset, optimizer: str, max_iters: int) -> tuple[VirTex, dict]:
+                    train_subset, optimizer: str, max_iters: int,
+                    seed: int) -> tuple[VirTex, dict]:
     """A train.py checkpoint that can continue a run with these settings, as load_checkpoint gives
     it; otherwise a ValueError (FileNotFoundError) naming the file and what stands in the way."""
     if not os.path.exists(path):
@@ -105,6 +106,9 @@ def load_for_resume(path: str, model_args: dict, tokenizer: str, tokenizer_piece
     if ckpt['train_subset'] != train_subset:  # --train_fraction or --seed changed: other images
         raise ValueError(f"{path}: was trained on other images (--train_fraction="
                          f"{ckpt['config']['train_fraction']}, --seed={ckpt['config']['seed']})")
+    if ckpt['config']['seed'] != seed:  # it drives the data order, the augmentation and dropout
+        raise ValueError(f"{path}: was trained with --seed={ckpt['config']['seed']}, not {seed}: "
+                         "a resume continues the same run")
     if ckpt['config']['optimizer'] != optimizer:
         raise ValueError(f"{path}: was trained with --optimizer={ckpt['config']['optimizer']}, "
                          f"not {optimizer}")
@@ -384,7 +388,11 @@ def take_lock(lock_path: str) -> str:
             except FileExistsError:
                 with open(lock_path) as f:
                     pid, _, host = f.read().strip().partition(' ')
-                if host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid)):
+                if not pid.isdigit() or not host:  # not written by take_lock, which writes whole
+                    raise ValueError(f"{lock_path} names no run (it is not a lock of this "
+                                     f"project's): remove it if no run is using "
+                                     f"{os.path.dirname(lock_path)}") from None
+                if host == socket.gethostname() and not process_alive(int(pid)):
                     note = f"{lock_path} was left by pid {pid}, which has ended: taking it over"
                     os.remove(lock_path)
                     continue

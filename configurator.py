@@ -65,6 +65,19 @@ class Interval:
         return f'must be in {self.text}'
 
 
+class CommaList:
+    """A check: the value is a comma-separated list of some of `choices`, e.g. 'train,svm'."""
+
+    def __init__(self, *choices: str):
+        self.choices = choices
+
+    def problem(self, value):
+        unknown = [item for item in value.split(',') if item not in self.choices]
+        if unknown:
+            return f"{unknown[0]!r} is not one of {', '.join(self.choices)} (comma-separated)"
+        return None
+
+
 # annotations for config values; int values pass too
 POSITIVE = Annotated[float, Interval('(0, inf)')]
 NON_NEGATIVE = Annotated[float, Interval('[0, inf)')]
@@ -73,8 +86,10 @@ PROBABILITY = Annotated[float, Interval('[0, 1]')]
 
 
 def config_keys(config: dict) -> list[str]:
-    """The overridable keys of a script's globals(): public names bound to plain values."""
-    return [k for k, v in config.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+    """The overridable keys of a script's globals(): public names bound to plain values, not
+    CONSTANTS (a folder named HERE, evaluate.py's N_FOLDS)."""
+    return [k for k, v in config.items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, CONFIG_TYPES)]
 
 
 def problem(annotation, value):
@@ -83,6 +98,11 @@ def problem(annotation, value):
     if get_origin(annotation) is Literal and value not in get_args(annotation):
         return f"choose one of {', '.join(map(str, get_args(annotation)))}"
     if get_origin(annotation) is Annotated:
+        kind = get_args(annotation)[0]
+        # a None default takes any literal: 'abc' or True where a number belongs is refused here
+        if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                     or kind is int and not isinstance(value, int)):
+            return f"takes {'an integer' if kind is int else 'a number'}, got {value!r}"
         return next(filter(None, (check.problem(value) for check in annotation.__metadata__)), None)
     return None
 
@@ -187,6 +207,34 @@ def apply_config_file(config: dict, path: str, known: list[str]) -> None:
             config[key] = check_type(key, value, config[key])
         except ValueError as e:
             raise SystemExit(f"error: config file {path}: {e}") from None
+
+
+def check_outputs(outputs: dict, inputs: dict) -> None:
+    """ValueError if a file a script is about to write is one of the files it reads, by any name
+    (a link, a relative path), or if two outputs are one file: writing would destroy an input.
+    outputs map a flag's name to a path or a list of paths; inputs map what names a file ('--ckpt',
+    'an image to caption') to a path or a list of paths. Empty paths are skipped."""
+    def named_paths(named):
+        for name, value in named.items():
+            for path in value if isinstance(value, (list, tuple)) else [value]:
+                if path:
+                    yield name, path
+
+    def identity(path):  # one file, whatever its name: its inode, or where a new file would go
+        try:
+            status = os.stat(path)
+            return status.st_dev, status.st_ino
+        except OSError:
+            return os.path.realpath(path)
+
+    taken = {identity(path): (name, path) for name, path in named_paths(inputs)}
+    for flag, path in named_paths(outputs):
+        key = identity(path)
+        if key in taken:
+            name, other = taken[key]
+            raise ValueError(f"--{flag}={path} is also {name} ({other}): writing it would destroy "
+                             "that file; choose another path")
+        taken[key] = (f'--{flag}', path)
 
 
 @contextmanager

@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from checkpoints import load_backbone
 from coco import load_eval_image, normalize, to_uint8_tensor
-from configurator import NON_NEGATIVE, POSITIVE, write_atomically
+from configurator import NON_NEGATIVE, POSITIVE, check_outputs, write_atomically
 from model import check_device, native_bf16
 
 # -----------------------------------------------------------------------------
@@ -334,6 +334,18 @@ def read_voc(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
     return paths, np.array(labels, dtype=np.int64).T, class_names
 
 
+def read_voc_task(root: str) -> dict:
+    """Both splits of a VOC folder, checked to have the same classes: {'trainval': (paths, labels),
+    'test': (paths, labels), 'classes': class names}."""
+    train_paths, train_labels, classes = read_voc(root, 'trainval')
+    test_paths, test_labels, test_classes = read_voc(root, 'test')
+    if test_classes != classes:
+        raise ValueError(f"{root}: test classes {test_classes} differ from trainval classes "
+                         f"{classes}")
+    return {'trainval': (train_paths, train_labels), 'test': (test_paths, test_labels),
+            'classes': classes}
+
+
 class VocImages(torch.utils.data.Dataset):
     """The eval transform every stage shares (coco.load_eval_image): shorter side to 8/7 of the
     crop, center crop."""
@@ -432,16 +444,16 @@ def main():
     for path in (save_features, out_json):  # fail now, not after minutes of feature extraction
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise SystemExit(f"error: {path}: its folder does not exist")
+    check_outputs({'save_features': save_features, 'out_json': out_json},
+                  {'--ckpt': ckpt, '--init': init.partition(':')[2], '--features': features})
     if features:
         if ckpt or init:
             raise SystemExit("error: --features gives the features; drop --ckpt/--init")
         (train_x, train_y, test_x, test_y), class_names = load_features(features)
     else:
-        train_paths, train_y, class_names = read_voc(voc_root, 'trainval')
-        test_paths, test_y, test_names = read_voc(voc_root, 'test')
-        if test_names != class_names:
-            raise SystemExit(f"error: {voc_root}: test classes {test_names} differ from trainval "
-                             f"classes {class_names}")
+        task = read_voc_task(voc_root)
+        (train_paths, train_y), (test_paths, test_y) = task['trainval'], task['test']
+        class_names = task['classes']
         backbone, arch, size = load_backbone(ckpt, init, visual, image_size, seed,
                                              zero_init_residual)
         backbone = backbone.to(device).eval()

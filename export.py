@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from checkpoints import load_model
-from configurator import configure, one_line_errors, write_atomically
+from configurator import check_outputs, configure, one_line_errors, write_atomically
 
 # torchvision -> Detectron2, applied in this order to each key (the official code's renaming)
 DETECTRON2_NAMES = (('layer1.', 'res2.'), ('layer2.', 'res3.'), ('layer3.', 'res4.'),
@@ -72,6 +72,7 @@ if __name__ == '__main__':
                              f"{out.rstrip(os.sep)}/backbone.pth")
         if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
             raise SystemExit(f"error: {out}: its folder does not exist")
+        check_outputs({'out': out}, {'--ckpt': ckpt})
         model = load_model(ckpt)
         state = model.backbone_state_dict()
         if format == 'detectron2':

@@ -32,7 +32,7 @@ from PIL import Image
 from checkpoints import load_backbone
 from coco import (IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize, random_box,
                   random_resized_crop, to_uint8_tensor)
-from configurator import NON_NEGATIVE, POSITIVE, Interval, write_atomically
+from configurator import NON_NEGATIVE, POSITIVE, Interval, check_outputs, write_atomically
 from lookahead import warmup_cosine
 from model import check_device
 
@@ -139,6 +139,7 @@ def main():
     check_device(device)
     if out_json and not os.path.isdir(os.path.dirname(os.path.abspath(out_json))):
         raise SystemExit(f"error: {out_json}: its folder does not exist")
+    check_outputs({'out_json': out_json}, {'--ckpt': ckpt, '--init': init.partition(':')[2]})
     train_paths, train_labels, classes = read_imagefolder(data_root, 'train')
     val_paths, val_labels, val_classes = read_imagefolder(data_root, 'val')
     if val_classes != classes:

@@ -1247,8 +1247,11 @@ def test_unreadable_val_images_are_counted_and_stop_the_run(shapes, tmp_path):
         image.write_bytes(b'not a jpeg')
     proc = run(*quick_args(shapes, tmp_path / 'out', f'--data_root={coco}', '--max_iters=1',
                            '--eval_interval=1', '--eval_iters=2'), check=False)
-    assert one_line(proc) == (f"error: no image of {coco}/val2017 could be read for validation "
-                              f"(see the warnings)"), 'not a val loss of 0.0000'
+    assert one_line(proc) == (f"error: iteration 1: validation failed: no image of {coco}/val2017 "
+                              f"could be read for validation (see the warnings); {tmp_path}/out/"
+                              "ckpt.pt holds this iteration: mend the data and continue with "
+                              "--init_from=resume"), 'not a val loss of 0.0000'
+    assert torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)['iter_num'] == 1
     assert proc.stdout.count('warning: skipped') == 16 and '(16 skipped so far)' in proc.stdout
 
 
@@ -1288,6 +1291,159 @@ def test_clearer_messages_for_bad_checkpoints_outputs_and_losses(shapes, short_r
     assert re.fullmatch(
         r'error: non-finite loss \(nan\) by iteration \d; no checkpoint was written',
         one_line(proc))
+
+
+# ---- nothing a user has is lost to a mistake ----------------------------------------------------
+# Every input is checked before a run's folder is claimed, and the folder is claimed before anything
+# in it goes; no script writes over a file it reads.
+
+def test_a_mistake_with_overwrite_deletes_nothing(shapes, short_run, tmp_path):
+    base, before = tmp_path / 'base', snapshot(short_run)
+    shutil.copytree(short_run, base)
+    voc_without_classes = tmp_path / 'voc'
+    (voc_without_classes / 'ImageSets' / 'Main').mkdir(parents=True)
+    mistakes = [('--data_root=' + str(shapes / 'cocoo'),
+                 f"error: data_root={shapes / 'cocoo'}: no such file or folder"),
+                ('--tokenizer=' + str(shapes / 'vocab.modle'),
+                 f"error: tokenizer={shapes / 'vocab.modle'}: no such file or folder"),
+                (f'--voc_root={shapes}/coco',
+                 f"error: {shapes}/coco/ImageSets/Main: no class files *_trainval.txt"),
+                (f'--voc_root={voc_without_classes}',
+                 f"error: {voc_without_classes}/ImageSets/Main: no class files")]
+    procs = run_all(*(quick_args(shapes, base, '--max_iters=3', '--overwrite=True', mistake)
+                      for mistake, _ in mistakes))
+    for (mistake, message), proc in zip(mistakes, procs):
+        assert one_line(proc).startswith(message), (mistake, proc.stderr)
+        assert 'iter ' not in proc.stdout
+    assert snapshot(base) == before, '--overwrite=True deleted the run before the inputs were checked'
+    # a refused run leaves no folder behind
+    proc = run(*quick_args(shapes, tmp_path / 'new', f'--voc_root={shapes}/coco'), check=False)
+    assert proc.returncode == 1 and not (tmp_path / 'new').exists()
+
+
+def test_a_failing_evaluation_in_the_loop_keeps_the_training_state(shapes, tmp_path):
+    """The VOC images become unreadable only once the run has started: the run saves, then stops."""
+    voc = tmp_path / 'VOC2007'
+    shutil.copytree(shapes / 'VOC2007', voc)
+    for image in list((voc / 'JPEGImages').iterdir())[::3]:
+        image.write_bytes(b'not a jpeg')
+    proc = run(*quick_args(shapes, tmp_path / 'run', '--max_iters=4', '--ckpt_interval=100',
+                           f'--voc_root={voc}', '--voc_interval=3'), check=False)
+    assert re.fullmatch(rf"error: iteration 3: the VOC evaluation failed: {voc}/JPEGImages/\d+\.jpg: "
+                        rf"cannot read image \(.*\); {tmp_path}/run/ckpt.pt holds this iteration: "
+                        r"mend the data and continue with --init_from=resume", one_line(proc))
+    assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['iter_num'] == 3
+    assert [r['iter'] for r in read_log(tmp_path / 'run', 'checkpoint')] == [3]
+
+
+def test_no_script_writes_over_a_file_it_reads(shapes, short_run, tmp_path):
+    ckpt = tmp_path / 'X.pt'
+    shutil.copy(short_run / 'ckpt.pt', ckpt)
+    (tmp_path / 'link.pt').symlink_to(ckpt)
+    images = tmp_path / 'images'
+    images.mkdir()
+    for path in sorted((shapes / 'coco' / 'val2017').iterdir())[:2]:
+        shutil.copy(path, images)
+    Image.open(next(images.iterdir())).save(images / 'figure.png')
+    captions = tmp_path / 'captions.model'  # a captions file named like the vocabulary to be
+    shutil.copy(shapes / 'coco' / 'annotations' / 'captions_train2017.json', captions)
+    voc = f'--voc_root={shapes}/VOC2007'
+    before = {path: path.read_bytes() for path in (ckpt, captions, images / 'figure.png')}
+    cases = [(['caption.py', f'--ckpt={ckpt}', f'--out={ckpt}', str(images)], f'--out={ckpt}',
+              f'--ckpt ({ckpt})'),
+             (['caption.py', f'--ckpt={ckpt}', f'--attention_dir={images}', str(images)],
+              f'--attention_dir={images}/figure.png', f'an image to caption ({images}/figure.png)'),
+             (['evaluate.py', voc, f'--ckpt={ckpt}', f'--out_json={tmp_path}/link.pt'],
+              f'--out_json={tmp_path}/link.pt', f'--ckpt ({ckpt})'),
+             (['evaluate.py', voc, f'--init=virtex:{ckpt}', f'--save_features={ckpt}'],
+              f'--save_features={ckpt}', f'--init ({ckpt})'),
+             (['evaluate.py', voc, f'--ckpt={ckpt}', f'--save_features={tmp_path}/f.npz',
+               f'--out_json={tmp_path}/f.npz'], f'--out_json={tmp_path}/f.npz',
+              f'--save_features ({tmp_path}/f.npz)'),
+             (['probe.py', f'--data_root={shapes}/imagefolder', f'--ckpt={ckpt}',
+               f'--out_json={ckpt}'], f'--out_json={ckpt}', f'--ckpt ({ckpt})'),
+             (['export.py', f'--ckpt={ckpt}', f'--out={tmp_path}/link.pt'],
+              f'--out={tmp_path}/link.pt', f'--ckpt ({ckpt})'),
+             (['tokenizer.py', f'--captions={captions}', '--vocab_size=96',
+               f'--out={tmp_path}/captions'], f'--out={captions}', f'--captions ({captions})')]
+    for (command, output, what), proc in zip(cases, run_all(*(c[0] for c in cases))):
+        assert one_line(proc) == (f"error: {output} is also {what}: writing it would destroy "
+                                  "that file; choose another path"), command
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(os.listdir(tmp_path)) == ['X.pt', 'captions.model', 'images', 'link.pt']
+
+
+def test_a_vocabulary_is_never_replaced_under_its_checkpoints(shapes, short_run, tmp_path):
+    """tokenizer.py keeps an existing .model unless told; caption.py refuses pieces other than those
+    a checkpoint was trained with, replaced at its path or given as another file of the same size."""
+    shutil.copy(shapes / 'vocab.model', tmp_path / 'vocab.model')
+    ckpt = torch.load(short_run / 'ckpt.pt', weights_only=True)
+    ckpt['config']['tokenizer'] = str(tmp_path / 'vocab.model')
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    captions = load_json(shapes / 'coco' / 'annotations' / 'captions_train2017.json')
+    (tmp_path / 'other.json').write_text(json.dumps({**captions, 'annotations': [
+        {**a, 'caption': a['caption'].replace('small', 'tiny')} for a in captions['annotations']]}))
+    make_other = ['tokenizer.py', f'--captions={tmp_path}/other.json', '--vocab_size=96',
+                  f'--out={tmp_path}/vocab']
+    image = str(sorted((shapes / 'coco' / 'val2017').iterdir())[0])
+    assert one_line(run(*make_other, check=False)) == (
+        f"error: {tmp_path}/vocab.model exists, and the checkpoints trained with it name it by "
+        "path: write elsewhere with --out, or replace it with --overwrite=True")
+    assert (tmp_path / 'vocab.model').read_bytes() == (shapes / 'vocab.model').read_bytes()
+    run('caption.py', f'--ckpt={tmp_path}/ckpt.pt', image)
+    run(*make_other[:-1], f'--out={tmp_path}/other')
+    run(*make_other, '--overwrite=True')
+    from tokenizer import Tokenizer
+    assert Tokenizer(str(tmp_path / 'vocab.model')).pieces_hash() == \
+        Tokenizer(str(tmp_path / 'other.model')).pieces_hash() != \
+        Tokenizer(str(shapes / 'vocab.model')).pieces_hash()
+    for extra, vocab in (((), tmp_path / 'vocab.model'),
+                         ((f'--tokenizer={tmp_path}/other.model',), tmp_path / 'other.model')):
+        proc = run('caption.py', f'--ckpt={tmp_path}/ckpt.pt', *extra, image, check=False)
+        assert one_line(proc) == (f"error: {vocab}: not the vocabulary {tmp_path}/ckpt.pt was "
+                                  "trained with (its pieces differ: replaced since, or another "
+                                  "one); pass that one as --tokenizer")
+        assert proc.stdout == ''
+
+
+def test_ill_typed_and_out_of_contract_settings_are_one_line(shapes, short_run, tmp_path):
+    resumable = tmp_path / 'resumable'
+    shutil.copytree(short_run, resumable)
+    lock = tmp_path / 'locked'
+    lock.mkdir()
+    (lock / '.lock').write_text('')
+    results = tmp_path / 'results.json'
+    coco = f'--coco_root={shapes}/coco'
+    cases = [(quick_args(shapes, tmp_path / 'a', '--pretext=cappa', "--parallel_fraction='abc'"),
+              "error: --parallel_fraction='abc': takes a number, got 'abc'"),
+             (quick_args(shapes, tmp_path / 'b', '--pretext=cappa', '--parallel_fraction=True'),
+              "error: --parallel_fraction=True: takes a number, got True"),
+             (quick_args(shapes, resumable, '--max_iters=3', '--init_from=resume', '--seed=3'),
+              f"error: {resumable}/ckpt.pt: was trained with --seed=0, not 3: a resume continues "
+              "the same run"),
+             (quick_args(shapes, lock, '--max_iters=1'),
+              f"error: {lock}/.lock names no run (it is not a lock of this project's): remove it "
+              f"if no run is using {lock}"),
+             (['bench.py', '--models=nonsense'],
+              "error: --models='nonsense': 'nonsense' is not one of shapes, paper (comma-separated)"),
+             (['bench.py', '--dtypes=float32,nonsense'], "error: --dtypes='float32,nonsense': "
+              "'nonsense' is not one of auto, float32, bfloat16, float16 (comma-separated)"),
+             (['bench.py', '--stages=nonsense'], "error: --stages='nonsense': 'nonsense' is not one "
+              "of train, train_data, data, caption, svm, torchrun (comma-separated)"),
+             (['caption.py', f'--results={results}', coco, f'--ckpt={short_run}/ckpt.pt',
+               '--out=x.json', '--top_p=0.5'], "error: --results scores a file and captions "
+              "nothing: drop ckpt, out, top_p")]
+    for (command, message), proc in zip(cases, run_all(*(c[0] for c in cases))):
+        assert one_line(proc) == message, command
+    assert [name for name in os.listdir(tmp_path) if name in ('a', 'b')] == []
+    for text in ('[]', '{}'):
+        results.write_text(text)
+        proc = run('caption.py', f'--results={results}', coco, check=False)
+        assert one_line(proc) == (f"error: {results}: holds no captions to score" if text == '[]'
+                                  else f"error: {results}: not a COCO results file (TypeError: a "
+                                  "list of {image_id, caption} records is expected, not a dict)")
+    assert '--HERE' not in run('demo.py', '--help').stdout
+    assert '--N_FOLDS' not in run('evaluate.py', '--help').stdout
 
 
 # ---- coco.py: instances, the training dataset and its augmentation, the eval transform -------

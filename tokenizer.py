@@ -152,7 +152,20 @@ def main(argv=None) -> None:
     parser.add_argument('--vocab_size', type=int, default=10000, help='paper: 10000')
     parser.add_argument('--out', required=True, help='output prefix: writes PREFIX.model and '
                                                      'PREFIX.vocab')
+    parser.add_argument('--overwrite', choices=('True', 'False'), default='False',
+                        help='True: replace an existing PREFIX.model (checkpoints trained with it '
+                             'then refuse it: its pieces differ)')
     args = parser.parse_args(argv)
+    from configurator import check_outputs  # here: the Tokenizer class stays liftable alone
+    try:
+        check_outputs({'out': [args.out + '.model', args.out + '.vocab']},
+                      {'--captions': args.captions})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if os.path.exists(args.out + '.model') and args.overwrite != 'True':
+        raise SystemExit(f"error: {args.out}.model exists, and the checkpoints trained with it "
+                         "name it by path: write elsewhere with --out, or replace it with "
+                         "--overwrite=True")
     if args.vocab_size <= len(SPECIAL_PIECES) + 1:
         raise SystemExit(f"error: --vocab_size={args.vocab_size} must be larger than "
                          f"{len(SPECIAL_PIECES) + 1}")

@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from checkpoints import claim_run_folder, load_for_resume
 from coco import BadImages, CocoCaptions, EpochKeys, collate, normalize, read_instances
+from evaluate import extract_features, read_voc_task, svm_products_dtype, train_and_test_svms
 from configurator import (FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Interval, JsonLog,
-                          config_keys, configure, one_line_errors, write_atomically)
+                          check_outputs, config_keys, configure, one_line_errors, write_atomically)
 from lookahead import LookAhead, warmup_cosine
 from model import LOSS_PARTS, PRETEXTS, VISUALS, VirTex, VirTexConfig, check_device, native_bf16
 from tokenizer import Tokenizer
@@ -180,15 +181,6 @@ if auto_start:
     init_from = 'resume' if os.path.exists(ckpt_path) else 'scratch'
 
 
-if master_process:
-    try:
-        note = claim_run_folder(out_dir, scratch=init_from == 'scratch', overwrite=overwrite,
-                                auto=auto_start)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
-    if note:  # a stale lock taken over
-        print0(f"note: {note}")
-
 # ----------------------------------------------------------------------------------------------
 # data: COCO captions (coco.py: the dataset, its augmentation and the eval transform)
 
@@ -196,6 +188,9 @@ for path, what in ((data_root, 'data_root'), (tokenizer, 'tokenizer')):
     if not os.path.exists(path):
         raise SystemExit(f"error: {what}={path}: no such file or folder")
 with one_line_errors():
+    check_outputs({'out_dir': [ckpt_path, best_path, log_path]}, {'--tokenizer': tokenizer})
+    if voc_root:  # now, not when the backbone is first judged, maybe at the end of the run
+        read_voc_task(voc_root)
     tok = Tokenizer(tokenizer)
     # multilabel_classification: its targets are COCO categories, not words
     labels, n_classes = {}, len(tok)
@@ -273,7 +268,7 @@ torch.manual_seed(seed)  # the same initial weights on every process (DDP also b
 if init_from == 'resume':
     with one_line_errors():  # refused if the file cannot continue this run
         model, ckpt = load_for_resume(ckpt_path, model_args, tokenizer, tok.pieces_hash(),
-                                      train_subset, optimizer, max_iters)
+                                      train_subset, optimizer, max_iters, seed)
 else:
     model = VirTex(VirTexConfig(**model_args))
 # channels_last: cuDNN and oneDNN convolutions both run faster on NHWC (4x on a 2-core CPU for R-18
@@ -400,9 +395,9 @@ def estimate_val_loss():
         dist.all_reduce(position_counts)
     totals, batches = counts[:-1].view(2, -1), counts[-1].item()
     raw_model.train()
-    if batches == 0:
-        raise SystemExit(f"error: no image of {data_root}/val2017 could be read for validation "
-                         "(see the warnings)")
+    if batches == 0:  # every process knows: the counts were summed
+        raise ValueError(f"no image of {data_root}/val2017 could be read for validation (see the "
+                         "warnings)")
     true, shuffled = (totals / batches).tolist()
     frequencies = position_counts / position_counts.sum(1, keepdim=True).clamp(min=1)
     text_only = (-(position_counts * frequencies.clamp(min=1e-12).log()).sum()
@@ -415,30 +410,37 @@ def voc_map():
     """The backbone's VOC07 mAP, as evaluate.py computes it: pooled features of trainval and test
     with the eval transform (each process extracts its share), then the SVMs on rank 0. Returns
     (mAP, {class: AP}) on rank 0."""
-    from evaluate import extract_features, read_voc, svm_products_dtype, train_and_test_svms
     raw_model.eval()
-    splits = {}
+    splits, task = {}, read_voc_task(voc_root)
     for split in ('trainval', 'test'):
-        with one_line_errors():
-            paths, split_labels, class_names = read_voc(voc_root, split)
-        mine = extract_features(lambda x: raw_model.encode_images(x).mean((2, 3)),
-                                paths[ddp_rank::ddp_world_size], image_size, split,
-                                batch_size=micro_batch, num_workers=num_workers, device=device,
-                                log_interval=0)
-        if ddp:  # put the shares back in order: image i is in share i % world_size
+        paths, split_labels = task[split]
+        try:
+            mine = extract_features(lambda x: raw_model.encode_images(x).mean((2, 3)),
+                                    paths[ddp_rank::ddp_world_size], image_size, split,
+                                    batch_size=micro_batch, num_workers=num_workers,
+                                    device=device, log_interval=0)
+        except (ValueError, OSError) as e:  # an image gone bad since start-up: told to all
+            mine = str(e)
+        shares = [mine]
+        if ddp:
             shares = [None] * ddp_world_size
             dist.all_gather_object(shares, mine)
-            mine = torch.empty(len(paths), shares[0].shape[1])
-            for rank, share in enumerate(shares):
-                mine[rank::ddp_world_size] = share
-        splits[split] = (mine.to(device), torch.from_numpy(split_labels).to(device))
+        failures = [share for share in shares if isinstance(share, str)]
+        if failures:
+            raw_model.train()
+            raise ValueError(failures[0])
+        # the shares back in order: image i is in share i % world_size
+        features = torch.empty(len(paths), shares[0].shape[1])
+        for rank, share in enumerate(shares):
+            features[rank::ddp_world_size] = share
+        splits[split] = (features.to(device), torch.from_numpy(split_labels).to(device))
     raw_model.train()
     if not master_process:
         return None, None
     test_ap, _, _ = train_and_test_svms(*splits['trainval'], *splits['test'],
                                         cg_dtype=svm_products_dtype(device))
     return 100 * test_ap.mean().item(), {name: 100 * ap
-                                         for name, ap in zip(class_names, test_ap.tolist())}
+                                         for name, ap in zip(task['classes'], test_ap.tolist())}
 
 
 def memory_gb():
@@ -477,7 +479,16 @@ def save_checkpoint(path, step, full=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# the log: one JSON record per line, never left cut (configurator.JsonLog)
+# every input is checked: now the run folder is claimed (and with --overwrite=True, emptied), and
+# the log opened: one JSON record per line, never left cut (configurator.JsonLog)
+if master_process:
+    try:
+        note = claim_run_folder(out_dir, scratch=init_from == 'scratch', overwrite=overwrite,
+                                auto=auto_start)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if note:  # a stale lock taken over
+        print0(f"note: {note}")
 log_file = JsonLog(log_path) if master_process else None
 
 
@@ -544,37 +555,47 @@ run_start = time.time()
 for iter_num in range(start_iter, max_iters + 1):
     stopping = agreed_stop(iter_num)
     last_step = iter_num == max_iters or stopping
-    # evaluation and checkpointing first, on their schedule; their time is not part of ms/iter
+    # evaluation and checkpointing first, on their schedule; their time is not part of ms/iter. An
+    # evaluation that fails (its images gone bad) never costs the training state: saved, then stop
+    failed = ''
     if val_set is not None and not stopping and due(eval_interval, iter_num):
-        val, shuffled, text_only = estimate_val_loss()
-        # what the image is worth, per term
-        gaps = {name: shuffled[name] - val[name] for name in PART_NAMES}
-        image_gap = sum(gaps.values()) / len(gaps)  # per target of one term (one direction)
-        terms = ' '.join(f"{name} {val[name]:.3f}" for name in PART_NAMES)
-        unit = 'label' if pretext.endswith('classification') else 'token'
-        worth = f"{image_gap:.3f} nats/{unit}"
-        if pretext == 'cappa':
-            worth = (f"{gaps['parallel']:.3f} nats/token in parallel (text-only {text_only:.3f}), "
-                     f"{gaps['autoregressive']:.3f} autoregressive")
-        print0(f"iter {iter_num}: val loss {val['loss']:.4f} ({terms}) | shuffled images "
-               f"{shuffled['loss']:.4f}: the image is worth {worth}")
-        log({'event': 'val', 'iter': iter_num, 'loss': val['loss'],
-             **{f'loss_{n}': val[n] for n in PART_NAMES}, 'loss_shuffled': shuffled['loss'],
-             **{f'loss_shuffled_{n}': shuffled[n] for n in PART_NAMES}, 'image_gap': image_gap,
-             **({'text_only_parallel': text_only} if pretext == 'cappa' else {})})
-    if voc_root and not stopping and due(voc_interval, iter_num):
+        try:
+            val, shuffled, text_only = estimate_val_loss()
+        except ValueError as e:
+            failed = f"validation failed: {e}"
+        else:
+            # what the image is worth, per term
+            gaps = {name: shuffled[name] - val[name] for name in PART_NAMES}
+            image_gap = sum(gaps.values()) / len(gaps)  # per target of one term (one direction)
+            terms = ' '.join(f"{name} {val[name]:.3f}" for name in PART_NAMES)
+            unit = 'label' if pretext.endswith('classification') else 'token'
+            worth = f"{image_gap:.3f} nats/{unit}"
+            if pretext == 'cappa':
+                worth = (f"{gaps['parallel']:.3f} nats/token in parallel (text-only "
+                         f"{text_only:.3f}), {gaps['autoregressive']:.3f} autoregressive")
+            print0(f"iter {iter_num}: val loss {val['loss']:.4f} ({terms}) | shuffled images "
+                   f"{shuffled['loss']:.4f}: the image is worth {worth}")
+            log({'event': 'val', 'iter': iter_num, 'loss': val['loss'],
+                 **{f'loss_{n}': val[n] for n in PART_NAMES}, 'loss_shuffled': shuffled['loss'],
+                 **{f'loss_shuffled_{n}': shuffled[n] for n in PART_NAMES}, 'image_gap': image_gap,
+                 **({'text_only_parallel': text_only} if pretext == 'cappa' else {})})
+    if voc_root and not stopping and due(voc_interval, iter_num) and not failed:
         t0 = time.time()
-        voc, class_aps = voc_map()
-        if master_process:
-            if voc > best_voc['map']:
-                best_voc = {'map': voc, 'iter': iter_num}
-                save_checkpoint(best_path, iter_num, full=False)
-            print0(f"iter {iter_num}: VOC mAP {voc:.2f} (best {best_voc['map']:.2f} at iter "
-                   f"{best_voc['iter']}; {time.time() - t0:.0f}s)")
-            log({'event': 'voc', 'iter': iter_num, 'map': voc, 'classes': class_aps,
-                 'best_map': best_voc['map'], 'best_iter': best_voc['iter'],
-                 'seconds': time.time() - t0})
-    if due(ckpt_interval, iter_num) or (stopping and iter_num > start_iter):
+        try:
+            voc, class_aps = voc_map()
+        except ValueError as e:
+            failed = f"the VOC evaluation failed: {e}"
+        else:
+            if master_process:
+                if voc > best_voc['map']:
+                    best_voc = {'map': voc, 'iter': iter_num}
+                    save_checkpoint(best_path, iter_num, full=False)
+                print0(f"iter {iter_num}: VOC mAP {voc:.2f} (best {best_voc['map']:.2f} at iter "
+                       f"{best_voc['iter']}; {time.time() - t0:.0f}s)")
+                log({'event': 'voc', 'iter': iter_num, 'map': voc, 'classes': class_aps,
+                     'best_map': best_voc['map'], 'best_iter': best_voc['iter'],
+                     'seconds': time.time() - t0})
+    if due(ckpt_interval, iter_num) or (stopping and iter_num > start_iter) or failed:
         # never replace a good checkpoint with a diverged model: check the losses and the weights
         weight_norm = torch.stack([p.detach().float().norm() for p in raw_model.parameters()]).sum()
         bad = nonfinite | ~torch.isfinite(weight_norm)
@@ -586,6 +607,9 @@ for iter_num in range(start_iter, max_iters + 1):
             raise SystemExit("error: the loss or the weights became non-finite before iteration "
                              f"{iter_num}; {kept}")
         save_checkpoint(ckpt_path, iter_num)
+    if failed:
+        raise SystemExit(f"error: iteration {iter_num}: {failed}; {ckpt_path} holds this "
+                         "iteration: mend the data and continue with --init_from=resume")
     if last_step:
         break
 
