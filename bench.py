@@ -1,10 +1,14 @@
 """
 Measure every stage's speed and peak memory, for the CPU demo model and the paper's model.
 
-  python bench.py                          # CPU, a few minutes: shapes config and R-50 L1 H2048 at 224
-  python bench.py --device=cuda            # GPU: bf16 autocast + torch.compile, paper batch 32 per GPU
-  python bench.py --stages=train,svm       # a subset: train, train_data, data, caption, svm, torchrun
-  bash dev/gpu_check.sh                    # on a machine with one GPU: every GPU measurement, one table
+  # CPU, a few minutes: shapes config and R-50 L1 H2048 at 224
+  python bench.py
+  # GPU: bf16 autocast + torch.compile, paper batch 32 per GPU
+  python bench.py --device=cuda
+  # a subset: train, train_data, data, caption, svm, torchrun
+  python bench.py --stages=train,svm
+  # on a machine with one GPU: every GPU measurement, one table
+  bash dev/gpu_check.sh
 
 Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU,
 MFU, in each of `dtypes` (on a CPU with native bfloat16: float32 and bfloat16 side by side);
@@ -34,10 +38,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from configurator import NON_NEGATIVE, POSITIVE, CommaList, Interval, configure
+from configurator import NON_NEGATIVE, POSITIVE, CommaList, Interval, configure, native_bf16
 from coco import CocoCaptions, collate, normalize
 from lookahead import LookAhead
-from model import VirTex, VirTexConfig, native_bf16
+from model import VirTex, VirTexConfig
 
 STAGES = ('train', 'train_data', 'data', 'caption', 'svm', 'torchrun')
 # ----------------------------------------------------------------------------------------------
@@ -77,9 +81,6 @@ def autocast(dtype):
 
 
 paper_batch = paper_batch or (32 if device_type == 'cuda' else 8)
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
 MODELS = {  # name: (model config, image size, training batch)
     'shapes': (VirTexConfig(visual='resnet18', vocab_size=256, n_layer=1, n_embd=256, n_head=4), 64,
                shapes_batch),
@@ -88,8 +89,8 @@ MODELS = {  # name: (model config, image size, training batch)
 }
 
 
-def reset_peak_memory():
-    if device_type == 'cuda':
+def reset_peak_memory(device):
+    if torch.device(device).type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     else:
         try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
@@ -99,14 +100,33 @@ def reset_peak_memory():
             pass
 
 
-def peak_memory_gb():
-    if device_type == 'cuda':
+def peak_memory_gb(device) -> float:
+    """The GPU's peak allocation, or the process's peak resident set (since reset_peak_memory)."""
+    if torch.device(device).type == 'cuda':
         return torch.cuda.max_memory_allocated() / 2**30
     try:
         with open('/proc/self/status') as f:
             return next(int(line.split()[1]) for line in f if line.startswith('VmHWM')) / 2**20
     except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def flops_per_image(model, image_size: int = 224, caption_len: int = 16) -> int:
+    """FLOPs of one training step (forward + backward) of any pretext's model for one image and
+    caption, counted by torch's FlopCounterMode on a real pass (matmuls and convolutions): what
+    MFU divides by."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = next(model.parameters()).device
+    images = torch.zeros(1, 3, image_size, image_size, device=device)
+    tokens = torch.full((1, caption_len), 5, device=device)
+    tokens[0, 0], tokens[0, -1] = model.config.sos_id, model.config.eos_id
+    was_training = model.training
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        model(images, tokens)[0].backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return counter.get_total_flops()
 
 
 def sync():
@@ -131,7 +151,7 @@ def bench_train(name, dtype, loader=None):
     cfg, size, B = MODELS[name]
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last)
-    flops = model.flops_per_image(size) if device_type == 'cuda' else None
+    flops = flops_per_image(model, size) if device_type == 'cuda' else None
     # as train.py
     sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9, fused=True)
     optimizer = LookAhead(sgd, 5, 0.5)
@@ -157,7 +177,7 @@ def bench_train(name, dtype, loader=None):
     for _ in range(warmup_steps):
         step()
     sync()
-    reset_peak_memory()
+    reset_peak_memory(device)
     t0 = time.perf_counter()
     for _ in range(timed_steps):
         step()
@@ -166,7 +186,7 @@ def bench_train(name, dtype, loader=None):
     mfu = f", mfu {100 * flops * B / dt / (peak_tflops * 1e12):.1f}%" if flops else ''
     source = f", data path, {loader.num_workers} workers" if loader is not None else ''
     rows.append(('train step', name, f"batch {B}, {dtype}{', compiled' if compile else ''}{source}",
-                 f"{B / dt:.1f} img/s{mfu}", f"{1000 * dt:.0f} ms/step", peak_memory_gb()))
+                 f"{B / dt:.1f} img/s{mfu}", f"{1000 * dt:.0f} ms/step", peak_memory_gb(device)))
 
 
 def bench_train_data(name, dtype):
@@ -269,7 +289,7 @@ def bench_data():
             count = sum(len(tokens) for _, tokens, _ in batches)
             dt = (time.perf_counter() - t0) / count
             rows.append(('data pipeline', f'{width}x{height} JPEG', f"-> {size} px, 1 worker",
-                         f"{1 / dt:.0f} img/s", f"{1000 * dt:.2f} ms/img", peak_memory_gb()))
+                         f"{1 / dt:.0f} img/s", f"{1000 * dt:.2f} ms/img", peak_memory_gb(device)))
 
 
 def bench_caption(name):
@@ -286,7 +306,7 @@ def bench_caption(name):
         for _ in range(2):
             beam_search(model, model.project(model.encode_images(images)), max_steps=caption_steps)
         sync()
-        reset_peak_memory()
+        reset_peak_memory(device)
         t0 = time.perf_counter()
         grid = model.encode_images(images)
         sync()
@@ -297,11 +317,11 @@ def bench_caption(name):
     assert all(len(w) == caption_steps for w in words)
     rows.append(('caption (beam 5)', name, f"batch {caption_images}, {caption_steps} steps",
                  f"{caption_images / dt:.2f} captions/s, backbone {100 * t_backbone / dt:.0f}%",
-                 f"{1000 * dt:.0f} ms/batch", peak_memory_gb()))
+                 f"{1000 * dt:.0f} ms/batch", peak_memory_gb(device)))
 
 
 def bench_svm():
-    from evaluate import svm_products_dtype, train_and_test_svms
+    from svm import svm_products_dtype, train_and_test_svms
     g = torch.Generator().manual_seed(seed)
     C, D = 20, 2048
     # VOC07-like stand-ins: nonnegative, L2-normalized, correlated features with a class signal
@@ -313,7 +333,7 @@ def bench_svm():
         return torch.nn.functional.normalize(x, dim=1).to(device), labels.to(device)
     train_x, train_y = features(5011)
     test_x, test_y = features(4952)
-    reset_peak_memory()
+    reset_peak_memory(device)
     t0 = time.perf_counter()
     products = svm_products_dtype(device)  # as evaluate.py's default
     test_ap, _, _ = train_and_test_svms(train_x, train_y, test_x, test_y, cg_dtype=products)
@@ -322,10 +342,13 @@ def bench_svm():
     rows.append(('svm (VOC07 size)', '320 SVMs', "5011 x 2048, 20 classes, CG in "
                  f"{str(products)[6:]}",
                  f"mAP {100 * test_ap.mean():.1f}",
-                 f"{dt:.1f} s", peak_memory_gb()))
+                 f"{dt:.1f} s", peak_memory_gb(device)))
 
 
 def main():
+    if device_type == 'cuda':  # as train.py
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     chosen = stages.split(',')
     print(f"bench: {device} ({', '.join(dtype_list)}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads",

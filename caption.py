@@ -2,9 +2,11 @@
 Caption images with a pretrained VirTex model: cached beam search or nucleus sampling, COCO results
 JSON, CIDEr-D, and attention figures.
 
-  python caption.py --ckpt=out/shapes/ckpt.pt data/shapes/coco/val2017/000000010001.jpg   # path<TAB>caption
+  # path<TAB>caption
+  python caption.py --ckpt=out/shapes/ckpt.pt data/shapes/coco/val2017/000000010001.jpg
   python caption.py --ckpt=out/ckpt.pt --coco_root=data/coco --split=val2017 --out=results.json
-  python caption.py --results=results.json --coco_root=data/coco --split=val2017          # score a file only
+  # score a file only
+  python caption.py --results=results.json --coco_root=data/coco --split=val2017
   python caption.py --official=bicaptioning_R_50_L1_H2048.pth --tokenizer=coco_10k.model photos/
 
 Captions go to stdout, one "path<TAB>caption" per image; progress and timing go to stderr. With
@@ -30,9 +32,10 @@ from PIL import Image, ImageDraw, ImageFont
 from checkpoints import load_checkpoint, load_official
 from cider import score
 from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split, to_uint8_tensor
-from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, check_outputs, configure,
-                          one_line_errors, write_atomically)
-from model import VirTex, check_device
+from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, check_device, check_outputs,
+                          configure, one_line_errors, write_atomically)
+from model import VirTex
+from pretexts import CAPTIONERS, CapPa
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -91,8 +94,8 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5,
     finished = words == cfg.eos_id  # (B, K)
     active = torch.ones(B, dtype=torch.bool, device=device)  # images still searching
     alive = ~finished
-    cache = VirTex.select_cache(
-        cache, torch.arange(B, device=device).repeat_interleave(K)[alive.flatten()])
+    rows = torch.arange(B, device=device).repeat_interleave(K)[alive.flatten()]
+    cache = select_cache(cache, rows)
     for _ in range(1, max_steps):
         if not alive.any():
             break
@@ -121,13 +124,20 @@ def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5,
         row_of = torch.full((B, K), -1, dtype=torch.long, device=device)
         row_of[alive] = torch.arange(int(alive.sum()), device=device)
         alive = ~finished & active.unsqueeze(-1)
-        cache = VirTex.select_cache(cache, row_of.gather(1, parent)[alive])
+        cache = select_cache(cache, row_of.gather(1, parent)[alive])
     best = tokens[torch.arange(B, device=device), scores.argmax(-1)]  # (B, t)
     return [words_until_eos(row.tolist(), cfg) for row in best]
 
 
+def select_cache(cache, rows: torch.Tensor):
+    """Keep / reorder / repeat the batch rows of a decoding cache (VirTex.decode_step's)."""
+    layers = {i: {kind: {name: t.index_select(0, rows) for name, t in kv.items()}
+                  for kind, kv in layer.items()} for i, layer in cache['layers'].items()}
+    return {'pos': cache['pos'], 'layers': layers}
+
+
 @torch.no_grad()
-def parallel_decode(model: VirTex, memory: torch.Tensor) -> list[list[int]]:
+def parallel_decode(model: CapPa, memory: torch.Tensor) -> list[list[int]]:
     """cappa's parallel mode: every position's most likely id at once from [MASK] inputs, up to the
     first [EOS]. One decoder pass; shows what the backbone and decoder read from the image with no
     words given."""
@@ -183,9 +193,12 @@ def word_attention(model: VirTex, memory: torch.Tensor, words: list[int]) -> tor
     inputs = [cfg.sos_id] + words
     cache, rows = None, []
     for token in inputs[:cfg.max_len]:
-        _, cache, weights = model.decode_step(memory, torch.tensor([token], device=memory.device),
-                                              cache, return_attention=True)
-        rows.append(weights[0])
+        _, cache = model.decode_step(memory, torch.tensor([token], device=memory.device), cache)
+        # the newest query of the last layer against the grid; SDPA does not return its weights
+        cross = cache['layers'][len(model.layers_fwd) - 1]['cross']
+        q, k = cross['q'], cross['k']  # (1, nh, 1, hs), (1, nh, N, hs)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        rows.append(weights.mean(1)[0, -1])  # (N,)
     return torch.stack(rows)
 
 
@@ -271,7 +284,7 @@ def main():
     else:
         model, trained = load_official(official, device), {}
     source = ckpt or official
-    if not model.config.captions:
+    if model.config.pretext not in CAPTIONERS:
         raise SystemExit(f"error: {source}: a {model.config.pretext} checkpoint has no caption "
                          "decoder; captions need a bicaptioning, captioning or cappa one "
                          "(evaluate.py takes the backbone of any)")

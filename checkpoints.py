@@ -2,8 +2,8 @@
 Every weight file this project reads, read as untrusted input (torch.load with weights_only=True):
 its own train.py checkpoints, those of the official VirTex code (kdexd/virtex), and the torchvision,
 MoCo and VISSL backbones that evaluate.py and probe.py judge. For train.py: load_for_resume refuses
-a checkpoint that cannot continue the run, and claim_run_folder takes the run folder's lock and
-refuses to replace a run by mistake.
+a checkpoint that cannot continue the run, restore_training_state puts the rest of its state back,
+and save_checkpoint writes one.
 
     from checkpoints import load_backbone, load_model, load_official
     model = load_model('out/ckpt.pt')      # a train.py checkpoint, any pretext
@@ -21,22 +21,22 @@ output layer), its backbone a torchvision ResNet under `visual.cnn.`. The files 
 classification pretexts (`textual.output.*`, a linear layer) load as backbones; a masked-LM file has
 the keys of a forward-captioning one and loads as one (only its backbone means anything). Errors are
 ValueErrors (FileNotFoundError for a missing file) that name the file.
-Imports torch, torchvision and model.py only.
+Imports torch, torchvision, configurator.py, model.py and pretexts.py only.
 """
 
-import atexit
 import os
 import pickle
 import re
-import socket
 from dataclasses import asdict
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torchvision
 
 from configurator import write_atomically
 from model import VirTex, VirTexConfig
+from pretexts import pretext_model
 
 
 def load_file(path: str):
@@ -74,7 +74,7 @@ def load_checkpoint(path: str) -> tuple[VirTex, dict]:
                          f"load_official)")
     try:
         cfg = VirTexConfig(**ckpt['model_args'])
-        model = VirTex(cfg)
+        model = pretext_model(cfg)
     except (TypeError, ValueError) as e:
         raise ValueError(
             f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
@@ -116,6 +116,71 @@ def load_for_resume(path: str, model_args: dict, tokenizer: str, tokenizer_piece
         raise ValueError(f"{path}: is at iteration {ckpt['iter_num']} already; give --max_iters "
                          "above it to train on (the learning-rate schedule follows max_iters)")
     return model, ckpt
+
+
+def restore_training_state(path: str, ckpt: dict, optimizer, scaler, rank: int,
+                           world_size: int) -> tuple[int, tuple, dict, int, str]:
+    """Put the training state of a load_for_resume checkpoint back: the optimizer's state and the
+    gradient scaler's (the learning rates, momentum and weight decay stay this run's), and this
+    process's RNGs. Returns (iter_num, data position, best VOC, images skipped so far, a note to
+    print or ''). With another number of processes the same images make each iteration, split
+    anew, and the RNGs stay as this run seeded them: close to an unbroken run, not bitwise."""
+    settings = [{k: v for k, v in group.items() if k != 'params'}
+                for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(f"{path}: its optimizer state does not fit this run "
+                         f"({type(e).__name__}: {e})") from None
+    for group, setting in zip(optimizer.param_groups, settings):
+        group.update(setting)
+    scaler.load_state_dict(ckpt['scaler'])
+    epoch, batch = ckpt['data_position']
+    note = ''
+    if ckpt['world_size'] == world_size:
+        torch.set_rng_state(ckpt['rng_state'][rank])
+        if ckpt['cuda_rng_state'] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(ckpt['cuda_rng_state'][rank])
+    else:
+        batch = batch * ckpt['world_size'] // world_size
+        note = (f"{path} was written by {ckpt['world_size']} process(es), this run has "
+                f"{world_size}: the global batch stays the same, split anew, and the data order "
+                "and dropout differ from an unbroken run")
+    return ckpt['iter_num'], (epoch, batch), ckpt['best_voc'], ckpt['bad_images'], note
+
+
+def save_checkpoint(path: str, model: nn.Module, state: dict, optimizer=None, scaler=None,
+                    diverged=None) -> None:
+    """A train.py checkpoint, written whole or not at all: the model's weights and `state` (its
+    model_args, config, iteration, ...); with the optimizer, all a resume needs besides: the
+    optimizer's and the gradient scaler's state and every process's RNG states, so that each one
+    resumes its own dropout stream. Under torchrun every process calls it and rank 0 writes. A
+    diverged run (non-finite weights, or `diverged`, a bool tensor: the loss was) never replaces a
+    good checkpoint: ValueError. OSError naming the file if it cannot be written."""
+    full, on_cuda = optimizer is not None, next(model.parameters()).is_cuda
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if full:
+        weight_norm = torch.stack([p.detach().float().norm() for p in model.parameters()]).sum()
+        bad = ~torch.isfinite(weight_norm) | (False if diverged is None else diverged)
+        if world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise ValueError(f"{path}: not written: the loss or the weights became non-finite")
+    rng_states = [torch.get_rng_state()]
+    cuda_rng_states = [torch.cuda.get_rng_state()] if on_cuda else []
+    if full and world_size > 1:
+        rng_states, cuda_rng_states = [None] * world_size, [None] * world_size
+        dist.all_gather_object(rng_states, torch.get_rng_state())
+        if on_cuda:
+            dist.all_gather_object(cuda_rng_states, torch.cuda.get_rng_state())
+    if rank:
+        return
+    checkpoint = {'model': model.state_dict(), **state}
+    if full:
+        checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                          world_size=world_size, rng_state=rng_states,
+                          cuda_rng_state=cuda_rng_states)
+    write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_strict(model: nn.Module, state: dict, path: str, backbone_only: bool = False) -> None:
@@ -340,77 +405,3 @@ def vissl_trunk(state, path: str) -> dict:
         raise ValueError(f"{path}: not a VISSL checkpoint (expected classy_state_dict -> "
                          f"base_model -> model -> trunk, or model_state_dict, with {prefix}* keys)")
     return {k[len(prefix):]: v for k, v in trunk.items() if k.startswith(prefix)}
-
-
-# ----------------------------------------------------------------------------------------------
-# the folder of a training run: one run at a time, and never a run replaced by mistake
-
-RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')
-
-
-def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False,
-                     auto: bool = False) -> str:
-    """Make out_dir ready for a train.py run: take its lock (out_dir/.lock, released when the
-    process exits), clear the temporary files of saves that were killed, and for a scratch run
-    refuse a folder that holds a run, unless `overwrite` (then its files go) or `auto` and it holds
-    only the log of a run that died before its first save.
-    Returns a note to print, or ''. ValueError with one line if refused."""
-    os.makedirs(out_dir, exist_ok=True)
-    note = take_lock(os.path.join(out_dir, '.lock'))
-    for name in os.listdir(out_dir):
-        if any(name.startswith(f'{run_file}.tmp') for run_file in RUN_FILES):
-            os.remove(os.path.join(out_dir, name))
-    earlier = [os.path.join(out_dir, name) for name in RUN_FILES
-               if os.path.exists(os.path.join(out_dir, name))
-               and os.path.getsize(os.path.join(out_dir, name))]
-    if auto and earlier == [os.path.join(out_dir, 'log.jsonl')]:
-        earlier = []
-    if scratch and earlier and not overwrite:
-        raise ValueError(f"{out_dir} holds a run ({', '.join(map(os.path.basename, earlier))}): "
-                         "resume it with --init_from=resume, write elsewhere with --out_dir, or "
-                         "replace it with --overwrite=True")
-    if scratch:
-        for path in earlier:
-            os.remove(path)
-    return note
-
-
-def take_lock(lock_path: str) -> str:
-    """Create the lock file (pid and host) atomically and whole: written beside it, then hard-linked
-    to its name, which fails if it exists. A live run's lock is refused (ValueError); a lock left by
-    an ended process on this host is taken over (the returned note says so)."""
-    mine, note = f"{lock_path}.{os.getpid()}", ''
-    write_atomically(mine, lambda f: f.write(f"{os.getpid()} {socket.gethostname()}\n"), mode='w')
-    try:
-        for _ in range(2):
-            try:
-                os.link(mine, lock_path)
-            except FileExistsError:
-                with open(lock_path) as f:
-                    pid, _, host = f.read().strip().partition(' ')
-                if not pid.isdigit() or not host:  # not written by take_lock, which writes whole
-                    raise ValueError(f"{lock_path} names no run (it is not a lock of this "
-                                     f"project's): remove it if no run is using "
-                                     f"{os.path.dirname(lock_path)}") from None
-                if host == socket.gethostname() and not process_alive(int(pid)):
-                    note = f"{lock_path} was left by pid {pid}, which has ended: taking it over"
-                    os.remove(lock_path)
-                    continue
-                raise ValueError(f"{os.path.dirname(lock_path)} is in use by another run (pid "
-                                 f"{pid} on {host}, {lock_path}); wait for it, write elsewhere "
-                                 f"with --out_dir, or remove {lock_path} if no run is using "
-                                 f"it") from None
-            atexit.register(os.remove, lock_path)
-            return note
-    finally:
-        os.remove(mine)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True

@@ -24,6 +24,8 @@ means unset and passes). Any other bare argument is returned for the script (e.g
 paths). `--help` lists the keys with their values.
 Errors exit with a one-line message naming the key or file.
 
+`check_device()`, `native_bf16()` and `precision()` check --device and resolve --dtype; they import
+torch when called, so that this file stays importable without it.
 `one_line_errors()` is the other half of the error policy: library code raises ordinary exceptions
 (ValueError, OSError) whose message names the file; a script wraps its loading steps in it, and such
 an exception ends the script with one line `error: <message>`, not a traceback. `write_atomically()`
@@ -297,3 +299,65 @@ class JsonLog:
         except OSError as e:
             os.ftruncate(self.fd, size)
             raise OSError(f"{self.path}: cannot write ({e.strerror})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# --device and --dtype: where and in what precision a script runs (torch is imported when called)
+
+def check_device(device: str) -> None:
+    """ValueError with one line if `device` is not one torch can use here (e.g. cuda on a machine
+    without it)."""
+    import torch
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device={device}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    available = {'cpu': True, 'cuda': torch.cuda.is_available(),
+                 'mps': torch.backends.mps.is_available()}
+    if not available.get(kind, False):
+        raise ValueError(f"--device={device}: not available on this machine (use --device=cpu)")
+    index = torch.device(device).index
+    if kind == 'cuda' and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device={device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def native_bf16(device) -> bool:
+    """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs
+    with AVX512-BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later).
+    Elsewhere oneDNN emulates bf16, slower than float32, so 'auto' precisions (train.py's dtype,
+    evaluate.py's svm_dtype) pick float32 there."""
+    import torch
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:  # a private call, but the only one that names the CPU's bf16 instructions
+        capability = torch._C._cpu._get_cpu_capability()
+    except AttributeError:
+        return False
+    return bool(capability.get('avx512_bf16') or capability.get('amx_bf16'))
+
+
+def precision(device: str, dtype: str, deterministic: bool = False):
+    """The precision a script trains in, with torch's backends set to match. dtype 'auto' is
+    bfloat16 where the hardware multiplies it natively, else float16 on GPUs (which then needs a
+    gradient scaler) and float32 on CPUs. On GPUs TF32 and cuDNN's autotuning are on, which makes a
+    resumed run close to an unbroken one, not bitwise, unless `deterministic` (deterministic kernels
+    throughout). Returns (dtype, its autocast context, a warning to print or '')."""
+    import contextlib
+    import torch
+    kind = torch.device(device).type
+    if dtype == 'auto':
+        dtype = 'bfloat16' if native_bf16(device) else 'float16' if kind == 'cuda' else 'float32'
+    if kind == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')  # cuBLAS's deterministic GEMMs
+        torch.use_deterministic_algorithms(True)
+    warning = ''
+    if kind == 'cpu' and (dtype == 'float16' or dtype == 'bfloat16' and not native_bf16(device)):
+        warning = (f"warning: --dtype={dtype} is emulated on this CPU, slower than float32 "
+                   "(float16 ~25x on the development machine); use float32, or bfloat16 where the "
+                   "CPU has it")
+    autocast = contextlib.nullcontext() if dtype == 'float32' else \
+        torch.autocast(kind, dtype=getattr(torch, dtype))
+    return dtype, autocast, warning

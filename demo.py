@@ -1,7 +1,8 @@
 """
 The whole VirTex pipeline on the built-in shapes world, on a laptop CPU, in minutes:
 
-  python demo.py                  # data -> vocabulary -> pretrain -> VOC SVMs (pretrained vs random) -> captions
+  # data -> vocabulary -> pretrain -> VOC SVMs (pretrained vs random) -> captions
+  python demo.py
   python demo.py --seed=1         # another training seed
 
 Each stage is one of the project's command lines, printed before it runs, so the demo doubles as a

@@ -1,8 +1,10 @@
 """
 Export a pretrained backbone for downstream training: in torchvision's layout, or in Detectron2's.
 
-  python export.py --ckpt=out/ckpt.pt --out=out/backbone.pth                         # torchvision.models.<visual>()
-  python export.py --ckpt=out/ckpt.pt --format=detectron2 --out=out/backbone_d2.pth # Detectron2's ResNet
+  # torchvision.models.<visual>()
+  python export.py --ckpt=out/ckpt.pt --out=out/backbone.pth
+  # Detectron2's ResNet
+  python export.py --ckpt=out/ckpt.pt --format=detectron2 --out=out/backbone_d2.pth
 
 torchvision: a plain state dict without fc; `resnet50().load_state_dict(state, strict=False)` misses
 only fc.

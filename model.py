@@ -1,6 +1,6 @@
 """
-The VirTex model: a ResNet visual backbone plus the head of one pretext task, by default forward and
-backward Transformer caption decoders.
+The VirTex model (Desai & Johnson, CVPR 2021): a ResNet visual backbone plus forward and backward
+Transformer decoders that caption the image, trained from scratch by the captioning loss.
 
     from model import VirTex, VirTexConfig
     model = VirTex(VirTexConfig(visual='resnet50', n_layer=1, n_embd=2048, n_head=32,
@@ -12,18 +12,8 @@ backward Transformer caption decoders.
     # one cached step of the forward decoder
     logp, cache = model.decode_step(memory, last_tokens, cache)
 
-The pretext tasks of the paper's ablation (its Table 2), `VirTexConfig.pretext`:
-  bicaptioning               forward + backward caption decoders, the loss their sum (the paper's
-                             method)
-  captioning                 the forward decoder alone
-  masked_lm                  one decoder without the causal mask predicts 15% of the words, hidden
-                             (BERT)
-  token_classification       a linear layer on the pooled grid predicts the caption's set of words
-  multilabel_classification  the same over COCO's instance categories (the "tokens" are category
-                             indices)
-  cappa                      the forward decoder, but for a share of the captions
-                             (parallel_fraction) every input is [MASK] and nothing is causal: all
-                             words at once, from the image alone (CapPa)
+`VirTexConfig.pretext` is 'bicaptioning' (the paper) or 'captioning' (the forward decoder alone);
+the other objectives of the paper's ablation and CapPa's are built from these parts in pretexts.py.
 Only the backbone is kept after pretraining; `backbone_state_dict()` loads into a plain
 `torchvision.models.resnet50()` (fc aside). Imports only torch and torchvision, so it can be
 copied alone; loading weight files is checkpoints.py's. Architecture facts follow the paper and
@@ -31,7 +21,6 @@ the official code (kdexd/virtex). Errors are ValueErrors with a clear message; t
 them into one-line `error: ...` exits.
 """
 
-import math
 import re
 from dataclasses import dataclass
 
@@ -41,15 +30,11 @@ import torch.nn.functional as F
 import torchvision
 
 
-LOSS_PARTS = {  # the terms forward() returns beside the loss
-    'bicaptioning': ('fwd', 'bwd'), 'captioning': ('fwd',), 'masked_lm': ('masked_lm',),
-    'token_classification': ('classification',), 'multilabel_classification': ('classification',),
-    'cappa': ('parallel', 'autoregressive')}
-PRETEXTS = tuple(LOSS_PARTS)
+# the pretext tasks: the paper's, then those of its ablation (its Table 2) and CapPa's (pretexts.py)
+PRETEXTS = ('bicaptioning', 'captioning', 'masked_lm', 'token_classification',
+            'multilabel_classification', 'cappa')
 VISUALS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
            'wide_resnet101_2')
-# masked_lm: 15% of the words; of those 80% [MASK], 10% random, 10% kept
-MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)
 
 
 @dataclass
@@ -61,7 +46,7 @@ class VirTexConfig:
     n_head: int = 32            # H / 64 in every official config
     max_len: int = 30           # caption length in ids, [SOS] and [EOS] included
     dropout: float = 0.1
-    pretext: str = 'bicaptioning'  # or one of the ablations, see PRETEXTS
+    pretext: str = 'bicaptioning'  # or captioning; the others are pretexts.py's
     norm_first: bool = False    # False: post-norm layers, as in the paper
     zero_init_residual: bool = True  # the paper's backbone init (see VirTex.__init__)
     # std of the textual weights at init: BERT's, the paper's (see init_textual_weights)
@@ -70,8 +55,7 @@ class VirTexConfig:
     sos_id: int = 1
     eos_id: int = 2
     mask_id: int = 3            # [MASK], for masked_lm and cappa
-    # cappa: share of captions predicted in parallel (big_vision's masked_pred_prob)
-    parallel_fraction: float = 0.75
+    parallel_fraction: float = 0.75  # cappa's (pretexts.py)
 
     def __post_init__(self):  # refused here, so that a script can check a config before any work
         if self.pretext not in PRETEXTS:
@@ -89,15 +73,6 @@ class VirTexConfig:
     @property
     def bidirectional(self) -> bool:
         return self.pretext == 'bicaptioning'
-
-    # a Transformer head (else a linear classifier on the pooled grid)
-    @property
-    def has_decoder(self) -> bool:
-        return self.pretext in ('bicaptioning', 'captioning', 'masked_lm', 'cappa')
-
-    @property
-    def captions(self) -> bool:  # a forward decoder that writes captions word by word
-        return self.pretext in ('bicaptioning', 'captioning', 'cappa')
 
 
 def reverse_captions(caption_tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -139,8 +114,8 @@ class Attention(nn.Module):
     def forward(self, x, memory=None, cache=None, key_mask=None):
         """x (B, T, H). Self-attention is causal, unless key_mask (B, T) is given: then every
         position sees every key where key_mask is True, before and after it (masked_lm, cappa's
-        parallel mode). With `cache` (a dict), x is the newest position(s) and keys/values are
-        appended to / read from the cache."""
+        parallel mode). With `cache` (a dict), x is the newest position (B, 1, H), and keys and
+        values are appended to / read from the cache."""
         dropout = self.dropout if self.training else 0.0
         if self.cross:
             q = self.split_heads(self.q_proj(x))
@@ -161,18 +136,11 @@ class Attention(nn.Module):
                 # causal masking alone suffices: padding sits at the end, so a real position never
                 # sees a pad key, and outputs at pad positions are ignored by the loss
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            else:
+            else:  # one new position: every cached key is in its past, no mask needed
                 if 'k' in cache:
                     k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
                 cache['k'], cache['v'] = k, v
-                # the cached keys are all in the past of the new position(s): a mask is needed
-                # only when several new positions arrive at once
-                T_new, T_all = q.shape[2], k.shape[2]
-                mask = None
-                if T_new > 1:
-                    mask = torch.ones(T_new, T_all, dtype=torch.bool,
-                                      device=x.device).tril(T_all - T_new)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v)
         y = y.transpose(1, 2).reshape(x.shape)  # (B, T, H)
         return self.out_proj(y)
 
@@ -211,31 +179,36 @@ class DecoderLayer(nn.Module):
         return x
 
 
+def resnet(cfg: VirTexConfig) -> nn.Module:
+    """The torchvision ResNet of cfg.visual at random init, without its pooling and fc: what every
+    pretext trains. zero_init_residual: each block starts as the identity, which helps training from
+    scratch. At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only
+    strided 1x1 shortcuts, so the caption loss barely reaches the convolutions: the demo turns it
+    off."""
+    visual = torchvision.models.get_model(cfg.visual, weights=None,
+                                          zero_init_residual=cfg.zero_init_residual)
+    visual.width = visual.fc.in_features  # 2048 for resnet50, 512 for resnet18
+    del visual.fc, visual.avgpool  # we keep the layer4 grid, not a pooled vector
+    return visual
+
+
 class VirTex(nn.Module):
+    pretexts = ('bicaptioning', 'captioning')  # pretexts.py's classes take the others
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
+        if cfg.pretext not in self.pretexts:
+            raise ValueError(f"pretext={cfg.pretext!r} is not {type(self).__name__}'s: build the "
+                             f"model with pretexts.pretext_model(config)")
         self.config = cfg
-        # zero_init_residual: each block starts as identity, which helps training from scratch.
-        # At 64 px (the CPU demo) the layer4 grid is 2x2 and the identity blocks pass only strided
-        # 1x1 shortcuts, so the caption loss barely reaches the convolutions: the demo turns it off.
-        self.visual = torchvision.models.get_model(cfg.visual, weights=None,
-                                                   zero_init_residual=cfg.zero_init_residual)
-        self.visual_width = self.visual.fc.in_features  # 2048 for resnet50, 512 for resnet18
-        del self.visual.fc, self.visual.avgpool  # we keep the layer4 grid, not a pooled vector
-        if not cfg.has_decoder:
-            # the classification pretexts: one linear layer on the pooled grid, PyTorch's default
-            # init as upstream
-            self.classifier = nn.Linear(self.visual_width, cfg.vocab_size)
-            return
+        self.visual = resnet(cfg)
         H = cfg.n_embd
         # shared by both directions: visual projection, embeddings, output layer
-        self.visual_projection = nn.Linear(self.visual_width, H)
+        self.visual_projection = nn.Linear(self.visual.width, H)
         self.word_embedding = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
         self.position_embedding = nn.Embedding(cfg.max_len, H)
         self.embedding_norm = nn.LayerNorm(H, eps=1e-8)
         self.embedding_dropout = nn.Dropout(cfg.dropout)
-        # every pretext's decoder
         self.layers_fwd = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.layers_bwd = (nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
                            if cfg.bidirectional else None)
@@ -316,18 +289,6 @@ class VirTex(nn.Module):
         """Full, uncached pass of one direction: (B, T) ids -> (B, T, V) next-token logits."""
         return self.lm_head(self.decode(memory, tokens, direction))
 
-    def parallel_inputs(self, n) -> torch.Tensor:
-        """cappa's parallel mode reads (n, max_len - 1) [MASK]s: every input position, the one [SOS]
-        held too (big_vision has no BOS in this mode), whatever the caption: no word, not even its
-        length, only the image."""
-        return torch.full((int(n), self.config.max_len - 1), self.config.mask_id,
-                          device=self.lm_head.weight.device)
-
-    def parallel_logits(self, memory: torch.Tensor) -> torch.Tensor:
-        """cappa's parallel mode: (B, N, H) memory -> (B, max_len - 1, V) logits of every position
-        at once."""
-        return self.lm_head(self.decode(memory, self.parallel_inputs(len(memory)), causal=False))
-
     def caption_loss(self, memory, tokens, direction, reduction='mean'):
         """Next-token cross-entropy over the real (non-pad) targets of one direction: their mean, or
         sum."""
@@ -347,100 +308,28 @@ class VirTex(nn.Module):
         return F.cross_entropy(self.lm_head(features[real]).float(), targets[real],
                                reduction=reduction)
 
-    def masked_lm_loss(self, memory, tokens, generator=None):
-        """Cross-entropy at the words mask_words chose, predicted from the corrupted caption seen
-        both ways."""
-        inputs, labels = mask_words(tokens, self.config, generator)
-        # labels: pad where not chosen
-        return self.word_loss(self.decode(memory, inputs, causal=False), labels)
-
-    def cappa_loss(self, memory, tokens, generator=None):
-        """CapPa: each caption is drawn, with probability parallel_fraction, into the parallel mode
-        (every word predicted at once from [MASK] inputs, parallel_logits) and otherwise into plain
-        forward captioning. The targets and the loss are captioning's: the mean cross-entropy over
-        all real targets of the batch.
-        In eval mode every caption is scored both ways and the loss is their expectation (nothing is
-        drawn).
-        Returns (loss, {'parallel': mean over its rows' targets, 'autoregressive': ...}); a mode
-        that drew no caption has NaN."""
-        targets = tokens[:, 1:]  # (B, T-1): what position t predicts, in both modes
-        if self.training:
-            parallel = draw_parallel(len(tokens), self.config.parallel_fraction,
-                                     tokens.device, generator)
-            rows = {'parallel': parallel, 'autoregressive': ~parallel}  # (B,) each
-        else:
-            every = torch.ones(len(tokens), dtype=torch.bool, device=tokens.device)
-            rows = {'parallel': every, 'autoregressive': every}
-        sums, counts = {}, {}
-        for mode, chosen in rows.items():
-            counts[mode] = (targets[chosen] != self.config.pad_id).sum()
-            if mode == 'parallel':
-                features = self.decode(memory[chosen], self.parallel_inputs(chosen.sum()),
-                                       causal=False)
-                # then pads
-                sums[mode] = self.word_loss(features[:, :targets.shape[1]], targets[chosen], 'sum')
-            else:
-                sums[mode] = self.caption_loss(memory[chosen], tokens[chosen], 'fwd',
-                                               reduction='sum')
-        means = {mode: sums[mode] / counts[mode] for mode in rows}  # 0 / 0 is NaN
-        if self.training:
-            loss = ((sums['parallel'] + sums['autoregressive'])
-                    / (counts['parallel'] + counts['autoregressive']))
-        else:
-            fraction = self.config.parallel_fraction
-            loss = fraction * means['parallel'] + (1 - fraction) * means['autoregressive']
-        return loss, {mode: mean.detach() for mode, mean in means.items()}
-
-    def classification_loss(self, pooled, labels):
-        """Cross-entropy against the K-hot / K target of each row's set of labels (upstream's loss):
-        the mean of -log p over the distinct ids of a row, pad (and, for caption words, [SOS] [EOS]
-        [MASK]) left out."""
-        logp = F.log_softmax(self.classifier(pooled).float(), dim=-1)  # (B, V)
-        targets = torch.zeros_like(logp).scatter_(1, labels, 1.0)  # repeated ids count once
-        special = [self.config.pad_id]
-        if self.config.pretext == 'token_classification':
-            special += [self.config.sos_id, self.config.eos_id, self.config.mask_id]
-        targets[:, special] = 0
-        per_row = -(logp * targets).sum(1) / targets.sum(1).clamp(min=1)
-        # rows without labels do not count
-        return per_row.sum() / (targets.sum(1) > 0).sum().clamp(min=1)
-
     def visual_features(self, images: torch.Tensor) -> torch.Tensor:
-        """What the pretext head reads: the projected grid (B, N, H) for decoders, the pooled grid
-        (B, C) else."""
-        grid = self.encode_images(images)
-        return self.project(grid) if self.config.has_decoder else grid.mean((2, 3))
+        """What the decoders read: (B, 3, S, S) images -> (B, N, H) projected grid."""
+        return self.project(self.encode_images(images))
 
     def forward(self, images: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
-        """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id (for
-        multilabel_classification: category indices 1.., padded with 0). generator: the draws of
-        masked_lm's words and of cappa's modes (default: the global RNG).
+        """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id.
+        generator: the random draws of the pretexts that have some (pretexts.py).
 
-        Returns (loss, parts): a scalar with grad, and its detached terms (LOSS_PARTS): for
-        bicaptioning the loss is forward CE + backward CE, parts {'fwd': .., 'bwd': ..}; for cappa
-        the mean over both modes' targets, parts each mode's own mean; otherwise the one loss, parts
-        {'fwd'}, {'masked_lm'} or {'classification'}.
+        Returns (loss, parts): a scalar with grad, and its detached terms: for bicaptioning the loss
+        is forward CE + backward CE, parts {'fwd': .., 'bwd': ..}; for captioning {'fwd': ..}.
         """
         if caption_tokens.ndim != 2 or caption_tokens.shape[0] != images.shape[0]:
             raise ValueError(f"caption_tokens must be (B, T) with B={images.shape[0]}, got "
                              f"{tuple(caption_tokens.shape)}")
         return self.losses(self.visual_features(images), caption_tokens, generator)
 
-    def losses(self, visual_features: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
+    def losses(self, memory: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
         """forward() from visual_features() on: scoring the same captions against other images
         (train.py's image-reliance check) needs no second pass through the backbone."""
-        if caption_tokens.shape[1] > self.config.max_len and self.config.has_decoder:
+        if caption_tokens.shape[1] > self.config.max_len:
             raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed "
                              f"max_len={self.config.max_len}")
-        if not self.config.has_decoder:
-            loss = self.classification_loss(visual_features, caption_tokens)
-            return loss, {'classification': loss.detach()}
-        memory = visual_features
-        if self.config.pretext == 'masked_lm':
-            loss = self.masked_lm_loss(memory, caption_tokens, generator)
-            return loss, {'masked_lm': loss.detach()}
-        if self.config.pretext == 'cappa':
-            return self.cappa_loss(memory, caption_tokens, generator)
         loss_fwd = self.caption_loss(memory, caption_tokens, 'fwd')
         parts = {'fwd': loss_fwd.detach()}
         loss = loss_fwd
@@ -459,39 +348,19 @@ class VirTex(nn.Module):
     # cached decoding (forward direction), used by caption.py
 
     @torch.no_grad()
-    def decode_step(self, memory, last_tokens, cache=None, return_attention=False):
+    def decode_step(self, memory, last_tokens, cache=None):
         """One step of the forward decoder with a key/value cache.
 
         memory (B, N, H) is read only on the first call (cache=None), when the cross-attention keys
         and values of every layer are computed once. last_tokens (B,) are the newest ids (first
-        call: [SOS]). Returns log-probabilities (B, V) of the next id and the updated cache; with
-        return_attention, also the last layer's cross-attention over the grid, mean over heads
-        (B, N).
+        call: [SOS]). Returns log-probabilities (B, V) of the next id and the updated cache
+        ({'pos': positions done, 'layers': {layer: {'self'|'cross': {'q'?, 'k', 'v'}}}}).
         """
         if cache is None:
             cache = {'pos': 0, 'layers': {}}
         x = self.decode(memory, last_tokens[:, None], 'fwd', cache['pos'], cache['layers'])
         cache['pos'] += 1
-        logp = F.log_softmax(self.lm_head(x[:, -1]).float(), dim=-1)
-        if not return_attention:
-            return logp, cache
-        return logp, cache, self.last_cross_attention(cache)
-
-    def last_cross_attention(self, cache):
-        """Attention weights of the last layer's cross-attention for the newest position, mean
-        over heads: (B, N). SDPA does not return weights, so they are recomputed from q and k."""
-        cross = cache['layers'][len(self.layers_fwd) - 1]['cross']
-        q, k = cross['q'], cross['k']  # (B, nh, 1, hs), (B, nh, N, hs)
-        # (B, nh, 1, N)
-        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-        return weights.mean(1)[:, -1]
-
-    @staticmethod
-    def select_cache(cache, rows: torch.Tensor):
-        """Keep / reorder / repeat the batch rows of a decoding cache (beam search bookkeeping)."""
-        layers = {i: {kind: {name: t.index_select(0, rows) for name, t in kv.items()}
-                      for kind, kv in layer.items()} for i, layer in cache['layers'].items()}
-        return {'pos': cache['pos'], 'layers': layers}
+        return F.log_softmax(self.lm_head(x[:, -1]).float(), dim=-1), cache
 
     # ------------------------------------------------------------------------------------------
     # parameters, optimizer groups, portability
@@ -519,91 +388,7 @@ class VirTex(nn.Module):
                 {'name': 'textual', 'params': decay, 'lr': lr, 'weight_decay': weight_decay},
                 {'name': 'textual_no_decay', 'params': no_decay, 'lr': lr, 'weight_decay': 0.0}]
 
-    def flops_per_image(self, image_size: int = 224, caption_len: int = 16) -> int:
-        """FLOPs of one training step (forward + backward) for one image and caption, counted by
-        torch's FlopCounterMode on a real pass (matmuls and convolutions)."""
-        from torch.utils.flop_counter import FlopCounterMode
-        device = next(self.parameters()).device
-        images = torch.zeros(1, 3, image_size, image_size, device=device)
-        tokens = torch.full((1, caption_len), 5, device=device)
-        tokens[0, 0], tokens[0, -1] = self.config.sos_id, self.config.eos_id
-        was_training = self.training
-        self.train()
-        with FlopCounterMode(display=False) as counter:
-            self(images, tokens)[0].backward()
-        self.zero_grad(set_to_none=True)
-        self.train(was_training)
-        return counter.get_total_flops()
-
     def backbone_state_dict(self) -> dict:
         """The ResNet weights in torchvision naming (no fc): loads into
         torchvision.models.<visual>() with strict=False, missing only fc.weight and fc.bias."""
         return {k: v.detach().clone() for k, v in self.visual.state_dict().items()}
-
-
-def draw_parallel(n: int, fraction: float, device=None, generator=None) -> torch.Tensor:
-    """cappa's choice of mode for n captions: (n,) bool, True (parallel) with probability `fraction`
-    each."""
-    return torch.rand(n, device=device, generator=generator) < fraction
-
-
-def mask_words(tokens: torch.Tensor, cfg: VirTexConfig, generator=None):
-    """BERT's corruption for masked_lm: (B, T) captions -> (inputs, labels), both (B, T).
-
-    Of each caption's n words (the ids between [SOS] and [EOS]), ceil(0.15 n) positions are chosen
-    uniformly; a chosen id becomes [MASK] with p=0.8, a random word id with p=0.1 and stays with
-    p=0.1. labels hold the original id at every chosen position, pad elsewhere: the loss is on all
-    chosen words, as in BERT (the official code labels only the [MASK]ed ones). Draws from
-    `generator` (default: the global RNG).
-    """
-    pad, (p_mask, p_random) = cfg.pad_id, MASK_PROBS
-    words = (tokens != pad) & (tokens != cfg.sos_id) & (tokens != cfg.eos_id)  # (B, T)
-    n_words = words.sum(1)
-    if (n_words == 0).any():
-        raise ValueError("masked_lm: a caption has no words to mask (only [SOS] and [EOS])")
-    n_chosen = torch.ceil(n_words * MASK_FRACTION).long()  # >= 1
-    scores = torch.rand(tokens.shape, device=tokens.device,
-                        generator=generator).masked_fill(~words, 2.0)
-    # each position's place in its row's random order; non-words last
-    rank = scores.argsort(1).argsort(1)
-    chosen = rank < n_chosen[:, None]
-    action = torch.rand(tokens.shape, device=tokens.device, generator=generator)
-    random_ids = torch.randint(cfg.mask_id + 1, cfg.vocab_size, tokens.shape, device=tokens.device,
-                               generator=generator)
-    inputs = torch.where(chosen & (action < p_mask), cfg.mask_id, tokens)
-    inputs = torch.where(chosen & (action >= p_mask) & (action < p_mask + p_random),
-                         random_ids, inputs)
-    return inputs, torch.where(chosen, tokens, pad)
-
-
-# ----------------------------------------------------------------------------------------------
-# where it runs
-
-def check_device(device: str) -> None:
-    """ValueError with one line if `device` is not one torch can use here (e.g. cuda on a machine
-    without it)."""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"--device={device}: not a device name (cpu, cuda, cuda:1, ...)") from None
-    available = {'cpu': True, 'cuda': torch.cuda.is_available(),
-                 'mps': torch.backends.mps.is_available()}
-    if not available.get(kind, False):
-        raise ValueError(f"--device={device}: not available on this machine (use --device=cpu)")
-    index = torch.device(device).index
-    if kind == 'cuda' and index is not None and index >= torch.cuda.device_count():
-        raise ValueError(f"--device={device}: this machine has {torch.cuda.device_count()} GPU(s)")
-
-
-def native_bf16(device) -> bool:
-    """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs
-    with AVX512-BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later).
-    Elsewhere oneDNN emulates bf16, slower than float32, so 'auto' precisions (train.py's dtype,
-    evaluate.py's svm_dtype) pick float32 there."""
-    if torch.device(device).type == 'cuda':
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:  # a private call, but the only one that names the CPU's bf16 instructions
-        capability = torch._C._cpu._get_cpu_capability()
-    except AttributeError:
-        return False
-    return bool(capability.get('avx512_bf16') or capability.get('amx_bf16'))

@@ -4,8 +4,10 @@ on an ImageFolder layout (ROOT/train/<class>/*, ROOT/val/<class>/*, as ImageNet 
 usually laid out).
 
   python probe.py --data_root=data/shapes/imagefolder --ckpt=out/demo_seed0/ckpt.pt
-  python probe.py --data_root=data/shapes/imagefolder --init=random --visual=resnet18 --image_size=64 --zero_init_residual=False
-  python probe.py --data_root=PATH/imagenet --init=moco:moco_v2_800ep_pretrain.pth.tar      # any evaluate.py source
+  python probe.py --data_root=data/shapes/imagefolder --init=random --visual=resnet18 \
+      --image_size=64 --zero_init_residual=False
+  # any evaluate.py source
+  python probe.py --data_root=PATH/imagenet --init=moco:moco_v2_800ep_pretrain.pth.tar
 
 The protocol (official scripts/clf_linear.py and configs/downstream/imagenet_clf.yaml): the backbone
 frozen and in eval mode (its BatchNorm statistics fixed); a new fc on layer4's global average pool,
@@ -32,9 +34,9 @@ from PIL import Image
 from checkpoints import load_backbone
 from coco import (IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize, random_box,
                   random_resized_crop, to_uint8_tensor)
-from configurator import NON_NEGATIVE, POSITIVE, Interval, check_outputs, write_atomically
+from configurator import (NON_NEGATIVE, POSITIVE, Interval, check_device, check_outputs,
+                          write_atomically)
 from lookahead import warmup_cosine
-from model import check_device
 
 # ----------------------------------------------------------------------------------------------
 data_root = 'data/shapes/imagefolder'  # has train/<class>/ and val/<class>/

@@ -373,6 +373,7 @@ def test_cached_decoding_equals_full_forward():
 
 
 def test_select_cache_reorders_rows():
+    from caption import select_cache
     from model import VirTex
     torch.manual_seed(0)
     model = VirTex(tiny_cfg()).eval()
@@ -380,7 +381,7 @@ def test_select_cache_reorders_rows():
     memory = model.project(model.encode_images(images))
     _, cache = model.decode_step(memory, tokens[:, 0])
     rows = torch.tensor([2, 2, 0])
-    logp_sel, _ = model.decode_step(None, tokens[rows, 1], VirTex.select_cache(cache, rows))
+    logp_sel, _ = model.decode_step(None, tokens[rows, 1], select_cache(cache, rows))
     _, cache_ref = model.decode_step(memory[rows], tokens[rows, 0])
     logp_ref, _ = model.decode_step(None, tokens[rows, 1], cache_ref)
     assert torch.allclose(logp_sel, logp_ref, atol=1e-6)
@@ -486,6 +487,7 @@ def test_every_pretext_has_the_official_parameter_count():
     """R-50, vocabulary 10,000, L1 H2048 where there is a Transformer; counted from the official
     code's modules."""
     from model import PRETEXTS, VirTex, VirTexConfig
+    from pretexts import pretext_model
     official = {'bicaptioning': 182_555_472, 'captioning': 115_407_696, 'masked_lm': 115_407_696,
                 'token_classification': 43_998_032, 'multilabel_classification': 23_674_001,
                 # cappa: captioning's modules; [MASK] is already in the vocabulary
@@ -495,18 +497,22 @@ def test_every_pretext_has_the_official_parameter_count():
         for pretext, count in official.items():
             # COCO's 80 categories + background
             vocab = 81 if pretext == 'multilabel_classification' else 10000
-            model = VirTex(VirTexConfig(pretext=pretext, vocab_size=vocab))
+            model = pretext_model(VirTexConfig(pretext=pretext, vocab_size=vocab))
             assert sum(p.numel() for p in model.parameters()) == count, pretext
     with pytest.raises(ValueError,
                        match="pretext='mlm': choose one of bicaptioning, captioning, masked_lm"):
-        VirTex(tiny_cfg(pretext='mlm'))
+        pretext_model(tiny_cfg(pretext='mlm'))
+    # VirTex is the paper's model: the others are built by pretexts.py
+    with pytest.raises(ValueError, match="pretext='masked_lm' is not VirTex's: build the model with "
+                                         r"pretexts.pretext_model\(config\)"):
+        VirTex(tiny_cfg(pretext='masked_lm'))
 
 
 @pytest.mark.parametrize('pretext', ['token_classification', 'multilabel_classification'])
 def test_classification_losses_equal_a_loop_over_each_rows_labels(pretext):
-    from model import VirTex
+    from pretexts import pretext_model
     torch.manual_seed(0)
-    model = VirTex(tiny_cfg(pretext=pretext))
+    model = pretext_model(tiny_cfg(pretext=pretext))
     images, _ = tiny_batch()
     # repeated ids count once; padding always, and for caption words [SOS] [EOS] [MASK] too, are no
     # labels
@@ -523,7 +529,7 @@ def test_classification_losses_equal_a_loop_over_each_rows_labels(pretext):
 
 
 def test_mask_words_draws_bert_positions_and_labels():
-    from model import MASK_FRACTION, mask_words
+    from pretexts import MASK_FRACTION, mask_words
     cfg = tiny_cfg(pretext='masked_lm', vocab_size=40)
     lengths = [3, 7, 12, 1]  # words per caption
     tokens = torch.zeros(len(lengths), 14, dtype=torch.long)
@@ -556,9 +562,10 @@ def test_mask_words_draws_bert_positions_and_labels():
 
 
 def test_masked_lm_loss_sees_both_ways_and_ignores_padding():
-    from model import VirTex, mask_words
+    from model import VirTex
+    from pretexts import MaskedLM, mask_words
     torch.manual_seed(0)
-    mlm, captioning = (VirTex(tiny_cfg(pretext='masked_lm')).eval(),
+    mlm, captioning = (MaskedLM(tiny_cfg(pretext='masked_lm')).eval(),
                        VirTex(tiny_cfg(pretext='captioning')).eval())
     images, tokens = tiny_batch()
     with torch.no_grad():
@@ -587,9 +594,9 @@ def test_masked_lm_loss_sees_both_ways_and_ignores_padding():
 
 
 def test_cappa_parallel_mode_reads_only_the_image():
-    from model import VirTex
+    from pretexts import CapPa
     torch.manual_seed(0)
-    model = VirTex(tiny_cfg(pretext='cappa', parallel_fraction=1.0, dropout=0.0)).eval()
+    model = CapPa(tiny_cfg(pretext='cappa', parallel_fraction=1.0, dropout=0.0)).eval()
     images, tokens = tiny_batch()
     with torch.no_grad():
         memory = model.project(model.encode_images(images))
@@ -617,10 +624,11 @@ def test_cappa_parallel_mode_reads_only_the_image():
 
 
 def test_cappa_with_no_parallel_share_is_captioning_and_the_draw_is_seeded():
-    from model import VirTex, draw_parallel
+    from model import VirTex
+    from pretexts import CapPa, draw_parallel
     torch.manual_seed(0)
     captioning = VirTex(tiny_cfg(pretext='captioning', dropout=0.0))
-    cappa = VirTex(tiny_cfg(pretext='cappa', parallel_fraction=0.0, dropout=0.0))
+    cappa = CapPa(tiny_cfg(pretext='cappa', parallel_fraction=0.0, dropout=0.0))
     cappa.load_state_dict(captioning.state_dict())
     images, tokens = tiny_batch()
     # training (every caption drawn autoregressive) and eval (the expectation)
@@ -635,7 +643,7 @@ def test_cappa_with_no_parallel_share_is_captioning_and_the_draw_is_seeded():
     assert torch.equal(draw_parallel(64, 0.75, generator=torch.Generator().manual_seed(3)),
                        draws[3])
     with pytest.raises(ValueError, match=r'parallel_fraction=1.5 must be in \[0, 1\]'):
-        VirTex(tiny_cfg(pretext='cappa', parallel_fraction=1.5))
+        CapPa(tiny_cfg(pretext='cappa', parallel_fraction=1.5))
 
 
 # ---- train.py: learning, exact resume, torchrun, errors, signals, locks, full disks ----------
@@ -745,7 +753,7 @@ def test_resume_is_exact(shapes, tmp_path, pretext):
         assert torch.equal(a, b)
     assert [r['loss'] for r in read_log(tmp_path / 'whole')][2:] == \
         [r['loss'] for r in read_log(tmp_path / 'split')][2:]
-    from model import LOSS_PARTS
+    from pretexts import LOSS_PARTS
     parts = LOSS_PARTS[pretext]
     record, val = read_log(tmp_path / 'whole')[-1], read_log(tmp_path / 'whole', 'val')[-1]
     if pretext != 'cappa':  # cappa's parts are its two modes' own means, not terms of a sum
@@ -790,7 +798,7 @@ def test_train_config_and_input_errors(shapes, tmp_path):
              (['--ckpt_interval=0'], '--ckpt_interval=0: must be positive'),
              (['--log_interval=0'], '--log_interval=0: must be positive'),
              (['--eval_interval=-1'], '--eval_interval=-1: must be >= 0'),
-             (['--eval_interval=5', '--eval_iters=0'], '--eval_iters=0 with --eval_interval > 0'),
+             (['--eval_interval=5', '--eval_iters=0'], '--eval_iters=0: must be positive'),
              (['--max_bad_images=-1'], '--max_bad_images=-1: must be >= 0'),
              (['--n_layer=0'], '--n_layer=0: must be positive'),
              (['--dropout=1.0'], '--dropout=1.0: must be in [0, 1)'),
@@ -1181,7 +1189,7 @@ def test_a_full_disk_never_cuts_a_log_line(shapes, short_run, small_disk):
 
 
 def test_bad_settings_and_data_are_refused_at_start_up(shapes, short_run, tmp_path):
-    from model import check_device
+    from configurator import check_device
     cases = []  # (command, the start of the one error line it must end with)
 
     def train(name, *extra):
@@ -1247,10 +1255,10 @@ def test_unreadable_val_images_are_counted_and_stop_the_run(shapes, tmp_path):
         image.write_bytes(b'not a jpeg')
     proc = run(*quick_args(shapes, tmp_path / 'out', f'--data_root={coco}', '--max_iters=1',
                            '--eval_interval=1', '--eval_iters=2'), check=False)
-    assert one_line(proc) == (f"error: iteration 1: validation failed: no image of {coco}/val2017 "
-                              f"could be read for validation (see the warnings); {tmp_path}/out/"
-                              "ckpt.pt holds this iteration: mend the data and continue with "
-                              "--init_from=resume"), 'not a val loss of 0.0000'
+    assert one_line(proc) == (f"error: iteration 1: no image of {coco}/val2017 could be read for "
+                              f"validation (see the warnings); {tmp_path}/out/ckpt.pt holds this "
+                              "iteration: mend the data and continue with --init_from=resume"), \
+        'not a val loss of 0.0000'
     assert torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)['iter_num'] == 1
     assert proc.stdout.count('warning: skipped') == 16 and '(16 skipped so far)' in proc.stdout
 
@@ -1977,9 +1985,10 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path):
 def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption(tmp_path, pretext):
     from dataclasses import asdict
     from checkpoints import load_backbone
-    from model import VirTex
+    from pretexts import pretext_model
     torch.manual_seed(0)
-    model = VirTex(tiny_cfg(pretext=pretext, vocab_size=11 if 'multilabel' in pretext else 40))
+    model = pretext_model(tiny_cfg(pretext=pretext,
+                                   vocab_size=11 if 'multilabel' in pretext else 40))
     path = tmp_path / 'ckpt.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(model.config),
                 'config': {'image_size': 32}}, path)
@@ -2096,7 +2105,7 @@ def test_undecodable_image(tmp_path):
 # ---- average precision and folds -------------------------------------------------------------
 
 def test_average_precision_hand_example_ties_and_difficult():
-    from evaluate import average_precision
+    from svm import average_precision
     # test images: scores and VOC labels; the 0.5 image is difficult and must not count
     scores = torch.tensor([0.9, 0.8, 0.8, 0.5, 0.3, 0.1])
     labels = torch.tensor([-1, 1, -1, 0, 1, 1])
@@ -2116,7 +2125,7 @@ def test_average_precision_hand_example_ties_and_difficult():
 
 def test_average_precision_matches_sklearn():
     import sklearn.metrics as metrics
-    from evaluate import average_precision
+    from svm import average_precision
     rng = np.random.default_rng(0)
     for trial in range(50):
         n = int(rng.integers(2, 60))
@@ -2130,7 +2139,7 @@ def test_average_precision_matches_sklearn():
 
 
 def test_stratified_folds_hand_example():
-    from evaluate import stratified_folds
+    from svm import stratified_folds
     # positives (seen first) 0,1,5,7 and negatives 2,3,4,6,8,9. Dealing the label-sorted list
     # round-robin gives the 4 positives to folds 0,1,2,0 -> block sizes 2,1,1; the 6 negatives to
     # folds 1,2,0,1,2,0 -> 2,2,2
@@ -2140,7 +2149,7 @@ def test_stratified_folds_hand_example():
 
 def test_stratified_folds_match_sklearn():
     import sklearn.model_selection as model_selection
-    from evaluate import stratified_folds
+    from svm import stratified_folds
     rng = np.random.default_rng(0)
     for trial in range(100):
         n = int(rng.integers(9, 80))
@@ -2186,7 +2195,7 @@ def small_problem(n=80, D=12, P=5, seed=0, dtype=torch.float64):
 
 
 def test_fit_svms_reaches_the_optimum():
-    from evaluate import fit_svms
+    from svm import fit_svms
     x, y, cost = small_problem()
     w, b = fit_svms(x, y, cost, tol=1e-10)
     # optimality: the squared hinge is differentiable, so the gradient vanishes at the minimum
@@ -2213,7 +2222,7 @@ def test_fit_svms_reaches_the_optimum():
 
 
 def test_fit_svms_float32_and_leaving_out_equals_dropping():
-    from evaluate import fit_svms
+    from svm import fit_svms
     x, y, cost = small_problem(n=120, P=4, seed=1)
     w64, b64 = fit_svms(x, y, cost, tol=1e-10)
     w32, b32 = fit_svms(x.float(), y.float(), cost.float())  # defaults: float32, tol 1e-4
@@ -2230,7 +2239,7 @@ def test_fit_svms_float32_and_leaving_out_equals_dropping():
     scores16 = (x.float() @ w16 + b16).double()
     assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), \
         (scores16 - scores64).abs().max()
-    from evaluate import svm_products_dtype
+    from svm import svm_products_dtype
     assert svm_products_dtype('cpu', 'float32') == torch.float32 and \
         svm_products_dtype('cpu') in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match='--svm_dtype=fp8: expected auto, float32 or bfloat16'):
@@ -2243,7 +2252,7 @@ def test_fit_svms_float32_and_leaving_out_equals_dropping():
 
 def test_fit_svms_matches_linear_svc():
     import sklearn.svm as svm
-    from evaluate import fit_svms
+    from svm import fit_svms
     x, y, _ = small_problem(n=150, D=20, P=3, seed=2)
     for p, C in enumerate([0.1, 1.0, 10.0]):
         cost = C * torch.where(y[:, p:p + 1] > 0, 2.0, 1.0).double()
@@ -2265,7 +2274,7 @@ def test_protocol_matches_upstream_with_linear_svc():
     from sklearn.metrics import average_precision_score
     from sklearn.model_selection import cross_val_score
     from sklearn.svm import LinearSVC
-    from evaluate import SVM_COSTS, train_and_test_svms
+    from svm import SVM_COSTS, train_and_test_svms
     g = torch.Generator().manual_seed(3)
     n, m, D, C = 240, 200, 24, 3
     centers = torch.rand(C, D, generator=g)
@@ -2296,8 +2305,8 @@ def test_protocol_matches_upstream_with_linear_svc():
 
 
 def test_cost_selection_takes_best_fold_mean_and_first_of_ties():
-    from evaluate import (N_FOLDS, SVM_COSTS, average_precision, fit_svms, stratified_folds,
-                          train_and_test_svms)
+    from svm import (N_FOLDS, SVM_COSTS, average_precision, fit_svms, stratified_folds,
+                     train_and_test_svms)
     g = torch.Generator().manual_seed(4)
     n, D = 90, 16
     x = torch.relu(1 + torch.randn(n, D, generator=g))
@@ -2329,7 +2338,7 @@ def test_cost_selection_takes_best_fold_mean_and_first_of_ties():
 
 
 def test_difficult_test_images_do_not_count():
-    from evaluate import train_and_test_svms
+    from svm import train_and_test_svms
     g = torch.Generator().manual_seed(5)
     x = torch.relu(torch.randn(60, 8, generator=g))
     voc = torch.where(x[:, :2] > 0.5, 1, -1)
@@ -2804,8 +2813,8 @@ def test_detectron2_names_are_a_bijection_for_resnet50(tmp_path):
 def test_export_writes_both_layouts_from_a_checkpoint(tmp_path):
     from dataclasses import asdict
     import torchvision
-    from model import VirTex
-    model = VirTex(tiny_cfg(pretext='token_classification'))
+    from pretexts import pretext_model
+    model = pretext_model(tiny_cfg(pretext='token_classification'))
     path = tmp_path / 'ckpt.pt'
     torch.save({'model': model.state_dict(), 'model_args': asdict(model.config), 'config': {}},
                path)
@@ -2915,7 +2924,7 @@ def test_configurator_runs_the_checks_declared_next_to_the_values(tmp_path):
 
 
 def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
-    from evaluate import write_atomically
+    from configurator import write_atomically
     path = tmp_path / 'feats.npz'
     path.write_bytes(b'old')
 

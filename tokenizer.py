@@ -1,7 +1,8 @@
 """
 Train a SentencePiece BPE vocabulary on COCO-format captions, and encode/decode captions with it.
 
-    python tokenizer.py --captions=data/coco/annotations/captions_train2017.json --vocab_size=10000 \
+    python tokenizer.py --captions=data/coco/annotations/captions_train2017.json \
+        --vocab_size=10000 \
         --out=data/coco/coco_10k
 
 writes PREFIX.model and PREFIX.vocab. As in the paper: BPE, character coverage 1.0, captions

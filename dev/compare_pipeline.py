@@ -3,7 +3,8 @@ Dev only: our training data pipeline (coco.CocoCaptions) against the official on
 the same JPEGs.
 
   pip install albumentations opencv-python-headless   # only this check needs them
-  python dev/compare_pipeline.py                      # 256 JPEGs of 640x480 -> 224 px, about a minute
+  # 256 JPEGs of 640x480 -> 224 px, about a minute
+  python dev/compare_pipeline.py
 
 The official pipeline, rebuilt from its code (kdexd/virtex: CocoCaptionsDataset + CaptioningDataset,
 the pretraining transform list and its collate_fn): cv2.imread + BGR->RGB, albumentations

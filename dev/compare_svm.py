@@ -5,8 +5,10 @@ class, C in {0.01, 0.1, 1, 10}, class_weight {1: 2, -1: 1}, squared hinge, L2, m
 default tol 1e-4, cross_val_score(cv=3, 'average_precision'), refit, one process per class through
 multiprocessing.Pool), on VOC07-sized features.
 
-  python -m dev.compare_svm                              # synthetic VOC-like features, set A (run from the repo root)
-  python -m dev.compare_svm --synthetic=B --processes=1  # more correlated set; LinearSVC in one process
+  # synthetic VOC-like features, set A (run from the repo root)
+  python -m dev.compare_svm
+  # more correlated set; LinearSVC in one process
+  python -m dev.compare_svm --synthetic=B --processes=1
   python -m dev.compare_svm --features=feats.npz         # any evaluate.py --save_features file
 
 dual=True is LinearSVC's default up to scikit-learn 1.4 (the paper-era code pinned 0.21.3, upstream
@@ -35,7 +37,8 @@ import warnings
 import numpy as np
 import torch
 
-from evaluate import SVM_COSTS, load_features, svm_products_dtype, train_and_test_svms
+from evaluate import load_features
+from svm import SVM_COSTS, svm_products_dtype, train_and_test_svms
 
 # -----------------------------------------------------------------------------
 # A: mAP 85, mean cosine 0.62, mostly C=1; B: mAP 83, mean cosine 0.71, mostly C=10; C: hard, mAP 89

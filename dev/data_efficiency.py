@@ -2,7 +2,8 @@
 The paper's data-efficiency comparison on the shapes world: VOC07 mAP of the bicaptioning backbone
 against the share of the training images it saw, beside random init.
 
-  python dev/data_efficiency.py                                   # 10, 25, 50 and 100 % of the images, seed 0
+  # 10, 25, 50 and 100 % of the images, seed 0
+  python dev/data_efficiency.py
   python dev/data_efficiency.py --fractions=0.1,1.0 --seeds=0,1
 
 Every run is `python train.py config/shapes.py --train_fraction=F --seed=S`: the same 2500

@@ -5,7 +5,8 @@ before, and each backbone is then judged by the VOC SVMs of evaluate.py. With th
 in about 21 minutes on 2 CPU cores (measured: 1002 s for the nine rungs before cappa, 271 s for
 cappa alone):
 
-  python data/shapes/prepare.py && python tokenizer.py --captions=data/shapes/coco/annotations/captions_train2017.json \
+  python data/shapes/prepare.py && python tokenizer.py \
+      --captions=data/shapes/coco/annotations/captions_train2017.json \
       --vocab_size=256 --out=data/shapes/vocab                      # once
   python dev/head_study.py                                          # all rungs, a table at the end
   python dev/head_study.py --rungs=labels,bicaptioning --steps=200  # some rungs
@@ -56,8 +57,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from coco import (load_eval_image, normalize, pad_tokens, read_coco_split,  # noqa: E402
                   to_uint8_tensor)
 from configurator import configure  # noqa: E402
-from evaluate import read_voc, train_and_test_svms  # noqa: E402
+from evaluate import read_voc  # noqa: E402
+from svm import train_and_test_svms  # noqa: E402
 from model import VirTex, VirTexConfig  # noqa: E402
+from pretexts import pretext_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
@@ -162,9 +165,9 @@ class Head(nn.Module):
                            n_head=n_head, dropout=0.1 if paper else dropout, pretext=pretext,
                            zero_init_residual=False, init_std=0.02 if paper else init_std)
         torch.manual_seed(seed)  # the same backbone init on every rung
-        self.model = VirTex(cfg)
+        self.model = pretext_model(cfg)
         if not self.caption:
-            self.linear = nn.Linear(self.model.visual_width,
+            self.linear = nn.Linear(self.model.visual.width,
                                     len(class_names) if rung == 'labels' else len(tok))
 
     def head_parameters(self):

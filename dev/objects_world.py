@@ -7,11 +7,14 @@ per 96 px image, 5 captions each from ~290 distinct words.
 Texture, colour, size, place and background are drawn independently of the category: only shape
 tells it.
 
-  python dev/objects_world.py                    # 10000/1000 COCO + 2000/2000 VOC images at 96 px into data/objects
-  python dev/objects_world.py --out=/tmp/objects --n_train=200 --n_val=20 --n_voc_trainval=50 --n_voc_test=50
-      # a world this small leaves out the attribute tasks with too few positives, and says which
-  python tokenizer.py --captions=data/objects/coco/annotations/captions_train2017.json --vocab_size=1000 \
-      --out=data/objects/vocab     # 286 words: from ~800 pieces on every word is one piece; 1414 is the most it takes
+  # 10000/1000 COCO + 2000/2000 VOC images at 96 px into data/objects
+  python dev/objects_world.py
+  # a world this small leaves out the attribute tasks with too few positives, and says which
+  python dev/objects_world.py --out=/tmp/objects --n_train=200 --n_val=20 --n_voc_trainval=50 \
+      --n_voc_test=50
+  # 286 words: from ~800 pieces on every word is one piece; 1414 is the most it takes
+  python tokenizer.py --captions=data/objects/coco/annotations/captions_train2017.json \
+      --vocab_size=1000 --out=data/objects/vocab
 
 Writes what data/shapes/prepare.py writes, with its writers (this file only draws and captions the
 scenes):

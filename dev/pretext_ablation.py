@@ -5,9 +5,11 @@ one judged by the same VOC07 linear SVMs on the world's VOC classes and on each 
 tasks (data/shapes/prepare.py writes them: colour, size, count, background, position, colour x
 category binding; the objects world adds texture).
 
-  python dev/pretext_ablation.py                                # every pretext + random init, seeds 0 and 1
+  # every pretext + random init, seeds 0 and 1
+  python dev/pretext_ablation.py
   python dev/pretext_ablation.py --seeds=0 --pretexts=masked_lm,token_classification
-  python dev/pretext_ablation.py --data=data/objects --pretexts=bicaptioning,multilabel_classification --seeds=0
+  python dev/pretext_ablation.py --data=data/objects \
+      --pretexts=bicaptioning,multilabel_classification --seeds=0
 
 Every run is `python train.py config/shapes.py --pretext=P --seed=S` (the demo's recipe; nothing
 else changes) into OUT/P_seedS/, where OUT is out/ablation for the shapes world and

@@ -6,12 +6,12 @@ checkpoint, and the per-class APs are compared the same way. A refactoring must 
 numbers; a change of numerics (a fused optimizer) shows where it starts to differ and by how much.
 
   python dev/same_losses.py                 # f9db9ea vs HEAD, 100 iterations
-  python dev/same_losses.py --foreach=True  # HEAD's fused optimizers set back to foreach
+  python dev/same_losses.py --foreach=True  # both commits' fused optimizers set to foreach
 
 Both run from fresh clones in out/same_losses/<commit>/ (kept), on this checkout's
 data/shapes/ (python demo.py or data/shapes/prepare.py + tokenizer.py make it). With --foreach=True
-the later commit's clone has `fused=True` replaced by `foreach=True` in its train.py, in a folder of
-its own.
+each commit's clone has `fused=True` replaced by `foreach=True` in its train.py (a commit from
+before the fused optimizers keeps its foreach ones), in a folder of its own.
 """
 
 import json
@@ -29,7 +29,7 @@ from configurator import configure  # noqa: E402
 before = 'f9db9ea'
 after = 'HEAD'
 iters = 100
-foreach = False             # True: the later commit's optimizers as the earlier one built them
+foreach = False             # True: both commits' optimizers foreach, not fused
 # ----------------------------------------------------------------------------------------------
 if configure(globals()):
     raise SystemExit("error: this script takes only --key=value flags")
@@ -47,7 +47,7 @@ def losses(commit, name, patch=False):
         with open(path) as f:
             text = f.read()
         if 'fused=True' not in text and 'foreach=True' not in text:
-            raise SystemExit(f"error: {path} builds no fused optimizer to set back")
+            raise SystemExit(f"error: {path} builds neither a fused nor a foreach optimizer")
         with open(path, 'w') as f:
             f.write(text.replace('fused=True', 'foreach=True'))
     run_dir = os.path.join(folder, 'out/same_losses')
@@ -86,7 +86,7 @@ def class_aps(commit_folder, ckpt):
 before, after = (subprocess.run(['git', '-C', HERE, 'rev-parse', '--short', c], check=True,
                                 capture_output=True, text=True).stdout.strip()
                  for c in (before, after))
-old, old_folder = losses(before, before)
+old, old_folder = losses(before, before + ('-foreach' if foreach else ''), patch=foreach)
 new, new_folder = losses(after, after + ('-foreach' if foreach else ''), patch=foreach)
 same = [i for i in sorted(old) if old[i] == new.get(i)]
 first_diff = next((i for i in sorted(old) if old[i] != new.get(i)), None)

@@ -3,10 +3,13 @@ The built-in synthetic "shapes world": 1-4 coloured shapes on textured backgroun
 Captions (to pretrain on) and as PASCAL VOC 2007 classification (to judge frozen features with
 linear SVMs).
 
-  python data/shapes/prepare.py                        # 10000/1000 COCO + 2000/2000 VOC images at 64 px
+  # 10000/1000 COCO + 2000/2000 VOC images at 64 px
+  python data/shapes/prepare.py
   python data/shapes/prepare.py --out=/tmp/shapes --size=96 --n_train=50000 --workers=8
-  python data/shapes/prepare.py --attributes_only      # (re)write data/shapes/attributes only, images untouched
-  python evaluate.py --voc_root=data/shapes/attributes/colour --ckpt=out/shapes/ckpt.pt   # one attribute's mAP
+  # (re)write data/shapes/attributes only, images untouched
+  python data/shapes/prepare.py --attributes_only
+  # one attribute's mAP
+  python evaluate.py --voc_root=data/shapes/attributes/colour --ckpt=out/shapes/ckpt.pt
 
 Writes OUT/coco/{train2017,val2017,annotations} and
 OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main} in the public formats (COCO: captions_*.json,
