@@ -7,19 +7,20 @@ Measure every stage's speed and peak memory, for the CPU demo model and the pape
   python bench.py --device=cuda
   # a subset: train, train_data, data, caption, svm, torchrun
   python bench.py --stages=train,svm
-  # on a machine with one GPU: every GPU measurement, one table
+  # on a machine with one GPU: every GPU measurement in at most 4 minutes, row by row
   bash dev/gpu_check.sh
 
-Stages: a training step (forward, backward, clipping, SGD + LookAhead) in images/s and, on a GPU,
-MFU, in each of `dtypes` (on a CPU with native bfloat16: float32 and bfloat16 side by side);
-the training data pipeline (decode, augment, tokenize, batch) in images/s of one DataLoader worker,
-from 640x480 JPEGs to 224 px and from the shapes world's 64 px JPEGs; beam-search captioning (beam
-5) in captions/s with the backbone's share; the 320 SVMs of a VOC07-sized evaluation (5011 x 2048
-trainval, 4952 x 2048 test, 20 classes, 4 costs, 3 folds + refit) in seconds; train_data: the
-training step fed by the real data path (640x480 JPEGs decoded and augmented by `data_workers`
-DataLoader workers), so the pipeline's ceiling shows; torchrun: train.py under a 1-process torchrun
-on a small shapes world (DDP, and compile where it is on).
-Prints one table; nothing is stored.
+Stages: train, a training step (forward, backward, clipping, SGD + LookAhead) on a synthetic batch,
+in images/s and, on a GPU, MFU, in each of `dtypes` (on a CPU with native bfloat16: float32 and
+bfloat16 side by side); train_data, the same step fed by the real data path (640x480 JPEGs read by
+`data_workers` DataLoader workers, decoded and augmented there or, with decode_on=device, on the
+device), so the pipeline's ceiling shows; data, the images/s that one worker delivers (decode,
+augment, tokenize, batch; 640x480 JPEGs to 224 px and the shapes world's 64 px JPEGs), and the
+device's own decode and augmentation of whole batches; caption, beam search (beam 5) in captions/s
+with the backbone's share; svm, the 320 SVMs of a VOC07-sized evaluation (5011 x 2048 trainval,
+4952 x 2048 test, 20 classes, 4 costs, 3 folds + refit) in seconds; torchrun, train.py under a
+1-process torchrun on a small shapes world (DDP, NCCL on a GPU, and compile where it is on).
+Each row is printed the moment it is measured (and appended to --rows_file), then the whole table.
 """
 
 import json
@@ -39,7 +40,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from configurator import NON_NEGATIVE, POSITIVE, CommaList, Interval, configure, native_bf16
-from coco import CocoCaptions, collate, normalize
+from augment import decode_and_augment
+from coco import CocoCaptions, collate, to_device
 from lookahead import LookAhead
 from model import VirTex, VirTexConfig
 
@@ -60,10 +62,14 @@ timed_steps: POSITIVE = 5
 # images per data-pipeline measurement (the first batch of 32 is not timed)
 data_images: Annotated[int, Interval('(32, inf)')] = 256
 data_workers: NON_NEGATIVE = min(8, os.cpu_count() or 1)  # DataLoader workers of train_data
+# where train_data's JPEGs are decoded and augmented: workers, device, or both in turn
+decode_on: Annotated[str, CommaList('workers', 'device')] = 'workers'
 torchrun_iters: POSITIVE = 40  # iterations of the torchrun stage's run
 caption_images: POSITIVE = 8  # images per beam-search batch
 caption_steps: POSITIVE = 13  # decoding steps per caption (a COCO caption is ~12 words + [EOS])
+svm_images: Annotated[int, Interval('[60, inf)')] = 5011  # trainval images of the SVM stage
 peak_tflops: POSITIVE = 989.0  # per-GPU bf16 dense peak for MFU (H100/H200 989, A100 312)
+rows_file = ''              # also append each row here, as a markdown table line, when measured
 seed = 0
 # ----------------------------------------------------------------------------------------------
 if __name__ == '__main__' and configure(globals()):  # dev/compare_pipeline.py imports this file
@@ -145,9 +151,20 @@ def random_batch(cfg, size, B):
 rows = []  # (stage, what, setting, result, time, peak memory in GB)
 
 
-def bench_train(name, dtype, loader=None):
+def add_row(*row):
+    """A measured row: kept for the table, printed at once, and appended to rows_file (a killed run
+    keeps every row it finished)."""
+    rows.append(row)
+    line = '| ' + ' | '.join([*row[:5], f"{row[5]:.2f} GB" if row[5] else '']) + ' |'
+    print(line, flush=True)
+    if rows_file:
+        with open(rows_file, 'a') as f:
+            f.write(line + '\n')
+
+
+def bench_train(name, dtype, loader=None, decode=False):
     """Time training steps of a MODELS entry in `dtype`: on one synthetic batch, or on the loader's
-    batches."""
+    batches (decode: JPEG files, decoded and augmented on the device)."""
     cfg, size, B = MODELS[name]
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last)
@@ -161,12 +178,11 @@ def bench_train(name, dtype, loader=None):
 
     def step():
         nonlocal images, tokens
-        # uint8 from the workers, normalized on the device, as train.py does
-        if batches is not None:
-            pixels, tokens, _ = next(batches)
-            images = normalize(
-                pixels.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-            tokens = tokens.to(device, non_blocking=True)
+        if batches is not None:  # uint8 from the workers, normalized on the device, as train.py
+            images, tokens, _ = next(batches)
+            if decode:
+                images = decode_and_augment(images, device)[0]
+            images, tokens = to_device(images, tokens, device)
         with autocast(dtype):
             loss, _ = step_model(images, tokens)
         loss.backward()
@@ -184,25 +200,27 @@ def bench_train(name, dtype, loader=None):
     sync()
     dt = (time.perf_counter() - t0) / timed_steps
     mfu = f", mfu {100 * flops * B / dt / (peak_tflops * 1e12):.1f}%" if flops else ''
-    source = f", data path, {loader.num_workers} workers" if loader is not None else ''
-    rows.append(('train step', name, f"batch {B}, {dtype}{', compiled' if compile else ''}{source}",
-                 f"{B / dt:.1f} img/s{mfu}", f"{1000 * dt:.0f} ms/step", peak_memory_gb(device)))
+    source = '' if loader is None else f", JPEGs, {loader.num_workers} workers"
+    source += f", decoded on {device}" if decode else ''
+    add_row('train step', name, f"batch {B}, {dtype}{', compiled' if compile else ''}{source}",
+            f"{B / dt:.1f} img/s{mfu}", f"{1000 * dt:.0f} ms/step", peak_memory_gb(device))
 
 
 def bench_train_data(name, dtype):
     """The training step fed by the real data path: 640x480 JPEGs through CocoCaptions and
-    data_workers workers."""
+    data_workers workers, decoded and augmented where decode_on says."""
     cfg, size, B = MODELS[name]
     n = B * (warmup_steps + timed_steps + 2)
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, n, 640, 480)
-        dataset = CocoCaptions(folder, 'train2017', WordTokenizer(), size, cfg.max_len,
-                               train=True, seed=seed)
-        loader = torch.utils.data.DataLoader(
-            dataset, sampler=[(0, i) for i in range(n)], batch_size=B, num_workers=data_workers,
-            drop_last=True, collate_fn=partial(collate, pad_to=cfg.max_len if compile else 0),
-            pin_memory=device_type == 'cuda')
-        bench_train(name, dtype, loader)
+        for where in decode_on.split(','):
+            dataset = CocoCaptions(folder, 'train2017', WordTokenizer(), size, cfg.max_len,
+                                   train=True, seed=seed, decode_on_device=where == 'device')
+            loader = torch.utils.data.DataLoader(
+                dataset, sampler=[(0, i) for i in range(n)], batch_size=B,
+                num_workers=data_workers, drop_last=True, pin_memory=device_type == 'cuda',
+                collate_fn=partial(collate, pad_to=cfg.max_len if compile else 0))
+            bench_train(name, dtype, loader, decode=where == 'device')
 
 
 def bench_torchrun():
@@ -216,9 +234,9 @@ def bench_torchrun():
                 raise SystemExit(f"error: {' '.join(args[:3])} "
                                  f"failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
             return proc.stdout
-        script('data/shapes/prepare.py', f'--out={folder}', '--n_train=640', '--n_val=64',
-               '--n_voc_trainval=100', '--n_voc_test=100', '--n_folder_train=20',
-               '--n_folder_val=10', '--min_positives=1')
+        script('data/shapes/prepare.py', f'--out={folder}', '--n_voc_trainval=20',
+               f'--n_train={max(64, min(640, shapes_batch * torchrun_iters))}', '--n_val=64',
+               '--n_voc_test=20', '--n_folder_train=20', '--n_folder_val=10')
         script('tokenizer.py', f'--captions={folder}/coco/annotations/captions_train2017.json',
                '--vocab_size=96', f'--out={folder}/vocab')
         t0 = time.perf_counter()
@@ -231,9 +249,8 @@ def bench_torchrun():
         done = re.search(r'done: .*?([\d.]+) ms/iter and ([\d.]+) img/s', out)
         what = (f"{torchrun_iters} iterations of {shapes_batch}, "
                 f"{device}{', compiled' if compile else ''}")
-        rows.append(('torchrun, 1 process', 'shapes', what,
-                     f"{done.group(2)} img/s after warm-up", f"{time.perf_counter() - t0:.0f} "
-                     "s in all", 0.0))
+        add_row('torchrun, 1 process', 'shapes', what, f"{done.group(2)} img/s after warm-up",
+                f"{time.perf_counter() - t0:.0f} s in all", 0.0)
 
 
 def write_jpegs(folder, n, width, height):
@@ -271,25 +288,33 @@ class WordTokenizer:
 
 def bench_data():
     """Images/s that one DataLoader worker delivers to the training loop, as train.py runs it
-    (decode, augment, tokenize, batch, hand over), from the second batch on."""
+    (decode, augment, tokenize, batch, hand over), from the second batch on; and the device's own
+    decode and augmentation of batches of 32 whose JPEGs data_workers workers only read."""
     with tempfile.TemporaryDirectory() as folder:
         for (width, height), size in (((640, 480), 224), ((64, 64), 64)):
             root = os.path.join(folder, f'{width}x{height}')
             write_jpegs(root, data_images, width, height)
-            dataset = CocoCaptions(root, 'train2017', WordTokenizer(), size, 30,
-                                   train=True, seed=seed)
-            for i in range(data_images):
-                dataset[(0, i)]  # warm the file cache
-            loader = torch.utils.data.DataLoader(dataset,
-                                                 sampler=[(1, i) for i in range(data_images)],
-                                                 batch_size=32, num_workers=1, collate_fn=collate)
-            batches = iter(loader)
-            next(batches)  # the worker's start-up
-            t0 = time.perf_counter()
-            count = sum(len(tokens) for _, tokens, _ in batches)
-            dt = (time.perf_counter() - t0) / count
-            rows.append(('data pipeline', f'{width}x{height} JPEG', f"-> {size} px, 1 worker",
-                         f"{1 / dt:.0f} img/s", f"{1000 * dt:.2f} ms/img", peak_memory_gb(device)))
+            for where, workers in (('workers', 1), ('device', data_workers)):
+                dataset = CocoCaptions(root, 'train2017', WordTokenizer(), size, 30, train=True,
+                                       seed=seed, decode_on_device=where == 'device')
+                for i in range(data_images):
+                    dataset[(0, i)]  # warm the file cache
+                loader = torch.utils.data.DataLoader(
+                    dataset, sampler=[(1, i) for i in range(data_images)], batch_size=32,
+                    num_workers=workers, collate_fn=collate)
+                batches = iter(loader)
+                next(batches)  # the workers' start-up
+                t0, count = time.perf_counter(), 0
+                for images, tokens, _ in batches:
+                    if where == 'device':
+                        decode_and_augment(images, device)
+                    count += len(tokens)
+                sync()
+                dt = (time.perf_counter() - t0) / count
+                what = f"-> {size} px, 1 worker" if where == 'workers' else \
+                    f"-> {size} px, decoded on {device}, {workers} workers reading"
+                add_row('data pipeline', f'{width}x{height} JPEG', what, f"{1 / dt:.0f} img/s",
+                        f"{1000 * dt:.2f} ms/img", peak_memory_gb(device))
 
 
 def bench_caption(name):
@@ -315,9 +340,9 @@ def bench_caption(name):
         sync()
         dt = time.perf_counter() - t0
     assert all(len(w) == caption_steps for w in words)
-    rows.append(('caption (beam 5)', name, f"batch {caption_images}, {caption_steps} steps",
-                 f"{caption_images / dt:.2f} captions/s, backbone {100 * t_backbone / dt:.0f}%",
-                 f"{1000 * dt:.0f} ms/batch", peak_memory_gb(device)))
+    add_row('caption (beam 5)', name, f"batch {caption_images}, {caption_steps} steps",
+            f"{caption_images / dt:.2f} captions/s, backbone {100 * t_backbone / dt:.0f}%",
+            f"{1000 * dt:.0f} ms/batch", peak_memory_gb(device))
 
 
 def bench_svm():
@@ -331,18 +356,17 @@ def bench_svm():
         signal = (labels == 1).float() @ torch.randn(C, D, generator=g)
         x = torch.relu(1.0 + 0.6 * signal + torch.randn(n, D, generator=g))
         return torch.nn.functional.normalize(x, dim=1).to(device), labels.to(device)
-    train_x, train_y = features(5011)
-    test_x, test_y = features(4952)
+    train_x, train_y = features(svm_images)
+    test_x, test_y = features(svm_images * 4952 // 5011)
     reset_peak_memory(device)
     t0 = time.perf_counter()
     products = svm_products_dtype(device)  # as evaluate.py's default
     test_ap, _, _ = train_and_test_svms(train_x, train_y, test_x, test_y, cg_dtype=products)
     sync()
     dt = time.perf_counter() - t0
-    rows.append(('svm (VOC07 size)', '320 SVMs', "5011 x 2048, 20 classes, CG in "
-                 f"{str(products)[6:]}",
-                 f"mAP {100 * test_ap.mean():.1f}",
-                 f"{dt:.1f} s", peak_memory_gb(device)))
+    add_row('svm (VOC07 size)', '320 SVMs',
+            f"{svm_images} x 2048, 20 classes, CG in {str(products)[6:]}",
+            f"mAP {100 * test_ap.mean():.1f}", f"{dt:.1f} s", peak_memory_gb(device))
 
 
 def main():
@@ -351,18 +375,14 @@ def main():
         torch.backends.cudnn.benchmark = True
     chosen = stages.split(',')
     print(f"bench: {device} ({', '.join(dtype_list)}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads",
-          flush=True)
+          f"{torch.get_num_threads()} threads", flush=True)
     for name in models.split(','):
         for dtype in dtype_list if 'train' in chosen else []:
             bench_train(name, dtype)
-            print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
         if 'train_data' in chosen:
             bench_train_data(name, dtype_list[-1])
-            print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
         if 'caption' in chosen:
             bench_caption(name)
-            print(f"  {rows[-1][0]} {name}: {rows[-1][3]}", flush=True)
     if 'data' in chosen:
         bench_data()
     if 'svm' in chosen:
@@ -370,6 +390,8 @@ def main():
     if 'torchrun' in chosen:
         bench_torchrun()
 
+    if rows_file:  # each row was printed as it came
+        return
     header = ('stage', 'what', 'setting', 'result', 'time', 'peak mem')
     table = [header] + [(*row[:5], f"{row[5]:.2f} GB" if row[5] else '') for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]

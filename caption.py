@@ -31,7 +31,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from checkpoints import load_checkpoint, load_official
 from cider import score
-from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split, to_uint8_tensor
+from augment import to_uint8_tensor
+from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split
 from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, check_device, check_outputs,
                           configure, one_line_errors, write_atomically)
 from model import VirTex

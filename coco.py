@@ -13,42 +13,28 @@ Images and captions in the COCO layout, and the image transforms every stage sha
     # caption.py all use it
     image = load_eval_image('photo.jpg', 224)
 
-Train augmentation, as in the paper: random resized crop (area scale (0.2, 1), aspect ratio (3/4,
-4/3)), horizontal flip with p=0.5 that swaps the words left/right in the caption, colour jitter
-(brightness, contrast, saturation 0.4, hue 0.1) with p=0.8; the crop's smallest scale and the
+Train augmentation (augment.py), as in the paper: random resized crop (area scale (0.2, 1), aspect
+ratio (3/4, 4/3)), horizontal flip with p=0.5 that swaps the words left/right in the caption, colour
+jitter (brightness, contrast, saturation 0.4, hue 0.1) with p=0.8; the crop's smallest scale and the
 jitter's probability are arguments. Every random choice of an item comes from a generator seeded
 with (seed, epoch, index), so batches do not depend on the number of workers and a resumed run sees
-exactly the batches an unbroken one would. Images stay uint8 until the device (`normalize`). Errors
-are ValueError / OSError naming the file; a sample that fails to decode is returned as
-{'error': ...} for the caller to count.
-
-Speed (the training pipeline has to keep up with the GPUs on few cores): a JPEG whose crop keeps at
-least twice the output size is decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself; the crop is
-resized as a uint8 tensor (torch's vectorized antialiased bilinear, the same filter as PIL's); the
-flip runs on the uint8 crop, and the jitter in float32, each op clamped to [0, 255] as torchvision's
-are. `python dev/compare_pipeline.py` times it against the official OpenCV + albumentations pipeline
-on the same JPEGs.
+exactly the batches an unbroken one would. With decode_on_device the workers only read each JPEG and
+draw its choices, and TrainBatches decodes and augments the batch on the training device. Images
+stay uint8 until the device (`normalize`). Errors are ValueError / OSError naming the file; a sample
+that fails to decode is returned as {'error': ...} for the caller to count.
 """
 
 import json
-import math
 import os
 import re
-import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from augment import (color_jitter, decode_and_augment, draw_jitter, jpeg_bytes, random_box,
+                     random_resized_crop, resize_box, to_uint8_tensor)
 from tokenizer import read_coco_captions
-
-try:
-    # torchvision >= 0.8; its image decoders are announced to move to torchcodec: PIL takes over
-    # then
-    from torchvision.io import ImageReadMode, decode_jpeg
-except ImportError:
-    decode_jpeg = None
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # PIL reads these
@@ -109,39 +95,7 @@ def swap_left_right(caption: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# decoding and resizing
-
-def resize_box(image: Image.Image, box, size: int) -> Image.Image:
-    """The region `box` (left, top, right, bottom, in pixels of the full image) resized to size x
-    size, bilinear.
-    An unloaded JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when that still
-    leaves at least `size` pixels across the box: most of the decoding time of a large photo is
-    saved."""
-    W = image.size[0]
-    reduce = min(box[2] - box[0], box[3] - box[1]) / size
-    if image.format == 'JPEG' and reduce >= 2:
-        drafted = image.draft('RGB', (math.ceil(W / reduce), math.ceil(image.size[1] / reduce)))
-        # PIL says by how much: sizes are rounded up, scales are not
-        scale = drafted[1][2] / W if drafted else 1.0
-        box = tuple(v * scale for v in box)
-    return to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: 16-bit and float grayscale scaled to 8 bits, transparency onto
-    white."""
-    if image.mode == 'RGB':
-        return image
-    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = pixels / 257 if pixels.max() > 255 else pixels
-        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-        rgba = image.convert('RGBA')  # transparent pixels become white, not black
-        image = Image.new('RGB', rgba.size, (255, 255, 255))
-        image.paste(rgba, mask=rgba.getchannel('A'))
-    return image.convert('RGB')
-
+# the eval transform
 
 def center_box(width: int, height: int, size: int):
     """The eval transform's crop in source pixels: shorter side to round(size * 8/7) (256 for 224),
@@ -156,11 +110,6 @@ def load_eval_image(path: str, size: int) -> Image.Image:
     size x size, RGB."""
     with Image.open(path) as image:
         return resize_box(image, center_box(*image.size, size), size)
-
-
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """(3, S, S) uint8 from an RGB PIL image."""
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
 def normalize(pixels: torch.Tensor) -> torch.Tensor:
@@ -185,12 +134,14 @@ class TrainBatches:
     epoch), split over the processes as DistributedSampler splits it, and read by one DataLoader
     whose workers live for the run. stream(epoch, batch) yields ((epoch, batches done in it),
     (images, tokens, errors)) from any position on, forever: a resumed run reads what an unbroken
-    one would."""
+    one would. With `decode_on` (a device) the JPEGs the workers only read are decoded and
+    augmented there: the images arrive on it."""
 
-    def __init__(self, dataset, batch_size, rank, world_size, seed, **loader_args):
+    def __init__(self, dataset, batch_size, rank, world_size, seed, decode_on=None,
+                 **loader_args):
         self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
                                                            seed=seed, drop_last=True)
-        self.batch_size, self.keys = batch_size, EpochKeys()
+        self.batch_size, self.keys, self.decode_on = batch_size, EpochKeys(), decode_on
         self.loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=self.keys,
                                                   drop_last=True, **loader_args)
 
@@ -201,8 +152,11 @@ class TrainBatches:
         while True:
             self.sampler.set_epoch(epoch)
             self.keys.keys = [(epoch, i) for i in list(self.sampler)[batch * self.batch_size:]]
-            for batch, data in enumerate(self.loader, start=batch + 1):
-                yield (epoch, batch), data
+            for batch, (images, tokens, errors) in enumerate(self.loader, start=batch + 1):
+                if isinstance(images, list):  # JPEG files: decoded and augmented on the device
+                    images, kept, failed = decode_and_augment(images, self.decode_on)
+                    tokens, errors = tokens[kept], errors + failed
+                yield (epoch, batch), (images, tokens, errors)
             epoch, batch = epoch + 1, 0
 
 
@@ -225,10 +179,11 @@ class CocoCaptions(torch.utils.data.Dataset):
     """Images of one COCO split with their captions; an item is one image and one of its captions,
     addressed by (epoch, index) so that its augmentation is a pure function of the key. With
     `labels` ({image id: category indices}, from read_instances), an item's tokens are its image's
-    labels instead, and images without labels are left out."""
+    labels instead, and images without labels are left out. With decode_on_device, a training
+    item of a JPEG file is {'jpeg', 'box', 'flip', 'jitter', ...}: its bytes and its draws."""
 
     def __init__(self, root, split, tokenizer, image_size, max_len, train, seed, min_crop_scale=0.2,
-                 color_jitter=0.8, labels=None):
+                 color_jitter=0.8, labels=None, decode_on_device=False):
         self.items = [(path, captions, None if labels is None else labels[i])
                       for i, path, captions in read_coco_split(root, split)
                       if labels is None or i in labels]
@@ -238,6 +193,7 @@ class CocoCaptions(torch.utils.data.Dataset):
         self.tokenizer, self.image_size, self.max_len, self.train, self.seed = \
             tokenizer, image_size, max_len, train, seed
         self.min_crop_scale, self.color_jitter = min_crop_scale, color_jitter
+        self.decode_on_device = decode_on_device
 
     def __len__(self):
         return len(self.items)
@@ -264,123 +220,26 @@ class CocoCaptions(torch.utils.data.Dataset):
                 return {'image': to_uint8_tensor(load_eval_image(path, self.image_size)),
                         'tokens': encode(caption)}
             with Image.open(path) as image:
-                pixels = random_resized_crop(image,
-                                             random_box(*image.size, rng, self.min_crop_scale),
-                                             self.image_size)
+                box = random_box(*image.size, rng, self.min_crop_scale)
+                # flipping the image makes "left" wrong, so the caption's left/right swap too
+                flip = rng.random() < 0.5
+                caption = swap_left_right(caption) if flip else caption
+                jitter = draw_jitter(rng) if rng.random() < self.color_jitter else None
+                if self.decode_on_device and image.format == 'JPEG' and \
+                        image.mode in ('RGB', 'L'):
+                    return {'jpeg': jpeg_bytes(image), 'box': box, 'flip': flip, 'jitter': jitter,
+                            'size': self.image_size, 'path': path, 'tokens': encode(caption)}
+                pixels = random_resized_crop(image, box, self.image_size)
         except Exception as e:
             # a corrupt or missing file must not end a long run: report and skip it
             return {'error': f"{path}: {str(e) or type(e).__name__}"}
-        if rng.random() < 0.5:
-            # flipping the image makes "left" wrong, so swap left/right words in the caption too
-            pixels = pixels.flip(-1)
-            caption = swap_left_right(caption)
-        if rng.random() < self.color_jitter:
-            pixels = color_jitter(pixels, rng)
+        pixels = pixels.flip(-1) if flip else pixels
+        pixels = color_jitter(pixels, jitter) if jitter is not None else pixels
         return {'image': pixels.contiguous(), 'tokens': encode(caption)}
 
     def encode(self, caption):
         ids = self.tokenizer.encode(caption)[:self.max_len - 2]  # drop words, never [EOS]
         return torch.tensor([self.tokenizer.sos_id, *ids, self.tokenizer.eos_id])
-
-
-def random_box(W, H, rng, min_scale):
-    """Random resized crop's box: area scale (min_scale, 1), aspect ratio (3/4, 4/3), drawn as
-    torchvision does."""
-    for _ in range(10):
-        area = W * H * rng.uniform(min_scale, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
-        if 0 < w <= W and 0 < h <= H:
-            left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
-            return left, top, left + w, top + h
-    return 0, 0, W, H  # fall back to the whole image
-
-
-def random_resized_crop(image: Image.Image, box, size: int) -> torch.Tensor:
-    """The integer box (left, top, right, bottom) of an opened, not yet decoded image, resized to
-    (3, size, size) uint8 with antialiased bilinear filtering (the filter of PIL's resize)."""
-    if image.format == 'JPEG' and min(box[2] - box[0], box[3] - box[1]) >= 2 * size:
-        # a DCT-scaled decode, then PIL's fractional box
-        return to_uint8_tensor(resize_box(image, box, size))
-    if image.format == 'JPEG' and image.mode in ('RGB', 'L') and decode_jpeg is not None:
-        # libjpeg-turbo through torchvision: PIL's decoder, straight into a (3, H, W) tensor (no
-        # copy out of PIL)
-        image.fp.seek(0)  # PIL has read only the header
-        # torchvision 0.29 announces that its decoders will move to torchcodec
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', DeprecationWarning)
-            pixels = decode_jpeg(torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8),
-                                 mode=ImageReadMode.RGB)
-    else:
-        image = to_rgb(image)
-        # PIL keeps RGB pixels as RGBX: exporting them as they are costs half of packing them to RGB
-        # torch warns about read-only buffers; this one is only read
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)
-            pixels = torch.frombuffer(image.tobytes('raw', 'RGBX'), dtype=torch.uint8)
-        # (4, H, W), channels last in memory
-        pixels = pixels.view(image.size[1], image.size[0], 4).permute(2, 0, 1)
-    left, top, right, bottom = box
-    pixels = F.interpolate(pixels[None, :, top:bottom, left:right], size=(size, size),
-                           mode='bilinear',
-                           antialias=True, align_corners=False)  # torch's vectorized uint8 kernel
-    return pixels[0, :3].contiguous()  # (3, size, size)
-
-
-GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's convert('L')
-HUE_SECTORS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
-
-
-def color_jitter(pixels: torch.Tensor, rng) -> torch.Tensor:
-    """Brightness, contrast and saturation factors in [0.6, 1.4] and a hue shift in [-0.1, 0.1] of
-    the colour circle, applied in random order to (3, S, S) uint8, each result clamped to [0, 255]
-    (where it can leave it: a factor above 1; a hue rotation keeps every pixel's max and min). The
-    hue range is kept small because captions name colours, and a large shift would make them
-    false."""
-    b, c, s = rng.uniform(0.6, 1.4, size=3)
-    hue = rng.uniform(-0.1, 0.1)
-    x = pixels.float()
-    for i in rng.permutation(4):
-        if i == 0:
-            x.mul_(b)
-        elif i == 1:
-            # blend with the mean grey level (the mean of the grey image, from the channel means)
-            mean_grey = sum(w * m for w, m in zip(GRAY, x.mean((1, 2)).tolist()))
-            x.mul_(c).add_((1 - c) * mean_grey)
-        elif i == 2:  # blend with the grey image
-            grey = x[0] * GRAY[0] + x[1] * GRAY[1] + x[2] * GRAY[2]
-            x.mul_(s).add_(grey.mul_(1 - s))
-        else:
-            x = shift_hue(x, hue)
-        if i < 3 and (b, c, s)[i] > 1:
-            x.clamp_(0, 255)
-    return x.add_(0.5).to(torch.uint8)  # round to nearest
-
-
-def shift_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
-    """Rotate the HSV hue of (3, S, S) float RGB by `shift` turns, keeping saturation and value: a
-    pixel keeps its max M and min m, and channel n becomes M - (M - m) w(n + 6 hue), w the trapezoid
-    clamp(min(k, 4 - k), 0, 1) of period 6. Written without comparisons or torch.where, which are
-    several times slower on CPU here."""
-    top, bottom = x.amax(0), x.amin(0)
-    chroma = top - bottom
-    r, g, b = x
-    # which channel holds the max, as exact 0/1 floats (r before g before b on ties, as
-    # torchvision):
-    # (v - top) * 1e7 + 1 is 1 where v == top and <= 0 wherever v is below it by more than 1e-7
-    is_r = (r - top).mul_(1e7).add_(1).clamp_(min=0)
-    is_g = (g - top).mul_(1e7).add_(1).clamp_(min=0).mul_(1 - is_r)
-    is_b = 1 - is_r - is_g
-    # the hue in sixths of a turn: (g - b) / C where r is the max, 2 + (b - r) / C for g,
-    # 4 + (r - g) / C for b
-    hue6 = (g - b).mul_(is_r)
-    hue6.add_((b - r).add_(chroma, alpha=2).mul_(is_g))
-    hue6.add_((r - g).add_(chroma, alpha=4).mul_(is_b))
-    hue6.div_(chroma.clamp_min(1e-6)).add_(6 * shift)  # in [-1.6, 5.6]
-    k = HUE_SECTORS + hue6  # (3, S, S) in [-0.6, 10.6]
-    k.sub_(k.div(6).floor_().mul_(6))  # mod 6
-    w = torch.minimum(k, 4 - k).clamp_(0, 1)
-    return torch.addcmul(top, chroma, w, value=-1)
 
 
 def pad_tokens(captions, pad_to: int = 0) -> torch.Tensor:
@@ -394,13 +253,16 @@ def pad_tokens(captions, pad_to: int = 0) -> torch.Tensor:
 
 def collate(samples, pad_to: int = 0):
     """Stack images, right-pad captions with 0 to the longest in the batch (or to pad_to: one shape
-    for every batch, as torch.compile wants); pass load errors on."""
+    for every batch, as torch.compile wants); pass load errors on. JPEG files to decode on the
+    device stay a list, each one's pixels or its file and draws (augment.decode_and_augment's)."""
     good = [s for s in samples if 'error' not in s]
     errors = [s['error'] for s in samples if 'error' in s]
     if not good:
         return None, None, errors
-    return (torch.stack([s['image'] for s in good]),
-            pad_tokens([s['tokens'] for s in good], pad_to), errors)
+    tokens = pad_tokens([s['tokens'] for s in good], pad_to)
+    if any('jpeg' in s for s in good):
+        return [s.get('image', s) for s in good], tokens, errors
+    return torch.stack([s['image'] for s in good]), tokens, errors
 
 
 class BadImages:

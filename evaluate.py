@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from checkpoints import load_backbone
-from coco import load_eval_image, normalize, to_uint8_tensor
+from augment import to_uint8_tensor
+from coco import load_eval_image, normalize
 from configurator import NON_NEGATIVE, POSITIVE, check_device, check_outputs, write_atomically
 from svm import N_FOLDS, SVM_COSTS, svm_products_dtype, train_and_test_svms
 

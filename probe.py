@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from checkpoints import load_backbone
-from coco import (IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize, random_box,
-                  random_resized_crop, to_uint8_tensor)
+from augment import random_box, random_resized_crop, to_uint8_tensor
+from coco import IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize
 from configurator import (NON_NEGATIVE, POSITIVE, Interval, check_device, check_outputs,
                           write_atomically)
 from lookahead import warmup_cosine

@@ -7,13 +7,11 @@ captions (or with one of the paper's other pretext tasks, or CapPa's: --pretext,
   8 GPUs:    torchrun --standalone --nproc_per_node=8 train.py config/virtex_r50_l1_h2048.py
   resume:    python train.py config/shapes.py --init_from=resume  (auto: if there is a checkpoint)
 
-Reads <data_root>/ (COCO layout: train2017/, val2017/, annotations/captions_{train,val}2017.json)
-and <tokenizer> (a .model from tokenizer.py), and annotations/instances_{train,val}2017.json for the
-multilabel pretext; writes <out_dir>/ckpt.pt, <out_dir>/log.jsonl and, with --voc_root,
-<out_dir>/best.pt. The defaults are the paper's best run (R-50, L1, H2048, batch 256, 500k
-iterations).
-Long runs: every input is checked before out_dir is claimed, and nothing in it is lost to a
-mistake, a signal or a full disk (run_folder.py says how).
+Reads <data_root>/ (COCO layout: train2017/, val2017/, annotations/captions_{train,val}2017.json,
+and instances_*.json for the multilabel pretext) and <tokenizer> (tokenizer.py's .model); writes
+<out_dir>/ckpt.pt, log.jsonl and, with --voc_root, best.pt. The defaults are the paper's best run
+(R-50, L1, H2048, batch 256, 500k iterations). Every input is checked before out_dir is claimed, and
+nothing in it is lost to a mistake, a signal or a full disk (run_folder.py says how).
 """
 
 import math
@@ -65,6 +63,8 @@ color_jitter: PROBABILITY = 0.8  # p of jitter: brightness/contrast/saturation .
 batch_size: POSITIVE = 256    # global; each of N processes gets batch_size // N (paper: 8 x 32)
 gradient_accumulation_steps: POSITIVE = 1  # micro-batches per step, if a GPU can't hold its share
 num_workers: NON_NEGATIVE = 4  # DataLoader workers per process
+# device: the workers only read the JPEGs; the batch is decoded (nvJPEG) and augmented on `device`
+decode_on: Literal['workers', 'device'] = 'workers'
 max_bad_images: NON_NEGATIVE = 100  # unreadable images are skipped; the run stops past this many
 train_fraction: FRACTION = 1.0  # train on this share of the images, drawn with `seed`
 # optimization
@@ -161,20 +161,20 @@ with one_line_errors():
         n_classes = len(names) + 1  # index 0 is background / padding
     train_set = CocoCaptions(data_root, 'train2017', tok, image_size, max_len, train=True,
                              seed=seed, min_crop_scale=min_crop_scale, color_jitter=color_jitter,
-                             labels=labels.get('train2017'))
+                             labels=labels.get('train2017'), decode_on_device=decode_on == 'device')
     val_set = CocoCaptions(data_root, 'val2017', tok, image_size, max_len, train=False, seed=seed,
                            labels=labels.get('val2017')) if eval_interval else None
 subset = f" ({train_fraction:g} of {len(train_set)})" if train_fraction < 1 else ''
 train_subset = train_set.keep_fraction(train_fraction, seed)  # indices kept (None: all)
-# one loader per split for the run, its workers kept between epochs; a private generator: iterating
-# a loader must not draw from the global RNG (dropout uses it). The images' randomness comes from
-# their (seed, epoch, index) keys. With compile, captions are padded to max_len: one shape, one
-# compiled graph.
+# the loaders keep their workers for the run; a private generator: iterating a loader must not draw
+# from the global RNG (dropout uses it), the images' randomness comes from their (seed, epoch,
+# index) keys. With compile, captions are padded to max_len: one shape, one compiled graph.
 loader_args = dict(num_workers=num_workers, persistent_workers=num_workers > 0,
                    collate_fn=partial(collate, pad_to=max_len if compile else 0),
                    pin_memory=device_type == 'cuda', worker_init_fn=ignore_stop_signals,
                    generator=torch.Generator().manual_seed(seed))
-train_batches = TrainBatches(train_set, micro_batch, ddp_rank, ddp_world_size, seed, **loader_args)
+train_batches = TrainBatches(train_set, micro_batch, ddp_rank, ddp_world_size, seed,
+                             decode_on=device if decode_on == 'device' else None, **loader_args)
 if len(train_batches) == 0:
     raise SystemExit(f"error: {len(train_set)} training images{subset} are fewer than one batch of "
                      f"{micro_batch} per process")
