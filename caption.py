@@ -11,7 +11,8 @@ JSON, CIDEr-D, and attention figures.
 
 Captions go to stdout, one "path<TAB>caption" per image; progress and timing go to stderr. With
 --coco_root the last line is "CIDEr: xx.x" (CIDEr-D x 100, PTB-style tokenization in Python;
-SPICE needs Java and is not computed). Images that fail to load are reported by name and skipped,
+SPICE needs Java and is not computed); before it, on a synthetic world (its words_<split>.json),
+each word class's share of words true of their image and of the image's facts named. Images that fail to load are reported by name and skipped,
 and the exit code is 1 if any did. Decoding: the image is encoded once, cross-attention keys and
 values once per image, self-attention through a key/value cache; beams of all images advance
 together and finished images stop costing work.
@@ -20,9 +21,11 @@ together and finished images stop costing work.
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
+from collections import Counter
 
 import numpy as np
 import torch
@@ -231,10 +234,53 @@ def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tenso
     return figure
 
 
+def word_scores(candidates: dict, words_path: str) -> list[str]:
+    """Lines of a table: for each word class of a synthetic world's words_<split>.json (shape,
+    colour, ...), how many words of the captions ({image_id: caption}) fall in it, how many of
+    those are true of their image (present), how many of the values each image shows are named
+    (recall), and the words named most."""
+    try:
+        with open(words_path) as f:
+            words = json.load(f)
+        truth, classes = words['images'], words['classes']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{words_path}: not a words file ({type(e).__name__}: {e})") from None
+    named = {name: Counter() for name in classes}
+    right, shown, recalled = Counter(), Counter(), Counter()
+    for image, caption in candidates.items():
+        facts = truth.get(str(image))
+        if facts is None:
+            raise ValueError(f"{words_path}: has no words of image {image}")
+        values = {name: set() for name in classes}
+        for word in re.findall(r'[a-z]+', caption.lower()):
+            for name, vocabulary in classes.items():
+                if word in vocabulary:
+                    named[name][word] += 1
+                    right[name] += vocabulary[word] in facts[name]['present']
+                    values[name].add(vocabulary[word])
+        for name in classes:
+            shown[name] += len(facts[name]['shown'])
+            recalled[name] += len(values[name] & set(facts[name]['shown']))
+    lines = [f"{'words':<9} {'named':>6} {'present':>8} {'recall':>7}  most named"]
+    for name in classes:
+        total = sum(named[name].values())
+        common = ', '.join(f"{w} {n}" for w, n in named[name].most_common(3))
+        lines.append(f"{name:<9} {total:>6} {100 * right[name] / max(total, 1):>7.1f}% "
+                     f"{100 * recalled[name] / max(shown[name], 1):>6.1f}%  {common}")
+    return lines
+
+
 def image_id(path: str):
     """COCO results use the integer id in a COCO file name (000000397133.jpg -> 397133)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     return int(stem) if stem.isdigit() else stem
+
+
+def print_word_scores(candidates):
+    """word_scores of a COCO split whose world says which words are true of each image."""
+    path = os.path.join(coco_root, 'annotations', f'words_{split}.json')
+    if os.path.exists(path):
+        print('\n'.join(word_scores(candidates, path)), flush=True)
 
 
 def main():
@@ -271,6 +317,7 @@ def main():
         if not candidates:
             raise SystemExit(f"error: {results}: holds no captions to score")
         references = {i: refs for i, _, refs in read_coco_split(coco_root, split)}
+        print_word_scores(candidates)
         print(f"CIDEr: {score(candidates, references):.1f}")
         return
 
@@ -382,7 +429,9 @@ def main():
         entries = [{'image_id': image_id(p), 'caption': c} for p, c in captions.items()]
         write_atomically(out, lambda f: json.dump(entries, f), mode='w')
     if references is not None and captions:
-        print(f"CIDEr: {score({image_id(p): c for p, c in captions.items()}, references):.1f}")
+        candidates = {image_id(p): c for p, c in captions.items()}
+        print_word_scores(candidates)
+        print(f"CIDEr: {score(candidates, references):.1f}")
     if failures:
         sys.exit(1)
 

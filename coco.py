@@ -190,8 +190,8 @@ class CocoCaptions(torch.utils.data.Dataset):
         if not self.items:
             raise ValueError(f"{root}/annotations/captions_{split}.json: no images with captions"
                              + (' and instances' if labels is not None else ''))
-        self.tokenizer, self.image_size, self.max_len, self.train, self.seed = \
-            tokenizer, image_size, max_len, train, seed
+        self.root, self.split, self.tokenizer = root, split, tokenizer
+        self.image_size, self.max_len, self.train, self.seed = image_size, max_len, train, seed
         self.min_crop_scale, self.color_jitter = min_crop_scale, color_jitter
         self.decode_on_device = decode_on_device
 

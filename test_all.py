@@ -902,15 +902,39 @@ def test_validation_reports_the_image_gap(shapes, tmp_path):
     proc = run(*train_args(shapes, tmp_path, '--max_iters=4', '--warmup_iters=1',
                            '--eval_interval=2', '--eval_iters=2'))
     line = next(l for l in proc.stdout.splitlines() if l.startswith('iter 2: val loss'))
-    assert re.fullmatch(r'iter 2: val loss \d+\.\d{4} \(fwd \d+\.\d{3} bwd \d+\.\d{3}\) \| '
-                        r'shuffled images \d+\.\d{4}: the image is worth -?\d+\.\d{3} nats/token',
-                        line), line
+    assert re.match(r'iter 2: val loss \d+\.\d{4} \(fwd \d+\.\d{3} bwd \d+\.\d{3}\) \| '
+                    r'shuffled images \d+\.\d{4}: the image is worth -?\d+\.\d{3} nats/token',
+                    line), line
+    assert re.search(r'nats/token \(rest -?\d+\.\d{3}, shape -?\d+\.\d{3}, colour -?\d+\.\d{3}, '
+                     r'size -?\d+\.\d{3}, count -?\d+\.\d{3}, position -?\d+\.\d{3}\)$', line)
     records = read_log(tmp_path, 'val')
     assert [r['iter'] for r in records] == [2, 4]
     for r in records:
         assert r['image_gap'] == pytest.approx((r['loss_shuffled'] - r['loss']) / 2, abs=1e-5)
+        assert list(r['image_gap_words']) == ['rest', 'shape', 'colour', 'size', 'count',
+                                              'position']
         assert r['loss_shuffled'] == pytest.approx(r['loss_shuffled_fwd'] + r['loss_shuffled_bwd'],
                                                    abs=1e-5)
+
+
+def test_the_image_gap_by_word_class_adds_up_to_the_caption_loss():
+    """validation.losses_by_word_class splits both directions' next-token losses by the class of
+    their target: summed over the classes they are the loss itself."""
+    from model import VirTex
+    from validation import losses_by_word_class
+    torch.manual_seed(0)
+    model = VirTex(tiny_cfg()).eval()
+    images, tokens = tiny_batch()
+    lookup = torch.zeros(40, dtype=torch.long)
+    lookup[5:15], lookup[15:20] = 1, 2  # two word classes; the rest is class 0
+    with torch.no_grad():
+        memory = model.visual_features(images)
+        sums, counts = losses_by_word_class(model, memory, tokens, lookup)
+        loss, parts = model.losses(memory, tokens)
+    real = int((tokens[:, 1:] != 0).sum())
+    assert counts.sum() == 2 * real  # every target of both directions, once
+    assert torch.allclose(sums.sum() / real, parts['fwd'] + parts['bwd'], atol=1e-5)
+    assert counts[1] == 2 * int(((tokens >= 5) & (tokens < 15)).sum())
 
 
 def test_bad_images_are_skipped_up_to_a_cap(shapes, tmp_path):
@@ -2688,7 +2712,12 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     entries = json.loads((tmp_path / 'r.json').read_text())
     assert len(entries) == 5 and all(isinstance(e['image_id'], int) for e in entries)
     rescored = run('caption.py', f'--results={tmp_path}/r.json', f'--coco_root={shapes}/coco')
-    assert rescored.stdout.strip() == last, 'scoring the written results gives the same CIDEr'
+    table = proc.stdout.strip().splitlines()[-7:]  # the word classes' table, then CIDEr
+    assert table[0].split() == ['words', 'named', 'present', 'recall', 'most', 'named'], table
+    assert [line.split()[0] for line in table[1:-1]] == ['shape', 'colour', 'size', 'count',
+                                                         'position']
+    assert rescored.stdout.strip().splitlines() == table, \
+        'scoring the written results gives the same words and CIDEr'
     sampled = run('caption.py', f'--ckpt={tiny_ckpt}', '--top_p=0.9', '--temperature=1.5',
                   *[str(val / f) for f in files])
     assert [line.split('\t')[0]
@@ -3458,6 +3487,35 @@ def test_captions_true_in_many_scenes():
             n_relations += check_caption(caption, scene)
             words |= set(re.findall(r'\w+', caption))
     assert n_relations > 200 and 40 <= len(words) <= 120, (n_relations, len(words))
+
+
+def test_the_words_true_of_each_image(world):
+    """words_<split>.json: every word of every reference caption is true of its image, and every
+    caption names each plainly visible shape; a caption that names the wrong ones scores low."""
+    from caption import word_scores
+    path = world / 'coco' / 'annotations' / 'words_val2017.json'
+    captions = load_json(world / 'coco' / 'annotations' / 'captions_val2017.json')['annotations']
+    for k in range(5):  # each image's k-th caption
+        chosen = {a['image_id']: a['caption'] for a in captions[k::5]}
+        rows = {line.split()[0]: line.split()[1:] for line in word_scores(chosen, str(path))[1:]}
+        assert all(row[1] == '100.0%' for row in rows.values() if row[0] != '0'), rows
+        assert rows['shape'][2] == '100.0%' and int(rows['shape'][0]) >= len(chosen), rows
+    scene = {'size': 60, 'objects': [
+        {'category': 'star', 'colour': 'red', 'size': 'large', 'center': [10, 30],
+         'difficult': False},
+        {'category': 'star', 'colour': 'blue', 'size': 'medium', 'center': [50, 30],
+         'difficult': False},
+        {'category': 'ring', 'colour': 'green', 'size': 'tiny', 'center': [30, 55],
+         'difficult': True}]}
+    assert prep.word_truth(scene) == {
+        'shape': {'shown': ['star'], 'present': ['ring', 'star']},
+        'colour': {'shown': ['blue', 'red'], 'present': ['blue', 'green', 'red']},
+        'size': {'shown': ['large'], 'present': ['large', 'small']},
+        'count': {'shown': ['two'], 'present': ['two']},
+        'position': {'shown': ['left', 'right'], 'present': ['left', 'right']}}
+    wrong = {a['image_id']: 'a circle and a white circle' for a in captions}
+    rows = {line.split()[0]: line.split()[1:] for line in word_scores(wrong, str(path))[1:]}
+    assert float(rows['shape'][1][:-1]) < 50 and rows['shape'][3:] == ['circle', str(2 * 10)]
 
 
 # ---- attribute tasks: more VOC2007-layout folders on the VOC images --------------------------

@@ -16,6 +16,8 @@ trained. Under torchrun every process takes its share and all agree on the resul
 failure: a ValueError on every process, so that the run saves before it stops.
 """
 
+import json
+import os
 import time
 
 import torch
@@ -26,7 +28,8 @@ from coco import to_device
 from configurator import one_line_errors
 from evaluate import extract_features, read_voc_task
 from svm import svm_products_dtype, train_and_test_svms
-from pretexts import LOSS_PARTS
+from model import reverse_captions
+from pretexts import CAPTIONERS, LOSS_PARTS
 
 
 def val_loader(dataset, batch_size: int, n_batches: int, **loader_args) -> DataLoader:
@@ -37,13 +40,55 @@ def val_loader(dataset, batch_size: int, n_batches: int, **loader_args) -> DataL
     return DataLoader(dataset, batch_size, sampler=keys[:n_batches * batch_size], **loader_args)
 
 
+def word_classes(dataset):
+    """(names, (V,) class index of every token id, 0 for the rest) from the words_<split>.json a
+    synthetic world writes beside its captions (data/shapes/prepare.py), or None without one."""
+    path = os.path.join(dataset.root, 'annotations', f'words_{dataset.split}.json')
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        classes = json.load(f)['classes']
+    index, tok = {}, dataset.tokenizer
+    for c, (name, vocabulary) in enumerate(classes.items(), start=1):
+        for word in vocabulary:
+            for token in tok.encode(word):  # a piece shared by two classes counts for neither
+                index[token] = c if index.get(token, c) == c else 0
+    lookup = torch.zeros(len(tok), dtype=torch.long)
+    lookup[list(index)] = torch.tensor(list(index.values()))
+    return ['rest', *classes], lookup
+
+
+def losses_by_word_class(model, memory, tokens, lookup):
+    """(C,) sums of the next-token losses over both directions' targets of each word class, and
+    (C,) their counts, for the captioning decoders."""
+    sums = torch.zeros(int(lookup.max()) + 1, device=tokens.device)
+    counts = torch.zeros_like(sums)
+    real = (tokens != model.config.pad_id).int()
+    lengths = tokens.shape[1] - real.flip(1).argmax(1)
+    directions = [('fwd', tokens)]
+    if getattr(model, 'layers_bwd', None) is not None:
+        directions.append(('bwd', reverse_captions(tokens, lengths)))
+    for direction, ids in directions:
+        targets = ids[:, 1:]
+        classes = lookup[targets[targets != model.config.pad_id]]
+        losses = model.caption_loss(memory, ids, direction, reduction='none')
+        sums.index_add_(0, classes, losses.float())
+        counts.index_add_(0, classes, torch.ones_like(losses, dtype=torch.float))
+    return sums, counts
+
+
 @torch.no_grad()
 def image_gap(it: int, model, loader, autocast, seed: int, bad_images, folder: str):
     """The validation losses at iteration `it`, and the same captions scored against other images,
     as a line to print and a record for the log. For cappa also the loss of the best image-blind
-    parallel predictor: each position's word frequencies in these captions."""
+    parallel predictor: each position's word frequencies in these captions. On a synthetic world,
+    the captioners' gap per word class too (shape words, colour words, ..., the rest)."""
     cfg, device = model.config, next(model.parameters()).device
     part_names = LOSS_PARTS[cfg.pretext]
+    classes = word_classes(loader.dataset) if cfg.pretext in CAPTIONERS else None
+    if classes:
+        lookup = classes[1].to(device)
+        by_class = torch.zeros(3, len(classes[0]), device=device)  # true, shuffled sums; counts
     model.eval()
     # (true, shuffled) x (loss, parts)
     totals, batches = torch.zeros(2, 1 + len(part_names), device=device), 0
@@ -64,6 +109,11 @@ def image_gap(it: int, model, loader, autocast, seed: int, bad_images, folder: s
                 generator = torch.Generator(device).manual_seed(seed + batch)
                 loss, parts = model.losses(paired, tokens, generator)
                 totals[row] += torch.stack([loss, *parts.values()]).float()
+                if classes:
+                    sums, counts = losses_by_word_class(model, paired, tokens, lookup)
+                    by_class[row] += sums
+            if classes:
+                by_class[2] += counts  # the same targets in both pairings
         if cfg.pretext == 'cappa':
             targets = tokens[:, 1:]
             positions = torch.arange(targets.shape[1], device=device).expand_as(targets)
@@ -76,6 +126,8 @@ def image_gap(it: int, model, loader, autocast, seed: int, bad_images, folder: s
     if dist.is_initialized():
         dist.all_reduce(counts)
         dist.all_reduce(position_counts)
+        if classes:
+            dist.all_reduce(by_class)
     totals, batches = counts[:-1].view(2, -1), counts[-1].item()
     model.train()
     if batches == 0:  # every process knows: the counts were summed
@@ -100,6 +152,10 @@ def image_gap(it: int, model, loader, autocast, seed: int, bad_images, folder: s
               **{f'loss_{n}': true[n] for n in part_names}, 'loss_shuffled': shuffled['loss'],
               **{f'loss_shuffled_{n}': shuffled[n] for n in part_names}, 'image_gap': image_gap,
               **({'text_only_parallel': text_only} if cfg.pretext == 'cappa' else {})}
+    if classes:  # nats per word of the class, both directions
+        gaps = ((by_class[1] - by_class[0]) / by_class[2].clamp(min=1)).tolist()
+        record['image_gap_words'] = dict(zip(classes[0], gaps))
+        line += ' (' + ', '.join(f"{name} {gap:.3f}" for name, gap in zip(classes[0], gaps)) + ')'
     return line, record
 
 

@@ -11,7 +11,8 @@ linear SVMs).
   # one attribute's mAP
   python evaluate.py --voc_root=data/shapes/attributes/colour --ckpt=out/shapes/ckpt.pt
 
-Writes OUT/coco/{train2017,val2017,annotations} and
+Writes OUT/coco/{train2017,val2017,annotations} (with words_*.json: the captions' words by class,
+and which are true of each image) and
 OUT/VOC2007/{JPEGImages,Annotations,ImageSets/Main} in the public formats (COCO: captions_*.json,
 and instances_*.json with every object's box, for the multilabel pretext),
 OUT/imagefolder/{train,val}/<category>/ for a linear probe (each image filed under its largest
@@ -360,7 +361,7 @@ def coco_instances(image_id, scene, first_id, category_ids):
             for k, o in enumerate(scene['objects']) for x0, y0, x1, y1 in [o['bbox']]]
 
 
-def write_coco(root, pool, make_example, categories, source, args):
+def write_coco(root, pool, make_example, categories, source, args, words=None):
     os.makedirs(os.path.join(root, 'annotations'))
     info = {'description': f'{source[0]} ({source[1]}, seed {args.seed}, size {args.size})',
             'version': '1.0', 'year': 2017}
@@ -393,6 +394,10 @@ def write_coco(root, pool, make_example, categories, source, args):
                        'annotations': instances, 'categories': category_list}, f)
         with open(os.path.join(root, 'annotations', f'scenes_{split}.json'), 'w') as f:
             json.dump(scenes, f)
+        if words:  # (classes, truth(scene))
+            with open(os.path.join(root, 'annotations', f'words_{split}.json'), 'w') as f:
+                json.dump({'classes': words[0],
+                           'images': {s['image_id']: words[1](s) for s in scenes}}, f)
         image_id += n
 
 
@@ -534,6 +539,48 @@ def attributes(scene):
 ATTRIBUTE_TASKS = ('category', 'colour', 'size', 'count', 'background', 'position', 'binding')
 
 
+# ---------------------------------------------------------------------------------------------
+# the captions' words, class by class, and which of them are true of a scene: caption.py scores
+# generated captions with them, and train.py's validation measures what the image is worth to each
+# class (OUT/coco/annotations/words_<split>.json)
+
+WORD_CLASSES = {
+    'shape': {**{c: c for c in CATEGORIES}, **{PLURALS[c]: c for c in CATEGORIES}},
+    'colour': {c: c for c in COLOURS},
+    'size': {word: size for size, words in SIZE_WORDS.items() for word in words},
+    'count': {word: word for word in NUMBERS.values()},
+    'position': {w: w for w in ('left', 'right', 'top', 'bottom', 'middle', 'above', 'below')}}
+
+
+def word_truth(scene):
+    """{word class: {'shown': values true of the plainly visible objects, 'present': true of any
+    object}}, in WORD_CLASSES' values. A shape, colour or size named for a difficult (tiny or mostly
+    hidden) object is not wrong, but captions never name one: recall counts the shown ones. Counts
+    and positions are the captions' own: a group's or the whole scene's number of shown objects;
+    thirds of the image (left, top, ...) or a relation between two shown objects (left of,
+    above, ...)."""
+    size = scene['size']
+    shown = [o for o in scene['objects'] if not o['difficult']]
+    sizes = {'tiny': 'small', 'small': 'small', 'large': 'large'}
+    out = {}
+    for which, objects in (('shown', shown), ('present', scene['objects'])):
+        for name, values in (('shape', {o['category'] for o in objects}),
+                             ('colour', {o['colour'] for o in objects}),
+                             ('size', {sizes[o['size']] for o in objects if o['size'] in sizes})):
+            out.setdefault(name, {})[which] = sorted(values)
+    groups = [len(shown), *Counter(o['category'] for o in shown).values()]
+    places = {p for o in shown for p in thirds(o, size)}
+    for a in shown:
+        for b in shown:
+            dx, dy = (np.array(b['center']) - a['center']) / size
+            places |= ({'left', 'right'} if dx >= MARGIN else set()) | \
+                ({'above', 'below'} if dy >= MARGIN else set())
+    for name, values in (('count', {NUMBERS[n] for n in groups if n in NUMBERS}),
+                         ('position', places)):
+        out[name] = {'shown': sorted(values), 'present': sorted(values)}
+    return out
+
+
 def voc_attributes(voc_root, attributes, args):
     """{split: (image names, one attributes(scene) per image)} of a written VOC2007 folder, from its
     scenes_<split>.json, which must list the images of ImageSets/Main/<split>.txt in that order."""
@@ -665,13 +712,14 @@ def command_line(description, out, size, min_size, prog, tasks):
     return args
 
 
-def write_world(args, make_example, categories, source, prog, attributes):
+def write_world(args, make_example, categories, source, prog, attributes, words=None):
     """Write OUT/coco, OUT/VOC2007, OUT/imagefolder and OUT/attributes (only the last with
     --attributes_only, from the existing OUT/VOC2007), building everything in a hidden folder inside
     OUT first, so that an interrupted run leaves no half-written data set; a previous complete
     output is replaced only at the end.
     source = (the world's name, the script that makes it); attributes(scene) = {attribute: {value: 1
-    or 0}}."""
+    or 0}}; words = (word classes, word_truth(scene)) for OUT/coco/annotations/words_<split>.json,
+    or None."""
     if args.attributes_only:  # read and check the scenes before anything is written
         voc = voc_attributes(os.path.join(args.out, 'VOC2007'), attributes, args)
     try:
@@ -689,7 +737,8 @@ def write_world(args, make_example, categories, source, prog, attributes):
         not args.attributes_only else None
     try:
         if not args.attributes_only:
-            write_coco(os.path.join(tmp, 'coco'), pool, make_example, categories, source, args)
+            write_coco(os.path.join(tmp, 'coco'), pool, make_example, categories, source, args,
+                       words)
             write_voc(os.path.join(tmp, 'VOC2007'), pool, make_example, categories, source, args)
             write_imagefolder(os.path.join(tmp, 'imagefolder'), pool, make_example,
                               categories, args)
@@ -727,7 +776,7 @@ def main():
                         out='data/shapes', size=64, min_size=32, prog='prepare.py',
                         tasks=ATTRIBUTE_TASKS)
     write_world(args, make_example, CATEGORIES, ('shapes world', 'data/shapes/prepare.py'),
-                'prepare.py', attributes)
+                'prepare.py', attributes, words=(WORD_CLASSES, word_truth))
 
 
 if __name__ == '__main__':

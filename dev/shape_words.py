@@ -1,0 +1,149 @@
+"""
+Dev: the category gap between captions and labels on the shapes world, word by word, against the
+number of images seen. Per pretext and schedule: `python train.py config/shapes.py --pretext=P
+--max_iters=2500*M --seed=S` (M times the demo's 160k images, the warmup unchanged), then the
+backbone's VOC07 mAP (the category task), and for the captioners the last validation's image gap
+per word class (train.py logs it: nats per word that the image is worth, shape words, colour
+words, ...) and caption.py on the 1000 val images: the share of each class's generated words that
+are true of the image (precision) and of the image's facts named (recall).
+
+  python dev/shape_words.py                                  # bicaptioning and labels, 1x
+  python dev/shape_words.py --multiples=1,2,4                # the curve: 160k, 320k, 640k images
+  python dev/shape_words.py --pretexts=bicaptioning --lever=--image_size=96   # one lever
+
+Runs go to out/shape_words/<pretext>_x<M>[_<lever>]_seed<S>/ and are reused once finished. Prints a
+table, writes out/shape_words/results.json (every row) and out/shape_words/curve.png (category mAP,
+the shape words' image gap and precision against the images seen; PIL only).
+"""
+
+import json
+import math
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from runs import HERE, config_max_iters, finished, run, train, train_minutes, voc_map  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
+
+# ----------------------------------------------------------------------------------------------
+data = 'data/shapes'
+config = 'config/shapes.py'
+pretexts = 'bicaptioning,multilabel_classification'
+multiples = '1'            # the demo's schedule times these (its 2500 iterations of 64 images)
+seed = 0
+lever = ''                 # train.py flags that make a lever, space-separated: --image_size=96
+out_dir = 'out/shape_words'
+# ----------------------------------------------------------------------------------------------
+if configure(globals()):
+    raise SystemExit("error: this script takes only --key=value flags")
+multiple_list = [int(m) for m in str(multiples).split(',')]
+lever_args = lever.split()
+tag = re.sub(r'[^\w.=-]+', '_', '_'.join(a.lstrip('-') for a in lever_args))
+base_iters, voc = config_max_iters(config), f'{data}/VOC2007'
+if not os.path.exists(os.path.join(HERE, data, 'coco', 'annotations', 'words_val2017.json')):
+    raise SystemExit(f"error: {data}/coco/annotations/words_val2017.json does not exist: make the "
+                     "world again with data/shapes/prepare.py (it writes the word classes)")
+os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
+
+
+def last_val(run_dir):
+    """The last validation record of a run's log."""
+    with open(os.path.join(HERE, run_dir, 'log.jsonl')) as f:
+        return [r for r in map(json.loads, f) if r['event'] == 'val'][-1]
+
+
+def caption_words(run_dir):
+    """{class: (named, precision %, recall %)} and CIDEr of caption.py on the val images."""
+    output = run(['caption.py', f'--ckpt={run_dir}/ckpt.pt', f'--coco_root={data}/coco',
+                  '--split=val2017', f'--out={run_dir}/captions_val.json'],
+                 f'{run_dir}/caption.log')
+    words = {m[0]: (int(m[1]), float(m[2]), float(m[3]))
+             for m in re.findall(r'^(\w+) +(\d+) +([\d.]+)% +([\d.]+)%', output, re.M)}
+    return words, float(re.findall(r'^CIDEr: ([\d.]+)', output, re.M)[-1])
+
+
+def plot(rows, path, width=900, height=300):
+    """Three panels against the images seen (log axis): category mAP per pretext, the shape
+    words' image gap and their precision for the captioners."""
+    image = Image.new('RGB', (width, height), 'white')
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    colours = [(40, 80, 200), (200, 60, 40), (40, 150, 60)]
+    panels = [('category mAP', 'map'), ('shape words: image gap (nats)', 'shape_gap'),
+              ('shape words: precision (%)', 'shape_precision')]
+    seen = sorted({r['images'] for r in rows})
+    for p, (title, key) in enumerate(panels):
+        left, top = 50 + p * width // 3, 30
+        right, bottom = left + width // 3 - 70, height - 40
+        points = [r[key] for r in rows if r.get(key) is not None]
+        if not points:
+            continue
+        lo, hi = min(points), max(points)
+        lo, hi = lo - 0.1 * (hi - lo + 1), hi + 0.1 * (hi - lo + 1)
+
+        def xy(images, value):
+            share = math.log(images / seen[0]) / math.log(seen[-1] / seen[0]) \
+                if len(seen) > 1 else 0.5
+            return (left + (right - left) * share,
+                    bottom - (bottom - top) * (value - lo) / (hi - lo))
+        draw.rectangle((left, top, right, bottom), outline='black')
+        draw.text((left, 10), title, fill='black', font=font)
+        for images in seen:
+            x = xy(images, lo)[0]
+            draw.text((x - 12, bottom + 6), f"{images // 1000}k", fill='black', font=font)
+        for value in (lo, (lo + hi) / 2, hi):
+            draw.text((left - 44, xy(seen[0], value)[1] - 6), f"{value:.2f}", fill='black',
+                      font=font)
+        for i, pretext in enumerate(sorted({r['pretext'] for r in rows})):
+            line = [xy(r['images'], r[key]) for r in rows
+                    if r['pretext'] == pretext and r.get(key) is not None]
+            if len(line) > 1:
+                draw.line(line, fill=colours[i], width=2)
+            for x, y in line:
+                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colours[i])
+            if line:
+                draw.text((left + 6, top + 6 + 14 * i), pretext, fill=colours[i], font=font)
+    image.save(path)
+
+
+results_path = os.path.join(HERE, out_dir, 'results.json')
+rows = []
+if os.path.exists(results_path):
+    with open(results_path) as f:
+        rows = json.load(f)
+for multiple in multiple_list:
+    for pretext in pretexts.split(','):
+        iters = base_iters * multiple
+        name = f"{pretext}_x{multiple}{'_' + tag if tag else ''}_seed{seed}"
+        run_dir = f'{out_dir}/{name}'
+        if not finished(run_dir, iters, pretext=pretext, seed=seed):
+            print(f"{name}: training into {run_dir}", flush=True)
+            train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
+                            f'--pretext={pretext}', f'--seed={seed}', f'--max_iters={iters}',
+                            *lever_args])
+        row = {'run': name, 'pretext': pretext, 'multiple': multiple, 'lever': lever,
+               'seed': seed, 'images': iters * 64, 'train_min': train_minutes(run_dir),
+               'map': voc_map([f'--voc_root={voc}', f'--ckpt={run_dir}/ckpt.pt'],
+                              f'{run_dir}/evaluate.log')}
+        gaps = last_val(run_dir).get('image_gap_words')
+        if gaps:
+            words, row['cider'] = caption_words(run_dir)
+            row.update(words=words, gaps=gaps, shape_gap=gaps['shape'],
+                       shape_precision=words['shape'][1])
+        rows = [r for r in rows if r['run'] != name] + [row]
+        print(f"{name}: category mAP {row['map']:.2f}" + (
+            f", shape words: gap {row['shape_gap']:.3f} nats, precision "
+            f"{row['shape_precision']:.1f}%" if gaps else ''), flush=True)
+        with open(results_path, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+print(f"\n{'run':<46}{'mAP':>7}{'shape gap':>10}{'colour gap':>11}{'shape %':>9}{'colour %':>9}"
+      f"{'train min':>10}")
+for r in sorted(rows, key=lambda r: (r['lever'], r['pretext'], r['multiple'])):
+    gap = r.get('gaps', {})
+    words = r.get('words', {})
+    print(f"{r['run']:<46}{r['map']:>7.2f}{gap.get('shape', math.nan):>10.3f}"
+          f"{gap.get('colour', math.nan):>11.3f}{words.get('shape', [0, math.nan])[1]:>9.1f}"
+          f"{words.get('colour', [0, math.nan])[1]:>9.1f}{r['train_min']:>10.1f}")
+plot([r for r in rows if not r['lever']], os.path.join(HERE, out_dir, 'curve.png'))
