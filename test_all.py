@@ -3657,6 +3657,8 @@ def test_attributes_only_rewrites_them_and_reports_the_left_out_values(world, tm
     # an attribute with no value left is left out with a note that evaluate.py gives as its error
     result = run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=3')
     assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f'{tmp_path} holds attributes already: replaced at the end, '
+                                    'once the new files are whole\n'), result.stdout[:200]
     assert re.search(r'^attributes/binding: left out: no value has --min_positives=3 positives in '
                      r'both trainval and test \(positives in trainval/test: \w+ \(\d/\d\)',
                      result.stdout, re.M), result.stdout
