@@ -3074,9 +3074,12 @@ def test_the_gpu_check_runs_every_stage_on_a_cpu_and_keeps_each_row(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = rows.read_text().splitlines()
     assert lines[0].startswith('## dev/gpu_check.sh --device=cpu') and '- torch ' in lines[1]
-    stages = [line.split(' | ')[0].strip('| ') for line in lines[4:]]
+    stages = [line.split(' | ')[0].strip('| ') for line in lines[4:-2]]
     assert stages == ['train step'] * 3 + ['torchrun, 1 process', 'caption (beam 5)',
                                            'svm (VOC07 size)'] + ['data pipeline'] * 4, lines
+    for line, size in zip(lines[-2:], ('640x480 -> 224 px', '160x120 -> 64 px')):
+        assert re.fullmatch(rf'- {size}, 8 JPEGs, decoded on cpu: mean \d+\.\d\d levels, 99% '
+                            r'within \d+, max \d+', line), line
     assert 'not measured' not in rows.read_text()
     # a time limit of 1 s stops the first stage: its row says so
     script = (tmp_path / 'check.sh')

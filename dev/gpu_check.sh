@@ -4,7 +4,8 @@
 # environment; the paper's training step (R-50 L1 H2048 at 224, batch 32, bf16 autocast,
 # channels-last) on synthetic batches, eager then compiled; the same step fed from 640x480 JPEGs,
 # decoded and augmented by the DataLoader workers and on the GPU; train.py under a 1-process
-# torchrun (NCCL, compiled); beam-search captions; the VOC07-sized SVMs; the data pipeline alone.
+# torchrun (NCCL, compiled); beam-search captions; the VOC07-sized SVMs; the data pipeline alone;
+# how far the GPU's decoded pixels are from the workers' (dev/device_decode.py).
 # Each row is printed the moment it is measured and appended to $ROWS, so a run killed at any
 # point keeps every row it finished; a stage past its limit leaves a row that says so.
 #
@@ -66,4 +67,7 @@ stage "torchrun" 45 --stages=torchrun
 stage "caption" 12 --stages=caption --compile=False
 stage "svm" 8 --stages=svm
 stage "data pipeline" 10 --stages=data
+# how far the GPU's decoded and augmented pixels are from the workers' (a line, not a row)
+timeout 20 "$PY" dev/device_decode.py --device="$device" \
+    --n_images="$([ "$device" = cpu ] && echo 8 || echo 64)" | sed 's/^/- /' | tee -a "$ROWS"
 echo "rows in $ROWS"
