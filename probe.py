@@ -16,8 +16,11 @@ over the run, no warmup, 100 epochs on ImageNet. Train images: random resized cr
 and a horizontal flip; val images: the eval transform of every stage (shorter side round(S*8/7),
 center crop S). Reports top-1 and, with 5 classes or more, top-5.
 --augment=False trains on the val transform's features of the training images, extracted once and
-kept in memory: much faster, not the paper's protocol. Unreadable images are skipped and counted,
-up to max_bad_images.
+kept in memory: much faster, not the paper's protocol. --finetune=True trains the whole backbone
+with the new layer instead (the paper's iNaturalist and detection transfers fine-tune): the same
+augmentation and schedule, the backbone in train mode at its own lower learning rate
+(--backbone_lr), BatchNorm statistics updating. Unreadable images are skipped and counted, up to
+max_bad_images.
 """
 
 import json
@@ -53,6 +56,8 @@ momentum: Annotated[float, Interval('[0, 1)')] = 0.9
 weight_decay: NON_NEGATIVE = 0.0
 # False: fixed val-transform features of the training images (fast, not the protocol)
 augment = True
+finetune = False        # True: train the whole backbone too (at backbone_lr), not only the new fc
+backbone_lr: NON_NEGATIVE = 0.01  # --finetune: the backbone's SGD lr (the new fc keeps --lr)
 num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)
 max_bad_images: NON_NEGATIVE = 100
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -124,10 +129,9 @@ def batches(data_loader, bad: BadImages):
             yield images[ok], labels[ok]
 
 
-@torch.no_grad()
 def pooled(backbone, images, device):
     """(B, 3, S, S) uint8 -> (B, D): the global average pool, unnormalised as in the official
-    probe."""
+    probe (with gradients only where the backbone trains)."""
     return backbone(
         normalize(images.to(device)).contiguous(memory_format=torch.channels_last)).float()
 
@@ -148,30 +152,41 @@ def main():
         only = sorted(set(classes) ^ set(val_classes))
         raise ValueError(f"{data_root}: train and val have different classes (e.g. {only[0]!r} is "
                          "in only one)")
+    if finetune and not augment:
+        raise SystemExit("error: --finetune=True trains the backbone: its features change, so it "
+                         "needs --augment=True")
     backbone, arch, size = load_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)
-    # frozen: BatchNorm statistics fixed
     backbone = backbone.to(device, memory_format=torch.channels_last).eval()
+    with torch.no_grad():
+        width = backbone(torch.zeros(1, 3, size, size, device=device)).shape[1]
+    # frozen: eval mode, BatchNorm statistics fixed; fine-tuned: train mode, every weight learns
+    backbone.train(finetune)
     for p in backbone.parameters():
-        p.requires_grad_(False)
-    width = backbone(torch.zeros(1, 3, size, size, device=device)).shape[1]
+        p.requires_grad_(finetune)
     torch.manual_seed(seed)
     fc = nn.Linear(width, len(classes)).to(device)
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
-    optimizer = torch.optim.SGD(fc.parameters(), lr=lr, momentum=momentum,
-                                weight_decay=weight_decay)
+    groups = [{'params': list(fc.parameters()), 'lr': lr}]
+    if finetune:
+        groups.append({'params': list(backbone.parameters()), 'lr': backbone_lr})
+    for group in groups:
+        group['base_lr'] = group['lr']
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
     steps_per_epoch = len(train_paths) // batch_size or 1
     total_steps = epochs * steps_per_epoch
     print(f"{len(train_paths)} train and {len(val_paths)} val images, {len(classes)} classes; "
-          f"{arch} at {size}px, frozen; {epochs} epochs x {steps_per_epoch} steps of {batch_size}; "
+          f"{arch} at {size}px, {'fine-tuned' if finetune else 'frozen'}; {epochs} epochs x "
+          f"{steps_per_epoch} steps of {batch_size}; "
           f"{'augmented' if augment else 'fixed features'}")
     bad = BadImages(max_bad_images)
     train_keys = EpochKeys((0, i) for i in range(len(train_paths)))
     train_loader = loader(FolderImages(train_paths, train_labels, size, train=augment, seed=seed),
                           train_keys, batch_size, num_workers)
     if not augment:  # the features never change: compute them once
-        feats, labels = zip(*((pooled(backbone, x, device), y)
-                              for x, y in batches(train_loader, bad)))
+        with torch.no_grad():
+            feats, labels = zip(*((pooled(backbone, x, device), y)
+                                  for x, y in batches(train_loader, bad)))
         cached = torch.cat(feats), torch.cat(labels).to(device)
         steps_per_epoch = len(cached[0]) // batch_size or 1  # readable images only
         total_steps = epochs * steps_per_epoch
@@ -182,6 +197,7 @@ def main():
                                      generator=order).tolist()
         if augment:
             train_keys.keys = [(epoch, i) for i in permutation[:steps_per_epoch * batch_size]]
+            # a frozen backbone's parameters need no gradient: no graph is kept
             stream = ((pooled(backbone, x, device), y.to(device))
                       for x, y in batches(train_loader, bad))
         else:
@@ -190,7 +206,7 @@ def main():
                       for i in range(0, steps_per_epoch * batch_size, batch_size))
         for features, labels in stream:
             for group in optimizer.param_groups:  # cosine from lr to 0 over the run, per step
-                group['lr'] = lr * warmup_cosine(step, 0, total_steps)
+                group['lr'] = group['base_lr'] * warmup_cosine(step, 0, total_steps)
             loss = F.cross_entropy(fc(features), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -203,14 +219,17 @@ def main():
                       f"{int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
 
     del train_loader  # its workers
+    backbone.eval()
     val_loader = loader(FolderImages(val_paths, val_labels, size, train=False, seed=seed),
                         EpochKeys((0, i) for i in range(len(val_paths))), batch_size, num_workers)
-    logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y)
-                           for x, y in batches(val_loader, bad)))
+    with torch.no_grad():
+        logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y)
+                               for x, y in batches(val_loader, bad)))
     logits, labels = torch.cat(logits), torch.cat(labels)
     result = {'top1': round(100 * accuracy(logits, labels, 1), 2), 'classes': len(classes),
               'train_images': len(train_paths), 'val_images': len(labels), 'epochs': epochs,
-              'augment': augment, 'skipped_images': bad.count, 'source': ckpt or init,
+              'augment': augment, 'finetune': finetune, 'skipped_images': bad.count,
+              'source': ckpt or init,
               'minutes': round((time.time() - t0) / 60, 2)}
     if len(classes) >= 5:
         result['top5'] = round(100 * accuracy(logits, labels, 5), 2)

@@ -2871,6 +2871,25 @@ def test_probe_learns_a_world_its_backbone_sees(tmp_path, augment):
     assert result['top1'] == 100.0 and result['val_images'] == 45 and 'top5' not in result
 
 
+def test_probe_finetunes_the_whole_backbone(tmp_path):
+    """--finetune=True: the backbone trains too (at backbone_lr) and learns; it needs augment."""
+    root = make_imagefolder(tmp_path / 'folder')
+    common = [f'--data_root={root}', '--init=random', '--visual=resnet18', '--image_size=32',
+              '--epochs=4', '--batch_size=16', '--log_interval=1', '--num_workers=0',
+              '--finetune=True', '--lr=0.1', '--backbone_lr=0.01']
+    proc = run('probe.py', *common, f'--out_json={tmp_path}/probe.json')
+    assert 'resnet18 at 32px, fine-tuned' in proc.stdout
+    losses = [float(x) for x in re.findall(r'loss ([\d.]+)', proc.stdout)]
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+    result = load_json(tmp_path / 'probe.json')
+    assert result['finetune'] and result['top1'] >= 90, result
+    proc = run('probe.py', *common, '--augment=False', check=False)
+    assert one_line(proc) == ("error: --finetune=True trains the backbone: its features change, "
+                              "so it needs --augment=True")
+    proc = run('probe.py', *common, '--backbone_lr=-1', check=False)
+    assert one_line(proc) == 'error: --backbone_lr=-1.0: must be >= 0'
+
+
 def test_probe_bad_folders_and_images(tmp_path):
     root = make_imagefolder(tmp_path / 'folder', per_class=(4, 2))
     common = ['--init=random', '--visual=resnet18', '--image_size=32', '--epochs=1',
