@@ -139,7 +139,7 @@ if warning:
     print0(warning)
 
 # ----------------------------------------------------------------------------------------------
-# data: COCO captions (coco.py: the dataset, its augmentation and the eval transform)
+# data: COCO captions (coco.py: the dataset and its batches; augment.py: the augmentation)
 ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 auto_start = init_from == 'auto'
