@@ -51,12 +51,14 @@ def read_coco_split(root: str, split: str) -> list[tuple[int, str, list[str]]]:
             if i in files]
 
 
-def read_instances(root: str, split: str) -> tuple[list[str], dict[int, list[int]]]:
+def read_instances(root: str, split: str,
+                   taught: str = '') -> tuple[list[str], dict[int, list[int]]]:
     """COCO instance annotations, <root>/annotations/instances_<split>.json, as (category names in
     file order, {image id: its distinct category indices, sorted}). Indices run 1..K in file order,
     0 being background / padding (upstream's numbering: 81 outputs for COCO's 80 categories). Images
     without instances are absent from the dict (upstream drops them); the file's images must be
-    those of captions_<split>.json."""
+    those of captions_<split>.json. taught: comma-separated names; if given, only these categories
+    are labels (the rest are never named; images left with none are absent too)."""
     path = os.path.join(root, 'annotations', f'instances_{split}.json')
     try:
         with open(path) as f:
@@ -83,7 +85,11 @@ def read_instances(root: str, split: str) -> tuple[list[str], dict[int, list[int
         raise ValueError(f"{path}: its images are not those of captions_{split}.json "
                          f"({len(only_here)} only here, {len(only_there)} only there; e.g. id "
                          f"{(only_here or only_there)[0]})")
-    return names, {i: sorted(v) for i, v in labels.items()}
+    unknown = [name for name in taught.split(',') if taught and name not in names]
+    if unknown:
+        raise ValueError(f"{path}: no category named {unknown[0]!r} (it has {', '.join(names)})")
+    kept = {names.index(name) + 1 for name in taught.split(',')} if taught else set(index.values())
+    return names, {i: sorted(v & kept) for i, v in labels.items() if v & kept}
 
 
 def swap_left_right(caption: str) -> str:

@@ -769,6 +769,20 @@ def test_resume_is_exact(shapes, tmp_path, pretext):
         expected_outputs
 
 
+def test_multilabel_learns_only_the_taught_categories(shapes, tmp_path):
+    from coco import read_instances
+    taught = read_instances(str(shapes / 'coco'), 'train2017', 'circle,square')[1]
+    every = read_instances(str(shapes / 'coco'), 'train2017')[1]
+    assert 0 < len(taught) < len(every)
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=2', '--eval_interval=2',
+                           '--eval_iters=1', '--pretext=multilabel_classification',
+                           '--label_categories=circle,square'))
+    assert f'data: {len(taught):,} training images' in proc.stdout
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['label_categories'] == 'circle,square'
+    assert ckpt['model_args']['vocab_size'] == 11  # the outputs stay those of every category
+
+
 def test_torchrun_two_processes(shapes, tmp_path):
     args = ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
             *train_args(shapes, tmp_path, '--max_iters=3', '--warmup_iters=1',
@@ -805,6 +819,10 @@ def test_train_config_and_input_errors(shapes, tmp_path):
              (['--dropout=1.0'], '--dropout=1.0: must be in [0, 1)'),
              (['--parallel_fraction=0.5'], '--parallel_fraction is for --pretext=cappa only, not '
               'bicaptioning'),
+             (['--label_categories=circle'], '--label_categories is for '
+              '--pretext=multilabel_classification only, not bicaptioning'),
+             (['--pretext=multilabel_classification', '--label_categories=circle,oval'],
+              "instances_train2017.json: no category named 'oval' (it has circle, square, "),
              (['--pretext=cappa', '--parallel_fraction=1.5'],
               '--parallel_fraction=1.5: must be in [0, 1]')]
     for extra, message in cases:
@@ -3309,6 +3327,14 @@ def test_coco_instances_json_well_formed_and_true_to_the_scenes(world):
         assert labels == \
             {i: sorted({prep.CATEGORIES.index(o['category']) + 1 for o in s['objects']})
                           for i, s in scenes.items()}
+        # --label_categories: the other categories are never labels; an image left with none of
+        # the taught ones is left out, as an image without instances is
+        taught = prep.CATEGORIES[:2]
+        names, taught_labels = read_instances(str(world / 'coco'), split, ','.join(taught))
+        assert names == prep.CATEGORIES
+        assert taught_labels == {i: [c for c in v if c <= 2] for i, v in labels.items()
+                                 if min(v) <= 2}
+        assert 0 < len(taught_labels) < len(labels)
     ids = [a['id'] for split in ('train2017', 'val2017')
            for a in load_json(world / 'coco' / 'annotations'
                               / f'instances_{split}.json')['annotations']]

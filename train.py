@@ -67,6 +67,7 @@ num_workers: NON_NEGATIVE = 4  # DataLoader workers per process
 decode_on: Literal['workers', 'device'] = 'workers'
 max_bad_images: NON_NEGATIVE = 100  # unreadable images are skipped; the run stops past this many
 train_fraction: FRACTION = 1.0  # train on this share of the images, drawn with `seed`
+label_categories = ''         # multilabel: only these categories (instances_*.json) ('': all)
 # optimization
 max_iters: POSITIVE = 500_000
 warmup_iters: NON_NEGATIVE = 10_000  # linear warmup from 0, then cosine decay to 0 at max_iters
@@ -98,8 +99,10 @@ rest = configure(globals())
 if rest:
     raise SystemExit(f"error: unexpected arguments {rest} (config files end in .py, flags are "
                      "--key=value)")
-if parallel_fraction is not None and pretext != 'cappa':
-    raise SystemExit(f"error: --parallel_fraction is for --pretext=cappa only, not {pretext}")
+for key, owner in (('parallel_fraction', 'cappa'),
+                   ('label_categories', 'multilabel_classification')):
+    if globals()[key] not in (None, '') and pretext != owner:
+        raise SystemExit(f"error: --{key} is for --pretext={owner} only, not {pretext}")
 if voc_interval and not voc_root:
     raise SystemExit("error: --voc_interval needs --voc_root (a VOC2007 folder)")
 if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -153,11 +156,10 @@ with one_line_errors():
     if voc_root:  # now, not when the backbone is first judged, maybe at the end of the run
         read_voc_task(voc_root)
     tok = Tokenizer(tokenizer)
-    # multilabel_classification: its targets are COCO categories (annotations/instances_*.json)
     labels, n_classes = {}, len(tok)
     if pretext == 'multilabel_classification':
         for split in ('train2017', 'val2017') if eval_interval else ('train2017',):
-            names, labels[split] = read_instances(data_root, split)
+            names, labels[split] = read_instances(data_root, split, label_categories)
         n_classes = len(names) + 1  # index 0 is background / padding
     train_set = CocoCaptions(data_root, 'train2017', tok, image_size, max_len, train=True,
                              seed=seed, min_crop_scale=min_crop_scale, color_jitter=color_jitter,
@@ -198,8 +200,7 @@ if init_from == 'resume':
                                       train_subset, optimizer, max_iters, seed)
 else:
     model = pretext_model(VirTexConfig(**model_args))
-# channels_last: cuDNN and oneDNN convolutions both run faster on NHWC (4x on a 2-core CPU for R-18
-# at 64 px)
+# channels_last: cuDNN and oneDNN convolutions run faster on NHWC (4x on 2 CPU cores, R-18, 64 px)
 model = model.to(device, memory_format=torch.channels_last)
 raw_model = model  # the plain module: its state_dict is what checkpoints hold
 flops = flops_per_image(raw_model, image_size) if device_type == 'cuda' else None  # for MFU
@@ -208,8 +209,7 @@ torch.manual_seed(seed + ddp_rank)  # a different dropout stream per process
 groups = model.param_groups(weight_decay, cnn_lr, lr)
 for group in groups:
     group['base_lr'] = group['lr']  # the schedule gives a multiplier: we have two base lrs
-# fused: one kernel for the whole update, on GPUs and CPUs (on a 2-core CPU half the time of
-# foreach's)
+# fused: one kernel for the whole update, on GPUs and CPUs (on 2 CPU cores, half foreach's time)
 if optimizer == 'sgd':
     inner = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
 else:  # each group keeps its weight decay (0 on norms and biases), applied decoupled as AdamW does

@@ -49,7 +49,7 @@ def finished(run_dir, max_iters, **expected):
         return False
     ckpt = load_file(path)
     cfg = ckpt['config']
-    return ckpt['iter_num'] == cfg['max_iters'] == max_iters and all(cfg[k] == v
+    return ckpt['iter_num'] == cfg['max_iters'] == max_iters and all(cfg.get(k) == v
                                                                      for k, v in expected.items())
 
 
