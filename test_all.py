@@ -3253,8 +3253,67 @@ def test_gpu_decodes_and_augments_as_the_workers_do(gpu, tmp_path):
     assert kept == list(range(16)) and diff.mean() < 1 and diff.flatten().quantile(0.99) <= 8
 
 
-# ---- demo.py and dev/: no tests of their own -------------------------------------------------
-# demo.py runs the stages above in turn; dev/objects_world.py is tested with prepare.py below.
+# ---- demo.py and dev/ -------------------------------------------------------------------------
+# demo.py runs the stages above in turn; dev/objects_world.py is tested with prepare.py below. The
+# two studies whose flags the paper's experiments need run here at tiny size.
+
+def tiny_config(tmp_path):
+    """config/shapes.py at the tiny world's size: two iterations (dev/runs.py reads max_iters)."""
+    text = open(os.path.join(HERE, 'config', 'shapes.py')).read()
+    for key, value in (('max_iters', 2), ('warmup_iters', 1), ('batch_size', 8), ('n_embd', 64),
+                       ('n_head', 1), ('num_workers', 0), ('eval_interval', 0),
+                       ('ckpt_interval', 2)):
+        text, n = re.subn(rf'^{key} = .*$', f'{key} = {value}', text, flags=re.M)
+        assert n == 1, key
+    path = tmp_path / 'tiny_config.py'
+    path.write_text(text)
+    return path
+
+
+def test_data_efficiency_puts_captions_beside_labels(shapes, tmp_path):
+    out = tmp_path / 'study'
+    proc = run('dev/data_efficiency.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
+               '--pretexts=bicaptioning,multilabel_classification', '--fractions=0.5',
+               f'--out_dir={out}')
+    rows = load_json(out / 'results.json')
+    assert [(r['pretext'], r['fraction']) for r in rows] == [
+        ('bicaptioning', 0.5), ('multilabel_classification', 0.5), ('random init', 0.5)]
+    attributes = sorted(a for a in os.listdir(shapes / 'attributes') if a != 'category'
+                        and not (shapes / 'attributes' / a / 'LEFT_OUT.txt').exists())
+    for r in rows:
+        assert sorted(r['maps']) == sorted(['category', *attributes])
+        assert r['map'] == r['maps']['category'] and 0 < r['map'] <= 100
+        assert r['attributes'] == pytest.approx(np.mean([r['maps'][a] for a in attributes]))
+    ckpt = torch.load(out / 'multilabel_classification_0.5_seed0' / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['pretext'] == 'multilabel_classification'
+    assert ckpt['config']['train_fraction'] == 0.5 and ckpt['iter_num'] == 2
+    with Image.open(out / 'map.png') as image:
+        assert image.size == (640, 300)
+    assert re.search(r'^multilabel_classification +50% +0 +[\d.]+ +[\d.]+ +[\d.]+$', proc.stdout,
+                     re.M), proc.stdout
+    proc = run('dev/data_efficiency.py', '--pretexts=bicaptioning,labels', check=False)
+    assert proc.returncode != 0 and "--pretexts: 'labels' is not one of" in proc.stderr
+
+
+def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
+    out = tmp_path / 'study'
+    proc = run('dev/unnamed_classes.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
+               f'--out_dir={out}')
+    assert 'taught half: circle, square, triangle, star, heart; unnamed half: ' in proc.stdout
+    rows = load_json(out / 'results.json')
+    assert [r['backbone'] for r in rows] == ['bicaptioning', 'labels_all', 'labels_half',
+                                              'random_init']
+    half = torch.load(out / 'labels_half_seed0' / 'ckpt.pt', weights_only=True)['config']
+    assert half['label_categories'] == 'circle,square,triangle,star,heart'
+    taught = ['circle', 'square', 'triangle', 'star', 'heart']
+    for r in rows:
+        # random init is judged in the folder of the last run
+        folder = 'labels_half' if r['backbone'] == 'random_init' else r['backbone']
+        classes = load_json(out / f'{folder}_seed0' / f"voc_{r['backbone']}.json")['classes']
+        ap = {c: v['ap'] for c, v in classes.items()}
+        assert r['taught'] == pytest.approx(np.mean([ap[c] for c in taught]))
+        assert r['unnamed'] == pytest.approx(np.mean([ap[c] for c in ap if c not in taught]))
+        assert r['all'] == pytest.approx(np.mean(list(ap.values())))
 
 
 # ---- data/shapes/prepare.py (and dev/objects_world.py): the synthetic worlds -----------------

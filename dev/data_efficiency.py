@@ -1,118 +1,112 @@
 """
-The paper's data-efficiency comparison on the shapes world: VOC07 mAP of the bicaptioning backbone
-against the share of the training images it saw, beside random init.
+The paper's data-efficiency comparison on the shapes world: VOC07 mAP of each pretext's backbone
+against the share of the training images it saw, beside random init, on the category task and on
+the mean of the world's attribute tasks (what the captions name that the labels do not).
 
-  # 10, 25, 50 and 100 % of the images, seed 0
+  # bicaptioning on 10, 25, 50 and 100 % of the images, seed 0
   python dev/data_efficiency.py
   python dev/data_efficiency.py --fractions=0.1,1.0 --seeds=0,1
+  # captions against labels at the same fractions
+  python dev/data_efficiency.py --pretexts=bicaptioning,multilabel_classification
 
-Every run is `python train.py config/shapes.py --train_fraction=F --seed=S`: the same 2500
-iterations of 64 images whatever the fraction (so a smaller subset is seen more often: the budget
-stays, the images change), then evaluate.py. Runs go to out/data_efficiency/F_seedS/; the 100 % run
-is the demo's own when `python demo.py --seed=S` wrote out/demo_seedS/. Prints a table and draws
-out/data_efficiency/map.png (mAP against the fraction, PIL only).
+Every run is `python train.py config/shapes.py --pretext=P --train_fraction=F --seed=S`: the same
+2500 iterations of 64 images whatever the fraction (so a smaller subset is seen more often: the
+budget stays, the images change), then the backbone is judged as dev/pretext_ablation.py judges it.
+Runs go to out/data_efficiency/P_F_seedS/; bicaptioning's 100 % run is the demo's own when `python
+demo.py --seed=S` wrote out/demo_seedS/. Prints a table and draws out/data_efficiency/map.png (both
+tasks against the fraction, a line per pretext, seeds averaged; PIL only).
 """
 
 import json
-import math
 import os
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (HERE, config_max_iters, finished, random_init_map, train,  # noqa: E402
-                  train_minutes, voc_map)
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
+from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
+                  plot_panels, random_init_args, train, train_minutes)
+from configurator import configure, write_atomically  # noqa: E402  (runs.py: the path)
+from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'                 # prepare.py's output with the tokenizer's vocab.model
-config = 'config/shapes.py'          # the training recipe; only --train_fraction and --seed change
+config = 'config/shapes.py'          # the training recipe; only the pretext, fraction, seed change
+pretexts = 'bicaptioning'            # comma-separated, e.g. bicaptioning,multilabel_classification
 fractions = '0.1,0.25,0.5,1.0'       # shares of the training images
 seeds = '0'
+attributes = True                    # also judge every backbone on DATA/attributes/*
 out_dir = 'out/data_efficiency'
 # ----------------------------------------------------------------------------------------------
 rest = configure(globals())
 if rest:
     raise SystemExit(f"error: unexpected arguments {rest} (flags are --key=value)")
-fraction_list, seed_list = [float(f)
-                            for f in str(fractions).split(',')], [int(s)
-                                                                  for s in str(seeds).split(',')]
+pretext_list = pretexts.split(',')
+fraction_list = [float(f) for f in str(fractions).split(',')]
+seed_list = [int(s) for s in str(seeds).split(',')]
+for p in pretext_list:
+    if p not in PRETEXTS:
+        raise SystemExit(f"error: --pretexts: {p!r} is not one of {', '.join(PRETEXTS)}")
 if not all(0 < f <= 1 for f in fraction_list):
     raise SystemExit(f"error: --fractions={fractions}: each must be in (0, 1]")
-max_iters, voc = config_max_iters(config), f'{data}/VOC2007'
+if attributes and not os.path.isdir(os.path.join(HERE, data, 'attributes')):
+    raise SystemExit(f"error: {data}/attributes does not exist (prepare.py writes it; or "
+                     "--attributes=False)")
+max_iters = config_max_iters(config)
+attribute_names = attribute_tasks(data) if attributes else []
 os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
 
 
-def plot(rows, path, width=560, height=360):
-    """mAP against the fraction of images (log axis), one line per seed and init; a PNG."""
-    left, top, right, bottom = 56, 20, width - 24, height - 45
-    maps = [m for r in rows for m in (r['map'], r['random'])]
-    # at most ~7 round ticks
-    step = next(s for s in (1, 2, 5, 10, 20) if (max(maps) - min(maps)) / s <= 6)
-    lo, hi = step * math.floor(min(maps) / step - 0.5), step * math.ceil(max(maps) / step + 0.5)
-    f_lo, f_hi = min(fraction_list), max(fraction_list)
-
-    def xy(fraction, value):
-        x = left + (right - left) * (math.log(fraction / f_lo) / math.log(f_hi / f_lo) if f_hi
-                                     > f_lo else 0.5)
-        return x, bottom - (bottom - top) * (value - lo) / (hi - lo)
-    image = Image.new('RGB', (width, height), 'white')
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    draw.rectangle((left, top, right, bottom), outline='black')
-    for f in fraction_list:
-        x = xy(f, lo)[0]
-        draw.line((x, bottom, x, bottom + 4), fill='black')
-        draw.text((x - 12, bottom + 6), f"{100 * f:g}%", fill='black', font=font)
-    for value in range(lo, hi + 1, step):
-        y = xy(f_lo, value)[1]
-        draw.line((left - 4, y, left, y), fill='black')
-        draw.text((left - 26, y - 6), f"{value}", fill='black', font=font)
-    draw.text(((left + right) // 2 - 60, bottom + 24), 'share of training images',
-              fill='black', font=font)
-    draw.text((4, 4), 'VOC07 mAP', fill='black', font=font)
-    for seed in seed_list:
-        for key, colour in (('map', (40, 80, 200)), ('random', (200, 60, 40))):
-            points = [xy(r['fraction'], r[key]) for r in rows if r['seed'] == seed]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for x, y in points:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
-    draw.text((left + 8, top + 6), 'bicaptioning', fill=(40, 80, 200), font=font)
-    draw.text((left + 8, top + 20), 'random init', fill=(200, 60, 40), font=font)
-    image.save(path)
+def row_of(pretext, fraction, seed, maps, minutes, run_dir):
+    """A table row: the category mAP and the attributes' mean of one backbone."""
+    return {'pretext': pretext, 'fraction': fraction, 'seed': seed, 'map': maps['category'],
+            'attributes': np.mean([maps[a] for a in attribute_names]) if attribute_names else None,
+            'maps': maps, 'train_min': minutes, 'run': run_dir}
 
 
 rows, t_start = [], time.time()
 for seed in seed_list:
-    random_map = None  # the same ResNet at random init, judged once the first run shows what it is
-    for fraction in fraction_list:
-        run_dir, demo_dir = f'{out_dir}/{fraction:g}_seed{seed}', f'out/demo_seed{seed}'
-        if fraction == 1 and finished(demo_dir, max_iters, pretext='bicaptioning', seed=seed,
-                                      train_fraction=1.0):
-            run_dir = demo_dir
-        if not finished(run_dir, max_iters, pretext='bicaptioning', seed=seed,
-                        train_fraction=fraction):
-            print(f"seed {seed}: {100 * fraction:g}% of the images: training into {run_dir}",
+    for pretext in pretext_list:
+        for fraction in fraction_list:
+            run_dir = f'{out_dir}/{pretext}_{fraction:g}_seed{seed}'
+            demo_dir = f'out/demo_seed{seed}'
+            expected = {'pretext': pretext, 'seed': seed, 'train_fraction': fraction}
+            if pretext == 'bicaptioning' and fraction == 1 and not finished(run_dir, max_iters,
+                                                                            **expected) \
+                    and finished(demo_dir, max_iters, **expected):
+                run_dir = demo_dir
+            if not finished(run_dir, max_iters, **expected):
+                print(f"seed {seed}: {pretext}, {100 * fraction:g}% of the images: training into "
+                      f"{run_dir}", flush=True)
+                train(run_dir, [config, f'--data_root={data}/coco',
+                                f'--tokenizer={data}/vocab.model', f'--pretext={pretext}',
+                                f'--seed={seed}', f'--train_fraction={fraction}'])
+            maps = judge(f'{pretext}_{fraction:g}_seed{seed}', [f'--ckpt={run_dir}/ckpt.pt'],
+                         out_dir, data, attribute_names)
+            rows.append(row_of(pretext, fraction, seed, maps, train_minutes(run_dir), run_dir))
+            print(f"seed {seed}: {pretext}, {100 * fraction:g}%: category {maps['category']:.2f}"
+                  + (f", attributes {rows[-1]['attributes']:.2f}" if attribute_names else ''),
                   flush=True)
-            train(run_dir,
-                  [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
-                   f'--seed={seed}',
-                            f'--train_fraction={fraction}'])
-        value = voc_map([f'--voc_root={voc}', f'--ckpt={run_dir}/ckpt.pt'],
-                        f'{run_dir}/evaluate.log')
-        random_map = random_map or random_init_map(voc, seed,
-                                                   f'{out_dir}/random_seed{seed}.log', run_dir)
-        rows.append({'fraction': fraction, 'seed': seed, 'map': value, 'random': random_map,
-                     'train_min': train_minutes(run_dir), 'run': run_dir})
-        print(f"seed {seed}: {100 * fraction:g}%: VOC07 mAP {value:.2f} (random init "
-              f"{random_map:.2f})", flush=True)
+    # the ResNet every run of this seed started from, once per fraction on the plot
+    maps = judge(f'random_seed{seed}', random_init_args(f'{run_dir}/ckpt.pt', seed), out_dir, data,
+                 attribute_names)
+    rows += [row_of('random init', fraction, seed, maps, 0.0, None) for fraction in fraction_list]
 
-print(f"\n{'images':>8}{'seed':>6}{'mAP':>8}{'random':>8}{'gain':>8}{'train min':>11}")
+print(f"\n{'pretext':<27}{'images':>7}{'seed':>5}{'category':>9}{'attributes':>11}"
+      f"{'train min':>10}")
 for r in rows:
-    print(f"{100 * r['fraction']:>7g}%{r['seed']:>6}{r['map']:>8.2f}{r['random']:>8.2f}"
-          f"{r['map'] - r['random']:>+8.2f}{r['train_min']:>11.1f}")
-plot(rows, os.path.join(HERE, out_dir, 'map.png'))
-with open(os.path.join(HERE, out_dir, 'results.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
+    attributes_text = f"{r['attributes']:>11.2f}" if r['attributes'] is not None else f"{'-':>11}"
+    print(f"{r['pretext']:<27}{100 * r['fraction']:>6g}%{r['seed']:>5}{r['map']:>9.2f}"
+          f"{attributes_text}{r['train_min']:>10.1f}")
+means = [{'pretext': p, 'fraction': f, 'seeds': len(same),
+          **{k: float(np.mean([r[k] for r in same])) for k in ('map', 'attributes')
+             if same[0][k] is not None}}
+         for p in ['random init'] + pretext_list for f in fraction_list
+         for same in [[r for r in rows if (r['pretext'], r['fraction']) == (p, f)]]]
+plot_panels(os.path.join(HERE, out_dir, 'map.png'), means,
+            [('category mAP (VOC)', 'map'), ("the attributes' mean mAP", 'attributes')],
+            'fraction', lambda f: f"{100 * f:g}%", width=640)
+write_atomically(os.path.join(HERE, out_dir, 'results.json'),
+                 lambda f: json.dump(rows, f, indent=1), mode='w')
 print(f"\nwall time {(time.time() - t_start) / 60:.1f} min; plot: {out_dir}/map.png")

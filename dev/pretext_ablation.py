@@ -31,11 +31,10 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (HERE, config_max_iters, finished, random_init_args, train,  # noqa: E402
-                  train_minutes, voc_map)
+from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
+                  random_init_args, train, train_minutes)
 # runs.py put the repository on the path
 from configurator import configure, write_atomically  # noqa: E402
-from evaluate import read_voc  # noqa: E402
 from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -63,39 +62,7 @@ for path in needed + ([f'{data}/attributes'] if attributes else []):
                          "see README; an older world gets its attributes with prepare.py "
                          "--attributes_only)")
 max_iters = config_max_iters(config)
-voc = f'{data}/VOC2007'
-attribute_names = sorted(os.listdir(os.path.join(HERE, data, 'attributes'))) if attributes else []
-# a small world leaves out the attribute tasks with too few positives (their LEFT_OUT.txt says why)
-left_out = [a for a in attribute_names
-            if os.path.exists(os.path.join(HERE, data, 'attributes', a, 'LEFT_OUT.txt'))]
-if left_out:
-    print(f"note: {data}/attributes: {', '.join(left_out)} left out when the world was written")
-attribute_names = [a for a in attribute_names if a not in left_out]
-attribute_names = ['category'] + [a for a in attribute_names if a != 'category']
-
-
-def judge(name, source_args, folder):
-    """{attribute: mAP} of one backbone: its VOC features extracted once, then the SVMs per
-    attribute."""
-    features = f'{folder}/{name}_features.npz'
-    maps = {'category': voc_map([f'--voc_root={voc}', *source_args, f'--save_features={features}'],
-                                f'{folder}/{name}_voc.log')}
-    with np.load(os.path.join(HERE, features)) as saved:
-        arrays = {k: saved[k] for k in saved.files}
-    for attribute in attribute_names[1:]:
-        labels = {}
-        for split, key in (('trainval', 'train_y'), ('test', 'test_y')):
-            paths, labels[key], names = read_voc(os.path.join(HERE, data, 'attributes', attribute),
-                                                 split)
-            same = list(map(os.path.basename, read_voc(os.path.join(HERE, voc), split)[0]))
-            assert list(map(os.path.basename, paths)) == same, \
-                f'{attribute}: other images than VOC2007'
-        path = f'{folder}/{name}_{attribute}.npz'
-        np.savez(os.path.join(HERE, path), train_x=arrays['train_x'], test_x=arrays['test_x'],
-                 **labels, class_names=np.array(names))
-        maps[attribute] = voc_map([f'--features={path}'], f'{folder}/{name}_{attribute}.log')
-        os.remove(os.path.join(HERE, path))
-    return maps
+attribute_names = ['category'] + (attribute_tasks(data) if attributes else [])
 
 
 os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
@@ -115,13 +82,15 @@ for seed in seed_list:
             print(f"seed {seed}: {pretext}: training into {run_dir}", flush=True)
             train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
                             f'--pretext={pretext}', f'--seed={seed}'])
-        maps = judge(f'{pretext}_seed{seed}', [f'--ckpt={run_dir}/ckpt.pt'], out_dir)
+        maps = judge(f'{pretext}_seed{seed}', [f'--ckpt={run_dir}/ckpt.pt'], out_dir, data,
+                     attribute_names[1:])
         results[(pretext, seed)] = {'maps': maps, 'train_min': train_minutes(run_dir),
                                     'run': run_dir}
         print(f"seed {seed}: {pretext}: " + ', '.join(f'{a} {m:.2f}' for a, m in maps.items()),
               flush=True)
     print(f"seed {seed}: random init", flush=True)  # the ResNet every run started from
-    maps = judge(f'random_seed{seed}', random_init_args(f'{run_dir}/ckpt.pt', seed), out_dir)
+    maps = judge(f'random_seed{seed}', random_init_args(f'{run_dir}/ckpt.pt', seed), out_dir,
+                 data, attribute_names[1:])
     results[('random init', seed)] = {'maps': maps, 'train_min': 0.0}
 
 # ----------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import HERE, config_max_iters, finished, run, train, train_minutes, voc_map  # noqa: E402
-from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from runs import (HERE, config_max_iters, finished, plot_panels, run, train,  # noqa: E402
+                  train_minutes, voc_map)
 from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
 
 # ----------------------------------------------------------------------------------------------
@@ -62,49 +62,6 @@ def caption_words(run_dir):
     words = {m[0]: (int(m[1]), float(m[2]), float(m[3]))
              for m in re.findall(r'^(\w+) +(\d+) +([\d.]+)% +([\d.]+)%', output, re.M)}
     return words, float(re.findall(r'^CIDEr: ([\d.]+)', output, re.M)[-1])
-
-
-def plot(rows, path, width=900, height=300):
-    """Three panels against the images seen (log axis): category mAP per pretext, the shape
-    words' image gap and their precision for the captioners."""
-    image = Image.new('RGB', (width, height), 'white')
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    colours = [(40, 80, 200), (200, 60, 40), (40, 150, 60)]
-    panels = [('category mAP', 'map'), ('shape words: image gap (nats)', 'shape_gap'),
-              ('shape words: precision (%)', 'shape_precision')]
-    seen = sorted({r['images'] for r in rows})
-    for p, (title, key) in enumerate(panels):
-        left, top = 50 + p * width // 3, 30
-        right, bottom = left + width // 3 - 70, height - 40
-        points = [r[key] for r in rows if r.get(key) is not None]
-        if not points:
-            continue
-        lo, hi = min(points), max(points)
-        lo, hi = lo - 0.1 * (hi - lo + 1), hi + 0.1 * (hi - lo + 1)
-
-        def xy(images, value):
-            share = math.log(images / seen[0]) / math.log(seen[-1] / seen[0]) \
-                if len(seen) > 1 else 0.5
-            return (left + (right - left) * share,
-                    bottom - (bottom - top) * (value - lo) / (hi - lo))
-        draw.rectangle((left, top, right, bottom), outline='black')
-        draw.text((left, 10), title, fill='black', font=font)
-        for images in seen:
-            x = xy(images, lo)[0]
-            draw.text((x - 12, bottom + 6), f"{images // 1000}k", fill='black', font=font)
-        for value in (lo, (lo + hi) / 2, hi):
-            draw.text((left - 44, xy(seen[0], value)[1] - 6), f"{value:.2f}", fill='black',
-                      font=font)
-        for i, pretext in enumerate(sorted({r['pretext'] for r in rows})):
-            line = [xy(r['images'], r[key]) for r in rows
-                    if r['pretext'] == pretext and r.get(key) is not None]
-            if len(line) > 1:
-                draw.line(line, fill=colours[i], width=2)
-            for x, y in line:
-                draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colours[i])
-            if line:
-                draw.text((left + 6, top + 6 + 14 * i), pretext, fill=colours[i], font=font)
-    image.save(path)
 
 
 results_path = os.path.join(HERE, out_dir, 'results.json')
@@ -146,4 +103,7 @@ for r in sorted(rows, key=lambda r: (r['lever'], r['pretext'], r['multiple'])):
     print(f"{r['run']:<46}{r['map']:>7.2f}{gap.get('shape', math.nan):>10.3f}"
           f"{gap.get('colour', math.nan):>11.3f}{words.get('shape', [0, math.nan])[1]:>9.1f}"
           f"{words.get('colour', [0, math.nan])[1]:>9.1f}{r['train_min']:>10.1f}")
-plot([r for r in rows if not r['lever']], os.path.join(HERE, out_dir, 'curve.png'))
+plot_panels(os.path.join(HERE, out_dir, 'curve.png'), [r for r in rows if not r['lever']],
+            [('category mAP', 'map'), ('shape words: image gap (nats)', 'shape_gap'),
+             ('shape words: precision (%)', 'shape_precision')],
+            'images', lambda images: f"{images // 1000}k")
