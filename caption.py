@@ -12,10 +12,10 @@ JSON, CIDEr-D, and attention figures.
 Captions go to stdout, one "path<TAB>caption" per image; progress and timing go to stderr. With
 --coco_root the last line is "CIDEr: xx.x" (CIDEr-D x 100, PTB-style tokenization in Python;
 SPICE needs Java and is not computed); before it, on a synthetic world (its words_<split>.json),
-each word class's share of words true of their image and of the image's facts named. Images that fail to load are reported by name and skipped,
-and the exit code is 1 if any did. Decoding: the image is encoded once, cross-attention keys and
-values once per image, self-attention through a key/value cache; beams of all images advance
-together and finished images stop costing work.
+each word class's share of words true of their image and of the image's facts named. Images that
+fail to load are reported by name and skipped, and the exit code is 1 if any did. Decoding: the
+image is encoded once, cross-attention keys and values once per image, self-attention through a
+key/value cache; beams of all images advance together and finished images stop costing work.
 """
 
 import json

@@ -82,11 +82,11 @@ def load_checkpoint(path: str) -> tuple[VirTex, dict]:
     return model, ckpt
 
 
-def load_for_resume(path: str, model_args: dict, tokenizer: str, tokenizer_pieces: str,
-                    train_subset, optimizer: str, max_iters: int,
-                    seed: int) -> tuple[VirTex, dict]:
-    """A train.py checkpoint that can continue a run with these settings, as load_checkpoint gives
-    it; otherwise a ValueError (FileNotFoundError) naming the file and what stands in the way."""
+def load_for_resume(path: str, model_args: dict, config: dict, tokenizer_pieces: str,
+                    train_subset) -> tuple[VirTex, dict]:
+    """A train.py checkpoint that can continue the run of this config (train.py's, resolved), as
+    load_checkpoint gives it; otherwise a ValueError (FileNotFoundError) naming the file and what
+    stands in the way."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--init_from=resume: {path} does not exist")
     model, ckpt = load_checkpoint(path)
@@ -101,18 +101,18 @@ def load_for_resume(path: str, model_args: dict, tokenizer: str, tokenizer_piece
         raise ValueError(f"{path}: cannot resume from it: no {', '.join(missing)} (a model-only "
                          "file?)")
     if ckpt['tokenizer_pieces'] != tokenizer_pieces:
-        raise ValueError(f"{path}: was trained with another tokenizer than {tokenizer} (its pieces "
-                         "differ, so the ids would mean other words)")
+        raise ValueError(f"{path}: was trained with another tokenizer than {config['tokenizer']} "
+                         "(its pieces differ, so the ids would mean other words)")
     if ckpt['train_subset'] != train_subset:  # --train_fraction or --seed changed: other images
         raise ValueError(f"{path}: was trained on other images (--train_fraction="
                          f"{ckpt['config']['train_fraction']}, --seed={ckpt['config']['seed']})")
-    if ckpt['config']['seed'] != seed:  # it drives the data order, the augmentation and dropout
-        raise ValueError(f"{path}: was trained with --seed={ckpt['config']['seed']}, not {seed}: "
-                         "a resume continues the same run")
-    if ckpt['config']['optimizer'] != optimizer:
-        raise ValueError(f"{path}: was trained with --optimizer={ckpt['config']['optimizer']}, "
-                         f"not {optimizer}")
-    if ckpt['iter_num'] >= max_iters:
+    # the seed drives the data order, the augmentation and dropout; the optimizer's state and the
+    # labels must be the ones the run began with ('': a checkpoint from before the key existed)
+    for key in ('seed', 'optimizer', 'label_categories'):
+        if ckpt['config'].get(key, '') != config[key]:
+            raise ValueError(f"{path}: was trained with --{key}={ckpt['config'].get(key, '')}, "
+                             f"not {config[key]}: a resume continues the same run")
+    if ckpt['iter_num'] >= config['max_iters']:
         raise ValueError(f"{path}: is at iteration {ckpt['iter_num']} already; give --max_iters "
                          "above it to train on (the learning-rate schedule follows max_iters)")
     return model, ckpt

@@ -504,8 +504,8 @@ def test_every_pretext_has_the_official_parameter_count():
                        match="pretext='mlm': choose one of bicaptioning, captioning, masked_lm"):
         pretext_model(tiny_cfg(pretext='mlm'))
     # VirTex is the paper's model: the others are built by pretexts.py
-    with pytest.raises(ValueError, match="pretext='masked_lm' is not VirTex's: build the model with "
-                                         r"pretexts.pretext_model\(config\)"):
+    with pytest.raises(ValueError, match="pretext='masked_lm' is not VirTex's: build the model "
+                                         r"with pretexts.pretext_model\(config\)"):
         VirTex(tiny_cfg(pretext='masked_lm'))
 
 
@@ -754,6 +754,8 @@ def test_resume_is_exact(shapes, tmp_path, pretext):
         assert torch.equal(a, b)
     assert [r['loss'] for r in read_log(tmp_path / 'whole')][2:] == \
         [r['loss'] for r in read_log(tmp_path / 'split')][2:]
+    times = [r['time'] for r in read_log(tmp_path / 'split')]  # the resumed half's go on
+    assert times == sorted(times) and split['time'] >= times[-1], times
     from pretexts import LOSS_PARTS
     parts = LOSS_PARTS[pretext]
     record, val = read_log(tmp_path / 'whole')[-1], read_log(tmp_path / 'whole', 'val')[-1]
@@ -781,6 +783,12 @@ def test_multilabel_learns_only_the_taught_categories(shapes, tmp_path):
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['config']['label_categories'] == 'circle,square'
     assert ckpt['model_args']['vocab_size'] == 11  # the outputs stay those of every category
+    ckpt['config']['max_iters'] = 3  # as a run stopped at iteration 2 of 3 holds it
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    proc = run(*train_args(shapes, tmp_path, '--max_iters=3', '--pretext=multilabel_classification',
+                           '--label_categories=circle', '--init_from=resume'), check=False)
+    assert one_line(proc) == (f"error: {tmp_path}/ckpt.pt: was trained with --label_categories="
+                              "circle,square, not circle: a resume continues the same run")
 
 
 def test_torchrun_two_processes(shapes, tmp_path):
@@ -1366,7 +1374,8 @@ def test_a_mistake_with_overwrite_deletes_nothing(shapes, short_run, tmp_path):
     for (mistake, message), proc in zip(mistakes, procs):
         assert one_line(proc).startswith(message), (mistake, proc.stderr)
         assert 'iter ' not in proc.stdout
-    assert snapshot(base) == before, '--overwrite=True deleted the run before the inputs were checked'
+    assert snapshot(base) == before, \
+        '--overwrite=True deleted the run before the inputs were checked'
     # a refused run leaves no folder behind
     proc = run(*quick_args(shapes, tmp_path / 'new', f'--voc_root={shapes}/coco'), check=False)
     assert proc.returncode == 1 and not (tmp_path / 'new').exists()
@@ -1380,9 +1389,10 @@ def test_a_failing_evaluation_in_the_loop_keeps_the_training_state(shapes, tmp_p
         image.write_bytes(b'not a jpeg')
     proc = run(*quick_args(shapes, tmp_path / 'run', '--max_iters=4', '--ckpt_interval=100',
                            f'--voc_root={voc}', '--voc_interval=3'), check=False)
-    assert re.fullmatch(rf"error: iteration 3: the VOC evaluation failed: {voc}/JPEGImages/\d+\.jpg: "
-                        rf"cannot read image \(.*\); {tmp_path}/run/ckpt.pt holds this iteration: "
-                        r"mend the data and continue with --init_from=resume", one_line(proc))
+    assert re.fullmatch(rf"error: iteration 3: the VOC evaluation failed: {voc}/JPEGImages/\d+"
+                        rf"\.jpg: cannot read image \(.*\); {tmp_path}/run/ckpt.pt holds "
+                        r"this iteration: mend the data and continue with --init_from=resume",
+                        one_line(proc))
     assert torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['iter_num'] == 3
     assert [r['iter'] for r in read_log(tmp_path / 'run', 'checkpoint')] == [3]
 
@@ -1425,8 +1435,9 @@ def test_no_script_writes_over_a_file_it_reads(shapes, short_run, tmp_path):
 
 
 def test_a_vocabulary_is_never_replaced_under_its_checkpoints(shapes, short_run, tmp_path):
-    """tokenizer.py keeps an existing .model unless told; caption.py refuses pieces other than those
-    a checkpoint was trained with, replaced at its path or given as another file of the same size."""
+    """tokenizer.py keeps an existing .model unless told; caption.py refuses pieces other than
+    those a checkpoint was trained with, replaced at its path or given as another file of the same
+    size."""
     shutil.copy(shapes / 'vocab.model', tmp_path / 'vocab.model')
     ckpt = torch.load(short_run / 'ckpt.pt', weights_only=True)
     ckpt['config']['tokenizer'] = str(tmp_path / 'vocab.model')
@@ -1476,11 +1487,12 @@ def test_ill_typed_and_out_of_contract_settings_are_one_line(shapes, short_run, 
               f"error: {lock}/.lock names no run (it is not a lock of this project's): remove it "
               f"if no run is using {lock}"),
              (['bench.py', '--models=nonsense'],
-              "error: --models='nonsense': 'nonsense' is not one of shapes, paper (comma-separated)"),
+              "error: --models='nonsense': 'nonsense' is not one of shapes, paper "
+              "(comma-separated)"),
              (['bench.py', '--dtypes=float32,nonsense'], "error: --dtypes='float32,nonsense': "
               "'nonsense' is not one of auto, float32, bfloat16, float16 (comma-separated)"),
-             (['bench.py', '--stages=nonsense'], "error: --stages='nonsense': 'nonsense' is not one "
-              "of train, train_data, data, caption, svm, torchrun (comma-separated)"),
+             (['bench.py', '--stages=nonsense'], "error: --stages='nonsense': 'nonsense' is not "
+              "one of train, train_data, data, caption, svm, torchrun (comma-separated)"),
              (['caption.py', f'--results={results}', coco, f'--ckpt={short_run}/ckpt.pt',
                '--out=x.json', '--top_p=0.5'], "error: --results scores a file and captions "
               "nothing: drop ckpt, out, top_p")]
@@ -3130,8 +3142,8 @@ def test_the_gpu_check_runs_every_stage_on_a_cpu_and_keeps_each_row(tmp_path):
     finally:
         os.remove(Path(HERE) / 'dev' / '.gpu_check_test.sh')
     cut = (tmp_path / 'cut.md').read_text()
-    assert re.search(r'\| train step \(eager\) \| \| .* \| not measured: stopped at its 0.4 s limit',
-                     cut), cut
+    assert re.search(r'\| train step \(eager\) \| \| .* \| not measured: '
+                     r'stopped at its 0.4 s limit', cut), cut
     assert 'svm (VOC07 size)' in cut, 'the other stages still ran'
 
 
@@ -3297,8 +3309,17 @@ def test_data_efficiency_puts_captions_beside_labels(shapes, tmp_path):
 
 def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
     out = tmp_path / 'study'
-    proc = run('dev/unnamed_classes.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
+    config = tiny_config(tmp_path)
+    # a bicaptioning run stopped at iteration 1 of 2 (a machine restart): the study goes on from it
+    stopped = out / 'bicaptioning_seed0'
+    run('train.py', str(config), f'--data_root={shapes}/coco', f'--tokenizer={shapes}/vocab.model',
+        f'--out_dir={stopped}', '--max_iters=1', '--ckpt_interval=1')
+    ckpt = torch.load(stopped / 'ckpt.pt', weights_only=True)
+    ckpt['config']['max_iters'] = 2
+    torch.save(ckpt, stopped / 'ckpt.pt')
+    proc = run('dev/unnamed_classes.py', f'--data={shapes}', f'--config={config}',
                f'--out_dir={out}')
+    assert [r['iter'] for r in read_log(stopped, 'resume')] == [1]
     assert 'taught half: circle, square, triangle, star, heart; unnamed half: ' in proc.stdout
     rows = load_json(out / 'results.json')
     assert [r['backbone'] for r in rows] == ['bicaptioning', 'labels_all', 'labels_half',
@@ -3314,6 +3335,29 @@ def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
         assert r['taught'] == pytest.approx(np.mean([ap[c] for c in taught]))
         assert r['unnamed'] == pytest.approx(np.mean([ap[c] for c in ap if c not in taught]))
         assert r['all'] == pytest.approx(np.mean(list(ap.values())))
+
+
+def test_finetune_study_probes_each_backbone_frozen_and_fine_tuned(shapes, tmp_path):
+    world, out = tmp_path / 'world', tmp_path / 'study'
+    world.mkdir()
+    for name in ('coco', 'vocab.model'):  # the tiny world's ImageFolder lacks some val classes
+        (world / name).symlink_to(shapes / name)
+    make_imagefolder(world / 'imagefolder')
+    proc = run('dev/finetune_study.py', f'--data={world}', f'--config={tiny_config(tmp_path)}',
+               '--pretexts=bicaptioning', '--epochs=1', f'--out_dir={out}')
+    rows = load_json(out / 'results.json')
+    assert [r['backbone'] for r in rows] == ['random init', 'bicaptioning']
+    for r in rows:
+        name = r['backbone'].replace(' ', '_')
+        for mode, finetune in (('frozen', False), ('finetuned', True)):
+            result = load_json(out / f'probe_{name}_seed0_{mode}.json')
+            assert result['finetune'] is finetune and result['epochs'] == 1
+            assert r[mode] == result['top1'] and 0 <= r[mode] <= 100
+    assert 'fine-tuned' in (out / 'probe_bicaptioning_seed0_finetuned.log').read_text()
+    assert load_json(out / 'probe_random_init_seed0_frozen.json')['source'] == 'random'
+    assert re.search(r'^bicaptioning +0 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$', proc.stdout, re.M)
+    proc = run('dev/finetune_study.py', '--pretexts=labels', check=False)
+    assert proc.returncode != 0 and "--pretexts: 'labels' is not one of" in proc.stderr
 
 
 # ---- data/shapes/prepare.py (and dev/objects_world.py): the synthetic worlds -----------------
@@ -3828,7 +3872,8 @@ def test_a_small_world_is_written_and_leaves_out_the_attribute_tasks_it_cannot_f
                 assert read_voc(str(root), split)[2] == kept
     if n_voc == 40:
         assert {'background', 'binding'} <= set(left_out), left_out
-        assert result.stdout.splitlines()[-2] == (f"attribute tasks left out: {', '.join(left_out)} "
+        assert result.stdout.splitlines()[-2] == (f"attribute tasks left out: "
+                                                  f"{', '.join(left_out)} "
                                                   "(too few positives; each folder's LEFT_OUT.txt "
                                                   "says why)")
     else:  # all kept, and the files are those of the code before tasks could be left out

@@ -196,8 +196,8 @@ ckpt = None
 torch.manual_seed(seed)  # the same initial weights on every process (DDP also broadcasts rank 0's)
 if init_from == 'resume':
     with one_line_errors():  # refused if the file cannot continue this run
-        model, ckpt = load_for_resume(ckpt_path, model_args, tokenizer, tok.pieces_hash(),
-                                      train_subset, optimizer, max_iters, seed)
+        model, ckpt = load_for_resume(ckpt_path, model_args, config, tok.pieces_hash(),
+                                      train_subset)
 else:
     model = pretext_model(VirTexConfig(**model_args))
 # channels_last: cuDNN and oneDNN convolutions run faster on NHWC (4x on 2 CPU cores, R-18, 64 px)
@@ -217,6 +217,7 @@ else:  # each group keeps its weight decay (0 on norms and biases), applied deco
 lookahead = LookAhead(inner, lookahead_k, lookahead_alpha)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 iter_num, data_position, best_voc = 0, (0, 0), {'map': -1.0, 'iter': 0}
+time_before = 0.0  # seconds the run trained before this process (a resume)
 bad_images = BadImages(max_bad_images)
 if ckpt is not None:
     with one_line_errors():
@@ -225,6 +226,7 @@ if ckpt is not None:
     if note:
         print0(f"note: {note}")
     print0(f"resuming from {ckpt_path} at iteration {iter_num}")
+    time_before = ckpt.get('time', 0.0)  # the log's 'time' goes on from there
     del ckpt
 if compile:
     print0("compiling the model (the first iterations are slow)...")
@@ -266,7 +268,8 @@ def save(path, step, full=True):
     """The run at `step`: the model and, with full=True, all a resume needs. Every process calls it.
     (checkpoints.save_checkpoint refuses a diverged model: a good checkpoint is never replaced.)"""
     state = {'model_args': model_args, 'config': config, 'iter_num': step,
-             'tokenizer_pieces': tok.pieces_hash(), 'best_voc': best_voc}
+             'tokenizer_pieces': tok.pieces_hash(), 'best_voc': best_voc,
+             'time': seconds_trained()}
     if full:
         state.update(data_position=list(data_position), bad_images=bad_images.count,
                      train_subset=train_subset)
@@ -279,6 +282,11 @@ def save(path, step, full=True):
                          f"{step}; {last_good()}") from None
     print0(f"iter {step}: saved {path}")
     log({'event': 'checkpoint', 'iter': step, 'path': path})
+
+
+def seconds_trained():
+    """The run's wall time so far, its earlier processes' included (a resume)."""
+    return time_before + time.time() - run_start
 
 
 def due(interval, it):
@@ -384,7 +392,7 @@ for iter_num in range(start_iter, max_iters + 1):
     log({'event': 'train', 'iter': step, 'loss': loss_value,
          **{f'loss_{n}': v for n, v in terms.items()}, 'lr_cnn': cnn_lr * lr_mult,
          'lr_head': lr * lr_mult, 'grad_norm': grad_norm.item(), 'ms': ms, 'img_s': images_per_s,
-         'mem_gb': peak_memory_gb(device), 'time': time.time() - run_start})
+         'mem_gb': peak_memory_gb(device), 'time': seconds_trained()})
 
 steps = iter_num - start_iter
 if steps and master_process:

@@ -60,10 +60,19 @@ def finished(run_dir, max_iters, **expected):
 
 
 def train(run_dir, args):
-    """train.py with args into run_dir, from the start (the callers skip runs that finished: see
-    finished())."""
+    """train.py with args into run_dir: on from its checkpoint where a run stopped part-way there (a
+    signal, a machine restart; train.py refuses one of another config), else from the start. The
+    callers skip runs that finished: see finished()."""
     os.makedirs(os.path.join(HERE, run_dir), exist_ok=True)
-    run(['train.py', *args, f'--out_dir={run_dir}', '--overwrite=True'], f'{run_dir}/train.log')
+    path, stopped = os.path.join(HERE, run_dir, 'ckpt.pt'), False
+    if os.path.exists(path):
+        ckpt = load_file(path)
+        stopped = ckpt['iter_num'] < ckpt['config']['max_iters']
+    if stopped:  # its log.jsonl goes on; train.log keeps the first part's output
+        run(['train.py', *args, f'--out_dir={run_dir}', '--init_from=resume'],
+            f'{run_dir}/train_resumed.log')
+    else:
+        run(['train.py', *args, f'--out_dir={run_dir}', '--overwrite=True'], f'{run_dir}/train.log')
 
 
 def train_minutes(run_dir):
