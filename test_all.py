@@ -3337,6 +3337,26 @@ def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
         assert r['all'] == pytest.approx(np.mean(list(ap.values())))
 
 
+def test_shape_words_judges_both_tasks_and_reads_the_captions_word_by_word(shapes, tmp_path):
+    out = tmp_path / 'study'
+    proc = run('dev/shape_words.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
+               '--lever=--eval_interval=2 --eval_iters=1', f'--out_dir={out}')
+    rows = {r['pretext']: r for r in load_json(out / 'results.json')}
+    attributes = sorted(a for a in os.listdir(shapes / 'attributes') if a != 'category'
+                        and not (shapes / 'attributes' / a / 'LEFT_OUT.txt').exists())
+    for r in rows.values():
+        assert r['run'] == f"{r['pretext']}_x1_eval_interval=2_eval_iters=1_seed0"
+        assert sorted(r['maps']) == sorted(['category', *attributes])
+        assert r['attributes'] == pytest.approx(np.mean([r['maps'][a] for a in attributes]))
+    words = rows['bicaptioning']['words']
+    assert words['shape'][0] > 0 and 0 <= words['shape'][1] <= 100  # (named, precision, recall)
+    val = read_log(out / rows['bicaptioning']['run'], 'val')[-1]
+    assert rows['bicaptioning']['image_gap'] == val['image_gap']
+    assert rows['bicaptioning']['shape_gap'] == val['image_gap_words']['shape']
+    assert 'words' not in rows['multilabel_classification']
+    assert re.search(r'^bicaptioning_x1\S* +[\d.]+ +[\d.]+ +-?[\d.]+', proc.stdout, re.M)
+
+
 def test_finetune_study_probes_each_backbone_frozen_and_fine_tuned(shapes, tmp_path):
     world, out = tmp_path / 'world', tmp_path / 'study'
     world.mkdir()

@@ -2,14 +2,16 @@
 Dev: the category gap between captions and labels on the shapes world, word by word, against the
 number of images seen. Per pretext and schedule: `python train.py config/shapes.py --pretext=P
 --max_iters=2500*M --seed=S` (M times the demo's 160k images, the warmup unchanged), then the
-backbone's VOC07 mAP (the category task), and for the captioners the last validation's image gap
-per word class (train.py logs it: nats per word that the image is worth, shape words, colour
+backbone's VOC07 mAP on the category task and the mean of the world's attribute tasks (what the
+captions name beyond the category), and for the captioners the last validation's image gap, whole
+and per word class (train.py logs it: nats per word that the image is worth, shape words, colour
 words, ...) and caption.py on the 1000 val images: the share of each class's generated words that
 are true of the image (precision) and of the image's facts named (recall).
 
   python dev/shape_words.py                                  # bicaptioning and labels, 1x
   python dev/shape_words.py --multiples=1,2,4                # the curve: 160k, 320k, 640k images
   python dev/shape_words.py --pretexts=bicaptioning --lever=--image_size=96   # one lever
+  python dev/shape_words.py --pretexts=bicaptioning --lever='--n_embd=512 --n_head=8'  # wider
 
 Runs go to out/shape_words/<pretext>_x<M>[_<lever>]_seed<S>/ and are reused once finished. Prints a
 table, writes out/shape_words/results.json (every row) and out/shape_words/curve.png (category mAP,
@@ -23,9 +25,9 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (HERE, config_max_iters, finished, plot_panels, run, train,  # noqa: E402
-                  train_minutes, voc_map)
-from configurator import configure  # noqa: E402  (runs.py put the repository on the path)
+from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
+                  plot_panels, run, train, train_minutes)
+from configurator import configure, write_atomically  # noqa: E402  (runs.py: the path)
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'
@@ -41,7 +43,7 @@ if configure(globals()):
 multiple_list = [int(m) for m in str(multiples).split(',')]
 lever_args = lever.split()
 tag = re.sub(r'[^\w.=-]+', '_', '_'.join(a.lstrip('-') for a in lever_args))
-base_iters, voc = config_max_iters(config), f'{data}/VOC2007'
+base_iters, attribute_names = config_max_iters(config), attribute_tasks(data)
 if not os.path.exists(os.path.join(HERE, data, 'coco', 'annotations', 'words_val2017.json')):
     raise SystemExit(f"error: {data}/coco/annotations/words_val2017.json does not exist: make the "
                      "world again with data/shapes/prepare.py (it writes the word classes)")
@@ -79,28 +81,30 @@ for multiple in multiple_list:
             train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
                             f'--pretext={pretext}', f'--seed={seed}', f'--max_iters={iters}',
                             *lever_args])
+        maps = judge('backbone', [f'--ckpt={run_dir}/ckpt.pt'], run_dir, data, attribute_names)
         row = {'run': name, 'pretext': pretext, 'multiple': multiple, 'lever': lever,
                'seed': seed, 'images': iters * 64, 'train_min': train_minutes(run_dir),
-               'map': voc_map([f'--voc_root={voc}', f'--ckpt={run_dir}/ckpt.pt'],
-                              f'{run_dir}/evaluate.log')}
+               'map': maps['category'], 'maps': maps,
+               'attributes': sum(maps[a] for a in attribute_names) / len(attribute_names)}
         gaps = last_val(run_dir).get('image_gap_words')
         if gaps:
             words, row['cider'] = caption_words(run_dir)
             row.update(words=words, gaps=gaps, shape_gap=gaps['shape'],
+                       image_gap=last_val(run_dir)['image_gap'],
                        shape_precision=words['shape'][1])
         rows = [r for r in rows if r['run'] != name] + [row]
-        print(f"{name}: category mAP {row['map']:.2f}" + (
+        print(f"{name}: category mAP {row['map']:.2f}, attributes {row['attributes']:.2f}" + (
             f", shape words: gap {row['shape_gap']:.3f} nats, precision "
             f"{row['shape_precision']:.1f}%" if gaps else ''), flush=True)
-        with open(results_path, 'w') as f:
-            json.dump(rows, f, indent=1)
+        write_atomically(results_path, lambda f: f.write(json.dumps(rows, indent=1).encode()))
 
-print(f"\n{'run':<46}{'mAP':>7}{'shape gap':>10}{'colour gap':>11}{'shape %':>9}{'colour %':>9}"
-      f"{'train min':>10}")
+print(f"\n{'run':<46}{'mAP':>7}{'attrs':>7}{'shape gap':>10}{'colour gap':>11}{'shape %':>9}"
+      f"{'colour %':>9}{'train min':>10}")
 for r in sorted(rows, key=lambda r: (r['lever'], r['pretext'], r['multiple'])):
     gap = r.get('gaps', {})
     words = r.get('words', {})
-    print(f"{r['run']:<46}{r['map']:>7.2f}{gap.get('shape', math.nan):>10.3f}"
+    print(f"{r['run']:<46}{r['map']:>7.2f}{r.get('attributes', math.nan):>7.2f}"
+          f"{gap.get('shape', math.nan):>10.3f}"
           f"{gap.get('colour', math.nan):>11.3f}{words.get('shape', [0, math.nan])[1]:>9.1f}"
           f"{words.get('colour', [0, math.nan])[1]:>9.1f}{r['train_min']:>10.1f}")
 plot_panels(os.path.join(HERE, out_dir, 'curve.png'), [r for r in rows if not r['lever']],
