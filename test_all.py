@@ -3330,7 +3330,7 @@ def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
     for r in rows:
         # random init is judged in the folder of the last run
         folder = 'labels_half' if r['backbone'] == 'random_init' else r['backbone']
-        classes = load_json(out / f'{folder}_seed0' / f"voc_{r['backbone']}.json")['classes']
+        classes = load_json(out / f'{folder}_seed0' / f"{r['backbone']}_voc.json")['classes']
         ap = {c: v['ap'] for c, v in classes.items()}
         assert r['taught'] == pytest.approx(np.mean([ap[c] for c in taught]))
         assert r['unnamed'] == pytest.approx(np.mean([ap[c] for c in ap if c not in taught]))

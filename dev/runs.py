@@ -108,11 +108,14 @@ def attribute_tasks(data):
 
 def judge(name, source_args, folder, data, attributes):
     """{'category': mAP, attribute: mAP, ...} of one backbone (evaluate.py's source_args): its
-    features on data/VOC2007 extracted once (and judged on the VOC classes), then the SVMs alone on
-    each attribute's labels of the same images."""
+    features on data/VOC2007 extracted once and judged on the VOC classes (each class's AP in
+    folder/<name>_voc.json), then the SVMs alone on each attribute's labels of the same images."""
     voc, features = f'{data}/VOC2007', f'{folder}/{name}_features.npz'
-    maps = {'category': voc_map([f'--voc_root={voc}', *source_args, f'--save_features={features}'],
+    args = [f'--voc_root={voc}', *source_args, f'--out_json={folder}/{name}_voc.json']
+    maps = {'category': voc_map(args + ([f'--save_features={features}'] if attributes else []),
                                 f'{folder}/{name}_voc.log')}
+    if not attributes:
+        return maps
     with np.load(os.path.join(HERE, features)) as saved:
         arrays = {k: saved[k] for k in saved.files}
     for attribute in attributes:

@@ -24,8 +24,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from runs import (HERE, config_max_iters, finished, random_init_args, train,  # noqa: E402
-                  train_minutes, voc_map)
+from runs import (HERE, config_max_iters, finished, judge, random_init_args,  # noqa: E402
+                  train, train_minutes)
 from coco import read_instances  # noqa: E402  (runs.py put the repository on the path)
 from configurator import configure, write_atomically  # noqa: E402
 from evaluate import read_voc_task  # noqa: E402
@@ -61,10 +61,8 @@ print(f"taught half: {', '.join(taught)}; unnamed half: {', '.join(unnamed)}", f
 
 def judged(name, run_dir, args):
     """A backbone's row: mAP over all classes, over the taught half and over the unnamed half."""
-    out_json = f'{run_dir}/voc_{name}.json'
-    voc_map([f'--voc_root={voc}', *args, f'--out_json={out_json}'],
-            f'{run_dir}/evaluate_{name}.log')
-    with open(os.path.join(HERE, out_json)) as f:
+    judge(name, args, run_dir, data, [])
+    with open(os.path.join(HERE, run_dir, f'{name}_voc.json')) as f:
         ap = {c: v['ap'] for c, v in json.load(f)['classes'].items()}
     return {'all': sum(ap.values()) / len(ap), 'taught': sum(ap[c] for c in taught) / len(taught),
             'unnamed': sum(ap[c] for c in unnamed) / len(unnamed)}
