@@ -43,10 +43,11 @@ if configure(globals()):
 multiple_list = [int(m) for m in str(multiples).split(',')]
 lever_args = lever.split()
 tag = re.sub(r'[^\w.=-]+', '_', '_'.join(a.lstrip('-') for a in lever_args))
+for needed in ('coco/annotations/words_val2017.json', 'attributes'):
+    if not os.path.exists(os.path.join(HERE, data, needed)):
+        raise SystemExit(f"error: {data}/{needed} does not exist: make the world again with "
+                         "data/shapes/prepare.py (it writes the word classes and attribute tasks)")
 base_iters, attribute_names = config_max_iters(config), attribute_tasks(data)
-if not os.path.exists(os.path.join(HERE, data, 'coco', 'annotations', 'words_val2017.json')):
-    raise SystemExit(f"error: {data}/coco/annotations/words_val2017.json does not exist: make the "
-                     "world again with data/shapes/prepare.py (it writes the word classes)")
 os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
 
 
