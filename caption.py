@@ -26,6 +26,7 @@ import sys
 import time
 import warnings
 from collections import Counter
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from checkpoints import load_checkpoint, load_official
 from cider import score
 from augment import to_uint8_tensor
 from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split
-from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, check_device, check_outputs,
+from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, Needs, check_device, check_outputs,
                           configure, one_line_errors, write_atomically)
 from model import VirTex
 from pretexts import CAPTIONERS, CapPa
@@ -63,7 +64,8 @@ device = 'cuda' if torch.cuda.is_available() else 'cpu'
 coco_root = ''
 split = 'val2017'
 limit: NON_NEGATIVE = 0  # with coco_root: caption only the first `limit` images (0: all)
-results = ''            # score this COCO results JSON instead of captioning (needs coco_root)
+# score this COCO results JSON instead of captioning
+results: Annotated[str, Needs('coco_root', why=' (and --split) for the references')] = ''
 out = ''                # write the captions as a COCO results JSON here
 attention_dir = ''      # write one attention figure per image here
 # ----------------------------------------------------------------------------------------------
@@ -293,8 +295,6 @@ def main():
         # now, not after captioning
         raise SystemExit(f"error: --out={out}: its folder does not exist")
     if results:  # score an existing results file, caption nothing
-        if not coco_root:
-            raise SystemExit("error: --results needs --coco_root (and --split) for the references")
         ignored = [flag for flag, value in (('ckpt', ckpt), ('official', official), ('out', out),
                                             ('top_p', top_p), ('parallel', parallel),
                                             ('attention_dir', attention_dir), ('limit', limit))

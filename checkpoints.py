@@ -119,12 +119,13 @@ def load_for_resume(path: str, model_args: dict, config: dict, tokenizer_pieces:
 
 
 def restore_training_state(path: str, ckpt: dict, optimizer, scaler, rank: int,
-                           world_size: int) -> tuple[int, tuple, dict, int, str]:
+                           world_size: int) -> tuple[int, tuple, dict, int, float, str]:
     """Put the training state of a load_for_resume checkpoint back: the optimizer's state and the
     gradient scaler's (the learning rates, momentum and weight decay stay this run's), and this
-    process's RNGs. Returns (iter_num, data position, best VOC, images skipped so far, a note to
-    print or ''). With another number of processes the same images make each iteration, split
-    anew, and the RNGs stay as this run seeded them: close to an unbroken run, not bitwise."""
+    process's RNGs. Returns (iter_num, data position, best VOC, images skipped so far, seconds
+    trained so far, a note to print or ''). With another number of processes the same images make
+    each iteration, split anew, and the RNGs stay as this run seeded them: close to an unbroken
+    run, not bitwise."""
     settings = [{k: v for k, v in group.items() if k != 'params'}
                 for group in optimizer.param_groups]
     try:
@@ -146,7 +147,8 @@ def restore_training_state(path: str, ckpt: dict, optimizer, scaler, rank: int,
         note = (f"{path} was written by {ckpt['world_size']} process(es), this run has "
                 f"{world_size}: the global batch stays the same, split anew, and the data order "
                 "and dropout differ from an unbroken run")
-    return ckpt['iter_num'], (epoch, batch), ckpt['best_voc'], ckpt['bad_images'], note
+    return (ckpt['iter_num'], (epoch, batch), ckpt['best_voc'], ckpt['bad_images'],
+            ckpt.get('time', 0.0), note)
 
 
 def save_checkpoint(path: str, model: nn.Module, state: dict, optimizer=None, scaler=None,

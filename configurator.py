@@ -12,6 +12,7 @@ A script declares its config as module-level values, each check next to its valu
     train_fraction: FRACTION = 1.0                     # in (0, 1]
     dtype: Literal['float32', 'bfloat16'] = 'float32'  # one of these
     max_len: Annotated[int, Interval('[3, inf)')] = 30
+    voc_interval: Annotated[int, Needs('voc_root')] = 0  # set only where --voc_root is
     args = configure(globals())              # returns the bare arguments that are not config files
 
 A bare `*.py` argument is a config file: it is executed and its assignments are applied as if they
@@ -20,8 +21,9 @@ in the script (unknown keys are refused, naming the nearest known one), and the 
 default's type: an int is accepted where a float is expected, booleans are `True`/`False` only, a
 `None` default takes a Python literal only (a number, or a string in quotes: a bare word is refused,
 so that a typo never becomes a string). Then every annotated check runs on the final values (None
-means unset and passes). Any other bare argument is returned for the script (e.g. caption.py's image
-paths). `--help` lists the keys with their values.
+means unset and passes); a Needs check refuses a value changed from its default where the key it
+needs is unset or has another value. Any other bare argument is returned for the script (e.g.
+caption.py's image paths). `--help` lists the keys with their values.
 Errors exit with a one-line message naming the key or file.
 
 `check_device()`, `native_bf16()` and `precision()` check --device and resolve --dtype; they import
@@ -80,6 +82,21 @@ class CommaList:
         return None
 
 
+class Needs:
+    """A check across keys: the value may differ from its default only where another key is set
+    (Needs('voc_root')) or has a given value (Needs('pretext', 'cappa')); `why` ends the error."""
+
+    def __init__(self, key: str, value=None, why: str = ''):
+        self.key, self.value, self.why = key, value, why
+
+    def unmet(self, config: dict):
+        other = config[self.key]
+        if self.value is None:
+            return None if other else f"needs --{self.key}{self.why}"
+        return None if other == self.value else \
+            f"needs --{self.key}={self.value}, not {other}{self.why}"
+
+
 # annotations for config values; int values pass too
 POSITIVE = Annotated[float, Interval('(0, inf)')]
 NON_NEGATIVE = Annotated[float, Interval('[0, inf)')]
@@ -105,7 +122,8 @@ def problem(annotation, value):
         if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))
                                      or kind is int and not isinstance(value, int)):
             return f"takes {'an integer' if kind is int else 'a number'}, got {value!r}"
-        return next(filter(None, (check.problem(value) for check in annotation.__metadata__)), None)
+        checks = [check for check in annotation.__metadata__ if not isinstance(check, Needs)]
+        return next(filter(None, (check.problem(value) for check in checks)), None)
     return None
 
 
@@ -162,6 +180,7 @@ def configure(config: dict, argv: list[str] | None = None) -> list[str]:
     line on error."""
     argv = sys.argv[1:] if argv is None else argv
     known = config_keys(config)
+    defaults = {key: config[key] for key in known}  # for the Needs checks
     rest = []
     for arg in argv:
         if arg in ('-h', '--help'):
@@ -186,6 +205,11 @@ def configure(config: dict, argv: list[str] | None = None) -> list[str]:
         wrong = config[key] is not None and problem(annotation, config[key])  # None: left unset
         if wrong:
             raise SystemExit(f"error: --{key}={config[key]!r}: {wrong}")
+        for check in getattr(annotation, '__metadata__', ()):
+            unmet = isinstance(check, Needs) and config[key] != defaults[key] and \
+                check.unmet(config)
+            if unmet:
+                raise SystemExit(f"error: --{key}={config[key]!r} {unmet}")
     return rest
 
 

@@ -373,7 +373,8 @@ class VirTex(nn.Module):
     def param_groups(self, weight_decay: float, cnn_lr: float, lr: float) -> list[dict]:
         """Three optimizer groups (few, so SGD can use its foreach/fused path): the backbone at
         cnn_lr; the textual head at lr, with weight decay except on the embedding and decoder
-        layers' norm weights and biases (upstream's NO_DECAY rule)."""
+        layers' norm weights and biases (upstream's NO_DECAY rule). Each group keeps its rate as
+        base_lr too: the schedule multiplies it (train.py)."""
         no_decay_names = re.compile(
             r'^(embedding_norm\.|layers_(fwd|bwd)\.\d+\..*(norm\d\.|bias$)|final_norm(_bwd)?\.)')
         visual, decay, no_decay = [], [], []
@@ -384,9 +385,10 @@ class VirTex(nn.Module):
                 no_decay.append(p)
             else:
                 decay.append(p)
-        return [{'name': 'visual', 'params': visual, 'lr': cnn_lr, 'weight_decay': weight_decay},
-                {'name': 'textual', 'params': decay, 'lr': lr, 'weight_decay': weight_decay},
-                {'name': 'textual_no_decay', 'params': no_decay, 'lr': lr, 'weight_decay': 0.0}]
+        groups = [{'name': 'visual', 'params': visual, 'lr': cnn_lr, 'weight_decay': weight_decay},
+                  {'name': 'textual', 'params': decay, 'lr': lr, 'weight_decay': weight_decay},
+                  {'name': 'textual_no_decay', 'params': no_decay, 'lr': lr, 'weight_decay': 0.0}]
+        return [{**group, 'base_lr': group['lr']} for group in groups]
 
     def backbone_state_dict(self) -> dict:
         """The ResNet weights in torchvision naming (no fc): loads into

@@ -37,7 +37,7 @@ from PIL import Image
 from checkpoints import load_backbone
 from augment import random_box, random_resized_crop, to_uint8_tensor
 from coco import IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize
-from configurator import (NON_NEGATIVE, POSITIVE, Interval, check_device, check_outputs,
+from configurator import (NON_NEGATIVE, POSITIVE, Interval, Needs, check_device, check_outputs,
                           write_atomically)
 from lookahead import warmup_cosine
 
@@ -56,7 +56,8 @@ momentum: Annotated[float, Interval('[0, 1)')] = 0.9
 weight_decay: NON_NEGATIVE = 0.0
 # False: fixed val-transform features of the training images (fast, not the protocol)
 augment = True
-finetune = False        # True: train the whole backbone too (at backbone_lr), not only the new fc
+# True: train the whole backbone too (at backbone_lr), not only the new fc; its features change
+finetune: Annotated[bool, Needs('augment', True)] = False
 backbone_lr: NON_NEGATIVE = 0.01  # --finetune: the backbone's SGD lr (the new fc keeps --lr)
 num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)
 max_bad_images: NON_NEGATIVE = 100
@@ -152,9 +153,6 @@ def main():
         only = sorted(set(classes) ^ set(val_classes))
         raise ValueError(f"{data_root}: train and val have different classes (e.g. {only[0]!r} is "
                          "in only one)")
-    if finetune and not augment:
-        raise SystemExit("error: --finetune=True trains the backbone: its features change, so it "
-                         "needs --augment=True")
     backbone, arch, size = load_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)
     backbone = backbone.to(device, memory_format=torch.channels_last).eval()
     with torch.no_grad():

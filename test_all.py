@@ -825,10 +825,11 @@ def test_train_config_and_input_errors(shapes, tmp_path):
              (['--max_bad_images=-1'], '--max_bad_images=-1: must be >= 0'),
              (['--n_layer=0'], '--n_layer=0: must be positive'),
              (['--dropout=1.0'], '--dropout=1.0: must be in [0, 1)'),
-             (['--parallel_fraction=0.5'], '--parallel_fraction is for --pretext=cappa only, not '
+             (['--parallel_fraction=0.5'], '--parallel_fraction=0.5 needs --pretext=cappa, not '
               'bicaptioning'),
-             (['--label_categories=circle'], '--label_categories is for '
-              '--pretext=multilabel_classification only, not bicaptioning'),
+             (['--label_categories=circle'], "--label_categories='circle' needs "
+              '--pretext=multilabel_classification, not bicaptioning'),
+             (['--voc_interval=5'], '--voc_interval=5 needs --voc_root (a VOC2007 folder)'),
              (['--pretext=multilabel_classification', '--label_categories=circle,oval'],
               "instances_train2017.json: no category named 'oval' (it has circle, square, "),
              (['--pretext=cappa', '--parallel_fraction=1.5'],
@@ -1495,7 +1496,9 @@ def test_ill_typed_and_out_of_contract_settings_are_one_line(shapes, short_run, 
               "one of train, train_data, data, caption, svm, torchrun (comma-separated)"),
              (['caption.py', f'--results={results}', coco, f'--ckpt={short_run}/ckpt.pt',
                '--out=x.json', '--top_p=0.5'], "error: --results scores a file and captions "
-              "nothing: drop ckpt, out, top_p")]
+              "nothing: drop ckpt, out, top_p"),
+             (['caption.py', f'--results={results}'], f"error: --results='{results}' needs "
+              "--coco_root (and --split) for the references")]
     for (command, message), proc in zip(cases, run_all(*(c[0] for c in cases))):
         assert one_line(proc) == message, command
     assert [name for name in os.listdir(tmp_path) if name in ('a', 'b')] == []
@@ -2914,8 +2917,7 @@ def test_probe_finetunes_the_whole_backbone(tmp_path):
     result = load_json(tmp_path / 'probe.json')
     assert result['finetune'] and result['top1'] >= 90, result
     proc = run('probe.py', *common, '--augment=False', check=False)
-    assert one_line(proc) == ("error: --finetune=True trains the backbone: its features change, "
-                              "so it needs --augment=True")
+    assert one_line(proc) == "error: --finetune=True needs --augment=True, not False"
     proc = run('probe.py', *common, '--backbone_lr=-1', check=False)
     assert one_line(proc) == 'error: --backbone_lr=-1.0: must be >= 0'
 
@@ -3078,6 +3080,28 @@ def test_configurator_runs_the_checks_declared_next_to_the_values(tmp_path):
     bad_file.write_text('batch_size = -1\n')  # a config file's values are checked too
     with pytest.raises(SystemExit, match=re.escape('--batch_size=-1: must be positive')):
         configure(dict(config), [str(bad_file)])
+
+
+def test_configurator_checks_one_key_against_another():
+    from typing import Annotated
+    from configurator import PROBABILITY, Needs, configure
+
+    def config():
+        return {'pretext': 'bicaptioning', 'fraction': None, 'voc_root': '', 'voc_interval': 0,
+                '__annotations__': {
+                    'fraction': Annotated[PROBABILITY, Needs('pretext', 'cappa')],
+                    'voc_interval': Annotated[int, Needs('voc_root', why=' (a VOC folder)')]}}
+    configure(config(), [])  # values left at their defaults pass, whatever the keys they need
+    configure(config(), ['--voc_interval=0', '--fraction=None'])  # so do defaults given again
+    done = config()
+    configure(done, ['--fraction=0.5', '--pretext=cappa', '--voc_interval=3', '--voc_root=v'])
+    assert (done['fraction'], done['voc_interval']) == (0.5, 3), 'checked after every flag'
+    cases = [(['--fraction=0.5'], "--fraction=0.5 needs --pretext=cappa, not bicaptioning"),
+             (['--pretext=cappa', '--fraction=2'], "--fraction=2: must be in [0, 1]"),
+             (['--voc_interval=3'], "--voc_interval=3 needs --voc_root (a VOC folder)")]
+    for flags, message in cases:
+        with pytest.raises(SystemExit, match=re.escape(f'error: {message}')):
+            configure(config(), flags)
 
 
 def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
@@ -3304,7 +3328,7 @@ def test_data_efficiency_puts_captions_beside_labels(shapes, tmp_path):
     assert re.search(r'^multilabel_classification +50% +0 +[\d.]+ +[\d.]+ +[\d.]+$', proc.stdout,
                      re.M), proc.stdout
     proc = run('dev/data_efficiency.py', '--pretexts=bicaptioning,labels', check=False)
-    assert proc.returncode != 0 and "--pretexts: 'labels' is not one of" in proc.stderr
+    assert proc.returncode != 0 and "--pretexts='labels': 'labels' is not one of" in proc.stderr
 
 
 def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
@@ -3377,7 +3401,7 @@ def test_finetune_study_probes_each_backbone_frozen_and_fine_tuned(shapes, tmp_p
     assert load_json(out / 'probe_random_init_seed0_frozen.json')['source'] == 'random'
     assert re.search(r'^bicaptioning +0 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$', proc.stdout, re.M)
     proc = run('dev/finetune_study.py', '--pretexts=labels', check=False)
-    assert proc.returncode != 0 and "--pretexts: 'labels' is not one of" in proc.stderr
+    assert proc.returncode != 0 and "--pretexts='labels': 'labels' is not one of" in proc.stderr
 
 
 # ---- data/shapes/prepare.py (and dev/objects_world.py): the synthetic worlds -----------------

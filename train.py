@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from bench import flops_per_image, peak_memory_gb
 from checkpoints import load_for_resume, restore_training_state, save_checkpoint
 from coco import BadImages, CocoCaptions, TrainBatches, collate, read_instances, to_device
-from configurator import (FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Interval, JsonLog,
+from configurator import (FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, Interval, JsonLog, Needs,
                           check_device, check_outputs, config_keys, configure, one_line_errors,
                           precision)
 from evaluate import read_voc_task
@@ -52,7 +52,8 @@ n_head: POSITIVE = 32         # H / 64
 max_len: Annotated[int, Interval('[3, inf)')] = 30  # caption ids, [SOS] and [EOS] included
 dropout: Annotated[float, Interval('[0, 1)')] = 0.1
 pretext: Literal[PRETEXTS] = 'bicaptioning'  # the paper; or another of pretexts.py
-parallel_fraction: PROBABILITY = None  # cappa: share of captions predicted at once (None: 0.75)
+# cappa: the share of captions predicted all at once (None: 0.75)
+parallel_fraction: Annotated[PROBABILITY, Needs('pretext', 'cappa')] = None
 norm_first = False            # post-norm Transformer layers, as in the paper
 zero_init_residual = True     # each ResNet block starts as the identity, as in the paper
 init_std: POSITIVE = 0.02     # textual weights at init ~ N(0, init_std): the paper's (BERT's)
@@ -67,7 +68,8 @@ num_workers: NON_NEGATIVE = 4  # DataLoader workers per process
 decode_on: Literal['workers', 'device'] = 'workers'
 max_bad_images: NON_NEGATIVE = 100  # unreadable images are skipped; the run stops past this many
 train_fraction: FRACTION = 1.0  # train on this share of the images, drawn with `seed`
-label_categories = ''         # multilabel: only these categories (instances_*.json) ('': all)
+# multilabel: only these categories (instances_*.json) ('': all)
+label_categories: Annotated[str, Needs('pretext', 'multilabel_classification')] = ''
 # optimization
 max_iters: POSITIVE = 500_000
 warmup_iters: NON_NEGATIVE = 10_000  # linear warmup from 0, then cosine decay to 0 at max_iters
@@ -89,7 +91,8 @@ init_from: Literal['scratch', 'resume', 'auto'] = 'scratch'  # resume: from out_
 eval_interval: NON_NEGATIVE = 2000  # validation loss every this many iterations (0: never)
 eval_iters: POSITIVE = 20  # validation batches per evaluation
 voc_root = ''                 # a VOC2007 folder: judge the backbone by its mAP, keep the best
-voc_interval: NON_NEGATIVE = 0  # with voc_root: every this many iterations (0: only at the end)
+# with voc_root: every this many iterations (0: only at the end)
+voc_interval: Annotated[NON_NEGATIVE, Needs('voc_root', why=' (a VOC2007 folder)')] = 0
 ckpt_interval: POSITIVE = 2000  # checkpoint every this many iterations (and at the end)
 log_interval: POSITIVE = 20
 peak_tflops: POSITIVE = 989.0  # per-GPU peak for MFU (bf16 dense: H100/H200 989, A100 312)
@@ -99,12 +102,6 @@ rest = configure(globals())
 if rest:
     raise SystemExit(f"error: unexpected arguments {rest} (config files end in .py, flags are "
                      "--key=value)")
-for key, owner in (('parallel_fraction', 'cappa'),
-                   ('label_categories', 'multilabel_classification')):
-    if globals()[key] not in (None, '') and pretext != owner:
-        raise SystemExit(f"error: --{key} is for --pretext={owner} only, not {pretext}")
-if voc_interval and not voc_root:
-    raise SystemExit("error: --voc_interval needs --voc_root (a VOC2007 folder)")
 if os.path.exists(out_dir) and not os.path.isdir(out_dir):
     raise SystemExit(f"error: --out_dir={out_dir} is a file, not a folder")
 with one_line_errors():
@@ -206,9 +203,7 @@ raw_model = model  # the plain module: its state_dict is what checkpoints hold
 flops = flops_per_image(raw_model, image_size) if device_type == 'cuda' else None  # for MFU
 torch.manual_seed(seed + ddp_rank)  # a different dropout stream per process
 
-groups = model.param_groups(weight_decay, cnn_lr, lr)
-for group in groups:
-    group['base_lr'] = group['lr']  # the schedule gives a multiplier: we have two base lrs
+groups = model.param_groups(weight_decay, cnn_lr, lr)  # the backbone's and the head's base lrs
 # fused: one kernel for the whole update, on GPUs and CPUs (on 2 CPU cores, half foreach's time)
 if optimizer == 'sgd':
     inner = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
@@ -217,16 +212,16 @@ else:  # each group keeps its weight decay (0 on norms and biases), applied deco
 lookahead = LookAhead(inner, lookahead_k, lookahead_alpha)
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 iter_num, data_position, best_voc = 0, (0, 0), {'map': -1.0, 'iter': 0}
-time_before = 0.0  # seconds the run trained before this process (a resume)
+time_before = 0.0  # seconds the run trained before this process (a resume): the log's goes on
 bad_images = BadImages(max_bad_images)
 if ckpt is not None:
     with one_line_errors():
-        iter_num, data_position, best_voc, bad_images.count, note = restore_training_state(
-            ckpt_path, ckpt, lookahead, scaler, ddp_rank, ddp_world_size)
+        (iter_num, data_position, best_voc, bad_images.count, time_before,
+         note) = restore_training_state(ckpt_path, ckpt, lookahead, scaler, ddp_rank,
+                                        ddp_world_size)
     if note:
         print0(f"note: {note}")
     print0(f"resuming from {ckpt_path} at iteration {iter_num}")
-    time_before = ckpt.get('time', 0.0)  # the log's 'time' goes on from there
     del ckpt
 if compile:
     print0("compiling the model (the first iterations are slow)...")
@@ -269,7 +264,7 @@ def save(path, step, full=True):
     (checkpoints.save_checkpoint refuses a diverged model: a good checkpoint is never replaced.)"""
     state = {'model_args': model_args, 'config': config, 'iter_num': step,
              'tokenizer_pieces': tok.pieces_hash(), 'best_voc': best_voc,
-             'time': seconds_trained()}
+             'time': time.time() - clock_start}
     if full:
         state.update(data_position=list(data_position), bad_images=bad_images.count,
                      train_subset=train_subset)
@@ -282,11 +277,6 @@ def save(path, step, full=True):
                          f"{step}; {last_good()}") from None
     print0(f"iter {step}: saved {path}")
     log({'event': 'checkpoint', 'iter': step, 'path': path})
-
-
-def seconds_trained():
-    """The run's wall time so far, its earlier processes' included (a resume)."""
-    return time_before + time.time() - run_start
 
 
 def due(interval, it):
@@ -303,6 +293,7 @@ log({'event': 'resume' if start_iter else 'start', 'iter': start_iter,
 nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # checked at log and save time only
 window_time, window_steps, run_time, run_steps = 0.0, 0, 0.0, 0
 run_start = time.time()
+clock_start = run_start - time_before  # for the log's and checkpoint's 'time'
 stop = StopSignals(out_dir, ckpt_path, master_process)  # SIGTERM, SIGINT, SIGUSR1: save, then stop
 for iter_num in range(start_iter, max_iters + 1):
     stopping = stop.agreed(iter_num, log_interval, device)
@@ -392,7 +383,7 @@ for iter_num in range(start_iter, max_iters + 1):
     log({'event': 'train', 'iter': step, 'loss': loss_value,
          **{f'loss_{n}': v for n, v in terms.items()}, 'lr_cnn': cnn_lr * lr_mult,
          'lr_head': lr * lr_mult, 'grad_norm': grad_norm.item(), 'ms': ms, 'img_s': images_per_s,
-         'mem_gb': peak_memory_gb(device), 'time': seconds_trained()})
+         'mem_gb': peak_memory_gb(device), 'time': time.time() - clock_start})
 
 steps = iter_num - start_iter
 if steps and master_process:

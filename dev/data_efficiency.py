@@ -21,19 +21,22 @@ import json
 import os
 import sys
 import time
+from typing import Annotated
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
                   plot_panels, random_init_args, train, train_minutes)
-from configurator import configure, write_atomically  # noqa: E402  (runs.py: the path)
+# runs.py put the project on the path
+from configurator import CommaList, configure, write_atomically  # noqa: E402
 from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'                 # prepare.py's output with the tokenizer's vocab.model
 config = 'config/shapes.py'          # the training recipe; only the pretext, fraction, seed change
-pretexts = 'bicaptioning'            # comma-separated, e.g. bicaptioning,multilabel_classification
+# comma-separated, e.g. bicaptioning,multilabel_classification
+pretexts: Annotated[str, CommaList(*PRETEXTS)] = 'bicaptioning'
 fractions = '0.1,0.25,0.5,1.0'       # shares of the training images
 seeds = '0'
 attributes = True                    # also judge every backbone on DATA/attributes/*
@@ -45,9 +48,6 @@ if rest:
 pretext_list = pretexts.split(',')
 fraction_list = [float(f) for f in str(fractions).split(',')]
 seed_list = [int(s) for s in str(seeds).split(',')]
-for p in pretext_list:
-    if p not in PRETEXTS:
-        raise SystemExit(f"error: --pretexts: {p!r} is not one of {', '.join(PRETEXTS)}")
 if not all(0 < f <= 1 for f in fraction_list):
     raise SystemExit(f"error: --fractions={fractions}: each must be in (0, 1]")
 if attributes and not os.path.isdir(os.path.join(HERE, data, 'attributes')):

@@ -20,17 +20,19 @@ import json
 import os
 import sys
 import time
+from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import HERE, config_max_iters, finished, run, train, train_minutes  # noqa: E402
-from configurator import POSITIVE, configure, write_atomically  # noqa: E402  (runs.py: the path)
+# runs.py put the project on the path
+from configurator import POSITIVE, CommaList, configure, write_atomically  # noqa: E402
 from demo import random_init_args  # noqa: E402
 from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'             # a world with coco/, vocab.model and imagefolder/
 config = 'config/shapes.py'      # the pretraining recipe; only the pretext and the seed change
-pretexts = 'bicaptioning,multilabel_classification,cappa'
+pretexts: Annotated[str, CommaList(*PRETEXTS)] = 'bicaptioning,multilabel_classification,cappa'
 seeds = '0'
 epochs: POSITIVE = 30            # of the probe, frozen and fine-tuned alike
 lr: POSITIVE = 0.03              # the new layer's
@@ -41,9 +43,6 @@ out_dir = ''                     # default: out/finetune_study[_<world>]
 if configure(globals()):
     raise SystemExit("error: this script takes only --key=value flags")
 pretext_list = pretexts.split(',')
-for p in pretext_list:
-    if p not in PRETEXTS:
-        raise SystemExit(f"error: --pretexts: {p!r} is not one of {', '.join(PRETEXTS)}")
 seed_list = [int(s) for s in str(seeds).split(',')]
 if not os.path.isdir(os.path.join(HERE, data, 'imagefolder')):
     raise SystemExit(f"error: {data}/imagefolder does not exist (the world's prepare script "

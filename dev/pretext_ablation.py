@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+from typing import Annotated
 
 import numpy as np
 
@@ -34,11 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
                   random_init_args, train, train_minutes)
 # runs.py put the repository on the path
-from configurator import configure, write_atomically  # noqa: E402
+from configurator import CommaList, configure, write_atomically  # noqa: E402
 from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-pretexts = ','.join(PRETEXTS)
+pretexts: Annotated[str, CommaList(*PRETEXTS)] = ','.join(PRETEXTS)
 seeds = '0,1'
 data = 'data/shapes'
 config = 'config/shapes.py'
@@ -49,9 +50,6 @@ attributes = True           # also judge every backbone on DATA/attributes/*
 if configure(globals()):
     raise SystemExit("error: this script takes only --key=value flags")
 pretext_list, seed_list = pretexts.split(','), [int(s) for s in str(seeds).split(',')]
-for p in pretext_list:
-    if p not in PRETEXTS:
-        raise SystemExit(f"error: --pretexts: {p!r} is not one of {', '.join(PRETEXTS)}")
 world = os.path.basename(data.rstrip('/'))
 out_dir = out_dir or ('out/ablation' if world == 'shapes' else f'out/ablation_{world}')
 needed = [f'{data}/coco/annotations/instances_train2017.json', f'{data}/vocab.model',

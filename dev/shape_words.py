@@ -23,16 +23,19 @@ import math
 import os
 import re
 import sys
+from typing import Annotated
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
                   plot_panels, run, train, train_minutes)
-from configurator import configure, write_atomically  # noqa: E402  (runs.py: the path)
+# runs.py put the project on the path
+from configurator import CommaList, configure, write_atomically  # noqa: E402
+from model import PRETEXTS  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'
 config = 'config/shapes.py'
-pretexts = 'bicaptioning,multilabel_classification'
+pretexts: Annotated[str, CommaList(*PRETEXTS)] = 'bicaptioning,multilabel_classification'
 multiples = '1'            # the demo's schedule times these (its 2500 iterations of 64 images)
 seed = 0
 lever = ''                 # train.py flags that make a lever, space-separated: --image_size=96
