@@ -53,9 +53,9 @@ os.makedirs(os.path.join(HERE, out_dir), exist_ok=True)
 iters = config_max_iters(config)
 
 
-def top1(name, source_args, seed, finetune):
-    """probe.py's top-1 and minutes for one backbone, frozen or fine-tuned."""
-    mode = 'finetuned' if finetune else 'frozen'
+def top1(name, source_args, seed, mode):
+    """probe.py's top-1 and minutes for one backbone, 'frozen' or 'finetuned'."""
+    finetune = mode == 'finetuned'
     out_json = f'{out_dir}/probe_{name}_{mode}.json'
     tuning = ['--finetune=True', f'--backbone_lr={backbone_lr}',
               f'--weight_decay={weight_decay}'] if finetune else []  # frozen: the probe's, none
@@ -82,10 +82,9 @@ for seed in seed_list:
                    if not a.startswith('--seed=')]
     for name, source_args, minutes in [('random init', random_args, 0.0), *backbones]:
         row = {'backbone': name, 'seed': seed, 'train_min': minutes}
-        for finetune in (False, True):
-            mode = 'finetuned' if finetune else 'frozen'
+        for mode in ('frozen', 'finetuned'):
             row[mode], row[f'{mode}_min'] = top1(f"{name.replace(' ', '_')}_seed{seed}",
-                                                 source_args, seed, finetune)
+                                                 source_args, seed, mode)
         rows.append(row)
         print(f"{name}, seed {seed}: top-1 frozen {row['frozen']:.2f}, fine-tuned "
               f"{row['finetuned']:.2f}", flush=True)
