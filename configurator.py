@@ -206,8 +206,8 @@ def configure(config: dict, argv: list[str] | None = None) -> list[str]:
         if wrong:
             raise SystemExit(f"error: --{key}={config[key]!r}: {wrong}")
         for check in getattr(annotation, '__metadata__', ()):
-            unmet = isinstance(check, Needs) and config[key] != defaults[key] and \
-                check.unmet(config)
+            changed = config[key] is not None and config[key] != defaults[key]  # None: unset
+            unmet = isinstance(check, Needs) and changed and check.unmet(config)
             if unmet:
                 raise SystemExit(f"error: --{key}={config[key]!r} {unmet}")
     return rest

@@ -3093,6 +3093,7 @@ def test_configurator_checks_one_key_against_another():
                     'voc_interval': Annotated[int, Needs('voc_root', why=' (a VOC folder)')]}}
     configure(config(), [])  # values left at their defaults pass, whatever the keys they need
     configure(config(), ['--voc_interval=0', '--fraction=None'])  # so do defaults given again
+    configure(config(), ['--voc_interval=None'])  # and None, which leaves a key unset
     done = config()
     configure(done, ['--fraction=0.5', '--pretext=cappa', '--voc_interval=3', '--voc_root=v'])
     assert (done['fraction'], done['voc_interval']) == (0.5, 3), 'checked after every flag'
