@@ -202,12 +202,14 @@ def configure(config: dict, argv: list[str] | None = None) -> list[str]:
         else:
             rest.append(arg)
     for key, annotation in declared_annotations(config).items():
-        wrong = config[key] is not None and problem(annotation, config[key])  # None: left unset
+        if config[key] is None:  # left unset: neither its bounds nor the keys it needs apply
+            continue
+        wrong = problem(annotation, config[key])
         if wrong:
             raise SystemExit(f"error: --{key}={config[key]!r}: {wrong}")
         for check in getattr(annotation, '__metadata__', ()):
-            changed = config[key] is not None and config[key] != defaults[key]  # None: unset
-            unmet = isinstance(check, Needs) and changed and check.unmet(config)
+            unmet = isinstance(check, Needs) and config[key] != defaults[key] and \
+                check.unmet(config)
             if unmet:
                 raise SystemExit(f"error: --{key}={config[key]!r} {unmet}")
     return rest
