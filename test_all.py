@@ -1633,7 +1633,7 @@ def test_decoding_on_the_device_draws_what_the_workers_draw(tmp_path):
     """decode_on=device: the workers ship each JPEG's bytes with its draws; the same seed gives the
     same boxes, flips, jitters and captions as the workers' own augmentation, and the pixels
     decoded and augmented on the device (here the CPU) match the workers' within the tolerance the
-    README states: a mean difference under 1 level of 255, 99% of the values within 8 (a full
+    RESULTS.md states: a mean difference under 1 level of 255, 99% of the values within 8 (a full
     decode and a float resize against libjpeg's scaled decode and a uint8 resize; sharp edges
     differ most)."""
     from augment import decode_and_augment, draw_jitter, random_box
