@@ -20,10 +20,10 @@ were flags, in order, so later flags win. `--key=value` sets one value. Every ke
 in the script (unknown keys are refused, naming the nearest known one), and the value must have the
 default's type: an int is accepted where a float is expected, booleans are `True`/`False` only, a
 `None` default takes a Python literal only (a number, or a string in quotes: a bare word is refused,
-so that a typo never becomes a string). Then every annotated check runs on the final values (None
-means unset and passes); a Needs check refuses a value changed from its default where the key it
-needs is unset or has another value. Any other bare argument is returned for the script (e.g.
-caption.py's image paths). `--help` lists the keys with their values.
+so that a typo never becomes a string; only such a key can be set to None). Then every annotated
+check runs on the final values (None means unset and passes); a Needs check refuses a value changed
+from its default where the key it needs is unset or has another value. Any other bare argument is
+returned for the script (e.g. caption.py's image paths). `--help` lists the keys with their values.
 Errors exit with a one-line message naming the key or file.
 
 `check_device()`, `native_bf16()` and `precision()` check --device and resolve --dtype; they import
@@ -148,14 +148,22 @@ def parse_value(key: str, text: str, default):
     except (ValueError, SyntaxError):
         if default is None:
             raise ValueError(f"--{key} takes a number or a quoted string, got {text!r}") from None
-        raise ValueError(f"--{key} takes a {type(default).__name__}, got {text!r}") from None
+        raise ValueError(f"--{key} takes {a_type(default)}, got {text!r}") from None
     return check_type(key, value, default)
+
+
+def a_type(value) -> str:
+    """'an int', 'a float': the type of `value`, for error messages."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def check_type(key: str, value, default):
     """Return `value` converted to the default's type where that is lossless, else raise."""
-    if default is None or value is None:
+    if default is None:
         return value
+    if value is None:  # only a key whose default is None can be left unset
+        raise ValueError(f"{key} takes {a_type(default)}, got None")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{key} takes True or False, got {value!r}")
@@ -163,7 +171,7 @@ def check_type(key: str, value, default):
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # --lr=1 means 1.0 (nanoGPT refuses it)
     if type(value) is not type(default):
-        raise ValueError(f"{key} takes a {type(default).__name__}, got {value!r} "
+        raise ValueError(f"{key} takes {a_type(default)}, got {value!r} "
                          f"({type(value).__name__})")
     return value
 
