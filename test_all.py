@@ -3387,6 +3387,50 @@ def test_shape_words_judges_both_tasks_and_reads_the_captions_word_by_word(shape
     assert re.search(r'^bicaptioning_x1\S* +[\d.]+ +[\d.]+ +-?[\d.]+', proc.stdout, re.M)
 
 
+def test_word_gaps_splits_the_image_gap_by_direction(shapes, tiny_ckpt):
+    """dev/word_gaps.py's per-direction gaps, weighted by their counts, are validation's image gap
+    per word class on the same images and captions (one batch: the same rolled pairing)."""
+    from checkpoints import load_checkpoint
+    from coco import CocoCaptions, collate, normalize
+    from tokenizer import Tokenizer
+    from validation import losses_by_word_class, word_classes
+    proc = run('dev/word_gaps.py', f'--ckpt={tiny_ckpt}', '--batch_size=100')
+    table = {}  # (direction, class) -> (count, gap, top-1 own, top-1 other)
+    for line in proc.stdout.splitlines():
+        found = re.fullmatch(r'(fwd|bwd) +(\w+) +(\d+) +(-?[\d.]+) +([\d.]+)% +([\d.]+)%', line)
+        if found:
+            table[found[1], found[2]] = tuple(map(float, found.groups()[2:]))
+    assert {d for d, _ in table} == {'fwd', 'bwd'} and ('fwd', 'shape') in table
+    assert all(0 <= v[2] <= 100 and 0 <= v[3] <= 100 for v in table.values())
+    shape_line = re.search(r'^fwd +shape +the likeliest shape word names the target.s shape '
+                           r'([\d.]+)% \(([\d.]+)% .*holds ([\d.]+)% \(([\d.]+)%\)$',
+                           proc.stdout, re.M)
+    assert shape_line and all(0 <= float(v) <= 100 for v in shape_line.groups())
+    # the named shape can be right only where it is one the image holds
+    assert float(shape_line[1]) <= float(shape_line[3])
+
+    model, saved = load_checkpoint(str(tiny_ckpt))
+    model.eval()
+    tok = Tokenizer(saved['config']['tokenizer'])
+    val = CocoCaptions(str(shapes / 'coco'), 'val2017', tok, saved['config']['image_size'],
+                       model.config.max_len, train=False, seed=0)
+    names, lookup = word_classes(val)
+    images, tokens, _ = collate([val[(0, i)] for i in range(len(val))])
+    with torch.no_grad():
+        memory = model.visual_features(normalize(images))
+        true, counts = losses_by_word_class(model, memory, tokens, lookup)
+        shuffled, _ = losses_by_word_class(model, memory.roll(1, 0), tokens, lookup)
+    for c, name in enumerate(names):
+        if counts[c] == 0:
+            continue
+        fwd, bwd = table['fwd', name], table['bwd', name]
+        assert fwd[0] + bwd[0] == counts[c]
+        both = (fwd[0] * fwd[1] + bwd[0] * bwd[1]) / (fwd[0] + bwd[0])
+        assert both == pytest.approx(((shuffled[c] - true[c]) / counts[c]).item(), abs=2e-3)
+    proc = run('dev/word_gaps.py', check=False)
+    assert proc.returncode != 0 and 'error: --ckpt: give a train.py checkpoint' in proc.stderr
+
+
 def test_finetune_study_probes_each_backbone_frozen_and_fine_tuned(shapes, tmp_path):
     world, out = tmp_path / 'world', tmp_path / 'study'
     world.mkdir()
