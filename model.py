@@ -330,19 +330,24 @@ class VirTex(nn.Module):
         if caption_tokens.shape[1] > self.config.max_len:
             raise ValueError(f"captions of {caption_tokens.shape[1]} ids exceed "
                              f"max_len={self.config.max_len}")
-        loss_fwd = self.caption_loss(memory, caption_tokens, 'fwd')
-        parts = {'fwd': loss_fwd.detach()}
-        loss = loss_fwd
+        loss, parts = 0, {}
+        for direction, tokens in self.directions(caption_tokens):
+            direction_loss = self.caption_loss(memory, tokens, direction)
+            parts[direction] = direction_loss.detach()
+            loss = loss + direction_loss
+        return loss, parts
+
+    def directions(self, caption_tokens: torch.Tensor) -> list:
+        """[(direction, its decoder's input ids)]: the captions as they are for the forward
+        decoder, and reversed for the backward one where there is one."""
+        directions = [('fwd', caption_tokens)]
         if self.layers_bwd is not None:
             # length = position of the last real id + 1
             # (a rare real <unk> inside a caption is id 0 too)
             real = (caption_tokens != self.config.pad_id).int()
             lengths = caption_tokens.shape[1] - real.flip(1).argmax(1)
-            tokens_bwd = reverse_captions(caption_tokens, lengths)
-            loss_bwd = self.caption_loss(memory, tokens_bwd, 'bwd')
-            parts['bwd'] = loss_bwd.detach()
-            loss = loss + loss_bwd
-        return loss, parts
+            directions.append(('bwd', reverse_captions(caption_tokens, lengths)))
+        return directions
 
     # ------------------------------------------------------------------------------------------
     # cached decoding (forward direction), used by caption.py

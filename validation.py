@@ -28,7 +28,6 @@ from coco import to_device
 from configurator import one_line_errors
 from evaluate import extract_features, read_voc_task
 from svm import svm_products_dtype, train_and_test_svms
-from model import reverse_captions
 from pretexts import CAPTIONERS, LOSS_PARTS
 
 
@@ -63,12 +62,7 @@ def losses_by_word_class(model, memory, tokens, lookup):
     (C,) their counts, for the captioning decoders."""
     sums = torch.zeros(int(lookup.max()) + 1, device=tokens.device)
     counts = torch.zeros_like(sums)
-    real = (tokens != model.config.pad_id).int()
-    lengths = tokens.shape[1] - real.flip(1).argmax(1)
-    directions = [('fwd', tokens)]
-    if getattr(model, 'layers_bwd', None) is not None:
-        directions.append(('bwd', reverse_captions(tokens, lengths)))
-    for direction, ids in directions:
+    for direction, ids in model.directions(tokens):
         targets = ids[:, 1:]
         classes = lookup[targets[targets != model.config.pad_id]]
         losses = model.caption_loss(memory, ids, direction, reduction='none')

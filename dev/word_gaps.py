@@ -23,7 +23,6 @@ from runs import HERE  # noqa: E402  (puts the project on the path)
 from checkpoints import load_checkpoint  # noqa: E402
 from coco import CocoCaptions, collate, normalize  # noqa: E402
 from configurator import configure, one_line_errors  # noqa: E402
-from model import reverse_captions  # noqa: E402
 from pretexts import CAPTIONERS  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from validation import word_classes  # noqa: E402
@@ -66,11 +65,10 @@ shape_of = {token: shape for token, shape in first.items() if shape}
 shape_tokens = torch.tensor(list(shape_of))
 image_ids = [str(int(os.path.splitext(os.path.basename(path))[0])) for path, _, _ in dataset.items]
 
-directions = ['fwd'] + (['bwd'] if getattr(model, 'layers_bwd', None) is not None else [])
 # per direction, per pairing (own image, rolled): per class: [loss sum, top-1 right, count]
-totals = {d: torch.zeros(2, len(names), 3) for d in directions}
+totals = {}
 # at shape targets, the likeliest shape word: [names the target's shape, one the image holds, count]
-held = {d: torch.zeros(2, 3) for d in directions}
+held = {}
 keys = [(0, i) for i in range(len(dataset))]
 for start in range(0, len(keys), batch_size):
     images, tokens, errors = collate([dataset[k] for k in keys[start:start + batch_size]])
@@ -79,20 +77,18 @@ for start in range(0, len(keys), batch_size):
     ids_here = image_ids[start:start + batch_size]
     with torch.no_grad():
         memory = model.visual_features(normalize(images))  # (B, N, H)
-        real = (tokens != model.config.pad_id).int()
-        lengths = tokens.shape[1] - real.flip(1).argmax(1)
-        for direction in directions:
-            ids = tokens if direction == 'fwd' else reverse_captions(tokens, lengths)
+        for direction, ids in model.directions(tokens):
             targets = ids[:, 1:]
             mask = targets != model.config.pad_id
             rows = torch.arange(len(ids))[:, None].expand_as(targets)[mask]
             for pairing, paired in enumerate((memory, memory.roll(1, 0))):
-                logits = model.lm_head(model.decode(paired, ids[:, :-1], direction)).float()
+                logits = model.logits(paired, ids[:, :-1], direction).float()
                 logits, wanted = logits[mask], targets[mask]
                 losses = torch.nn.functional.cross_entropy(logits, wanted, reduction='none')
                 guess = logits.argmax(-1)
                 word_class = lookup[wanted]
-                table = totals[direction][pairing]
+                table = totals.setdefault(direction, torch.zeros(2, len(names), 3))[pairing]
+                hits = held.setdefault(direction, torch.zeros(2, 3))
                 table[:, 0].index_add_(0, word_class, losses)
                 table[:, 1].index_add_(0, word_class, (guess == wanted).float())
                 table[:, 2].index_add_(0, word_class, torch.ones_like(losses))
@@ -104,12 +100,12 @@ for start in range(0, len(keys), batch_size):
                                    rows[at_shape].tolist()):
                     present = words['images'][ids_here[r]]['shape']['present']
                     right = [shape_of[g] == shape_of[w], shape_of[g] in present, 1]
-                    held[direction][pairing] += torch.tensor(right, dtype=torch.float)
+                    hits[pairing] += torch.tensor(right, dtype=torch.float)
 
 print(f"{ckpt}: {len(keys)} {split} images, each image's first caption, teacher-forced")
 print(f"{'direction':9} {'words':9} {'count':>6} {'gap nats':>9} {'top-1 own':>10} "
       f"{'top-1 other':>12}")
-for direction in directions:
+for direction in totals:
     own, other = totals[direction]
     for c, name in enumerate(names):
         count = own[c, 2].item()
