@@ -3408,6 +3408,14 @@ def test_word_gaps_splits_the_image_gap_by_direction(shapes, tiny_ckpt):
     assert shape_line and all(0 <= float(v) <= 100 for v in shape_line.groups())
     # the named shape can be right only where it is one the image holds
     assert float(shape_line[1]) <= float(shape_line[3])
+    # split by the shape kinds an image holds, the same picks: their weighted mean is the whole's
+    kinds_line = re.search(r'^fwd +shape +names the target.s shape in images of .*kinds: (.*)$',
+                           proc.stdout, re.M)
+    shares = [re.fullmatch(r'([\d.]+)% of (\d+)', part) for part in kinds_line[1].split(' / ')]
+    shares = [(float(m[1]), int(m[2])) for m in shares if m]
+    assert shares and all(0 <= share <= 100 for share, _ in shares)
+    weighted = sum(share * count for share, count in shares) / sum(count for _, count in shares)
+    assert weighted == pytest.approx(float(shape_line[1]), abs=0.1)
 
     model, saved = load_checkpoint(str(tiny_ckpt))
     model.eval()

@@ -3,9 +3,10 @@ Dev: where a captioner's words come from, direction by direction. For one train.
 synthetic world, the first reference caption of every val image is scored teacher-forced by each
 decoder, with its own image and with the next image's (the batch rolled by one, as train.py's
 image gap). Per direction and word class (shape, colour, ...): the image gap (nats per word), and
-how often the decoder's most likely next word is the target word, and for shape words how often it
-is a shape that the image holds (the generated captions' precision, with the rest of the caption
-given). The forward decoder writes the colour before the shape ("a yellow heart"), the backward
+how often the decoder's most likely next word is the target word, and for shape words how often its
+likeliest shape is the target's, or one that the image holds (the generated captions' precision,
+with the rest of the caption given); the first also by the number of shape kinds the image holds
+(with one kind, naming it needs no binding of shape to colour or place). The forward decoder writes the colour before the shape ("a yellow heart"), the backward
 one the shape before the colour, so the two say whether shape is missing from the features or only
 from the binding of a shape to its colour.
 
@@ -67,7 +68,9 @@ image_ids = [str(int(os.path.splitext(os.path.basename(path))[0])) for path, _, 
 
 # per direction, per pairing (own image, rolled): per class: [loss sum, top-1 right, count]
 totals = {}
-# at shape targets, the likeliest shape word: [names the target's shape, one the image holds, count]
+# at shape targets, the likeliest shape word, by the number of shape kinds the image holds (1..4+):
+# [names the target's shape, one the image holds, count]. Where the image holds one kind, naming it
+# needs no binding of a shape to its colour or place: only features that tell the shapes apart.
 held = {}
 keys = [(0, i) for i in range(len(dataset))]
 for start in range(0, len(keys), batch_size):
@@ -88,7 +91,7 @@ for start in range(0, len(keys), batch_size):
                 guess = logits.argmax(-1)
                 word_class = lookup[wanted]
                 table = totals.setdefault(direction, torch.zeros(2, len(names), 3))[pairing]
-                hits = held.setdefault(direction, torch.zeros(2, 3))
+                hits = held.setdefault(direction, torch.zeros(2, 4, 3))
                 table[:, 0].index_add_(0, word_class, losses)
                 table[:, 1].index_add_(0, word_class, (guess == wanted).float())
                 table[:, 2].index_add_(0, word_class, torch.ones_like(losses))
@@ -100,7 +103,8 @@ for start in range(0, len(keys), batch_size):
                                    rows[at_shape].tolist()):
                     present = words['images'][ids_here[r]]['shape']['present']
                     right = [shape_of[g] == shape_of[w], shape_of[g] in present, 1]
-                    hits[pairing] += torch.tensor(right, dtype=torch.float)
+                    kinds = min(len(present), 4) - 1
+                    hits[pairing, kinds] += torch.tensor(right, dtype=torch.float)
 
 print(f"{ckpt}: {len(keys)} {split} images, each image's first caption, teacher-forced")
 print(f"{'direction':9} {'words':9} {'count':>6} {'gap nats':>9} {'top-1 own':>10} "
@@ -114,8 +118,12 @@ for direction in totals:
         gap = (other[c, 0] - own[c, 0]).item() / count
         print(f"{direction:9} {name:9} {count:6.0f} {gap:9.3f} {100 * own[c, 1] / count:9.1f}% "
               f"{100 * other[c, 1] / count:11.1f}%")
-    hits = held[direction]
+    by_kinds, hits = held[direction], held[direction].sum(1)
     right, held_by_image = 100 * hits[:, 0] / hits[:, 2], 100 * hits[:, 1] / hits[:, 2]
     print(f"{direction:9} {'shape':9} the likeliest shape word names the target's shape "
           f"{right[0]:.1f}% ({right[1]:.1f}% with the next image's features), a shape the image "
           f"holds {held_by_image[0]:.1f}% ({held_by_image[1]:.1f}%)")
+    shares = ' / '.join(f"{100 * right / count:.1f}% of {count:.0f}" if count else '-'
+                        for right, count in by_kinds[0, :, ::2].tolist())
+    print(f"{direction:9} {'shape':9} names the target's shape in images of 1 / 2 / 3 / 4+ shape "
+          f"kinds: {shares}")
