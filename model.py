@@ -342,8 +342,7 @@ class VirTex(nn.Module):
         decoder, and reversed for the backward one where there is one."""
         directions = [('fwd', caption_tokens)]
         if self.layers_bwd is not None:
-            # length = position of the last real id + 1
-            # (a rare real <unk> inside a caption is id 0 too)
+            # length = the last real id's position + 1 (a rare real <unk> inside is id 0 too)
             real = (caption_tokens != self.config.pad_id).int()
             lengths = caption_tokens.shape[1] - real.flip(1).argmax(1)
             directions.append(('bwd', reverse_captions(caption_tokens, lengths)))

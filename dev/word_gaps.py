@@ -6,9 +6,10 @@ image gap). Per direction and word class (shape, colour, ...): the image gap (na
 how often the decoder's most likely next word is the target word, and for shape words how often its
 likeliest shape is the target's, or one that the image holds (the generated captions' precision,
 with the rest of the caption given); the first also by the number of shape kinds the image holds
-(with one kind, naming it needs no binding of shape to colour or place). The forward decoder writes the colour before the shape ("a yellow heart"), the backward
-one the shape before the colour, so the two say whether shape is missing from the features or only
-from the binding of a shape to its colour.
+(with one kind, naming it needs no binding of shape to colour or place). The forward decoder writes
+the colour before the shape ("a yellow heart"), the backward one the shape before the colour, so the
+two say whether shape is missing from the features or only from the binding of a shape to its
+colour.
 
   python dev/word_gaps.py --ckpt=out/shape_words/bicaptioning_x4_seed0/ckpt.pt
 """
