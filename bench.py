@@ -39,15 +39,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from configurator import NON_NEGATIVE, POSITIVE, CommaList, Interval, configure, native_bf16
-from augment import decode_and_augment
 from coco import CocoCaptions, collate, to_device
+from configurator import DEVICE, NON_NEGATIVE, POSITIVE, CommaList, Interval, configure
+from evaluate import native_bf16, svm_products_dtype
+from gpu_augment import decode_and_augment
 from lookahead import LookAhead
-from model import VirTex, VirTexConfig
+from model import VirTex, VirTexConfig, flops_per_image
 
 STAGES = ('train', 'train_data', 'data', 'caption', 'svm', 'torchrun')
 # ----------------------------------------------------------------------------------------------
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+device: DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # cpu, cuda, cuda:1, ...
 # training precisions to time, e.g. float32,bfloat16; auto: float32 and, where the hardware has it,
 # bfloat16 on a CPU; bfloat16 (else float16) on a GPU
 dtypes: Annotated[str, CommaList('auto', 'float32', 'bfloat16', 'float16')] = 'auto'
@@ -70,29 +71,26 @@ caption_steps: POSITIVE = 13  # decoding steps per caption (a COCO caption is ~1
 svm_images: Annotated[int, Interval('[60, inf)')] = 5011  # trainval images of the SVM stage
 peak_tflops: POSITIVE = 989.0  # per-GPU bf16 dense peak for MFU (H100/H200 989, A100 312)
 rows_file = ''              # also append each row here, as a markdown table line, when measured
-seed = 0
+seed = 0                    # the synthetic batches and images
 # ----------------------------------------------------------------------------------------------
-if __name__ == '__main__' and configure(globals()):  # dev/compare_pipeline.py imports this file
-    raise SystemExit("error: this script takes only --key=value flags")
-device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtypes == 'auto':
-    dtypes = ('bfloat16' if native_bf16(device) else 'float16') if device_type == 'cuda' else \
-        'float32,bfloat16' if native_bf16(device) else 'float32'
-dtype_list = dtypes.split(',')
+
+
+def device_type():
+    return 'cuda' if device.startswith('cuda') else 'cpu'
 
 
 def autocast(dtype):
-    return nullcontext() if dtype == 'float32' else torch.autocast(device_type,
+    return nullcontext() if dtype == 'float32' else torch.autocast(device_type(),
                                                                    dtype=getattr(torch, dtype))
 
 
-paper_batch = paper_batch or (32 if device_type == 'cuda' else 8)
-MODELS = {  # name: (model config, image size, training batch)
-    'shapes': (VirTexConfig(visual='resnet18', vocab_size=256, n_layer=1, n_embd=256, n_head=4), 64,
-               shapes_batch),
-    'paper': (VirTexConfig(visual='resnet50', vocab_size=10000, n_layer=1, n_embd=2048, n_head=32),
-              224, paper_batch),
-}
+def model_config(name):
+    """(model config, image size, training batch) of the CPU demo's model or the paper's."""
+    if name == 'shapes':  # config/shapes.py
+        return VirTexConfig(visual='resnet18', vocab_size=256, n_layer=1, n_embd=256,
+                            n_head=4), 64, shapes_batch
+    return VirTexConfig(visual='resnet50', vocab_size=10000, n_layer=1, n_embd=2048,
+                        n_head=32), 224, paper_batch or (32 if device_type() == 'cuda' else 8)
 
 
 def reset_peak_memory(device):
@@ -117,26 +115,8 @@ def peak_memory_gb(device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def flops_per_image(model, image_size: int = 224, caption_len: int = 16) -> int:
-    """FLOPs of one training step (forward + backward) of any pretext's model for one image and
-    caption, counted by torch's FlopCounterMode on a real pass (matmuls and convolutions): what
-    MFU divides by."""
-    from torch.utils.flop_counter import FlopCounterMode
-    device = next(model.parameters()).device
-    images = torch.zeros(1, 3, image_size, image_size, device=device)
-    tokens = torch.full((1, caption_len), 5, device=device)
-    tokens[0, 0], tokens[0, -1] = model.config.sos_id, model.config.eos_id
-    was_training = model.training
-    model.train()
-    with FlopCounterMode(display=False) as counter:
-        model(images, tokens)[0].backward()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return counter.get_total_flops()
-
-
 def sync():
-    if device_type == 'cuda':
+    if device_type() == 'cuda':
         torch.cuda.synchronize()
 
 
@@ -163,12 +143,12 @@ def add_row(*row):
 
 
 def bench_train(name, dtype, loader=None, decode=False):
-    """Time training steps of a MODELS entry in `dtype`: on one synthetic batch, or on the loader's
+    """Time training steps of a model_config in `dtype`: on one synthetic batch, or on the loader's
     batches (decode: JPEG files, decoded and augmented on the device)."""
-    cfg, size, B = MODELS[name]
+    cfg, size, B = model_config(name)
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last)
-    flops = flops_per_image(model, size) if device_type == 'cuda' else None
+    flops = flops_per_image(model, size) if device_type() == 'cuda' else None
     # as train.py
     sgd = torch.optim.SGD(model.param_groups(1e-4, 0.2, 0.001), momentum=0.9, fused=True)
     optimizer = LookAhead(sgd, 5, 0.5)
@@ -209,7 +189,7 @@ def bench_train(name, dtype, loader=None, decode=False):
 def bench_train_data(name, dtype):
     """The training step fed by the real data path: 640x480 JPEGs through CocoCaptions and
     data_workers workers, decoded and augmented where decode_on says."""
-    cfg, size, B = MODELS[name]
+    cfg, size, B = model_config(name)
     n = B * (warmup_steps + timed_steps + 2)
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, n, 640, 480)
@@ -218,7 +198,7 @@ def bench_train_data(name, dtype):
                                    train=True, seed=seed, decode_on_device=where == 'device')
             loader = torch.utils.data.DataLoader(
                 dataset, sampler=[(0, i) for i in range(n)], batch_size=B,
-                num_workers=data_workers, drop_last=True, pin_memory=device_type == 'cuda',
+                num_workers=data_workers, drop_last=True, pin_memory=device_type() == 'cuda',
                 collate_fn=partial(collate, pad_to=cfg.max_len if compile else 0))
             bench_train(name, dtype, loader, decode=where == 'device')
 
@@ -319,7 +299,7 @@ def bench_data():
 
 def bench_caption(name):
     from caption import beam_search
-    cfg, size, _ = MODELS[name]
+    cfg, size, _ = model_config(name)
     torch.manual_seed(seed)
     model = VirTex(cfg).to(device, memory_format=torch.channels_last).eval()
     with torch.no_grad():
@@ -346,7 +326,7 @@ def bench_caption(name):
 
 
 def bench_svm():
-    from svm import svm_products_dtype, train_and_test_svms
+    from svm import train_and_test_svms
     g = torch.Generator().manual_seed(seed)
     C, D = 20, 2048
     # VOC07-like stand-ins: nonnegative, L2-normalized, correlated features with a class signal
@@ -370,7 +350,14 @@ def bench_svm():
 
 
 def main():
-    if device_type == 'cuda':  # as train.py
+    if rows_file and (os.path.isdir(rows_file) or
+                      not os.path.isdir(os.path.dirname(os.path.abspath(rows_file)))):
+        raise SystemExit(f"error: --rows_file={rows_file}: not a file in a folder that exists")
+    dtype_list = dtypes.split(',')
+    if dtypes == 'auto':  # bf16 where native, beside float32 on a CPU; else fp16 on a GPU
+        dtype_list = ['bfloat16' if native_bf16(device) else 'float16'] if device_type() == 'cuda' \
+            else ['float32', 'bfloat16'] if native_bf16(device) else ['float32']
+    if device_type() == 'cuda':  # as train.py
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     chosen = stages.split(',')
@@ -401,4 +388,5 @@ def main():
 
 
 if __name__ == '__main__':
+    configure(globals())
     main()

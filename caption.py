@@ -11,37 +11,30 @@ JSON, CIDEr-D, and attention figures.
 
 Captions go to stdout, one "path<TAB>caption" per image; progress and timing go to stderr. With
 --coco_root the last line is "CIDEr: xx.x" (CIDEr-D x 100, PTB-style tokenization in Python;
-SPICE needs Java and is not computed); before it, on a synthetic world (its words_<split>.json),
-each word class's share of words true of their image and of the image's facts named. Images that
-fail to load are reported by name and skipped, and the exit code is 1 if any did. Decoding: the
-image is encoded once, cross-attention keys and values once per image, self-attention through a
-key/value cache; beams of all images advance together and finished images stop costing work.
+SPICE needs Java and is not computed). Images that fail to load are reported by name and skipped,
+and the exit code is 1 if any did. Decoding: the image is encoded once, cross-attention keys and
+values once per image, self-attention through a key/value cache; beams of all images advance
+together and finished images stop costing work. The decoding functions need only a model with
+model.py's decode_step: this file imports nothing else of the project until its command line runs.
 """
+
+from __future__ import annotations  # the checks of the config below: configure() reads them
 
 import json
 import math
 import os
-import re
 import sys
 import time
 import warnings
-from collections import Counter
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from checkpoints import load_checkpoint, load_official
-from cider import score
-from augment import to_uint8_tensor
-from coco import IMAGE_EXTENSIONS, load_eval_image, normalize, read_coco_split
-from configurator import (NON_NEGATIVE, POSITIVE, PROBABILITY, Needs, check_device, check_outputs,
-                          configure, one_line_errors, write_atomically)
-from model import VirTex
-from pretexts import CAPTIONERS, CapPa
-from tokenizer import Tokenizer
+if TYPE_CHECKING:  # only the command line imports the project's other files: see the header
+    from configurator import DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY, Needs
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ''               # this project's checkpoint (train.py); its tokenizer path is inside
@@ -58,11 +51,11 @@ top_p: PROBABILITY = 0.0  # > 0: nucleus sampling with this p instead of beam se
 parallel = False
 temperature: POSITIVE = 1.0  # for sampling
 seed = 0                # for sampling
-batch_size: POSITIVE = 8
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+batch_size: POSITIVE = 8  # images per forward pass
+device: DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # cpu, cuda, cuda:1, ...
 # COCO layout: caption <coco_root>/<split>/ and score it against the annotations
 coco_root = ''
-split = 'val2017'
+split = 'val2017'       # with coco_root: the split to caption
 limit: NON_NEGATIVE = 0  # with coco_root: caption only the first `limit` images (0: all)
 # score this COCO results JSON instead of captioning
 results: Annotated[str, Needs('coco_root', why=' (and --split) for the references')] = ''
@@ -72,7 +65,8 @@ attention_dir = ''      # write one attention figure per image here
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """(B, 3, S, S) normalized model input from RGB PIL images."""
+    """(B, 3, S, S) normalized model input from RGB PIL images (evaluate.py's eval transform)."""
+    from evaluate import normalize, to_uint8_tensor
     return normalize(torch.stack([to_uint8_tensor(image) for image in images]))
 
 
@@ -80,7 +74,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 # decoding
 
 @torch.no_grad()
-def beam_search(model: VirTex, memory: torch.Tensor, beam_size: int = 5,
+def beam_search(model, memory: torch.Tensor, beam_size: int = 5,
                 candidates_per_beam: int = 2, max_steps: int = 30) -> list[list[int]]:
     """Highest-scoring caption per image (sum of log-probs, no length penalty), without [SOS]/[EOS].
 
@@ -143,7 +137,7 @@ def select_cache(cache, rows: torch.Tensor):
 
 
 @torch.no_grad()
-def parallel_decode(model: CapPa, memory: torch.Tensor) -> list[list[int]]:
+def parallel_decode(model, memory: torch.Tensor) -> list[list[int]]:
     """cappa's parallel mode: every position's most likely id at once from [MASK] inputs, up to the
     first [EOS]. One decoder pass; shows what the backbone and decoder read from the image with no
     words given."""
@@ -152,7 +146,7 @@ def parallel_decode(model: CapPa, memory: torch.Tensor) -> list[list[int]]:
 
 
 @torch.no_grad()
-def sample(model: VirTex, memory: torch.Tensor, top_p: float = 0.9, temperature: float = 1.0,
+def sample(model, memory: torch.Tensor, top_p: float = 0.9, temperature: float = 1.0,
            max_steps: int = 30, generator: torch.Generator | None = None) -> list[list[int]]:
     """Nucleus sampling: draw each word from the smallest set of words whose probability reaches
     top_p."""
@@ -191,7 +185,7 @@ def words_until_eos(ids: list[int], cfg) -> list[int]:
 
 
 @torch.no_grad()
-def word_attention(model: VirTex, memory: torch.Tensor, words: list[int]) -> torch.Tensor:
+def word_attention(model, memory: torch.Tensor, words: list[int]) -> torch.Tensor:
     """Last layer's cross-attention (mean over heads) while predicting each word of one caption and
     then [EOS]: (len(words) + 1, N), fewer rows if the caption filled all max_len positions. memory
     (1, N, H)."""
@@ -236,99 +230,53 @@ def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tenso
     return figure
 
 
-def word_scores(candidates: dict, words_path: str) -> list[str]:
-    """Lines of a table: for each word class of a synthetic world's words_<split>.json (shape,
-    colour, ...), how many words of the captions ({image_id: caption}) fall in it, how many of
-    those are true of their image (present), how many of the values each image shows are named
-    (recall), and the words named most."""
-    try:
-        with open(words_path) as f:
-            words = json.load(f)
-        truth, classes = words['images'], words['classes']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{words_path}: not a words file ({type(e).__name__}: {e})") from None
-    named = {name: Counter() for name in classes}
-    right, shown, recalled = Counter(), Counter(), Counter()
-    for image, caption in candidates.items():
-        facts = truth.get(str(image))
-        if facts is None:
-            raise ValueError(f"{words_path}: has no words of image {image}")
-        values = {name: set() for name in classes}
-        for word in re.findall(r'[a-z]+', caption.lower()):
-            for name, vocabulary in classes.items():
-                if word in vocabulary:
-                    named[name][word] += 1
-                    right[name] += vocabulary[word] in facts[name]['present']
-                    values[name].add(vocabulary[word])
-        for name in classes:
-            shown[name] += len(facts[name]['shown'])
-            recalled[name] += len(values[name] & set(facts[name]['shown']))
-    lines = [f"{'words':<9} {'named':>6} {'present':>8} {'recall':>7}  most named"]
-    for name in classes:
-        total = sum(named[name].values())
-        common = ', '.join(f"{w} {n}" for w, n in named[name].most_common(3))
-        lines.append(f"{name:<9} {total:>6} {100 * right[name] / max(total, 1):>7.1f}% "
-                     f"{100 * recalled[name] / max(shown[name], 1):>6.1f}%  {common}")
-    return lines
-
-
 def image_id(path: str):
     """COCO results use the integer id in a COCO file name (000000397133.jpg -> 397133)."""
     stem = os.path.splitext(os.path.basename(path))[0]
     return int(stem) if stem.isdigit() else stem
 
 
-def print_word_scores(candidates):
-    """word_scores of a COCO split whose world says which words are true of each image."""
-    path = os.path.join(coco_root, 'annotations', f'words_{split}.json')
-    if os.path.exists(path):
-        print('\n'.join(word_scores(candidates, path)), flush=True)
+def score_results(paths):
+    """--results: the CIDEr of a COCO results file against the split's references."""
+    from cider import score
+    from coco import read_coco_split
+    ignored = [flag for flag, value in (('ckpt', ckpt), ('official', official), ('out', out),
+                                        ('top_p', top_p), ('parallel', parallel),
+                                        ('attention_dir', attention_dir), ('limit', limit))
+               if value] + (['image paths'] if paths else [])
+    if ignored:
+        raise SystemExit(f"error: --results scores a file and captions nothing: drop "
+                         f"{', '.join(ignored)}")
+    try:
+        with open(results) as f:
+            entries = json.load(f)
+        if not isinstance(entries, list):
+            raise TypeError(f"a list of {{image_id, caption}} records is expected, not a "
+                            f"{type(entries).__name__}")
+        candidates = {e['image_id']: e['caption'] for e in entries}
+    except OSError as e:
+        raise SystemExit(f"error: {results}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise SystemExit(
+            f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
+    if not candidates:
+        raise SystemExit(f"error: {results}: holds no captions to score")
+    references = {i: refs for i, _, refs in read_coco_split(coco_root, split)}
+    print(f"CIDEr: {score(candidates, references):.1f}")
 
 
-def main():
-    global image_size
-    paths = configure(globals())
-    # images larger than PIL's own limit are refused as possible decompression bombs
-    warnings.simplefilter('error', Image.DecompressionBombWarning)
-    check_device(device)
-    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-        # now, not after captioning
-        raise SystemExit(f"error: --out={out}: its folder does not exist")
-    if results:  # score an existing results file, caption nothing
-        ignored = [flag for flag, value in (('ckpt', ckpt), ('official', official), ('out', out),
-                                            ('top_p', top_p), ('parallel', parallel),
-                                            ('attention_dir', attention_dir), ('limit', limit))
-                   if value] + (['image paths'] if paths else [])
-        if ignored:
-            raise SystemExit(f"error: --results scores a file and captions nothing: drop "
-                             f"{', '.join(ignored)}")
-        try:
-            with open(results) as f:
-                entries = json.load(f)
-            if not isinstance(entries, list):
-                raise TypeError(f"a list of {{image_id, caption}} records is expected, not a "
-                                f"{type(entries).__name__}")
-            candidates = {e['image_id']: e['caption'] for e in entries}
-        except OSError as e:
-            raise SystemExit(f"error: {results}: {e.strerror}") from None
-        except (ValueError, KeyError, TypeError) as e:
-            raise SystemExit(
-                f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
-        if not candidates:
-            raise SystemExit(f"error: {results}: holds no captions to score")
-        references = {i: refs for i, _, refs in read_coco_split(coco_root, split)}
-        print_word_scores(candidates)
-        print(f"CIDEr: {score(candidates, references):.1f}")
-        return
-
-    # the model and its tokenizer
+def load_captioner():
+    """The model to caption with, on `device`, its tokenizer's path and its training's image
+    size; one-line exits where they do not fit."""
+    from checkpoints import load_checkpoint, load_official
+    from pretexts import CAPTIONERS
+    from tokenizer import Tokenizer
     if bool(ckpt) == bool(official):
         raise SystemExit("error: give exactly one of --ckpt=PATH (this project) or --official=PATH "
                          "(kdexd/virtex)")
     if ckpt:
         model, saved = load_checkpoint(ckpt)
-        # the training run's settings
-        model, trained = model.to(device).eval(), saved.get('config', {})
+        model, trained = model.to(device).eval(), saved.get('config', {})  # the training's config
     else:
         model, trained = load_official(official, device), {}
     source = ckpt or official
@@ -351,7 +299,21 @@ def main():
         raise SystemExit(f"error: {tokenizer_path}: not the vocabulary {ckpt} was trained with "
                          "(its pieces differ: replaced since, or another one); pass that one as "
                          "--tokenizer")
-    image_size = image_size or trained.get('image_size', 224)
+    return model, tok, tokenizer_path, image_size or trained.get('image_size', 224)
+
+
+def main(paths):
+    from coco import read_coco_split
+    from evaluate import IMAGE_EXTENSIONS, load_eval_image
+    from safety import check_outputs, write_atomically
+    # images larger than PIL's own limit are refused as possible decompression bombs
+    warnings.simplefilter('error', Image.DecompressionBombWarning)
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        # now, not after captioning
+        raise SystemExit(f"error: --out={out}: its folder does not exist")
+    if results:  # score an existing results file, caption nothing
+        return score_results(paths)
+    model, tok, tokenizer_path, size = load_captioner()
 
     # the images: files and folders from the command line, or a COCO split
     references = None
@@ -385,7 +347,7 @@ def main():
         batch, images = [], []
         for path in files[start:start + batch_size]:
             try:
-                images.append(load_eval_image(path, image_size))
+                images.append(load_eval_image(path, size))
                 batch.append(path)
             except Exception as e:  # one bad file must not stop the others
                 failures += 1
@@ -429,13 +391,16 @@ def main():
         entries = [{'image_id': image_id(p), 'caption': c} for p, c in captions.items()]
         write_atomically(out, lambda f: json.dump(entries, f), mode='w')
     if references is not None and captions:
+        from cider import score
         candidates = {image_id(p): c for p, c in captions.items()}
-        print_word_scores(candidates)
         print(f"CIDEr: {score(candidates, references):.1f}")
     if failures:
         sys.exit(1)
 
 
 if __name__ == '__main__':
+    from configurator import configure
+    from safety import one_line_errors
+    image_paths = configure(globals(), arguments='images')
     with one_line_errors():
-        main()
+        main(image_paths)

@@ -1,9 +1,8 @@
 """
 Every weight file this project reads, read as untrusted input (torch.load with weights_only=True):
 its own train.py checkpoints, those of the official VirTex code (kdexd/virtex), and the torchvision,
-MoCo and VISSL backbones that evaluate.py and probe.py judge. For train.py: load_for_resume refuses
-a checkpoint that cannot continue the run, restore_training_state puts the rest of its state back,
-and save_checkpoint writes one.
+MoCo and VISSL backbones that evaluate.py and probe.py judge. (Writing and resuming a run's
+checkpoints is safety.py's, beside the rest of the run folder.)
 
     from checkpoints import load_backbone, load_model, load_official
     model = load_model('out/ckpt.pt')      # a train.py checkpoint, any pretext
@@ -21,39 +20,16 @@ output layer), its backbone a torchvision ResNet under `visual.cnn.`. The files 
 classification pretexts (`textual.output.*`, a linear layer) load as backbones; a masked-LM file has
 the keys of a forward-captioning one and loads as one (only its backbone means anything). Errors are
 ValueErrors (FileNotFoundError for a missing file) that name the file.
-Imports torch, torchvision, configurator.py, model.py and pretexts.py only.
+Imports torch, evaluate.py, model.py, pretexts.py and safety.py only.
 """
 
-import os
-import pickle
-import re
-from dataclasses import asdict
-
 import torch
-import torch.distributed as dist
 import torch.nn as nn
-import torchvision
 
-from configurator import write_atomically
+from evaluate import random_backbone
 from model import VirTex, VirTexConfig
 from pretexts import pretext_model
-
-
-def load_file(path: str):
-    """torch.load(path, weights_only=True), with one-line reasons for the files it refuses."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {path}: no such file") from None
-    except pickle.UnpicklingError as e:
-        found = re.search(r'unsupported (?:global: )?GLOBAL (\S+)', str(e), re.IGNORECASE)
-        if found:
-            raise ValueError(f"checkpoint {path}: holds Python objects ({found.group(1)}), not "
-                             f"only tensors; refused because loading it could run code") from None
-        raise ValueError(f"checkpoint {path}: cannot be read (not a torch checkpoint)") from None
-    except Exception as e:  # truncated zip, not a torch file, ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"checkpoint {path}: cannot be read ({reason[:200]})") from None
+from safety import load_file, read_checkpoint
 
 
 def load_model(path: str, device='cpu') -> VirTex:
@@ -65,13 +41,8 @@ def load_model(path: str, device='cpu') -> VirTex:
 
 def load_checkpoint(path: str) -> tuple[VirTex, dict]:
     """A train.py checkpoint as (model with its weights, the whole checkpoint dict, whose 'config'
-    is the run's): the one loading path of evaluate.py, caption.py and train.py's resume."""
-    ckpt = load_file(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model'), dict) or \
-            not isinstance(ckpt.get('model_args'), dict):
-        raise ValueError(f"checkpoint {path}: not a checkpoint of this project (expected "
-                         f"'model' and 'model_args'; official VirTex files load with "
-                         f"load_official)")
+    is the run's): the one loading path of evaluate.py, probe.py, caption.py and export.py."""
+    ckpt = read_checkpoint(path)
     try:
         cfg = VirTexConfig(**ckpt['model_args'])
         model = pretext_model(cfg)
@@ -80,109 +51,6 @@ def load_checkpoint(path: str) -> tuple[VirTex, dict]:
             f"checkpoint {path}: its model_args do not describe a VirTex model ({e})") from None
     load_strict(model, ckpt['model'], path)
     return model, ckpt
-
-
-def load_for_resume(path: str, model_args: dict, config: dict, tokenizer_pieces: str,
-                    train_subset) -> tuple[VirTex, dict]:
-    """A train.py checkpoint that can continue the run of this config (train.py's, resolved), as
-    load_checkpoint gives it; otherwise a ValueError (FileNotFoundError) naming the file and what
-    stands in the way."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--init_from=resume: {path} does not exist")
-    model, ckpt = load_checkpoint(path)
-    saved = asdict(model.config)
-    changed = [f"{k}={saved[k]!r} in the checkpoint, {v!r} now" for k, v in model_args.items()
-               if saved[k] != v]
-    if changed:
-        raise ValueError(f"{path}: the model differs from the config: {'; '.join(changed)}")
-    missing = [k for k in ('optimizer', 'iter_num', 'data_position', 'rng_state', 'world_size')
-               if k not in ckpt]
-    if missing:
-        raise ValueError(f"{path}: cannot resume from it: no {', '.join(missing)} (a model-only "
-                         "file?)")
-    if ckpt['tokenizer_pieces'] != tokenizer_pieces:
-        raise ValueError(f"{path}: was trained with another tokenizer than {config['tokenizer']} "
-                         "(its pieces differ, so the ids would mean other words)")
-    if ckpt['train_subset'] != train_subset:  # --train_fraction or --seed changed: other images
-        raise ValueError(f"{path}: was trained on other images (--train_fraction="
-                         f"{ckpt['config']['train_fraction']}, --seed={ckpt['config']['seed']})")
-    # the seed drives the data order, the augmentation and dropout; the optimizer's state and the
-    # labels must be the ones the run began with ('': a checkpoint from before the key existed)
-    for key in ('seed', 'optimizer', 'label_categories'):
-        if ckpt['config'].get(key, '') != config[key]:
-            raise ValueError(f"{path}: was trained with --{key}={ckpt['config'].get(key, '')}, "
-                             f"not {config[key]}: a resume continues the same run")
-    if ckpt['iter_num'] >= config['max_iters']:
-        raise ValueError(f"{path}: is at iteration {ckpt['iter_num']} already; give --max_iters "
-                         "above it to train on (the learning-rate schedule follows max_iters)")
-    return model, ckpt
-
-
-def restore_training_state(path: str, ckpt: dict, optimizer, scaler, rank: int,
-                           world_size: int) -> tuple[int, tuple, dict, int, float, str]:
-    """Put the training state of a load_for_resume checkpoint back: the optimizer's state and the
-    gradient scaler's (the learning rates, momentum and weight decay stay this run's), and this
-    process's RNGs. Returns (iter_num, data position, best VOC, images skipped so far, seconds
-    trained so far, a note to print or ''). With another number of processes the same images make
-    each iteration, split anew, and the RNGs stay as this run seeded them: close to an unbroken
-    run, not bitwise."""
-    settings = [{k: v for k, v in group.items() if k != 'params'}
-                for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(ckpt['optimizer'])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: its optimizer state does not fit this run "
-                         f"({type(e).__name__}: {e})") from None
-    for group, setting in zip(optimizer.param_groups, settings):
-        group.update(setting)
-    scaler.load_state_dict(ckpt['scaler'])
-    epoch, batch = ckpt['data_position']
-    note = ''
-    if ckpt['world_size'] == world_size:
-        torch.set_rng_state(ckpt['rng_state'][rank])
-        if ckpt['cuda_rng_state'] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(ckpt['cuda_rng_state'][rank])
-    else:
-        batch = batch * ckpt['world_size'] // world_size
-        note = (f"{path} was written by {ckpt['world_size']} process(es), this run has "
-                f"{world_size}: the global batch stays the same, split anew, and the data order "
-                "and dropout differ from an unbroken run")
-    return (ckpt['iter_num'], (epoch, batch), ckpt['best_voc'], ckpt['bad_images'],
-            ckpt.get('time', 0.0), note)
-
-
-def save_checkpoint(path: str, model: nn.Module, state: dict, optimizer=None, scaler=None,
-                    diverged=None) -> None:
-    """A train.py checkpoint, written whole or not at all: the model's weights and `state` (its
-    model_args, config, iteration, ...); with the optimizer, all a resume needs besides: the
-    optimizer's and the gradient scaler's state and every process's RNG states, so that each one
-    resumes its own dropout stream. Under torchrun every process calls it and rank 0 writes. A
-    diverged run (non-finite weights, or `diverged`, a bool tensor: the loss was) never replaces a
-    good checkpoint: ValueError. OSError naming the file if it cannot be written."""
-    full, on_cuda = optimizer is not None, next(model.parameters()).is_cuda
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    if full:
-        weight_norm = torch.stack([p.detach().float().norm() for p in model.parameters()]).sum()
-        bad = ~torch.isfinite(weight_norm) | (False if diverged is None else diverged)
-        if world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            raise ValueError(f"{path}: not written: the loss or the weights became non-finite")
-    rng_states = [torch.get_rng_state()]
-    cuda_rng_states = [torch.cuda.get_rng_state()] if on_cuda else []
-    if full and world_size > 1:
-        rng_states, cuda_rng_states = [None] * world_size, [None] * world_size
-        dist.all_gather_object(rng_states, torch.get_rng_state())
-        if on_cuda:
-            dist.all_gather_object(cuda_rng_states, torch.cuda.get_rng_state())
-    if rank:
-        return
-    checkpoint = {'model': model.state_dict(), **state}
-    if full:
-        checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                          world_size=world_size, rng_state=rng_states,
-                          cuda_rng_state=cuda_rng_states)
-    write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_strict(model: nn.Module, state: dict, path: str, backbone_only: bool = False) -> None:
@@ -374,14 +242,7 @@ def load_backbone(ckpt: str = '', init: str = '', visual: str = 'resnet50', imag
     elif init != 'random':
         raise ValueError(f"--init={init}: expected random, torchvision:PATH, virtex:PATH, "
                          "moco:PATH or vissl:PATH")
-    torch.manual_seed(seed)
-    try:
-        backbone = torchvision.models.get_model(arch, weights=None,
-                                                zero_init_residual=zero_init_residual)
-    except ValueError:
-        raise ValueError(f"--visual={arch}: not a torchvision model name (e.g. resnet50)") from None
-    # forward now ends at the global average pool: (B, 2048) for ResNet-50
-    backbone.fc = nn.Identity()
+    backbone = random_backbone(arch, seed, zero_init_residual)
     if state is not None:
         try:
             backbone.load_state_dict(state)

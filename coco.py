@@ -1,45 +1,52 @@
 """
-Images and captions in the COCO layout, and the image transforms every stage shares.
+COCO-layout captions and instances, the pretraining dataset, its batches and the paper's training
+augmentation, run in the DataLoader workers.
 
-    from coco import (CocoCaptions, collate, read_coco_split, read_instances, load_eval_image,
-                      normalize)
+    from coco import CocoCaptions, TrainBatches, collate, read_instances, val_batches
     data = CocoCaptions('data/coco', 'train2017', tokenizer, image_size=224, max_len=30,
                         train=True, seed=0)
-    # {'image': (3, S, S) uint8, 'tokens': (T,) long}, or {'error': '...'}
-    sample = data[(epoch, index)]
-    # for the multilabel pretext: CocoCaptions(..., labels=labels)
-    names, labels = read_instances('data/coco', 'train2017')
-    # shorter side to 256, center 224 crop: train.py's val, evaluate.py's VOC features and
-    # caption.py all use it
-    image = load_eval_image('photo.jpg', 224)
+    sample = data[(epoch, index)]   # {'image': (3, S, S) uint8, 'tokens': (T,) long}, or {'error'}
+    names, labels = read_instances('data/coco', 'train2017')  # the multilabel pretext's labels
 
-Train augmentation (augment.py), as in the paper: random resized crop (area scale (0.2, 1), aspect
-ratio (3/4, 4/3)), horizontal flip with p=0.5 that swaps the words left/right in the caption, colour
-jitter (brightness, contrast, saturation 0.4, hue 0.1) with p=0.8; the crop's smallest scale and the
-jitter's probability are arguments. Every random choice of an item comes from a generator seeded
-with (seed, epoch, index), so batches do not depend on the number of workers and a resumed run sees
-exactly the batches an unbroken one would. With decode_on_device the workers only read each JPEG and
-draw its choices, and TrainBatches decodes and augments the batch on the training device. Images
-stay uint8 until the device (`normalize`). Errors are ValueError / OSError naming the file; a sample
-that fails to decode is returned as {'error': ...} for the caller to count.
+The augmentation, as in the paper: random resized crop (area scale (min_crop_scale, 1), aspect ratio
+(3/4, 4/3)), a horizontal flip with p=0.5 that swaps the words left/right in the caption, colour
+jitter (brightness, contrast, saturation 0.4, hue 0.1) with p=0.8. Every random choice of an item
+comes from a generator seeded with (seed, epoch, index), always in the same order, so batches do not
+depend on the number of workers and a resumed run sees exactly the batches an unbroken one would.
+Validation images take the eval transform every stage shares (evaluate.py's). Images stay uint8
+until the device (`to_device`). With decode_on_device the workers only read each JPEG and draw its
+choices, and gpu_augment.py decodes and augments the whole batch on the training device.
+CPU speed: a JPEG whose crop keeps at least twice the output size is decoded at 1/2, 1/4 or 1/8
+scale by libjpeg itself; the crop is resized as a uint8 tensor (torch's vectorized antialiased
+bilinear, the same filter as PIL's); the flip runs on the uint8 crop and the jitter in float32, each
+op clamped to [0, 255] as torchvision's are. `python dev/compare_pipeline.py` times it against the
+official OpenCV + albumentations pipeline on the same JPEGs. Errors are ValueError / OSError naming
+the file; a sample that fails to decode is returned as {'error': ...} for the caller to count.
 """
 
 import json
+import math
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-from augment import (color_jitter, decode_and_augment, draw_jitter, jpeg_bytes, random_box,
-                     random_resized_crop, resize_box, to_uint8_tensor)
+from evaluate import load_eval_image, normalize, resize_box, to_rgb, to_uint8_tensor
 from tokenizer import read_coco_captions
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# PIL reads these
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif',
-                    '.tiff', '.webp')
+try:
+    # torchvision >= 0.8; its image decoders are announced to move to torchcodec: PIL takes over
+    # then (and decode_on=device is refused)
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
+
+GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's convert('L')
+HUE_SECTORS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 
 
 def read_coco_split(root: str, split: str) -> list[tuple[int, str, list[str]]]:
@@ -101,28 +108,120 @@ def swap_left_right(caption: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# the eval transform
+# the training augmentation
 
-def center_box(width: int, height: int, size: int):
-    """The eval transform's crop in source pixels: shorter side to round(size * 8/7) (256 for 224),
-    center size."""
-    side = min(width, height) * size / round(size * 8 / 7)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
-
-
-def load_eval_image(path: str, size: int) -> Image.Image:
-    """The eval transform of every stage: decode, shorter side to round(size * 8/7), center crop
-    size x size, RGB."""
-    with Image.open(path) as image:
-        return resize_box(image, center_box(*image.size, size), size)
+def random_box(W, H, rng, min_scale):
+    """Random resized crop's box: area scale (min_scale, 1), aspect ratio (3/4, 4/3), drawn as
+    torchvision does."""
+    for _ in range(10):
+        area = W * H * rng.uniform(min_scale, 1.0)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < w <= W and 0 < h <= H:
+            left, top = rng.integers(0, W - w + 1), rng.integers(0, H - h + 1)
+            return left, top, left + w, top + h
+    return 0, 0, W, H  # fall back to the whole image
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) uint8 -> float, ImageNet mean/std normalized, on the pixels' device."""
-    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1) * 255
-    return (pixels.float() - mean) / std
+def random_resized_crop(image: Image.Image, box, size: int) -> torch.Tensor:
+    """The integer box (left, top, right, bottom) of an opened, not yet decoded image, resized to
+    (3, size, size) uint8 with antialiased bilinear filtering (the filter of PIL's resize)."""
+    if image.format == 'JPEG' and min(box[2] - box[0], box[3] - box[1]) >= 2 * size:
+        # a DCT-scaled decode, then PIL's fractional box
+        return to_uint8_tensor(resize_box(image, box, size))
+    if image.format == 'JPEG' and image.mode in ('RGB', 'L') and decode_jpeg is not None:
+        # libjpeg-turbo through torchvision: PIL's decoder, straight into a (3, H, W) tensor (no
+        # copy out of PIL)
+        pixels = decode(jpeg_bytes(image), 'cpu')
+    else:
+        image = to_rgb(image)
+        # PIL keeps RGB pixels as RGBX: exporting them as they are costs half of packing them to RGB
+        # torch warns about read-only buffers; this one is only read
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)
+            pixels = torch.frombuffer(image.tobytes('raw', 'RGBX'), dtype=torch.uint8)
+        # (4, H, W), channels last in memory
+        pixels = pixels.view(image.size[1], image.size[0], 4).permute(2, 0, 1)
+    left, top, right, bottom = box
+    pixels = F.interpolate(pixels[None, :, top:bottom, left:right], size=(size, size),
+                           mode='bilinear',
+                           antialias=True, align_corners=False)  # torch's vectorized uint8 kernel
+    return pixels[0, :3].contiguous()  # (3, size, size)
+
+
+def jpeg_bytes(image: Image.Image) -> torch.Tensor:
+    """The whole file of an opened JPEG (PIL has read only its header) as a uint8 tensor."""
+    image.fp.seek(0)
+    return torch.frombuffer(bytearray(image.fp.read()), dtype=torch.uint8)
+
+
+def decode(jpegs, device):
+    """torchvision's decode_jpeg to RGB: one file's bytes -> (3, H, W) uint8, or a list of them ->
+    a list, decoded together (nvJPEG's batched decoder on a GPU)."""
+    # torchvision 0.29 announces that its decoders will move to torchcodec
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        return decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device)
+
+
+def draw_jitter(rng) -> tuple:
+    """The colour jitter's draws: brightness, contrast and saturation factors in [0.6, 1.4], a hue
+    shift in [-0.1, 0.1] of the colour circle, and the order of the four ops."""
+    b, c, s = rng.uniform(0.6, 1.4, size=3)
+    hue = rng.uniform(-0.1, 0.1)
+    return float(b), float(c), float(s), float(hue), [int(i) for i in rng.permutation(4)]
+
+
+def color_jitter(pixels: torch.Tensor, jitter: tuple) -> torch.Tensor:
+    """draw_jitter's ops in their order on (3, S, S) uint8, each result clamped to [0, 255] (where
+    it can leave it: a factor above 1; a hue rotation keeps every pixel's max and min). The hue
+    range is kept small because captions name colours, and a large shift would make them false."""
+    b, c, s, hue, order = jitter
+    x = pixels.float()
+    for i in order:
+        if i == 0:
+            x.mul_(b)
+        elif i == 1:
+            # blend with the mean grey level (the mean of the grey image, from the channel means)
+            mean_grey = sum(w * m for w, m in zip(GRAY, x.mean((1, 2)).tolist()))
+            x.mul_(c).add_((1 - c) * mean_grey)
+        elif i == 2:  # blend with the grey image
+            grey = x[0] * GRAY[0] + x[1] * GRAY[1] + x[2] * GRAY[2]
+            x.mul_(s).add_(grey.mul_(1 - s))
+        else:
+            x = shift_hue(x, hue)
+        if i < 3 and (b, c, s)[i] > 1:
+            x.clamp_(0, 255)
+    return x.add_(0.5).to(torch.uint8)  # round to nearest
+
+
+def shift_hue(x: torch.Tensor, shift) -> torch.Tensor:
+    """Rotate the HSV hue of (..., 3, S, S) float RGB by `shift` turns (a number, or a tensor that
+    broadcasts to (..., 1, 1, 1)), keeping saturation and value: a pixel keeps its max M and min m,
+    and channel n becomes M - (M - m) w(n + 6 hue), w the trapezoid clamp(min(k, 4 - k), 0, 1) of
+    period 6. Written without comparisons or torch.where, which are several times slower on CPU
+    here."""
+    top, bottom = x.amax(-3), x.amin(-3)
+    chroma = top - bottom
+    r, g, b = x.unbind(-3)
+    # which channel holds the max, as exact 0/1 floats (r before g before b on ties, as
+    # torchvision):
+    # (v - top) * 1e7 + 1 is 1 where v == top and <= 0 wherever v is below it by more than 1e-7
+    is_r = (r - top).mul_(1e7).add_(1).clamp_(min=0)
+    is_g = (g - top).mul_(1e7).add_(1).clamp_(min=0).mul_(1 - is_r)
+    is_b = 1 - is_r - is_g
+    # the hue in sixths of a turn: (g - b) / C where r is the max, 2 + (b - r) / C for g,
+    # 4 + (r - g) / C for b
+    hue6 = (g - b).mul_(is_r)
+    hue6.add_((b - r).add_(chroma, alpha=2).mul_(is_g))
+    hue6.add_((r - g).add_(chroma, alpha=4).mul_(is_b))
+    if torch.is_tensor(shift):
+        shift = shift.view(-1, 1, 1)  # (B, 1, 1) against hue6's (B, S, S)
+    hue6.div_(chroma.clamp_min(1e-6)).add_(6 * shift)  # in [-1.6, 5.6]
+    k = HUE_SECTORS.to(x.device) + hue6.unsqueeze(-3)  # (..., 3, S, S) in [-0.6, 10.6]
+    k.sub_(k.div(6).floor_().mul_(6))  # mod 6
+    w = torch.minimum(k, 4 - k).clamp_(0, 1)
+    return torch.addcmul(top.unsqueeze(-3), chroma.unsqueeze(-3), w, value=-1)
 
 
 def to_device(images: torch.Tensor, tokens: torch.Tensor, device):
@@ -160,10 +259,20 @@ class TrainBatches:
             self.keys.keys = [(epoch, i) for i in list(self.sampler)[batch * self.batch_size:]]
             for batch, (images, tokens, errors) in enumerate(self.loader, start=batch + 1):
                 if isinstance(images, list):  # JPEG files: decoded and augmented on the device
+                    from gpu_augment import decode_and_augment  # only this path needs it
                     images, kept, failed = decode_and_augment(images, self.decode_on)
                     tokens, errors = tokens[kept], errors + failed
                 yield (epoch, batch), (images, tokens, errors)
             epoch, batch = epoch + 1, 0
+
+
+def val_batches(dataset, batch_size: int, n_batches: int, rank: int = 0, world_size: int = 1,
+                **loader_args):
+    """A DataLoader of the first n_batches batches of this process's share of the validation
+    images: the same images at every evaluation."""
+    share = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=False)
+    keys = [(0, i) for i in share][:n_batches * batch_size]
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=keys, **loader_args)
 
 
 class EpochKeys(torch.utils.data.Sampler):
@@ -260,7 +369,7 @@ def pad_tokens(captions, pad_to: int = 0) -> torch.Tensor:
 def collate(samples, pad_to: int = 0):
     """Stack images, right-pad captions with 0 to the longest in the batch (or to pad_to: one shape
     for every batch, as torch.compile wants); pass load errors on. JPEG files to decode on the
-    device stay a list, each one's pixels or its file and draws (augment.decode_and_augment's)."""
+    device stay a list, each one's pixels or its file and draws (for gpu_augment.py)."""
     good = [s for s in samples if 'error' not in s]
     errors = [s['error'] for s in samples if 'error' in s]
     if not good:

@@ -1,6 +1,5 @@
 """
-Judge a frozen visual backbone the VirTex way: linear SVMs on its pooled features of
-PASCAL VOC 2007.
+Judge a frozen visual backbone the VirTex way: linear SVMs on its pooled features of PASCAL VOC 2007.
 
   this project's checkpoint:  python evaluate.py --voc_root=data/shapes/VOC2007 --ckpt=out/ckpt.pt
   no pretraining (baseline):  python evaluate.py --voc_root=PATH/VOC2007 --init=random \
@@ -12,52 +11,46 @@ PASCAL VOC 2007.
 Reads <voc_root>/ImageSets/Main/*_{trainval,test}.txt and JPEGImages/. Features are the layer4
 global average pool (2048-d for ResNet-50), L2-normalized; then the paper's 320 linear SVMs
 (svm.py). Prints progress, a per-class table and, last, `mAP: xx.xx`; --save_features and
---out_json write files.
+--out_json write files. The protocol copies alone: this file, svm.py and configurator.py (weight
+files are read with checkpoints.py, imported only when one is asked for). It also owns the eval
+transform every stage shares (train.py's validation, probe.py, caption.py) and voc_map, the same
+protocol on a model that train.py is training.
 """
+import contextlib
 import glob
 import json
+import math
 import os
 import time
 from typing import Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torchvision
+from PIL import Image
 
-from checkpoints import load_backbone
-from augment import to_uint8_tensor
-from coco import load_eval_image, normalize
-from configurator import NON_NEGATIVE, POSITIVE, check_device, check_outputs, write_atomically
-from svm import N_FOLDS, SVM_COSTS, svm_products_dtype, train_and_test_svms
+from configurator import DEVICE, NON_NEGATIVE, POSITIVE, configure
 
-# -----------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 voc_root = 'data/shapes/VOC2007'  # has ImageSets/Main/<class>_{trainval,test}.txt and JPEGImages/
 ckpt = ''               # this project's checkpoint (train.py); its backbone is evaluated
-# or: 'random' | 'torchvision:PATH' | 'virtex:PATH' (official VirTex file) |
-# 'moco:PATH' (MoCo v1/v2)
-init = ''
-# torchvision ResNet for --init=random|torchvision:... (a checkpoint knows its own)
-visual = 'resnet50'
+init = ''               # or: random | torchvision:PATH | virtex:PATH | moco:PATH | vissl:PATH
+visual = 'resnet50'     # torchvision ResNet for --init=random|torchvision:... (a checkpoint knows)
 image_size: NON_NEGATIVE = 0  # crop size; 0: the checkpoint's training image_size, else 224 (paper)
 batch_size: POSITIVE = 64  # images per forward pass (upstream: 128)
 num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)  # DataLoader processes decoding JPEGs
 log_interval: NON_NEGATIVE = 10  # print extraction progress every this many batches (0: never)
-device = 'cuda' if torch.cuda.is_available() else 'cpu'  # also where the SVMs are solved
-# extraction precision (autocast): upstream's fp32
-dtype: Literal['float32', 'bfloat16', 'float16'] = 'float32'
-# the SVM solver's CG products (see svm_products_dtype)
-svm_dtype: Literal['auto', 'float32', 'bfloat16'] = 'auto'
+device: DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # also where the SVMs are solved
+dtype: Literal['float32', 'bfloat16', 'float16'] = 'float32'  # extraction's autocast; upstream fp32
+svm_dtype: Literal['auto', 'float32', 'bfloat16'] = 'auto'  # the SVM solver's CG products (svm.py)
 features = ''           # an .npz from --save_features: skip the images, train and test SVMs only
-# write the extracted features here (.npz: train_x, train_y, test_x, test_y, class_names)
-save_features = ''
+save_features = ''      # write the features here (.npz: train_x, train_y, test_x, test_y, ...)
 out_json = ''           # also write the per-class table and mAP here
 seed = 1337             # seeds --init=random
-# --init=random: the init a train.py run starts from (its zero_init_residual)
-zero_init_residual = True
-# -----------------------------------------------------------------------------
-if __name__ == '__main__':  # importing this file (tests, dev/compare_svm.py) keeps the defaults
-    from configurator import configure, one_line_errors
-    rest = configure(globals())
+zero_init_residual = True  # --init=random: the init a train.py run starts from (its own setting)
+# ----------------------------------------------------------------------------------------------
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,9 +106,75 @@ def read_voc_task(root: str) -> dict:
             'classes': classes}
 
 
+# ------------------------------------------------------------------------------------------------
+# the eval transform every stage shares: shorter side to round(S * 8/7) (256 for 224), center crop
+# S x S, RGB, then ImageNet's mean and std on the device
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.ppm', '.pgm', '.tif', '.tiff',
+                    '.webp')  # PIL reads these
+
+
+def load_eval_image(path: str, size: int) -> Image.Image:
+    """The eval transform of an image file: decoded, shorter side to round(size * 8/7), the center
+    size x size, RGB."""
+    with Image.open(path) as image:
+        return resize_box(image, center_box(*image.size, size), size)
+
+
+def center_box(width: int, height: int, size: int):
+    """The eval transform's crop in source pixels (left, top, right, bottom)."""
+    side = min(width, height) * size / round(size * 8 / 7)
+    left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def resize_box(image: Image.Image, box, size: int) -> Image.Image:
+    """The region `box` (left, top, right, bottom, in pixels of the full image) resized to size x
+    size, bilinear. An unloaded JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling)
+    when that still leaves at least `size` pixels across the box: most of the decoding time of a
+    large photo is saved. (coco.py's random crops use it too.)"""
+    W = image.size[0]
+    reduce = min(box[2] - box[0], box[3] - box[1]) / size
+    if image.format == 'JPEG' and reduce >= 2:
+        drafted = image.draft('RGB', (math.ceil(W / reduce), math.ceil(image.size[1] / reduce)))
+        # PIL says by how much: sizes are rounded up, scales are not
+        scale = drafted[1][2] / W if drafted else 1.0
+        box = tuple(v * scale for v in box)
+    return to_rgb(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and float grayscale scaled to 8 bits, transparency onto
+    white."""
+    if image.mode == 'RGB':
+        return image
+    if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+        pixels = np.asarray(image, dtype=np.float64)
+        pixels = pixels / 257 if pixels.max() > 255 else pixels
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
+        rgba = image.convert('RGBA')  # transparent pixels become white, not black
+        image = Image.new('RGB', rgba.size, (255, 255, 255))
+        image.paste(rgba, mask=rgba.getchannel('A'))
+    return image.convert('RGB')
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, S, S) uint8 from an RGB PIL image."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float, ImageNet mean/std normalized, on the pixels' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=pixels.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=pixels.device).view(1, 3, 1, 1) * 255
+    return (pixels.float() - mean) / std
+
+
 class VocImages(torch.utils.data.Dataset):
-    """The eval transform every stage shares (coco.load_eval_image): shorter side to 8/7 of the
-    crop, center crop."""
+    """Image files through the eval transform: item i is ((3, S, S) uint8, '') or, for a file that
+    cannot be read, (zeros, the error)."""
 
     def __init__(self, paths: list[str], size: int):
         self.paths, self.size = paths, size
@@ -136,19 +195,41 @@ class VocImages(torch.utils.data.Dataset):
 # ------------------------------------------------------------------------------------------------
 # the backbone and its features
 
+def random_backbone(visual: str, seed: int, zero_init_residual: bool) -> nn.Module:
+    """The torchvision ResNet `visual` at random init (seeded), its forward ending at the global
+    average pool: (B, 2048) for ResNet-50. checkpoints.load_backbone fills it with weights."""
+    torch.manual_seed(seed)
+    try:
+        backbone = torchvision.models.get_model(visual, weights=None,
+                                                zero_init_residual=zero_init_residual)
+    except ValueError:
+        raise ValueError(f"--visual={visual}: not a torchvision model name (e.g. "
+                         "resnet50)") from None
+    backbone.fc = nn.Identity()
+    return backbone
+
+
+def judged_backbone(ckpt: str, init: str, visual: str, image_size: int, seed: int,
+                    zero_init_residual: bool) -> tuple[nn.Module, str, int]:
+    """The backbone --ckpt or --init names, its torchvision name and the image size to judge it at
+    (evaluate.py's and probe.py's flags). A weight file is read with checkpoints.py, imported only
+    then: a random init needs no other file."""
+    if ckpt or init != 'random':
+        from checkpoints import load_backbone
+        return load_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)
+    return random_backbone(visual, seed, zero_init_residual), visual, image_size or 224
+
+
 @torch.inference_mode()
 def extract_features(backbone: nn.Module, paths: list[str], size: int, split: str = 'images',
                      batch_size: int = 64, num_workers: int = 0, device: str = 'cpu',
                      dtype: str = 'float32', log_interval: int = 10) -> torch.Tensor:
     """L2-normalized global average pools of layer4 for the images in paths: (N, D) float32 on the
     CPU."""
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(f"--dtype={dtype}: expected float32, bfloat16 or float16")
     loader = torch.utils.data.DataLoader(VocImages(paths, size), batch_size=batch_size,
                                          num_workers=num_workers,
                                          pin_memory=device.startswith('cuda'))
-    autocast = torch.autocast(device.split(':')[0], dtype=getattr(torch, dtype),
-                              enabled=dtype != 'float32')
+    autocast = precision(device, dtype)[1]
     pooled_all, t0 = [], time.time()
     for i, (images, errors) in enumerate(loader):
         bad = [e for e in errors if e]
@@ -203,26 +284,123 @@ def load_features(path: str):
 
 
 # ------------------------------------------------------------------------------------------------
+# precision
+
+def native_bf16(device) -> bool:
+    """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs
+    with AVX512-BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later).
+    Elsewhere oneDNN emulates bf16, slower than float32. (train.py's --dtype=auto asks it too.)"""
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # a private call, but the only one that names the CPU's bf16 instructions
+    capability = getattr(torch._C._cpu, '_get_cpu_capability', dict)()
+    return bool(capability.get('avx512_bf16') or capability.get('amx_bf16'))
+
+
+def precision(device, dtype: str):
+    """(dtype, its autocast context) for 'float32', 'bfloat16', 'float16' or 'auto': bfloat16
+    where the hardware multiplies it natively, else float16 on GPUs (it needs a gradient scaler to
+    train) and float32 on CPUs. Also a warning, or '', where the CPU only emulates the dtype."""
+    kind = torch.device(device).type
+    if dtype == 'auto':
+        dtype = 'bfloat16' if native_bf16(device) else 'float16' if kind == 'cuda' else 'float32'
+    warning = ''
+    if kind == 'cpu' and (dtype == 'float16' or dtype == 'bfloat16' and not native_bf16(device)):
+        warning = (f"warning: --dtype={dtype} is emulated on this CPU, slower than float32 "
+                   "(float16 ~25x on the development machine); use float32, or bfloat16 where the "
+                   "CPU has it")
+    autocast = contextlib.nullcontext() if dtype == 'float32' else \
+        torch.autocast(kind, dtype=getattr(torch, dtype))
+    return dtype, autocast, warning
+
+
+def svm_products_dtype(device, choice: str = 'auto') -> torch.dtype:
+    """The precision of the SVM solver's CG products (svm.fit_svms' cg_dtype). auto: bfloat16 where
+    the hardware multiplies it natively (its GEMMs ran 3.8x faster than float32 on the development
+    machine's AMX), else float32. On VOC-like features it changed no chosen cost and no class AP by
+    more than 0.011."""
+    if choice not in ('auto', 'float32', 'bfloat16'):
+        raise ValueError(f"--svm_dtype={choice}: expected auto, float32 or bfloat16")
+    if choice != 'auto':
+        return getattr(torch, choice)
+    return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+# ------------------------------------------------------------------------------------------------
+# the protocol inside a train.py run
+
+def voc_map(it: int, model, voc_root: str, image_size: int, batch_size: int, num_workers: int,
+            best: dict):
+    """The backbone's VOC07 mAP at iteration `it` of a run: pooled features of trainval and test
+    with the eval transform (under torchrun each process extracts its share), then the SVMs on rank
+    0. Returns (mAP, a line to print, a record for the log), where `best` ({'map', 'iter'}, the
+    best so far) is beaten or kept; (None, None, None) on the other processes. A failure is a
+    ValueError on every process, so that the run saves before it stops."""
+    from svm import train_and_test_svms
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = str(next(model.parameters()).device)  # "cpu", "cuda:0"
+    t0 = time.time()
+    model.eval()
+    splits, task = {}, read_voc_task(voc_root)
+    for split in ('trainval', 'test'):
+        paths, split_labels = task[split]
+        try:
+            mine = extract_features(lambda x: model.encode_images(x).mean((2, 3)),
+                                    paths[rank::world_size], image_size, split,
+                                    batch_size=batch_size, num_workers=num_workers, device=device,
+                                    log_interval=0)
+        except (ValueError, OSError) as e:  # an image gone bad since start-up: told to all
+            mine = str(e)
+        shares = [mine]
+        if dist.is_initialized():
+            shares = [None] * world_size
+            dist.all_gather_object(shares, mine)
+        failures = [share for share in shares if isinstance(share, str)]
+        if failures:
+            model.train()
+            raise ValueError(f"the VOC evaluation failed: {failures[0]}")
+        # the shares back in order: image i is in share i % world_size
+        features = torch.empty(len(paths), shares[0].shape[1])
+        for share_rank, share in enumerate(shares):
+            features[share_rank::world_size] = share
+        splits[split] = (features.to(device), torch.from_numpy(split_labels).to(device))
+    model.train()
+    if rank:
+        return None, None, None
+    test_ap, _, _ = train_and_test_svms(*splits['trainval'], *splits['test'],
+                                        cg_dtype=svm_products_dtype(device))
+    voc = 100 * test_ap.mean().item()
+    best = {'map': voc, 'iter': it} if voc > best['map'] else best
+    line = (f"iter {it}: VOC mAP {voc:.2f} (best {best['map']:.2f} at iter {best['iter']}; "
+            f"{time.time() - t0:.0f}s)")
+    record = {'event': 'voc', 'iter': it, 'map': voc,
+              'classes': {name: 100 * ap for name, ap in zip(task['classes'], test_ap.tolist())},
+              'best_map': best['map'], 'best_iter': best['iter'], 'seconds': time.time() - t0}
+    return voc, line, record
+
+
+# ------------------------------------------------------------------------------------------------
 
 def main():
-    if rest:
-        raise SystemExit(f"error: unexpected arguments {rest} (flags are --key=value)")
-    check_device(device)
+    # svm.py where SVMs are solved: the reader and the transform above load without it
+    from svm import N_FOLDS, SVM_COSTS, train_and_test_svms
     for path in (save_features, out_json):  # fail now, not after minutes of feature extraction
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise SystemExit(f"error: {path}: its folder does not exist")
-    check_outputs({'save_features': save_features, 'out_json': out_json},
-                  {'--ckpt': ckpt, '--init': init.partition(':')[2], '--features': features})
+            raise ValueError(f"{path}: its folder does not exist")
+    if save_features or out_json:
+        from safety import check_outputs, write_atomically
+        check_outputs({'save_features': save_features, 'out_json': out_json},
+                      {'--ckpt': ckpt, '--init': init.partition(':')[2], '--features': features})
     if features:
         if ckpt or init:
-            raise SystemExit("error: --features gives the features; drop --ckpt/--init")
+            raise ValueError("--features gives the features; drop --ckpt/--init")
         (train_x, train_y, test_x, test_y), class_names = load_features(features)
     else:
         task = read_voc_task(voc_root)
         (train_paths, train_y), (test_paths, test_y) = task['trainval'], task['test']
         class_names = task['classes']
-        backbone, arch, size = load_backbone(ckpt, init, visual, image_size, seed,
-                                             zero_init_residual)
+        backbone, arch, size = judged_backbone(ckpt, init, visual, image_size, seed,
+                                               zero_init_residual)
         backbone = backbone.to(device).eval()
         print(f"{len(train_paths)} trainval and {len(test_paths)} test images, {len(class_names)} "
               f"classes, {arch} at {size}px on {device}")
@@ -261,5 +439,8 @@ def main():
 
 
 if __name__ == '__main__':
-    with one_line_errors():
+    configure(globals())
+    try:
         main()
+    except (ValueError, OSError) as e:  # they name the file: one line, not a traceback
+        raise SystemExit(f"error: {e}") from None

@@ -22,8 +22,8 @@ from typing import Literal
 
 import torch
 
-from checkpoints import load_model
-from configurator import check_outputs, configure, one_line_errors, write_atomically
+from configurator import configure
+from safety import check_outputs, one_line_errors, write_atomically
 
 # torchvision -> Detectron2, applied in this order to each key (the official code's renaming)
 DETECTRON2_NAMES = (('layer1.', 'res2.'), ('layer2.', 'res3.'), ('layer3.', 'res4.'),
@@ -60,27 +60,33 @@ def from_detectron2(state: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ''              # a train.py checkpoint (any pretext: only its backbone is written)
-format: Literal['torchvision', 'detectron2'] = 'torchvision'
+format: Literal['torchvision', 'detectron2'] = 'torchvision'  # the layout to write
 out = ''               # the file to write
+# ----------------------------------------------------------------------------------------------
+
+
+def main():
+    from checkpoints import load_model
+    if not ckpt or not out:
+        raise SystemExit("error: give --ckpt=PATH (a train.py checkpoint) and --out=PATH")
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise SystemExit(f"error: --out={out} is a folder; give the file to write, e.g. "
+                         f"{out.rstrip(os.sep)}/backbone.pth")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise SystemExit(f"error: {out}: its folder does not exist")
+    check_outputs({'out': out}, {'--ckpt': ckpt})
+    model = load_model(ckpt)
+    state = model.backbone_state_dict()
+    if format == 'detectron2':
+        state = {'model': to_detectron2(state), '__author__': 'VirTex, minimal and fast '
+                                                              '(export.py)',
+                 'matching_heuristics': True}
+    write_atomically(out, lambda f: torch.save(state, f))
+    print(f"wrote the {model.config.visual} backbone of {ckpt} ({model.config.pretext}) in "
+          f"{format}'s layout to {out}")
+
 
 if __name__ == '__main__':
+    configure(globals())
     with one_line_errors():
-        if configure(globals()):
-            raise SystemExit("error: this script takes only --key=value flags")
-        if not ckpt or not out:
-            raise SystemExit("error: give --ckpt=PATH (a train.py checkpoint) and --out=PATH")
-        if out.endswith(os.sep) or os.path.isdir(out):
-            raise SystemExit(f"error: --out={out} is a folder; give the file to write, e.g. "
-                             f"{out.rstrip(os.sep)}/backbone.pth")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
-            raise SystemExit(f"error: {out}: its folder does not exist")
-        check_outputs({'out': out}, {'--ckpt': ckpt})
-        model = load_model(ckpt)
-        state = model.backbone_state_dict()
-        if format == 'detectron2':
-            state = {'model': to_detectron2(state), '__author__': 'VirTex, minimal and fast '
-                                                                  '(export.py)',
-                     'matching_heuristics': True}
-        write_atomically(out, lambda f: torch.save(state, f))
-        print(f"wrote the {model.config.visual} backbone of {ckpt} ({model.config.pretext}) in "
-              f"{format}'s layout to {out}")
+        main()

@@ -13,12 +13,10 @@ Transformer decoders that caption the image, trained from scratch by the caption
     logp, cache = model.decode_step(memory, last_tokens, cache)
 
 `VirTexConfig.pretext` is 'bicaptioning' (the paper) or 'captioning' (the forward decoder alone);
-the other objectives of the paper's ablation and CapPa's are built from these parts in pretexts.py.
-Only the backbone is kept after pretraining; `backbone_state_dict()` loads into a plain
-`torchvision.models.resnet50()` (fc aside). Imports only torch and torchvision, so it can be
-copied alone; loading weight files is checkpoints.py's. Architecture facts follow the paper and
-the official code (kdexd/virtex). Errors are ValueErrors with a clear message; the scripts turn
-them into one-line `error: ...` exits.
+pretexts.py builds the other objectives from these parts. Only the backbone is kept after
+pretraining; `backbone_state_dict()` loads into a plain `torchvision.models.resnet50()` (fc aside).
+Imports only torch and torchvision, so it copies alone (caption.py's beam search beside it). The
+architecture follows the paper and the official code (kdexd/virtex). Errors are ValueErrors.
 """
 
 import re
@@ -29,10 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-
-# the pretext tasks: the paper's, then those of its ablation (its Table 2) and CapPa's (pretexts.py)
-PRETEXTS = ('bicaptioning', 'captioning', 'masked_lm', 'token_classification',
-            'multilabel_classification', 'cappa')
 VISUALS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'wide_resnet50_2',
            'wide_resnet101_2')
 
@@ -46,7 +40,7 @@ class VirTexConfig:
     n_head: int = 32            # H / 64 in every official config
     max_len: int = 30           # caption length in ids, [SOS] and [EOS] included
     dropout: float = 0.1
-    pretext: str = 'bicaptioning'  # or captioning; the others are pretexts.py's
+    pretext: str = 'bicaptioning'  # or captioning; pretexts.py names the others
     norm_first: bool = False    # False: post-norm layers, as in the paper
     zero_init_residual: bool = True  # the paper's backbone init (see VirTex.__init__)
     # std of the textual weights at init: BERT's, the paper's (see init_textual_weights)
@@ -58,8 +52,6 @@ class VirTexConfig:
     parallel_fraction: float = 0.75  # cappa's (pretexts.py)
 
     def __post_init__(self):  # refused here, so that a script can check a config before any work
-        if self.pretext not in PRETEXTS:
-            raise ValueError(f"pretext={self.pretext!r}: choose one of {', '.join(PRETEXTS)}")
         if self.visual not in VISUALS:
             raise ValueError(f"visual={self.visual!r}: choose one of {', '.join(VISUALS)}")
         if self.n_embd % self.n_head:
@@ -193,13 +185,12 @@ def resnet(cfg: VirTexConfig) -> nn.Module:
 
 
 class VirTex(nn.Module):
-    pretexts = ('bicaptioning', 'captioning')  # pretexts.py's classes take the others
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
-        if cfg.pretext not in self.pretexts:
-            raise ValueError(f"pretext={cfg.pretext!r} is not {type(self).__name__}'s: build the "
-                             f"model with pretexts.pretext_model(config)")
+        if type(self) is VirTex and cfg.pretext not in ('bicaptioning', 'captioning'):
+            raise ValueError(f"pretext={cfg.pretext!r} is not VirTex's: build the model with "
+                             f"pretexts.pretext_model(config)")
         self.config = cfg
         self.visual = resnet(cfg)
         H = cfg.n_embd
@@ -272,10 +263,8 @@ class VirTex(nn.Module):
         return x * (tokens != self.config.pad_id).unsqueeze(-1).to(x.dtype)
 
     def decode(self, memory, tokens, direction='fwd', start=0, cache=None, causal=True):
-        """Run one direction's decoder ('fwd' or 'bwd'): (B, T) ids -> (B, T, H) features
-        (pre-logits).
-        causal=False: every position sees every other real one (masked_lm, cappa's parallel
-        mode)."""
+        """One direction's decoder ('fwd' or 'bwd'): (B, T) ids -> (B, T, H) features (pre-logits).
+        causal=False: every position sees every real one (masked_lm, cappa's parallel mode)."""
         layers, final_norm = ((self.layers_fwd, self.final_norm) if direction == 'fwd' else
                               (self.layers_bwd, self.final_norm_bwd))
         x = self.embed(tokens, start)
@@ -313,12 +302,10 @@ class VirTex(nn.Module):
         return self.project(self.encode_images(images))
 
     def forward(self, images: torch.Tensor, caption_tokens: torch.Tensor, generator=None):
-        """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id.
-        generator: the random draws of the pretexts that have some (pretexts.py).
-
-        Returns (loss, parts): a scalar with grad, and its detached terms: for bicaptioning the loss
-        is forward CE + backward CE, parts {'fwd': .., 'bwd': ..}; for captioning {'fwd': ..}.
-        """
+        """images (B,3,S,S); caption_tokens (B,T) = [SOS] w.. [EOS] right-padded with pad_id;
+        generator: the random draws of the pretexts that have some (pretexts.py). Returns (loss,
+        parts): a scalar with grad and its detached terms, {'fwd': .., 'bwd': ..} for
+        bicaptioning (loss = forward CE + backward CE), {'fwd': ..} for captioning."""
         if caption_tokens.ndim != 2 or caption_tokens.shape[0] != images.shape[0]:
             raise ValueError(f"caption_tokens must be (B, T) with B={images.shape[0]}, got "
                              f"{tuple(caption_tokens.shape)}")
@@ -353,13 +340,11 @@ class VirTex(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, memory, last_tokens, cache=None):
-        """One step of the forward decoder with a key/value cache.
-
-        memory (B, N, H) is read only on the first call (cache=None), when the cross-attention keys
-        and values of every layer are computed once. last_tokens (B,) are the newest ids (first
-        call: [SOS]). Returns log-probabilities (B, V) of the next id and the updated cache
-        ({'pos': positions done, 'layers': {layer: {'self'|'cross': {'q'?, 'k', 'v'}}}}).
-        """
+        """One step of the forward decoder with a key/value cache. memory (B, N, H) is read only on
+        the first call (cache=None), when the cross-attention keys and values of every layer are
+        computed once. last_tokens (B,) are the newest ids (first call: [SOS]). Returns
+        log-probabilities (B, V) of the next id and the updated cache ({'pos': positions done,
+        'layers': {layer: {'self'|'cross': {'q'?, 'k', 'v'}}}})."""
         if cache is None:
             cache = {'pos': 0, 'layers': {}}
         x = self.decode(memory, last_tokens[:, None], 'fwd', cache['pos'], cache['layers'])
@@ -398,3 +383,18 @@ class VirTex(nn.Module):
         """The ResNet weights in torchvision naming (no fc): loads into
         torchvision.models.<visual>() with strict=False, missing only fc.weight and fc.bias."""
         return {k: v.detach().clone() for k, v in self.visual.state_dict().items()}
+
+
+def flops_per_image(model: nn.Module, image_size: int = 224, caption_len: int = 16) -> int:
+    """FLOPs (matmuls and convolutions, by torch's FlopCounterMode) of one training step, forward
+    and backward, of any pretext's model for one image and caption: what MFU divides by."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device, was_training = next(model.parameters()).device, model.training
+    tokens = torch.full((1, caption_len), 5, device=device)
+    tokens[0, 0], tokens[0, -1] = model.config.sos_id, model.config.eos_id
+    model.eval()  # the same FLOPs, and BatchNorm's running statistics are left as they are
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, image_size, image_size, device=device), tokens)[0].backward()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return counter.get_total_flops()

@@ -4,37 +4,27 @@ of the paper's ablation (its Table 2) and CapPa's parallel prediction (Tschannen
 
     from pretexts import pretext_model
     model = pretext_model(VirTexConfig(pretext='masked_lm', vocab_size=10000))  # any pretext
-    loss, parts = model(images, caption_tokens)      # parts: LOSS_PARTS[pretext]
+    loss, parts = model(images, caption_tokens)      # parts: PRETEXTS[pretext][1]
 
-  bicaptioning               model.VirTex: forward + backward caption decoders (the paper's method)
-  captioning                 model.VirTex: the forward decoder alone
-  masked_lm                  MaskedLM: the decoder without its causal mask predicts 15% of the
-                             words, hidden (BERT)
-  token_classification       Classification: a linear layer on the pooled grid predicts the
-                             caption's set of words
-  multilabel_classification  Classification: the same over COCO's instance categories (the
-                             "tokens" are category indices)
-  cappa                      CapPa: the forward decoder, but for a share of the captions
-                             (parallel_fraction) every input is [MASK] and nothing is causal: all
-                             words at once, from the image alone
+PRETEXTS, at the end, names them all, each with its model: the paper's two (model.VirTex), BERT's
+masked words (MaskedLM), the caption's words or the image's COCO categories as a set of labels
+(Classification), and CapPa, which predicts a share of the captions all at once from [MASK] inputs,
+so that every word must come from the image alone.
 
 Every model has the same backbone (`visual`) and the same names for its weights as in a checkpoint
-of any earlier version, so only the backbone changes hands. Imports numpy, torch and model.py
-only.
+of any earlier version, so only the backbone changes hands. image_gap is train.py's validation:
+what the image is worth to the head of any of them. Imports numpy, torch and model.py (and, to
+validate, coco.py's batches).
 """
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from model import VirTex, VirTexConfig, resnet
 
-LOSS_PARTS = {  # the terms forward() returns beside the loss
-    'bicaptioning': ('fwd', 'bwd'), 'captioning': ('fwd',), 'masked_lm': ('masked_lm',),
-    'token_classification': ('classification',), 'multilabel_classification': ('classification',),
-    'cappa': ('parallel', 'autoregressive')}
-CAPTIONERS = ('bicaptioning', 'captioning', 'cappa')  # a forward decoder that writes captions
 # masked_lm: 15% of the words; of those 80% [MASK], 10% random, 10% kept
 MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)
 
@@ -42,7 +32,6 @@ MASK_FRACTION, MASK_PROBS = 0.15, (0.8, 0.1)
 class MaskedLM(VirTex):
     """BERT's objective on captioning's forward decoder: the words mask_words chose, predicted from
     the corrupted caption seen both ways (no causal mask)."""
-    pretexts = ('masked_lm',)
 
     def losses(self, memory, caption_tokens, generator=None):
         inputs, labels = mask_words(caption_tokens, self.config, generator)
@@ -85,7 +74,6 @@ class CapPa(VirTex):
     masked_pred_prob), into the parallel mode (every word predicted at once from [MASK] inputs,
     parallel_logits) and otherwise into plain forward captioning. The targets and the loss are
     captioning's: the mean cross-entropy over all real targets of the batch."""
-    pretexts = ('cappa',)
 
     def parallel_inputs(self, n) -> torch.Tensor:
         """The parallel mode reads (n, max_len - 1) [MASK]s: every input position, the one [SOS]
@@ -153,7 +141,6 @@ class Classification(nn.Module):
     """token_classification and multilabel_classification: one linear layer on the pooled grid
     (PyTorch's default init, as upstream), trained by cross-entropy against the K-hot / K target of
     each image's set of labels: the caption's words, or its COCO instance categories."""
-    pretexts = ('token_classification', 'multilabel_classification')
 
     def __init__(self, cfg: VirTexConfig):
         super().__init__()
@@ -185,8 +172,75 @@ class Classification(nn.Module):
         return loss, {'classification': loss.detach()}
 
 
+PRETEXTS = {  # every pretext: the model that trains the backbone by it, and its loss's terms
+    'bicaptioning': (VirTex, ('fwd', 'bwd')),  # the paper's: forward and backward captions
+    'captioning': (VirTex, ('fwd',)),  # the forward decoder alone
+    'masked_lm': (MaskedLM, ('masked_lm',)),  # BERT's: 15 % of the words hidden, read both ways
+    'token_classification': (Classification, ('classification',)),  # the caption's set of words
+    'multilabel_classification': (Classification, ('classification',)),  # COCO's categories
+    'cappa': (CapPa, ('parallel', 'autoregressive')),  # a share of the captions all at once
+}
+# the pretexts whose forward decoder writes captions (caption.py)
+CAPTIONERS = tuple(name for name, (kind, _) in PRETEXTS.items() if kind in (VirTex, CapPa))
+
+
 def pretext_model(cfg: VirTexConfig) -> nn.Module:
     """The model that trains the backbone by cfg.pretext, at its init."""
-    for kind in (VirTex, MaskedLM, CapPa, Classification):
-        if cfg.pretext in kind.pretexts:
-            return kind(cfg)
+    if cfg.pretext not in PRETEXTS:
+        raise ValueError(f"pretext={cfg.pretext!r}: choose one of {', '.join(PRETEXTS)}")
+    return PRETEXTS[cfg.pretext][0](cfg)
+
+
+@torch.no_grad()
+def image_gap(it, model, loader, autocast, seed, bad_images, folder):
+    """The validation losses at iteration `it`, and the same captions scored against other images
+    (each batch's images rolled by one): their difference is what the image is worth to the pretext
+    head, in nats per target, the first number to watch in pretraining (at 0 the head writes the
+    captions from the text alone). Returns a line to print and a record for the log. Under torchrun
+    every process takes its share of the images and all agree on the result, and on a failure: a
+    ValueError on every process, so that the run saves before it stops."""
+    from coco import to_device  # how a train.py batch reaches the model
+    device, part_names = next(model.parameters()).device, PRETEXTS[model.config.pretext][1]
+    model.eval()
+    totals = torch.zeros(2, 1 + len(part_names), device=device)  # (true, shuffled) x (loss, parts)
+    batches = 0
+    for batch, (images, tokens, errors) in enumerate(loader):
+        try:
+            bad_images.add(errors)
+        except ValueError as e:  # past the cap: the run stops here
+            raise SystemExit(f"error: {e}") from None
+        if images is None:
+            continue
+        images, tokens = to_device(images, tokens, device)
+        with autocast:
+            features = model.visual_features(images)  # (B, N, H) or pooled (B, C)
+            for row, paired in enumerate((features, features.roll(1, 0))):
+                # masked_lm hides the same words in both pairings, never with the training RNG
+                generator = torch.Generator(device).manual_seed(seed + batch)
+                loss, parts = model.losses(paired, tokens, generator)
+                totals[row] += torch.stack([loss, *parts.values()]).float()
+        batches += 1
+    counts = torch.cat([totals.flatten(), torch.tensor([batches], device=device,
+                                                       dtype=totals.dtype)])
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    totals, batches = counts[:-1].view(2, -1), counts[-1].item()
+    model.train()
+    if batches == 0:  # every process knows: the counts were summed
+        raise ValueError(f"no image of {folder} could be read for validation (see the warnings)")
+    names = ('loss', *part_names)
+    true, shuffled = (dict(zip(names, row)) for row in (totals / batches).tolist())
+    gaps = {name: shuffled[name] - true[name] for name in part_names}  # per term
+    gap = sum(gaps.values()) / len(gaps)  # per target of one term (one direction)
+    unit = 'label' if model.config.pretext.endswith('classification') else 'token'
+    worth = f"{gap:.3f} nats/{unit}"
+    if model.config.pretext == 'cappa':
+        worth = (f"{gaps['parallel']:.3f} nats/token in parallel, {gaps['autoregressive']:.3f} "
+                 "autoregressive")
+    terms = ' '.join(f"{name} {true[name]:.3f}" for name in part_names)
+    line = (f"iter {it}: val loss {true['loss']:.4f} ({terms}) | shuffled images "
+            f"{shuffled['loss']:.4f}: the image is worth {worth}")
+    record = {'event': 'val', 'iter': it, 'loss': true['loss'],
+              **{f'loss_{n}': true[n] for n in part_names}, 'loss_shuffled': shuffled['loss'],
+              **{f'loss_shuffled_{n}': shuffled[n] for n in part_names}, 'image_gap': gap}
+    return line, record

@@ -34,34 +34,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from checkpoints import load_backbone
-from augment import random_box, random_resized_crop, to_uint8_tensor
-from coco import IMAGE_EXTENSIONS, BadImages, EpochKeys, load_eval_image, normalize
-from configurator import (NON_NEGATIVE, POSITIVE, Interval, Needs, check_device, check_outputs,
-                          write_atomically)
+from coco import BadImages, EpochKeys, random_box, random_resized_crop
+from configurator import DEVICE, NON_NEGATIVE, POSITIVE, Interval, Needs, configure
+from evaluate import (IMAGE_EXTENSIONS, judged_backbone, load_eval_image, normalize,
+                      to_uint8_tensor)
 from lookahead import warmup_cosine
+from safety import check_outputs, one_line_errors, write_atomically
 
 # ----------------------------------------------------------------------------------------------
 data_root = 'data/shapes/imagefolder'  # has train/<class>/ and val/<class>/
-ckpt = ''               # this project's checkpoint, or:
+ckpt = ''               # this project's checkpoint, or --init:
 # 'random' | 'torchvision:PATH' | 'virtex:PATH' | 'moco:PATH' | 'vissl:PATH', as evaluate.py
 init = ''
 visual = 'resnet50'     # for --init=random|torchvision:
 zero_init_residual = True  # for --init=random
 image_size: NON_NEGATIVE = 0  # 0: the checkpoint's training image size, else 224
-epochs: POSITIVE = 100
-batch_size: POSITIVE = 256
-lr: POSITIVE = 0.3
-momentum: Annotated[float, Interval('[0, 1)')] = 0.9
-weight_decay: NON_NEGATIVE = 0.0
+epochs: POSITIVE = 100  # passes over the training images (the paper's, on ImageNet)
+batch_size: POSITIVE = 256  # images per SGD step
+lr: POSITIVE = 0.3      # of the new fc, decaying to 0 by a cosine
+momentum: Annotated[float, Interval('[0, 1)')] = 0.9  # SGD's
+weight_decay: NON_NEGATIVE = 0.0  # none, as the official probe
 # False: fixed val-transform features of the training images (fast, not the protocol)
 augment = True
 # True: train the whole backbone too (at backbone_lr), not only the new fc; its features change
 finetune: Annotated[bool, Needs('augment', True)] = False
 backbone_lr: NON_NEGATIVE = 0.01  # --finetune: the backbone's SGD lr (the new fc keeps --lr)
-num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)
-max_bad_images: NON_NEGATIVE = 100
-device = 'cuda' if torch.cuda.is_available() else 'cpu'
+num_workers: NON_NEGATIVE = min(4, os.cpu_count() or 1)  # DataLoader processes decoding images
+max_bad_images: NON_NEGATIVE = 100  # unreadable images are skipped; refused past this many
+device: DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # cpu, cuda, cuda:1, ...
 seed = 0                # the fc init, the batch order and the augmentation (and --init=random)
 log_interval: POSITIVE = 20  # iterations between progress lines
 out_json = ''           # also write the result here
@@ -143,7 +143,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 
 
 def main():
-    check_device(device)
     if out_json and not os.path.isdir(os.path.dirname(os.path.abspath(out_json))):
         raise SystemExit(f"error: {out_json}: its folder does not exist")
     check_outputs({'out_json': out_json}, {'--ckpt': ckpt, '--init': init.partition(':')[2]})
@@ -153,7 +152,7 @@ def main():
         only = sorted(set(classes) ^ set(val_classes))
         raise ValueError(f"{data_root}: train and val have different classes (e.g. {only[0]!r} is "
                          "in only one)")
-    backbone, arch, size = load_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)
+    backbone, arch, size = judged_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)
     backbone = backbone.to(device, memory_format=torch.channels_last).eval()
     with torch.no_grad():
         width = backbone(torch.zeros(1, 3, size, size, device=device)).shape[1]
@@ -240,8 +239,6 @@ def main():
 
 
 if __name__ == '__main__':
-    from configurator import configure, one_line_errors
+    configure(globals())
     with one_line_errors():
-        if configure(globals()):
-            raise SystemExit("error: this script takes only --key=value flags")
         main()

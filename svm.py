@@ -11,15 +11,13 @@ dev/compare_svm.py and the tests check them against LinearSVC.
 Measured, VOC07-sized features (5011/4952 x 2048, 20 classes), 2 CPU cores, torch 2.14, 1 run each:
 2.4s on 2 threads with bfloat16 CG products (3.0s in float32) vs 180s for LinearSVC as upstream runs
 it (2 processes); on the hard set of dev/compare_svm.py 3.4s vs 56.8s; the same mAP within 0.01.
-Imports numpy, torch and configurator.py only.
+Imports numpy and torch only.
 """
 
 import math
 
 import numpy as np
 import torch
-
-from configurator import native_bf16
 
 SVM_COSTS = (0.01, 0.1, 1.0, 10.0)   # upstream's grid for C
 POSITIVE_WEIGHT = 2.0                # upstream class_weight={1: 2, -1: 1}
@@ -186,18 +184,6 @@ def stratified_folds(labels: np.ndarray, n_folds: int = N_FOLDS) -> np.ndarray:
         folds[members] = np.repeat(np.arange(n_folds), sizes)
         start += len(members)
     return folds
-
-
-def svm_products_dtype(device, choice: str = 'auto') -> torch.dtype:
-    """The precision of fit_svms' CG products. auto: bfloat16 where the hardware multiplies it
-    natively (configurator.native_bf16; its GEMMs ran 3.8x faster than float32 on the development
-    machine's AMX), else float32.
-    On VOC-like features it changed no chosen cost and no class AP by more than 0.011."""
-    if choice not in ('auto', 'float32', 'bfloat16'):
-        raise ValueError(f"--svm_dtype={choice}: expected auto, float32 or bfloat16")
-    if choice != 'auto':
-        return getattr(torch, choice)
-    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def train_and_test_svms(train_x, train_y, test_x, test_y, costs=SVM_COSTS, cg_dtype=None):

@@ -74,6 +74,15 @@ def load_json(path):
         return json.load(f)
 
 
+def dev_module(name):
+    """A module of dev/ (the studies' instruments), imported from its file."""
+    spec = importlib.util.spec_from_file_location(f'dev_{name}', os.path.join(HERE, 'dev',
+                                                                            f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def snapshot(root):
     """Every file and link under root: {relative path: bytes or link target}."""
     return {str(p.relative_to(root)): os.readlink(p) if p.is_symlink() else p.read_bytes()
@@ -482,13 +491,53 @@ def test_the_liftable_modules_import_nothing_from_this_folder():
         assert not imported & local, f"{path} imports {imported & local}"
 
 
+def test_each_piece_copies_alone(tmp_path):
+    """A reader copies one piece into an empty folder: the VOC07 protocol (evaluate.py, svm.py,
+    configurator.py) runs to its mAP line from a random ResNet and from a features file; the
+    cached beam search runs from caption.py and model.py alone; and train.py, at start-up, loads at
+    most 8 of the project's files, never bench.py."""
+    def copy(folder, *names):
+        folder.mkdir()
+        for name in names:
+            shutil.copy(os.path.join(HERE, name), folder)
+        return folder
+
+    voc = make_voc(tmp_path / 'VOC2007')
+    protocol = copy(tmp_path / 'protocol', 'evaluate.py', 'svm.py', 'configurator.py')
+    common = ['--visual=resnet18', '--image_size=32', '--num_workers=0', '--batch_size=8']
+    proc = run('evaluate.py', f'--voc_root={voc}', '--init=random', *common, cwd=protocol)
+    assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1]), proc.stdout
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / 'f.npz', train_x=rng.random((12, 4), dtype=np.float32),
+             train_y=np.array([[1, -1], [-1, 1]] * 6), test_x=rng.random((6, 4), dtype=np.float32),
+             test_y=np.array([[1, -1], [-1, 1]] * 3))
+    proc = run('evaluate.py', f'--features={tmp_path}/f.npz', cwd=protocol)
+    assert re.fullmatch(r'mAP: \d+\.\d\d', proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+    decoding = copy(tmp_path / 'decoding', 'caption.py', 'model.py')
+    script = ("import torch, caption, sys\nfrom model import VirTex, VirTexConfig\n"
+              "m = VirTex(VirTexConfig(visual='resnet18', vocab_size=40, n_layer=1, n_embd=64, "
+              "n_head=1, max_len=12)).eval()\n"
+              "memory = m.project(m.encode_images(torch.randn(2, 3, 64, 64)))\n"
+              "print(len(caption.beam_search(m, memory, beam_size=3)), "
+              "sorted(k for k in sys.modules if k in ('caption', 'model', 'configurator')))")
+    proc = run('-c', script, cwd=decoding)
+    assert proc.stdout.strip() == "2 ['caption', 'model']", proc.stdout
+
+    script = ("import os, runpy, sys\nsys.argv = ['train.py', '--help']\ntry:\n"
+              "    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+              "here = {f[:-3] for f in os.listdir('.') if f.endswith('.py')}\n"
+              "print(' '.join(sorted(m for m in sys.modules if m in here)))")
+    loaded = run('-c', script).stdout.strip().splitlines()[-1].split()
+    assert len(loaded) <= 8 and 'bench' not in loaded, loaded
+
 # ---- the pretext tasks of the paper's ablation -----------------------------------------------
 
 def test_every_pretext_has_the_official_parameter_count():
     """R-50, vocabulary 10,000, L1 H2048 where there is a Transformer; counted from the official
     code's modules."""
-    from model import PRETEXTS, VirTex, VirTexConfig
-    from pretexts import pretext_model
+    from model import VirTex, VirTexConfig
+    from pretexts import PRETEXTS, pretext_model
     official = {'bicaptioning': 182_555_472, 'captioning': 115_407_696, 'masked_lm': 115_407_696,
                 'token_classification': 43_998_032, 'multilabel_classification': 23_674_001,
                 # cappa: captioning's modules; [MASK] is already in the vocabulary
@@ -756,8 +805,8 @@ def test_resume_is_exact(shapes, tmp_path, pretext):
         [r['loss'] for r in read_log(tmp_path / 'split')][2:]
     times = [r['time'] for r in read_log(tmp_path / 'split')]  # the resumed half's go on
     assert times == sorted(times) and split['time'] >= times[-1], times
-    from pretexts import LOSS_PARTS
-    parts = LOSS_PARTS[pretext]
+    from pretexts import PRETEXTS
+    parts = PRETEXTS[pretext][1]
     record, val = read_log(tmp_path / 'whole')[-1], read_log(tmp_path / 'whole', 'val')[-1]
     if pretext != 'cappa':  # cappa's parts are its two modes' own means, not terms of a sum
         assert record['loss'] == pytest.approx(sum(record[f'loss_{p}'] for p in parts), rel=1e-5)
@@ -932,23 +981,24 @@ def test_validation_reports_the_image_gap(shapes, tmp_path):
     assert re.match(r'iter 2: val loss \d+\.\d{4} \(fwd \d+\.\d{3} bwd \d+\.\d{3}\) \| '
                     r'shuffled images \d+\.\d{4}: the image is worth -?\d+\.\d{3} nats/token',
                     line), line
-    assert re.search(r'nats/token \(rest -?\d+\.\d{3}, shape -?\d+\.\d{3}, colour -?\d+\.\d{3}, '
-                     r'size -?\d+\.\d{3}, count -?\d+\.\d{3}, position -?\d+\.\d{3}\)$', line)
     records = read_log(tmp_path, 'val')
     assert [r['iter'] for r in records] == [2, 4]
     for r in records:
         assert r['image_gap'] == pytest.approx((r['loss_shuffled'] - r['loss']) / 2, abs=1e-5)
-        assert list(r['image_gap_words']) == ['rest', 'shape', 'colour', 'size', 'count',
-                                              'position']
         assert r['loss_shuffled'] == pytest.approx(r['loss_shuffled_fwd'] + r['loss_shuffled_bwd'],
                                                    abs=1e-5)
+    # the shapes world's study: the same validation, word class by word class (dev/)
+    proc = run('dev/word_classes.py', f'--ckpt={tmp_path}/ckpt.pt')
+    assert re.fullmatch(r'image gap by word class \(nats per word\): rest -?\d+\.\d{3}, shape '
+                        r'-?\d+\.\d{3}, colour -?\d+\.\d{3}, size -?\d+\.\d{3}, count '
+                        r'-?\d+\.\d{3}, position -?\d+\.\d{3}', proc.stdout.strip()), proc.stdout
 
 
 def test_the_image_gap_by_word_class_adds_up_to_the_caption_loss():
     """validation.losses_by_word_class splits both directions' next-token losses by the class of
     their target: summed over the classes they are the loss itself."""
     from model import VirTex
-    from validation import losses_by_word_class
+    losses_by_word_class = dev_module('word_classes').losses_by_word_class
     torch.manual_seed(0)
     model = VirTex(tiny_cfg()).eval()
     images, tokens = tiny_batch()
@@ -1241,7 +1291,7 @@ def test_a_full_disk_never_cuts_a_log_line(shapes, short_run, small_disk):
 
 
 def test_bad_settings_and_data_are_refused_at_start_up(shapes, short_run, tmp_path):
-    from configurator import check_device
+    from configurator import Device
     cases = []  # (command, the start of the one error line it must end with)
 
     def train(name, *extra):
@@ -1253,15 +1303,17 @@ def test_bad_settings_and_data_are_refused_at_start_up(shapes, short_run, tmp_pa
     cases.append((train('setting_n_embd', '--n_embd=250', '--n_head=4'),
                   "error: n_embd=250 is not divisible by n_head=4"))
     cases.append((train('setting_max_len', '--max_len=1'), "error: --max_len=1: must be >= 3"))
-    devices = {'tpu': "--device=tpu: not a device name (cpu, cuda, cuda:1, ...)"}
+    devices = {'tpu': "--device='tpu': not a device name (cpu, cuda, cuda:1, ...)"}
     for device, here in (('cuda', torch.cuda.is_available()),
                          ('mps', torch.backends.mps.is_available())):
         if not here:
-            devices[device] = f"--device={device}: not available on this machine (use --device=cpu)"
+            devices[device] = (f"--device='{device}': not available on this machine (use "
+                               "--device=cpu)")
     for device, message in devices.items():  # what every script checks first
-        with pytest.raises(ValueError, match=re.escape(message)):
-            check_device(device)
-    scripts = [train('setting_device'), ['evaluate.py'], ['caption.py'], ['probe.py']]
+        assert f"--device={device!r}: {Device().problem(device)}" == message
+    assert Device().problem('cpu') is None
+    scripts = [train('setting_device'), ['evaluate.py'], ['caption.py'], ['probe.py'],
+               ['bench.py']]
     for script, device in zip(scripts, [*devices] * len(scripts)):  # each script, a device each
         cases.append(([*script, f'--device={device}'], f"error: {devices[device]}"))
     a_file = tmp_path / 'a_file'
@@ -1589,7 +1641,7 @@ def test_train_augmentation_matches_its_reference_ops(tmp_path):
     """The fast tensor pipeline computes what PIL / torchvision compute: antialiased bilinear crops,
     and the colour jitter as torchvision's adjust_* in the drawn order."""
     import torchvision.transforms.functional as TF
-    from augment import color_jitter, draw_jitter, random_resized_crop, shift_hue
+    from coco import color_jitter, draw_jitter, random_resized_crop, shift_hue
     rng = np.random.default_rng(0)
     small = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
     photo = np.asarray(Image.fromarray(small).resize((200, 150), Image.Resampling.BICUBIC))
@@ -1636,9 +1688,9 @@ def test_decoding_on_the_device_draws_what_the_workers_draw(tmp_path):
     RESULTS.md states: a mean difference under 1 level of 255, 99% of the values within 8 (a full
     decode and a float resize against libjpeg's scaled decode and a uint8 resize; sharp edges
     differ most)."""
-    from augment import decode_and_augment, draw_jitter, random_box
     from bench import write_jpegs
-    from coco import CocoCaptions, collate, swap_left_right
+    from coco import CocoCaptions, collate, draw_jitter, random_box, swap_left_right
+    from gpu_augment import decode_and_augment
 
     class Words:
         sos_id, eos_id = 1, 2
@@ -1691,7 +1743,8 @@ def test_decoding_on_the_device_draws_what_the_workers_draw(tmp_path):
 
 
 def test_the_batched_jitter_is_the_jitter_of_each_image():
-    from augment import color_jitter, color_jitter_batch, draw_jitter
+    from coco import color_jitter, draw_jitter
+    from gpu_augment import color_jitter_batch
     pixels = torch.randint(0, 256, (12, 3, 24, 24), generator=torch.Generator().manual_seed(0),
                            dtype=torch.uint8)
     rng = np.random.default_rng(1)
@@ -1711,8 +1764,8 @@ def test_one_eval_transform_for_every_stage(tmp_path):
     """train.py's validation images, evaluate.py's VOC features and caption.py's input are the same
     pixels."""
     import caption
-    from coco import CocoCaptions, load_eval_image, normalize
-    from evaluate import VocImages
+    from coco import CocoCaptions
+    from evaluate import VocImages, load_eval_image, normalize
     # left half red, right half blue, with a green band at the top edge that the center crop must
     # cut away
     pixels = np.zeros((80, 100, 3), np.uint8)
@@ -2375,7 +2428,7 @@ def test_fit_svms_float32_and_leaving_out_equals_dropping():
     scores16 = (x.float() @ w16 + b16).double()
     assert torch.allclose(scores16, scores64, atol=2e-3 * scores64.abs().max()), \
         (scores16 - scores64).abs().max()
-    from svm import svm_products_dtype
+    from evaluate import svm_products_dtype
     assert svm_products_dtype('cpu', 'float32') == torch.float32 and \
         svm_products_dtype('cpu') in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match='--svm_dtype=fp8: expected auto, float32 or bfloat16'):
@@ -2725,7 +2778,7 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     assert [line.split('\t')[0] for line in lines] == [str(val / f) for f in files]
     import caption
     from checkpoints import load_checkpoint
-    from coco import load_eval_image
+    from evaluate import load_eval_image
     from tokenizer import Tokenizer
     model, saved = load_checkpoint(tiny_ckpt)  # the same caption in-process, to know its ids
     model.eval()
@@ -2745,12 +2798,12 @@ def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     entries = json.loads((tmp_path / 'r.json').read_text())
     assert len(entries) == 5 and all(isinstance(e['image_id'], int) for e in entries)
     rescored = run('caption.py', f'--results={tmp_path}/r.json', f'--coco_root={shapes}/coco')
-    table = proc.stdout.strip().splitlines()[-7:]  # the word classes' table, then CIDEr
+    assert rescored.stdout.strip().splitlines() == [last], 'scoring the written results: the same'
+    table = run('dev/word_classes.py', f'--results={tmp_path}/r.json',
+                f'--coco_root={shapes}/coco').stdout.strip().splitlines()  # the words, by class
     assert table[0].split() == ['words', 'named', 'present', 'recall', 'most', 'named'], table
-    assert [line.split()[0] for line in table[1:-1]] == ['shape', 'colour', 'size', 'count',
-                                                         'position']
-    assert rescored.stdout.strip().splitlines() == table, \
-        'scoring the written results gives the same words and CIDEr'
+    assert [line.split()[0] for line in table[1:]] == ['shape', 'colour', 'size', 'count',
+                                                       'position']
     sampled = run('caption.py', f'--ckpt={tiny_ckpt}', '--top_p=0.9', '--temperature=1.5',
                   *[str(val / f) for f in files])
     assert [line.split('\t')[0]
@@ -2811,7 +2864,7 @@ def test_cappa_captions_both_ways_and_parallel_needs_cappa(shapes, tiny_ckpt, tm
     computes it."""
     import caption
     from checkpoints import load_checkpoint
-    from coco import load_eval_image
+    from evaluate import load_eval_image
     from tokenizer import Tokenizer
     run(*train_args(shapes, tmp_path / 'cappa', '--max_iters=6', '--warmup_iters=2',
                     '--pretext=cappa', '--lr=3e-3'))
@@ -3003,7 +3056,7 @@ def test_export_and_write_atomically_on_a_full_disk(small_disk, tmp_path):
     old = small_disk.folder / 'result.json'
     old.write_text('{"mAP": 1.0}')
     small_disk.leave(2**20)
-    write = ("import sys\nfrom configurator import write_atomically\n"
+    write = ("import sys\nfrom safety import write_atomically\n"
              "try:\n    write_atomically(sys.argv[1], lambda f: f.write(bytes(2**22)))\n"
              "except OSError as e:\n    print(e)")
     proc = small_disk.run('-c', write, str(old))
@@ -3022,7 +3075,8 @@ def test_configurator_types_files_and_errors(tmp_path):
     config = {'lr': 0.1, 'batch_size': 8, 'compile': True, 'out_dir': 'out', 'init': None,
               '_private': 1}
     rest = configure(config,
-                     ['--lr=1', '--compile=False', '--out_dir=123', '--init=7', 'image.jpg'])
+                     ['--lr=1', '--compile=False', '--out_dir=123', '--init=7', 'image.jpg'],
+                     arguments='images')
     assert config['lr'] == 1.0 and isinstance(config['lr'], float), \
         'int accepted where a float is expected'
     assert config['compile'] is False and config['out_dir'] == '123' and config['init'] == 7
@@ -3033,6 +3087,9 @@ def test_configurator_types_files_and_errors(tmp_path):
         # a bare word is refused: a typo of a number never becomes a string
         configure({'init': None}, ['--init=abc'])
     assert rest == ['image.jpg'], 'bare non-.py arguments are returned to the script'
+    with pytest.raises(SystemExit, match=re.escape("unexpected arguments ['image.jpg'] (config "
+                                                   "files end in .py, flags are --key=value)")):
+        configure(dict(config), ['image.jpg'])  # where the script takes none
     cfg_file = tmp_path / 'c.py'
     cfg_file.write_text("batch_size = 32  # why\nimport math\n")
     configure(config, [str(cfg_file), '--batch_size=64'])
@@ -3110,7 +3167,7 @@ def test_configurator_checks_one_key_against_another():
 
 
 def test_write_atomically_keeps_the_old_file_on_failure(tmp_path):
-    from configurator import write_atomically
+    from safety import write_atomically
     path = tmp_path / 'feats.npz'
     path.write_bytes(b'old')
 
@@ -3192,7 +3249,7 @@ def test_gpu_the_paper_step_gives_the_same_losses_compiled_and_eager(gpu):
     """R-50 L1 H2048 at 224 in bf16 autocast, batch 8, SGD + LookAhead as train.py: three steps
     eager and three compiled from the same weights and batches; bf16 matmuls in another order
     differ, so the losses agree to 2 %: a bound no GPU has measured yet (`pytest -m gpu`)."""
-    from configurator import precision
+    from evaluate import precision
     from lookahead import LookAhead
     from model import VirTex, VirTexConfig
     _, autocast, _ = precision(gpu, 'bfloat16')
@@ -3279,8 +3336,8 @@ def test_gpu_beam_search_writes_the_cpus_captions(gpu):
 
 @pytest.mark.gpu
 def test_gpu_decodes_and_augments_as_the_workers_do(gpu, tmp_path):
-    from augment import decode_and_augment
     from bench import WordTokenizer, write_jpegs
+    from gpu_augment import decode_and_augment
     from coco import CocoCaptions, collate
     write_jpegs(str(tmp_path), 16, 640, 480)
     keys = [(0, i) for i in range(16)]
@@ -3382,7 +3439,9 @@ def test_shape_words_judges_both_tasks_and_reads_the_captions_word_by_word(shape
     assert words['shape'][0] > 0 and 0 <= words['shape'][1] <= 100  # (named, precision, recall)
     val = read_log(out / rows['bicaptioning']['run'], 'val')[-1]
     assert rows['bicaptioning']['image_gap'] == val['image_gap']
-    assert rows['bicaptioning']['shape_gap'] == val['image_gap_words']['shape']
+    gaps = run('dev/word_classes.py', f"--ckpt={out / rows['bicaptioning']['run']}/ckpt.pt",
+               f'--coco_root={shapes}/coco').stdout  # the last validation's, by word class
+    assert f"shape {rows['bicaptioning']['shape_gap']:.3f}," in gaps, gaps
     assert 'words' not in rows['multilabel_classification']
     assert re.search(r'^bicaptioning_x1\S* +[\d.]+ +[\d.]+ +-?[\d.]+', proc.stdout, re.M)
 
@@ -3391,9 +3450,11 @@ def test_word_gaps_splits_the_image_gap_by_direction(shapes, tiny_ckpt):
     """dev/word_gaps.py's per-direction gaps, weighted by their counts, are validation's image gap
     per word class on the same images and captions (one batch: the same rolled pairing)."""
     from checkpoints import load_checkpoint
-    from coco import CocoCaptions, collate, normalize
+    from coco import CocoCaptions, collate
+    from evaluate import normalize
     from tokenizer import Tokenizer
-    from validation import losses_by_word_class, word_classes
+    study = dev_module('word_classes')
+    losses_by_word_class, word_classes = study.losses_by_word_class, study.word_classes
     proc = run('dev/word_gaps.py', f'--ckpt={tiny_ckpt}', '--batch_size=100')
     table = {}  # (direction, class) -> (count, gap, top-1 own, top-1 other)
     for line in proc.stdout.splitlines():
@@ -3745,7 +3806,7 @@ def test_captions_true_in_many_scenes():
 def test_the_words_true_of_each_image(world):
     """words_<split>.json: every word of every reference caption is true of its image, and every
     caption names each plainly visible shape; a caption that names the wrong ones scores low."""
-    from caption import word_scores
+    word_scores = dev_module('word_classes').word_scores
     path = world / 'coco' / 'annotations' / 'words_val2017.json'
     captions = load_json(world / 'coco' / 'annotations' / 'captions_val2017.json')['annotations']
     for k in range(5):  # each image's k-th caption

@@ -20,12 +20,10 @@ Imports only the standard library and sentencepiece, so it can be copied alone. 
 ValueError / OSError naming the file; the command line prints them as one line.
 """
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import sys
 import unicodedata
 
 import sentencepiece as spm
@@ -146,47 +144,49 @@ def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
         os.replace(tmp_prefix + suffix, out_prefix + suffix)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument('--captions', required=True, help='COCO captions JSON '
-                                                          '(captions_train2017.json)')
-    parser.add_argument('--vocab_size', type=int, default=10000, help='paper: 10000')
-    parser.add_argument('--out', required=True, help='output prefix: writes PREFIX.model and '
-                                                     'PREFIX.vocab')
-    parser.add_argument('--overwrite', choices=('True', 'False'), default='False',
-                        help='True: replace an existing PREFIX.model (checkpoints trained with it '
-                             'then refuse it: its pieces differ)')
-    args = parser.parse_args(argv)
-    from configurator import check_outputs  # here: the Tokenizer class stays liftable alone
+# ----------------------------------------------------------------------------------------------
+# the command line (configurator.py's flags, imported only when it runs)
+captions = ''                 # a COCO captions JSON file (captions_train2017.json)
+vocab_size = 10000            # the paper's
+out = ''                      # the prefix: writes PREFIX.model and PREFIX.vocab
+overwrite = False             # True: replace PREFIX.model (its checkpoints then refuse it)
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    from safety import check_outputs
+    if not captions or not out:
+        raise SystemExit("error: give --captions=FILE (COCO captions JSON) and --out=PREFIX")
     try:
-        check_outputs({'out': [args.out + '.model', args.out + '.vocab']},
-                      {'--captions': args.captions})
+        check_outputs({'out': [out + '.model', out + '.vocab']}, {'--captions': captions})
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if os.path.exists(args.out + '.model') and args.overwrite != 'True':
-        raise SystemExit(f"error: {args.out}.model exists, and the checkpoints trained with it "
+    if os.path.exists(out + '.model') and not overwrite:
+        raise SystemExit(f"error: {out}.model exists, and the checkpoints trained with it "
                          "name it by path: write elsewhere with --out, or replace it with "
                          "--overwrite=True")
-    if args.vocab_size <= len(SPECIAL_PIECES) + 1:
-        raise SystemExit(f"error: --vocab_size={args.vocab_size} must be larger than "
+    if vocab_size <= len(SPECIAL_PIECES) + 1:
+        raise SystemExit(f"error: --vocab_size={vocab_size} must be larger than "
                          f"{len(SPECIAL_PIECES) + 1}")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
+    out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
-        raise SystemExit(f"error: --out={args.out}: folder {out_dir} does not exist or is not "
+        raise SystemExit(f"error: --out={out}: folder {out_dir} does not exist or is not "
                          "writable")
     try:
-        captions = [c for image_captions in read_coco_captions(args.captions)[1].values()
-                    for c in image_captions]
-        print(f"training a {args.vocab_size}-piece BPE vocabulary on {len(captions):,} captions "
-              f"from {args.captions}")
-        train(captions, args.vocab_size, args.out)
-        tok = Tokenizer(args.out + '.model')
+        texts = [c for image_captions in read_coco_captions(captions)[1].values()
+                 for c in image_captions]
+        print(f"training a {vocab_size}-piece BPE vocabulary on {len(texts):,} captions "
+              f"from {captions}")
+        train(texts, vocab_size, out)
+        tok = Tokenizer(out + '.model')
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    example = captions[0]
+    example = texts[0]
     print(f"example: {example!r} -> {[tok.sp.id_to_piece(i) for i in tok.encode(example)]}")
-    print(f"wrote {args.out}.model and {args.out}.vocab ({len(tok)} pieces)")
+    print(f"wrote {out}.model and {out}.vocab ({len(tok)} pieces)")
 
 
 if __name__ == '__main__':
-    main(sys.argv[1:])
+    from configurator import configure
+    configure(globals())
+    main()

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from evaluate import load_features
-from svm import SVM_COSTS, svm_products_dtype, train_and_test_svms
+from evaluate import svm_products_dtype
+from svm import SVM_COSTS, train_and_test_svms
 
 # -----------------------------------------------------------------------------
 # A: mAP 85, mean cosine 0.62, mostly C=1; B: mAP 83, mean cosine 0.71, mostly C=10; C: hard, mAP 89

@@ -29,8 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
                   plot_panels, random_init_args, train, train_minutes)
 # runs.py put the project on the path
-from configurator import CommaList, configure, write_atomically  # noqa: E402
-from model import PRETEXTS  # noqa: E402
+from configurator import CommaList, configure  # noqa: E402
+from pretexts import PRETEXTS  # noqa: E402
+from safety import write_atomically  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'                 # prepare.py's output with the tokenizer's vocab.model
@@ -42,9 +43,7 @@ seeds = '0'
 attributes = True                    # also judge every backbone on DATA/attributes/*
 out_dir = 'out/data_efficiency'
 # ----------------------------------------------------------------------------------------------
-rest = configure(globals())
-if rest:
-    raise SystemExit(f"error: unexpected arguments {rest} (flags are --key=value)")
+configure(globals())
 pretext_list = pretexts.split(',')
 fraction_list = [float(f) for f in str(fractions).split(',')]
 seed_list = [int(s) for s in str(seeds).split(',')]

@@ -13,18 +13,15 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from augment import decode_and_augment  # noqa: E402
 from bench import WordTokenizer, write_jpegs  # noqa: E402
 from coco import CocoCaptions, collate  # noqa: E402
-from configurator import check_device, configure, one_line_errors  # noqa: E402
+from configurator import DEVICE, configure  # noqa: E402
+from gpu_augment import decode_and_augment  # noqa: E402
 
-device = 'cpu'
-n_images = 64
-seed = 0
-if configure(globals()):
-    raise SystemExit("error: this script takes only --key=value flags")
-with one_line_errors():
-    check_device(device)
+device: DEVICE = 'cpu'      # where the device path decodes
+n_images = 64               # JPEGs per image size
+seed = 0                    # the JPEGs' content and the augmentation's draws
+configure(globals())
 with tempfile.TemporaryDirectory() as folder:
     for (width, height), size in (((640, 480), 224), ((160, 120), 64)):
         root = os.path.join(folder, f'{width}x{height}')

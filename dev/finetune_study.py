@@ -25,9 +25,10 @@ from typing import Annotated
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import HERE, config_max_iters, finished, run, train, train_minutes  # noqa: E402
 # runs.py put the project on the path
-from configurator import POSITIVE, CommaList, configure, write_atomically  # noqa: E402
+from configurator import POSITIVE, CommaList, configure  # noqa: E402
 from demo import random_init_args  # noqa: E402
-from model import PRETEXTS  # noqa: E402
+from pretexts import PRETEXTS  # noqa: E402
+from safety import write_atomically  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'             # a world with coco/, vocab.model and imagefolder/
@@ -40,8 +41,7 @@ backbone_lr: POSITIVE = 0.01     # the backbone's, when it is fine-tuned
 weight_decay = 1e-4              # the backbone's and the layer's when fine-tuned (the official)
 out_dir = ''                     # default: out/finetune_study[_<world>]
 # ----------------------------------------------------------------------------------------------
-if configure(globals()):
-    raise SystemExit("error: this script takes only --key=value flags")
+configure(globals())
 pretext_list = pretexts.split(',')
 seed_list = [int(s) for s in str(seeds).split(',')]
 if not os.path.isdir(os.path.join(HERE, data, 'imagefolder')):

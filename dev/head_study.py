@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from augment import to_uint8_tensor  # noqa: E402
-from coco import load_eval_image, normalize, pad_tokens, read_coco_split  # noqa: E402
+from coco import pad_tokens, read_coco_split  # noqa: E402
+from evaluate import load_eval_image, normalize, to_uint8_tensor  # noqa: E402
 from configurator import configure  # noqa: E402
 from evaluate import read_voc  # noqa: E402
 from svm import train_and_test_svms  # noqa: E402

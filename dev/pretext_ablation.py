@@ -35,8 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
                   random_init_args, train, train_minutes)
 # runs.py put the repository on the path
-from configurator import CommaList, configure, write_atomically  # noqa: E402
-from model import PRETEXTS  # noqa: E402
+from configurator import CommaList, configure  # noqa: E402
+from pretexts import PRETEXTS  # noqa: E402
+from safety import write_atomically  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 pretexts: Annotated[str, CommaList(*PRETEXTS)] = ','.join(PRETEXTS)
@@ -47,8 +48,7 @@ config = 'config/shapes.py'
 out_dir = ''
 attributes = True           # also judge every backbone on DATA/attributes/*
 # ----------------------------------------------------------------------------------------------
-if configure(globals()):
-    raise SystemExit("error: this script takes only --key=value flags")
+configure(globals())
 pretext_list, seed_list = pretexts.split(','), [int(s) for s in str(seeds).split(',')]
 world = os.path.basename(data.rstrip('/'))
 out_dir = out_dir or ('out/ablation' if world == 'shapes' else f'out/ablation_{world}')

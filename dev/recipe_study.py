@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import HERE, random_init_map, train, train_minutes, voc_map  # noqa: E402
-from checkpoints import load_file  # noqa: E402  (runs.py put the repository on the path)
+from safety import load_file  # noqa: E402  (runs.py put the repository on the path)
 from configurator import configure  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -48,9 +48,7 @@ VARIANTS = {
     'bf16_b128_1250': OLD + ['--dtype=bfloat16', '--max_iters=1250', '--batch_size=128'],
     'bf16_b256_625': OLD + ['--dtype=bfloat16', '--max_iters=625', '--batch_size=256'],
 }
-rest = configure(globals())
-if rest:
-    raise SystemExit(f"error: unexpected arguments {rest} (flags are --key=value)")
+configure(globals())
 variant_list, seed_list = variants.split(','), [int(s) for s in str(seeds).split(',')]
 unknown = [v for v in variant_list if v not in VARIANTS]
 if unknown:

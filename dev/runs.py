@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
-from checkpoints import load_file  # noqa: E402
+from safety import load_file  # noqa: E402
 from demo import random_init_args, run_logged  # noqa: E402
 from evaluate import read_voc  # noqa: E402
 

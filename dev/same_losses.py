@@ -31,8 +31,7 @@ after = 'HEAD'
 iters = 100
 foreach = False             # True: both commits' optimizers foreach, not fused
 # ----------------------------------------------------------------------------------------------
-if configure(globals()):
-    raise SystemExit("error: this script takes only --key=value flags")
+configure(globals())
 data = os.path.join(HERE, 'data/shapes')
 if not os.path.exists(os.path.join(data, 'vocab.model')):
     raise SystemExit(f"error: {data}/vocab.model does not exist: run python demo.py once")

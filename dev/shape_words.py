@@ -4,9 +4,9 @@ number of images seen. Per pretext and schedule: `python train.py config/shapes.
 --max_iters=2500*M --seed=S` (M times the demo's 160k images, the warmup unchanged), then the
 backbone's VOC07 mAP on the category task and the mean of the world's attribute tasks (what the
 captions name beyond the category), and for the captioners the last validation's image gap, whole
-and per word class (train.py logs it: nats per word that the image is worth, shape words, colour
-words, ...) and caption.py on the 1000 val images: the share of each class's generated words that
-are true of the image (precision) and of the image's facts named (recall).
+(train.py logs it) and per word class (dev/word_classes.py: nats per word that the image is worth,
+shape words, colour words, ...), and caption.py on the 1000 val images: the share of each class's
+generated words that are true of the image (precision) and of the image's facts named (recall).
 
   python dev/shape_words.py                                  # bicaptioning and labels, 1x
   python dev/shape_words.py --multiples=1,2,4                # the curve: 160k, 320k, 640k images
@@ -29,8 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, attribute_tasks, config_max_iters, finished, judge,  # noqa: E402
                   plot_panels, run, train, train_minutes)
 # runs.py put the project on the path
-from configurator import CommaList, configure, write_atomically  # noqa: E402
-from model import PRETEXTS  # noqa: E402
+from configurator import CommaList, configure  # noqa: E402
+from checkpoints import load_checkpoint  # noqa: E402
+from pretexts import CAPTIONERS, PRETEXTS  # noqa: E402
+from safety import write_atomically  # noqa: E402
+from word_classes import image_gap_by_word_class, word_scores  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 data = 'data/shapes'
@@ -41,8 +44,7 @@ seed = 0
 lever = ''                 # train.py flags that make a lever, space-separated: --image_size=96
 out_dir = 'out/shape_words'
 # ----------------------------------------------------------------------------------------------
-if configure(globals()):
-    raise SystemExit("error: this script takes only --key=value flags")
+configure(globals())
 multiple_list = [int(m) for m in str(multiples).split(',')]
 lever_args = lever.split()
 tag = re.sub(r'[^\w.=-]+', '_', '_'.join(a.lstrip('-') for a in lever_args))
@@ -65,8 +67,11 @@ def caption_words(run_dir):
     output = run(['caption.py', f'--ckpt={run_dir}/ckpt.pt', f'--coco_root={data}/coco',
                   '--split=val2017', f'--out={run_dir}/captions_val.json'],
                  f'{run_dir}/caption.log')
+    with open(os.path.join(HERE, run_dir, 'captions_val.json')) as f:
+        captions = {e['image_id']: e['caption'] for e in json.load(f)}
+    table = word_scores(captions, os.path.join(HERE, data, 'coco/annotations/words_val2017.json'))
     words = {m[0]: (int(m[1]), float(m[2]), float(m[3]))
-             for m in re.findall(r'^(\w+) +(\d+) +([\d.]+)% +([\d.]+)%', output, re.M)}
+             for m in re.findall(r'^(\w+) +(\d+) +([\d.]+)% +([\d.]+)%', '\n'.join(table), re.M)}
     return words, float(re.findall(r'^CIDEr: ([\d.]+)', output, re.M)[-1])
 
 
@@ -90,7 +95,10 @@ for multiple in multiple_list:
                'seed': seed, 'images': iters * 64, 'train_min': train_minutes(run_dir),
                'map': maps['category'], 'maps': maps,
                'attributes': sum(maps[a] for a in attribute_names) / len(attribute_names)}
-        gaps = last_val(run_dir).get('image_gap_words')
+        model, saved = load_checkpoint(os.path.join(HERE, run_dir, 'ckpt.pt'))
+        # the last validation's gap per word class: the final checkpoint's weights
+        gaps = image_gap_by_word_class(model.eval(), saved, os.path.join(HERE, data, 'coco')) \
+            if pretext in CAPTIONERS else None
         if gaps:
             words, row['cider'] = caption_words(run_dir)
             row.update(words=words, gaps=gaps, shape_gap=gaps['shape'],

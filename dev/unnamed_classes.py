@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import (HERE, config_max_iters, finished, judge, random_init_args,  # noqa: E402
                   train, train_minutes)
 from coco import read_instances  # noqa: E402  (runs.py put the repository on the path)
-from configurator import configure, write_atomically  # noqa: E402
+from configurator import configure  # noqa: E402
+from safety import write_atomically  # noqa: E402
 from evaluate import read_voc_task  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -36,8 +37,7 @@ config = 'config/shapes.py'
 seeds = '0'
 out_dir = ''                # default: out/unnamed_classes[_<world>]
 # ----------------------------------------------------------------------------------------------
-if configure(globals()):
-    raise SystemExit("error: this script takes only --key=value flags")
+configure(globals())
 seed_list = [int(s) for s in str(seeds).split(',')]
 world = os.path.basename(data.rstrip('/'))
 out_dir = out_dir or 'out/unnamed_classes' + ('' if world == 'shapes' else f'_{world}')

@@ -23,11 +23,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from runs import HERE  # noqa: E402  (puts the project on the path)
 from checkpoints import load_checkpoint  # noqa: E402
-from coco import CocoCaptions, collate, normalize  # noqa: E402
-from configurator import configure, one_line_errors  # noqa: E402
+from coco import CocoCaptions, collate  # noqa: E402
+from configurator import configure  # noqa: E402
+from evaluate import normalize  # noqa: E402
+from safety import one_line_errors  # noqa: E402
 from pretexts import CAPTIONERS  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-from validation import word_classes  # noqa: E402
+from word_classes import word_classes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 ckpt = ''
@@ -35,8 +37,7 @@ data_root = ''          # the world's coco/ folder; '' : the checkpoint's
 split = 'val2017'
 batch_size = 100
 # ----------------------------------------------------------------------------------------------
-if configure(globals()):
-    raise SystemExit("error: this script takes only --key=value flags")
+configure(globals())
 with one_line_errors():
     if not ckpt:
         raise ValueError("--ckpt: give a train.py checkpoint of a captioner")
