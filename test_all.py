@@ -1,7 +1,9 @@
 """
-The tests: fast, CPU only, no network, no COCO. Run with
+The tests: CPU only, no network, no COCO. A reader's tier, every file in about two minutes, then
+the whole suite (the slow tests are marked `slow`; CI runs everything):
 
-    python -m pytest test_all.py -q
+    python -m pytest -q -m "not slow" test_all.py
+    python -m pytest -q test_all.py
 
 Inputs are built in memory or generated with data/shapes/prepare.py into pytest's tmp_path.
 
@@ -456,6 +458,7 @@ def toy_images_and_captions(B=32, seed=0):
     return images, tokens
 
 
+@pytest.mark.slow
 def test_image_reliance_gap_positive_when_trained_and_zero_without_the_image():
     from model import VirTex
     torch.manual_seed(0)
@@ -746,6 +749,7 @@ def test_training_reduces_the_loss(shapes, tmp_path):
         ckpt['model_args']['vocab_size'] == 96
 
 
+@pytest.mark.slow
 def test_bfloat16_training_learns(shapes, tmp_path):
     """The GPU path's autocast, on a CPU: bf16 matmuls and convolutions, float32 weights and
     loss."""
@@ -762,6 +766,7 @@ def test_bfloat16_training_learns(shapes, tmp_path):
 
 @pytest.mark.skipif(not any(map(shutil.which, ('g++', 'c++', 'clang++'))),
                     reason='torch.compile on a CPU (inductor) needs a C++ compiler')
+@pytest.mark.slow
 def test_compiled_training_learns_with_one_graph(shapes, tmp_path):
     """torch.compile on a CPU, as on a GPU: captions of different lengths are padded to max_len, and
     the loss keeps static shapes when compiled, so the model compiles once: no recompilation, no
@@ -781,6 +786,7 @@ def test_compiled_training_learns_with_one_graph(shapes, tmp_path):
 @pytest.mark.parametrize('pretext',
                          ['bicaptioning', 'captioning', 'masked_lm', 'token_classification',
                                      'multilabel_classification', 'cappa'])
+@pytest.mark.slow
 def test_resume_is_exact(shapes, tmp_path, pretext):
     # warmup longer than the run keeps the LR schedule independent of max_iters; k=3 puts a
     # LookAhead sync in the resumed half, so the saved slow weights matter. The validation at
@@ -820,6 +826,7 @@ def test_resume_is_exact(shapes, tmp_path, pretext):
         expected_outputs
 
 
+@pytest.mark.slow
 def test_multilabel_learns_only_the_taught_categories(shapes, tmp_path):
     from coco import read_instances
     taught = read_instances(str(shapes / 'coco'), 'train2017', 'circle,square')[1]
@@ -840,6 +847,7 @@ def test_multilabel_learns_only_the_taught_categories(shapes, tmp_path):
                               "circle,square, not circle: a resume continues the same run")
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(shapes, tmp_path):
     args = ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
             *train_args(shapes, tmp_path, '--max_iters=3', '--warmup_iters=1',
@@ -859,6 +867,7 @@ def test_torchrun_two_processes(shapes, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'log.jsonl']
 
 
+@pytest.mark.slow
 def test_train_config_and_input_errors(shapes, tmp_path):
     cases = [(['--n_embed=64'], "unknown config key 'n_embed' (did you mean 'n_embd'?)"),
              (['--init_from=restart'],
@@ -895,6 +904,7 @@ def test_train_config_and_input_errors(shapes, tmp_path):
     assert 'captions_train2017.json: not a COCO captions file' in proc.stderr
 
 
+@pytest.mark.slow
 def test_pretext_input_errors_are_one_line(shapes, tmp_path):
     no_instances = tmp_path / 'coco'
     shutil.copytree(shapes / 'coco', no_instances)
@@ -920,6 +930,7 @@ def test_pretext_input_errors_are_one_line(shapes, tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow
 def test_train_fraction_is_a_seeded_subset_kept_on_resume(shapes, tmp_path):
     runs = {}
     for name, extra in (('a', ['--seed=0']), ('b', ['--seed=0']), ('c', ['--seed=1'])):
@@ -945,6 +956,7 @@ def test_train_fraction_is_a_seeded_subset_kept_on_resume(shapes, tmp_path):
             len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
     from model import VirTex
     run(*train_args(shapes, tmp_path / 'good', '--max_iters=1', '--warmup_iters=1'))
@@ -974,6 +986,7 @@ def test_resume_from_a_bad_checkpoint_is_one_line(shapes, tmp_path):
         assert (out / 'ckpt.pt').read_bytes() == before, 'the file is left as it was'
 
 
+@pytest.mark.slow
 def test_validation_reports_the_image_gap(shapes, tmp_path):
     proc = run(*train_args(shapes, tmp_path, '--max_iters=4', '--warmup_iters=1',
                            '--eval_interval=2', '--eval_iters=2'))
@@ -1014,6 +1027,7 @@ def test_the_image_gap_by_word_class_adds_up_to_the_caption_loss():
     assert counts[1] == 2 * int(((tokens >= 5) & (tokens < 15)).sum())
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_up_to_a_cap(shapes, tmp_path):
     import shutil
     root = tmp_path / 'coco'
@@ -1032,6 +1046,7 @@ def test_bad_images_are_skipped_up_to_a_cap(shapes, tmp_path):
         'more than max_bad_images=1 images failed to load' in proc.stderr
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
     run(*train_args(shapes, tmp_path, '--max_iters=2', '--warmup_iters=1', '--ckpt_interval=1'))
     before = (tmp_path / 'ckpt.pt').read_bytes()
@@ -1046,6 +1061,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(shapes, tmp_path):
                                       or (tmp_path / 'ckpt.pt').read_bytes() == before)
 
 
+@pytest.mark.slow
 def test_voc_in_the_loop_logs_each_map_and_keeps_the_best_backbone(shapes, tmp_path):
     voc = [f'--voc_root={shapes}/VOC2007', '--voc_interval=2', '--warmup_iters=1']
     proc = run(*quick_args(shapes, tmp_path, '--max_iters=4', *voc))
@@ -1115,6 +1131,7 @@ def torchrun_workers(pid):
     return workers
 
 
+@pytest.mark.slow
 def test_an_out_dir_with_a_run_is_refused_resumed_or_replaced(shapes, short_run, tmp_path):
     held = tmp_path / 'held'
     shutil.copytree(short_run, held)
@@ -1154,6 +1171,7 @@ def test_an_out_dir_with_a_run_is_refused_resumed_or_replaced(shapes, short_run,
     assert [(r['event'], r['iter']) for r in new[1:]] == [('train', 3), ('checkpoint', 3)]
 
 
+@pytest.mark.slow
 def test_the_lock_keeps_a_second_run_out_and_a_stale_one_is_taken_over(shapes, tmp_path):
     import socket
     out, host = tmp_path / 'run', socket.gethostname()
@@ -1175,6 +1193,7 @@ def test_the_lock_keeps_a_second_run_out_and_a_stale_one_is_taken_over(shapes, t
     assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl'], 'the lock goes when the run ends'
 
 
+@pytest.mark.slow
 def test_sigterm_and_sigint_save_and_the_resumed_run_equals_an_unbroken_one(shapes,
                                                                             tmp_path, start):
     import signal
@@ -1207,6 +1226,7 @@ def test_sigterm_and_sigint_save_and_the_resumed_run_equals_an_unbroken_one(shap
     assert [r['iter'] for r in read_log(split, 'resume')] == stops
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_while_saving_stops_at_once(shapes, tmp_path, start):
     import signal
     import time
@@ -1231,6 +1251,7 @@ def test_a_second_ctrl_c_while_saving_stops_at_once(shapes, tmp_path, start):
 TORCHRUN = ('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2')
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_torchrun_process_stops_both_at_one_iteration(shapes, tmp_path, start):
     import signal
     out_dir = tmp_path / 'run'
@@ -1276,6 +1297,7 @@ def test_a_full_disk_keeps_the_last_checkpoint(shapes, short_run, small_disk):
     assert all(json.loads(line) for line in log_lines(out))
 
 
+@pytest.mark.slow
 def test_a_full_disk_never_cuts_a_log_line(shapes, short_run, small_disk):
     out = small_disk.folder / 'run'
     shutil.copytree(short_run, out)
@@ -1290,6 +1312,7 @@ def test_a_full_disk_never_cuts_a_log_line(shapes, short_run, small_disk):
     assert (out / 'log.jsonl').read_text().endswith('\n')
 
 
+@pytest.mark.slow
 def test_bad_settings_and_data_are_refused_at_start_up(shapes, short_run, tmp_path):
     from configurator import Device
     cases = []  # (command, the start of the one error line it must end with)
@@ -1352,6 +1375,7 @@ def test_bad_settings_and_data_are_refused_at_start_up(shapes, short_run, tmp_pa
     assert not [name for name in os.listdir(tmp_path) if name.startswith('setting_')]
 
 
+@pytest.mark.slow
 def test_unreadable_val_images_are_counted_and_stop_the_run(shapes, tmp_path):
     coco = tmp_path / 'coco'
     shutil.copytree(shapes / 'coco', coco)
@@ -1367,6 +1391,7 @@ def test_unreadable_val_images_are_counted_and_stop_the_run(shapes, tmp_path):
     assert proc.stdout.count('warning: skipped') == 16 and '(16 skipped so far)' in proc.stdout
 
 
+@pytest.mark.slow
 def test_clearer_messages_for_bad_checkpoints_outputs_and_losses(shapes, short_run, tmp_path):
     from dataclasses import asdict
     from model import VirTex
@@ -1409,6 +1434,7 @@ def test_clearer_messages_for_bad_checkpoints_outputs_and_losses(shapes, short_r
 # Every input is checked before a run's folder is claimed, and the folder is claimed before anything
 # in it goes; no script writes over a file it reads.
 
+@pytest.mark.slow
 def test_a_mistake_with_overwrite_deletes_nothing(shapes, short_run, tmp_path):
     base, before = tmp_path / 'base', snapshot(short_run)
     shutil.copytree(short_run, base)
@@ -1434,6 +1460,7 @@ def test_a_mistake_with_overwrite_deletes_nothing(shapes, short_run, tmp_path):
     assert proc.returncode == 1 and not (tmp_path / 'new').exists()
 
 
+@pytest.mark.slow
 def test_a_failing_evaluation_in_the_loop_keeps_the_training_state(shapes, tmp_path):
     """The VOC images become unreadable only once the run has started: the run saves, then stops."""
     voc = tmp_path / 'VOC2007'
@@ -1450,6 +1477,7 @@ def test_a_failing_evaluation_in_the_loop_keeps_the_training_state(shapes, tmp_p
     assert [r['iter'] for r in read_log(tmp_path / 'run', 'checkpoint')] == [3]
 
 
+@pytest.mark.slow
 def test_no_script_writes_over_a_file_it_reads(shapes, short_run, tmp_path):
     ckpt = tmp_path / 'X.pt'
     shutil.copy(short_run / 'ckpt.pt', ckpt)
@@ -1487,6 +1515,7 @@ def test_no_script_writes_over_a_file_it_reads(shapes, short_run, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ['X.pt', 'captions.model', 'images', 'link.pt']
 
 
+@pytest.mark.slow
 def test_a_vocabulary_is_never_replaced_under_its_checkpoints(shapes, short_run, tmp_path):
     """tokenizer.py keeps an existing .model unless told; caption.py refuses pieces other than
     those a checkpoint was trained with, replaced at its path or given as another file of the same
@@ -1521,6 +1550,7 @@ def test_a_vocabulary_is_never_replaced_under_its_checkpoints(shapes, short_run,
         assert proc.stdout == ''
 
 
+@pytest.mark.slow
 def test_ill_typed_and_out_of_contract_settings_are_one_line(shapes, short_run, tmp_path):
     resumable = tmp_path / 'resumable'
     shutil.copytree(short_run, resumable)
@@ -1753,6 +1783,7 @@ def test_the_batched_jitter_is_the_jitter_of_each_image():
     assert torch.equal(color_jitter_batch(pixels, jitters), each)
 
 
+@pytest.mark.slow
 def test_training_with_decoding_on_the_device_learns(shapes, tmp_path):
     run(*train_args(shapes, tmp_path, '--max_iters=4', '--warmup_iters=1', '--decode_on=device',
                     '--num_workers=1', '--ckpt_interval=1000'))
@@ -1946,6 +1977,7 @@ class RunsCode:
         return (os.system, (f'touch {self.marker}',))
 
 
+@pytest.mark.slow
 def test_checkpoints_with_python_objects_are_refused_with_the_reason(tmp_path, shapes):
     from dataclasses import asdict
     from checkpoints import load_backbone, load_model
@@ -2138,6 +2170,7 @@ def test_torchvision_init_equals_random_init_with_same_seed(tmp_path):
         load_backbone(init=f'torchvision:{path}', visual='resnet34')  # resnet18 weights do not fit
 
 
+@pytest.mark.slow
 def test_checkpoint_backbone_and_its_image_size(tmp_path):
     from dataclasses import asdict
     import torchvision
@@ -2171,6 +2204,7 @@ def test_checkpoint_backbone_and_its_image_size(tmp_path):
 
 @pytest.mark.parametrize('pretext',
                          ['masked_lm', 'token_classification', 'multilabel_classification'])
+@pytest.mark.slow
 def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption(tmp_path, pretext):
     from dataclasses import asdict
     from checkpoints import load_backbone
@@ -2190,6 +2224,7 @@ def test_every_pretext_checkpoint_gives_its_backbone_and_only_captioners_caption
     assert f'a {pretext} checkpoint has no caption decoder' in proc.stderr
 
 
+@pytest.mark.slow
 def test_moco_init_takes_the_query_encoder_and_refuses_other_layouts(tmp_path):
     import torchvision
     from checkpoints import load_backbone
@@ -2219,6 +2254,7 @@ def test_moco_init_takes_the_query_encoder_and_refuses_other_layouts(tmp_path):
             in proc.stderr)
 
 
+@pytest.mark.slow
 def test_vissl_init_reads_the_trunk_of_either_vissl_layout(tmp_path):
     import torchvision
     from checkpoints import load_backbone
@@ -2563,6 +2599,7 @@ def test_end_to_end_random_backbone_and_features_round_trip(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if '.tmp' in p]
 
 
+@pytest.mark.slow
 def test_evaluate_judges_an_attribute_folder(world):
     proc = run('evaluate.py', f'--voc_root={world / "attributes" / "position"}', '--init=random',
                '--visual=resnet18', '--image_size=64', '--zero_init_residual=False',
@@ -2574,6 +2611,7 @@ def test_evaluate_judges_an_attribute_folder(world):
     assert re.fullmatch(r'mAP: \d+\.\d\d', lines[-1]), lines[-1]
 
 
+@pytest.mark.slow
 def test_feature_files_with_no_classes_or_no_samples_are_refused(tmp_path):
     import evaluate
     x, y = np.random.rand(6, 4).astype(np.float32), np.ones((6, 2), dtype=np.int64)
@@ -2594,6 +2632,7 @@ def test_feature_files_with_no_classes_or_no_samples_are_refused(tmp_path):
         '(need at least one of each)'), proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_feature_files_and_weight_sources(tmp_path):
     import evaluate
     from checkpoints import load_backbone
@@ -2769,6 +2808,7 @@ def test_sampling_on_a_real_model_fills_every_position_without_crashing():
     assert [len(c) for c in short] == [4] * 3
 
 
+@pytest.mark.slow
 def test_caption_cli_results_cider_and_attention(shapes, tiny_ckpt, tmp_path):
     val = shapes / 'coco' / 'val2017'
     files = sorted(os.listdir(val))[:3]
@@ -2840,6 +2880,7 @@ def test_caption_bad_images_and_odd_modes(shapes, tiny_ckpt, tmp_path):
     assert 'decompression bomb' in errors[2].lower()
 
 
+@pytest.mark.slow
 def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
     ckpt = torch.load(tiny_ckpt, weights_only=True)
     del ckpt['config']['tokenizer']
@@ -2858,6 +2899,7 @@ def test_caption_model_and_tokenizer_errors(shapes, tiny_ckpt, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_cappa_captions_both_ways_and_parallel_needs_cappa(shapes, tiny_ckpt, tmp_path):
     """A cappa checkpoint captions with the cached beam search, and with --parallel=True in one pass
     from [MASK] inputs: argmax per position, cut at the first [EOS], as model.parallel_logits
@@ -2957,6 +2999,7 @@ def test_probe_learns_a_world_its_backbone_sees(tmp_path, augment):
     assert result['top1'] == 100.0 and result['val_images'] == 45 and 'top5' not in result
 
 
+@pytest.mark.slow
 def test_probe_finetunes_the_whole_backbone(tmp_path):
     """--finetune=True: the backbone trains too (at backbone_lr) and learns; it needs augment."""
     root = make_imagefolder(tmp_path / 'folder')
@@ -2975,6 +3018,7 @@ def test_probe_finetunes_the_whole_backbone(tmp_path):
     assert one_line(proc) == 'error: --backbone_lr=-1.0: must be >= 0'
 
 
+@pytest.mark.slow
 def test_probe_bad_folders_and_images(tmp_path):
     root = make_imagefolder(tmp_path / 'folder', per_class=(4, 2))
     common = ['--init=random', '--visual=resnet18', '--image_size=32', '--epochs=1',
@@ -3022,6 +3066,7 @@ def test_detectron2_names_are_a_bijection_for_resnet50(tmp_path):
     assert all(pattern.match(k) for k in d2), [k for k in d2 if not pattern.match(k)][:3]
 
 
+@pytest.mark.slow
 def test_export_writes_both_layouts_from_a_checkpoint(tmp_path):
     from dataclasses import asdict
     import torchvision
@@ -3199,6 +3244,7 @@ def test_bench_times_the_gpu_path_on_a_cpu():
                for row in rows), rows
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_every_stage_on_a_cpu_and_keeps_each_row(tmp_path):
     """bash dev/gpu_check.sh --device=cpu: the GPU window's script, at tiny sizes, so it cannot rot
     between GPU windows. Every stage leaves its row in the rows file; a stage stopped by its time
@@ -3355,6 +3401,24 @@ def test_gpu_decodes_and_augments_as_the_workers_do(gpu, tmp_path):
 # demo.py runs the stages above in turn; dev/objects_world.py is tested with prepare.py below. The
 # two studies whose flags the paper's experiments need run here at tiny size.
 
+def test_demo_reads_the_stages_numbers_and_draws_the_curves(tmp_path):
+    """demo.py's own pieces: the number each stage prints last, the random-init flags of a run's
+    backbone (from its checkpoint) and the loss curves' figure."""
+    from demo import draw_curves, last_number, random_init_args
+    assert last_number(['x\n', 'mAP: 42.99\n'], 'mAP') == 42.99
+    with pytest.raises(SystemExit, match="expected a last line 'CIDEr: ...', got 'done'"):
+        last_number(['done\n'], 'CIDEr')
+    torch.save({'config': {'visual': 'resnet18', 'image_size': 64, 'zero_init_residual': False}},
+               tmp_path / 'ckpt.pt')
+    assert random_init_args(str(tmp_path / 'ckpt.pt'), 3) == [
+        '--init=random', '--visual=resnet18', '--image_size=64', '--zero_init_residual=False',
+        '--seed=3']
+    records = [{'event': 'train', 'iter': i, 'loss': 5 - i / 10} for i in range(1, 40)] + \
+        [{'event': 'val', 'iter': i, 'loss': 5 - i / 20, 'loss_shuffled': 5} for i in (10, 20)]
+    draw_curves(records, tmp_path / 'losses.png')
+    with Image.open(tmp_path / 'losses.png') as image:
+        assert image.size == (640, 360) and len(image.getcolors(2**16)) > 3  # lines, not blank
+
 def tiny_config(tmp_path):
     """config/shapes.py at the tiny world's size: two iterations (dev/runs.py reads max_iters)."""
     text = open(os.path.join(HERE, 'config', 'shapes.py')).read()
@@ -3368,6 +3432,7 @@ def tiny_config(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_data_efficiency_puts_captions_beside_labels(shapes, tmp_path):
     out = tmp_path / 'study'
     proc = run('dev/data_efficiency.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
@@ -3394,6 +3459,7 @@ def test_data_efficiency_puts_captions_beside_labels(shapes, tmp_path):
     assert "--pretexts='bicaptioning,labels': 'labels' is not one of" in proc.stderr
 
 
+@pytest.mark.slow
 def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
     out = tmp_path / 'study'
     config = tiny_config(tmp_path)
@@ -3424,6 +3490,7 @@ def test_unnamed_classes_judges_the_half_no_label_named(shapes, tmp_path):
         assert r['all'] == pytest.approx(np.mean(list(ap.values())))
 
 
+@pytest.mark.slow
 def test_shape_words_judges_both_tasks_and_reads_the_captions_word_by_word(shapes, tmp_path):
     out = tmp_path / 'study'
     proc = run('dev/shape_words.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
@@ -3446,6 +3513,7 @@ def test_shape_words_judges_both_tasks_and_reads_the_captions_word_by_word(shape
     assert re.search(r'^bicaptioning_x1\S* +[\d.]+ +[\d.]+ +-?[\d.]+', proc.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_word_gaps_splits_the_image_gap_by_direction(shapes, tiny_ckpt):
     """dev/word_gaps.py's per-direction gaps, weighted by their counts, are validation's image gap
     per word class on the same images and captions (one batch: the same rolled pairing)."""
@@ -3500,6 +3568,7 @@ def test_word_gaps_splits_the_image_gap_by_direction(shapes, tiny_ckpt):
     assert proc.returncode != 0 and 'error: --ckpt: give a train.py checkpoint' in proc.stderr
 
 
+@pytest.mark.slow
 def test_finetune_study_probes_each_backbone_frozen_and_fine_tuned(shapes, tmp_path):
     world, out = tmp_path / 'world', tmp_path / 'study'
     world.mkdir()
@@ -4003,6 +4072,7 @@ def attribute_digest(root):
     return digest.hexdigest()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('n_voc', [40, 2000])
 def test_a_small_world_is_written_and_leaves_out_the_attribute_tasks_it_cannot_fill(tmp_path,
                                                                                     n_voc):
