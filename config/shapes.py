@@ -1,10 +1,8 @@
 # The CPU demo: pretrain on the built-in shapes world (python data/shapes/prepare.py) in minutes.
 # The paper's model and objective (bicaptioning, post-norm L1 decoders, tied embeddings, LookAhead,
 # warmup then cosine), with what a CPU-sized run forces and four departures that make the image
-# matter. Their effects are VOC mAP of the ResNet-18 after 400 steps of dev/head_study.py's
-# bicaptioning rung (seed 0; random init 23.02, this config's head 28.68), undoing one at a time;
-# undoing init, dropout and the slower head together leaves the image unused (0.000 nats/token,
-# 23.16 mAP). RESULTS.md has the tables.
+# matter: undoing the init, the dropout and the slower head together leaves the image unused.
+# RESULTS.md (the head study) measures each, undone one at a time.
 data_root = 'data/shapes/coco'
 # python tokenizer.py ... --vocab_size=256 (65 distinct words)
 tokenizer = 'data/shapes/vocab.model'
@@ -15,12 +13,11 @@ n_embd = 256            # H; a 65-word world needs little textual capacity
 n_head = 4              # H / 64, as in the paper's configs
 zero_init_residual = False  # the layer4 grid is 2x2 at 64 px: see VirTex.__init__ in model.py
 image_size = 64         # the shapes world is drawn at 64 px
-# the paper's per-matrix gain at H=256 (model.py, init_textual_weights); 0.02: 27.25
-init_std = 0.0566
-dropout = 0.0           # dropout slows a short run's head: with 0.1, 27.18
+# the paper's per-matrix gain at H=256 (model.py, init_textual_weights)
+init_std = 0.0566       # 0.02 * sqrt(2048 / 256)
+dropout = 0.0           # dropout slows a short run's head
 # Random crops and colour jitter change what the captions say (a cropped-away shape, a recoloured
-# one):
-# with positions and colours in the captions they turn targets into noise (not measured alone).
+# one): with positions and colours in the captions they turn targets into noise (not measured).
 min_crop_scale = 1.0
 color_jitter = 0.0
 batch_size = 64         # CPU-sized batches
@@ -28,7 +25,7 @@ batch_size = 64         # CPU-sized batches
 max_iters = 2500
 warmup_iters = 50
 # AdamW, still inside LookAhead, moves the backbone further in a short run than the paper's SGD; the
-# head needs a slower step than the backbone once its init is larger: with both at 2e-3, 26.79.
+# head needs a slower step than the backbone once its init is larger.
 optimizer = 'adamw'
 cnn_lr = 2e-3
 lr = 5e-4
