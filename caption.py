@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 if TYPE_CHECKING:  # only the command line imports the project's other files: see the header
     from configurator import DEVICE, NON_NEGATIVE, POSITIVE, PROBABILITY, Needs
@@ -230,6 +230,28 @@ def attention_figure(image: Image.Image, labels: list[str], weights: torch.Tenso
     return figure
 
 
+FIGURE_MARK = 'caption.py attention figure'  # in each figure's PNG text: what it may replace
+
+
+def save_figure(figure: Image.Image, path: str) -> None:
+    from safety import write_atomically
+    info = PngImagePlugin.PngInfo()
+    info.add_text('Software', FIGURE_MARK)
+    write_atomically(path, lambda f: figure.save(f, 'PNG', pnginfo=info))
+
+
+def is_attention_figure(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            return image.text.get('Software') == FIGURE_MARK
+    except Exception:
+        return False
+
+
+def figure_path(image_path: str) -> str:
+    return os.path.join(attention_dir, os.path.splitext(os.path.basename(image_path))[0] + '.png')
+
+
 def image_id(path: str):
     """COCO results use the integer id in a COCO file name (000000397133.jpg -> 397133)."""
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -253,10 +275,17 @@ def score_results(paths):
         if not isinstance(entries, list):
             raise TypeError(f"a list of {{image_id, caption}} records is expected, not a "
                             f"{type(entries).__name__}")
-        candidates = {e['image_id']: e['caption'] for e in entries}
+        candidates = {}
+        for n, entry in enumerate(entries, 1):
+            if not isinstance(entry.get('caption'), str):
+                raise TypeError(f"record {n} has the caption {entry.get('caption')!r}, not text")
+            if entry['image_id'] in candidates:
+                raise ValueError(f"image {entry['image_id']!r} has two captions (records "
+                                 f"{list(candidates).index(entry['image_id']) + 1} and {n})")
+            candidates[entry['image_id']] = entry['caption']
     except OSError as e:
         raise SystemExit(f"error: {results}: {e.strerror}") from None
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise SystemExit(
             f"error: {results}: not a COCO results file ({type(e).__name__}: {e})") from None
     if not candidates:
@@ -330,8 +359,13 @@ def main(paths):
             files.append(p)
     if not files:
         raise SystemExit("error: no images given (pass image files or folders, or --coco_root)")
-    figures = [os.path.join(attention_dir, os.path.splitext(os.path.basename(p))[0] + '.png')
-               for p in files] if attention_dir else []
+    figures = [figure_path(p) for p in files] if attention_dir else []
+    if attention_dir and os.path.exists(attention_dir) and not os.path.isdir(attention_dir):
+        raise SystemExit(f"error: --attention_dir={attention_dir} is a file, not a folder")
+    for path in figures:  # replace only figures this script drew
+        if os.path.lexists(path) and not is_attention_figure(path):
+            raise SystemExit(f"error: --attention_dir={attention_dir}: {path} exists and is not an "
+                             "attention figure of caption.py: choose another folder")
     annotations = os.path.join(coco_root, 'annotations', f'captions_{split}.json') \
         if coco_root else ''
     check_outputs({'out': out, 'attention_dir': figures},
@@ -376,8 +410,7 @@ def main(paths):
                 labels = ([tok.sp.id_to_piece(t).replace('\u2581', '') for t in ids]
                           + ['[EOS]'])[:len(weights)]
                 figure = attention_figure(images[i], labels, weights, grid.shape[2:])
-                figure.save(os.path.join(attention_dir,
-                                         os.path.splitext(os.path.basename(path))[0] + '.png'))
+                save_figure(figure, figure_path(path))
         n_done += len(batch)
         elapsed = time.perf_counter() - t_start
         print(f"{n_done}/{len(files)} images | {n_done / elapsed:.2f} captions/s",

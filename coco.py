@@ -46,6 +46,7 @@ except ImportError:
     decode_jpeg = None
 
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as PIL's convert('L')
+MAX_UNKNOWN = 0.1  # of a split's caption pieces: with more <unk>, the vocabulary is another text's
 HUE_SECTORS = torch.tensor([5.0, 3.0, 1.0]).view(3, 1, 1)
 
 
@@ -309,6 +310,15 @@ class CocoCaptions(torch.utils.data.Dataset):
         self.image_size, self.max_len, self.train, self.seed = image_size, max_len, train, seed
         self.min_crop_scale, self.color_jitter = min_crop_scale, color_jitter
         self.decode_on_device = decode_on_device
+        if labels is None:  # captions the vocabulary cannot spell become runs of <unk> (id 0)
+            captions = [c for _, cs, _ in self.items[::max(1, len(self.items) // 200)] for c in cs]
+            pieces = [p for caption in captions for p in tokenizer.encode(caption)]
+            unknown = pieces.count(0) / max(1, len(pieces))
+            if unknown > MAX_UNKNOWN:
+                raise ValueError(f"{getattr(tokenizer, 'model_path', 'the tokenizer')}: "
+                                 f"{unknown:.0%} of the pieces of {root}/annotations/captions_"
+                                 f"{split}.json are unknown to it (<unk>): it is not these "
+                                 "captions' vocabulary (tokenizer.py makes one)")
 
     def __len__(self):
         return len(self.items)

@@ -10,11 +10,10 @@ Judge a frozen visual backbone the VirTex way: linear SVMs on its pooled feature
 
 Reads <voc_root>/ImageSets/Main/*_{trainval,test}.txt and JPEGImages/. Features are the layer4
 global average pool (2048-d for ResNet-50), L2-normalized; then the paper's 320 linear SVMs
-(svm.py). Prints progress, a per-class table and, last, `mAP: xx.xx`; --save_features and
---out_json write files. The protocol copies alone: this file, svm.py and configurator.py (weight
-files are read with checkpoints.py, imported only when one is asked for). It also owns the eval
-transform every stage shares (train.py's validation, probe.py, caption.py) and voc_map, the same
-protocol on a model that train.py is training.
+(svm.py). Prints progress, a per-class table and, last, `mAP: xx.xx`. The protocol copies alone:
+this file, svm.py and configurator.py (checkpoints.py reads weight files, safety.py writes outputs:
+each is imported only when asked for). It owns the eval transform every stage shares, and voc_map:
+this protocol inside a train.py run.
 """
 import contextlib
 import glob
@@ -33,8 +32,9 @@ from PIL import Image
 
 from configurator import DEVICE, NON_NEGATIVE, POSITIVE, configure
 
+VOC_ROOT = 'data/shapes/VOC2007'  # the shapes world's (data/shapes/prepare.py)
 # ----------------------------------------------------------------------------------------------
-voc_root = 'data/shapes/VOC2007'  # has ImageSets/Main/<class>_{trainval,test}.txt and JPEGImages/
+voc_root = VOC_ROOT     # has ImageSets/Main/<class>_{trainval,test}.txt and JPEGImages/
 ckpt = ''               # this project's checkpoint (train.py); its backbone is evaluated
 init = ''               # or: random | torchvision:PATH | virtex:PATH | moco:PATH | vissl:PATH
 visual = 'resnet50'     # torchvision ResNet for --init=random|torchvision:... (a checkpoint knows)
@@ -236,8 +236,7 @@ def extract_features(backbone: nn.Module, paths: list[str], size: int, split: st
         if bad:
             raise ValueError(bad[0])
         with autocast:
-            # (B, D)
-            pooled = backbone(normalize(images.to(device, non_blocking=True)))
+            pooled = backbone(normalize(images.to(device, non_blocking=True)))  # (B, D)
         pooled_all.append(nn.functional.normalize(pooled.float(), dim=1).cpu())
         done = sum(len(p) for p in pooled_all)
         if log_interval and ((i + 1) % log_interval == 0 or done == len(paths)):  # 0: quiet
@@ -253,6 +252,9 @@ def load_features(path: str):
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
+        if 'pickled' in str(e) or isinstance(e, (AttributeError, TypeError)):  # text, an .npy
+            raise ValueError(f"{path}: cannot be read: not an .npz file (the zip of arrays that "
+                             "--save_features writes)") from None
         raise ValueError(f"{path}: cannot be read as .npz ({type(e).__name__}: {e})") from None
     missing = [k for k in ('train_x', 'train_y', 'test_x', 'test_y') if k not in arrays]
     if missing:
@@ -289,10 +291,9 @@ def load_features(path: str):
 def native_bf16(device) -> bool:
     """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs
     with AVX512-BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later).
-    Elsewhere oneDNN emulates bf16, slower than float32. (train.py's --dtype=auto asks it too.)"""
+    Elsewhere oneDNN emulates bf16, slower than float32. (A private call names the CPU's.)"""
     if torch.device(device).type == 'cuda':
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    # a private call, but the only one that names the CPU's bf16 instructions
     capability = getattr(torch._C._cpu, '_get_cpu_capability', dict)()
     return bool(capability.get('avx512_bf16') or capability.get('amx_bf16'))
 
@@ -316,9 +317,8 @@ def precision(device, dtype: str):
 
 def svm_products_dtype(device, choice: str = 'auto') -> torch.dtype:
     """The precision of the SVM solver's CG products (svm.fit_svms' cg_dtype). auto: bfloat16 where
-    the hardware multiplies it natively (its GEMMs ran 3.8x faster than float32 on the development
-    machine's AMX), else float32. On VOC-like features it changed no chosen cost and no class AP by
-    more than 0.011."""
+    the hardware multiplies it natively (on VOC-like features: the same costs, the same APs within
+    0.011, in a quarter of float32's GEMM time on AMX), else float32."""
     if choice not in ('auto', 'float32', 'bfloat16'):
         raise ValueError(f"--svm_dtype={choice}: expected auto, float32 or bfloat16")
     if choice != 'auto':
@@ -390,10 +390,14 @@ def main():
     if save_features or out_json:
         from safety import check_outputs, write_atomically
         check_outputs({'save_features': save_features, 'out_json': out_json},
-                      {'--ckpt': ckpt, '--init': init.partition(':')[2], '--features': features})
+                      {'--ckpt': ckpt, '--init': init.partition(':')[2], '--features': features,
+                       '--voc_root': '' if features else voc_root})
     if features:
-        if ckpt or init:
-            raise ValueError("--features gives the features; drop --ckpt/--init")
+        given = [flag for flag, value in (('--ckpt', ckpt), ('--init', init),
+                                          ('--save_features', save_features),
+                                          ('--voc_root', voc_root != VOC_ROOT)) if value]
+        if given:
+            raise ValueError(f"--features gives the features: drop {', '.join(given)}")
         (train_x, train_y, test_x, test_y), class_names = load_features(features)
     else:
         task = read_voc_task(voc_root)

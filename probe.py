@@ -137,6 +137,14 @@ def pooled(backbone, images, device):
         normalize(images.to(device)).contiguous(memory_format=torch.channels_last)).float()
 
 
+def readable(done, split):
+    """`done` (what the readable images of a split gave), refused if empty: every image failed."""
+    if not done:
+        raise ValueError(f"{os.path.join(data_root, split)}: no image could be read (see the "
+                         "warnings)")
+    return done
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Share of rows whose label is among the k highest logits."""
     return (logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item()
@@ -145,7 +153,11 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
 def main():
     if out_json and not os.path.isdir(os.path.dirname(os.path.abspath(out_json))):
         raise SystemExit(f"error: {out_json}: its folder does not exist")
-    check_outputs({'out_json': out_json}, {'--ckpt': ckpt, '--init': init.partition(':')[2]})
+    check_outputs({'out_json': out_json}, {'--ckpt': ckpt, '--init': init.partition(':')[2],
+                                           '--data_root': data_root})
+    if finetune and batch_size < 2:
+        raise ValueError(f"--finetune=True trains the backbone's BatchNorm, which needs batches of "
+                         f"2 images or more: raise --batch_size={batch_size}")
     train_paths, train_labels, classes = read_imagefolder(data_root, 'train')
     val_paths, val_labels, val_classes = read_imagefolder(data_root, 'val')
     if val_classes != classes:
@@ -182,8 +194,8 @@ def main():
                           train_keys, batch_size, num_workers)
     if not augment:  # the features never change: compute them once
         with torch.no_grad():
-            feats, labels = zip(*((pooled(backbone, x, device), y)
-                                  for x, y in batches(train_loader, bad)))
+            pairs = [(pooled(backbone, x, device), y) for x, y in batches(train_loader, bad)]
+        feats, labels = zip(*readable(pairs, 'train'))
         cached = torch.cat(feats), torch.cat(labels).to(device)
         steps_per_epoch = len(cached[0]) // batch_size or 1  # readable images only
         total_steps = epochs * steps_per_epoch
@@ -215,13 +227,14 @@ def main():
                       f"{loss.item():.4f} | lr {optimizer.param_groups[0]['lr']:.4f} | eta "
                       f"{int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
 
+    readable(range(step), 'train')  # a layer that took no step has learned nothing
     del train_loader  # its workers
     backbone.eval()
     val_loader = loader(FolderImages(val_paths, val_labels, size, train=False, seed=seed),
                         EpochKeys((0, i) for i in range(len(val_paths))), batch_size, num_workers)
     with torch.no_grad():
-        logits, labels = zip(*((fc(pooled(backbone, x, device)).cpu(), y)
-                               for x, y in batches(val_loader, bad)))
+        pairs = [(fc(pooled(backbone, x, device)).cpu(), y) for x, y in batches(val_loader, bad)]
+    logits, labels = zip(*readable(pairs, 'val'))
     logits, labels = torch.cat(logits), torch.cat(labels)
     result = {'top1': round(100 * accuracy(logits, labels, 1), 2), 'classes': len(classes),
               'train_images': len(train_paths), 'val_images': len(labels), 'epochs': epochs,

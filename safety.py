@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -52,9 +53,10 @@ def one_line_errors():
 
 def check_outputs(outputs: dict, inputs: dict) -> None:
     """ValueError if a file a script is about to write is one of the files it reads, by any name
-    (a link, a relative path), or if two outputs are one file: writing would destroy an input.
-    outputs map a flag's name to a path or a list of paths; inputs map what names a file ('--ckpt',
-    'an image to caption') to a path or a list of paths. Empty paths are skipped."""
+    (a link, a relative path), or an existing file inside a folder it reads (a data set's label
+    file, an image), or if two outputs are one file: writing would destroy an input. outputs map a
+    flag's name to a path or a list of paths; inputs map what names a file or folder ('--ckpt', 'an
+    image to caption', '--voc_root') to a path or a list of paths. Empty paths are skipped."""
     def named_paths(named):
         for name, value in named.items():
             for path in value if isinstance(value, (list, tuple)) else [value]:
@@ -69,26 +71,36 @@ def check_outputs(outputs: dict, inputs: dict) -> None:
             return os.path.realpath(path)
 
     taken = {identity(path): (name, path) for name, path in named_paths(inputs)}
+    folders = [(name, os.path.realpath(path) + os.sep) for name, path in named_paths(inputs)
+               if os.path.isdir(path)]
     for flag, path in named_paths(outputs):
         key = identity(path)
+        inside = [(name, folder) for name, folder in folders
+                  if os.path.isfile(path) and os.path.realpath(path).startswith(folder)]
         if key in taken:
             name, other = taken[key]
             raise ValueError(f"--{flag}={path} is also {name} ({other}): writing it would destroy "
                              "that file; choose another path")
+        if inside:
+            raise ValueError(f"--{flag}={path} is a file of {inside[0][0]} ({inside[0][1][:-1]}): "
+                             "writing it would destroy that file; choose another path")
         taken[key] = (f'--{flag}', path)
 
 
-def write_atomically(path: str, write, mode: str = 'wb') -> None:
+def write_atomically(path: str, write, mode: str = 'wb', keep: str = '') -> None:
     """write(file) into a temporary file beside `path`, then rename it over `path`: the file is
-    whole or absent, and a crash, a signal or a full disk leaves the previous one as it was. On
-    failure the temporary file is removed and an OSError names the file and the cause (e.g. No space
-    left on device)."""
+    whole or absent, and a crash, a signal or a full disk leaves the previous one as it was. With
+    `keep`, the previous one stays under that name (a hard link: no copy). On failure the temporary
+    file is removed and an OSError names the file and the cause (e.g. No space left on device)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # on the disk before the rename makes it the file
+        if keep and os.path.exists(path):
+            os.link(path, f"{keep}.tmp{os.getpid()}")
+            os.replace(f"{keep}.tmp{os.getpid()}", keep)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         # torch.save's zip writer reports a failed write as a RuntimeError
@@ -97,8 +109,9 @@ def write_atomically(path: str, write, mode: str = 'wb') -> None:
             str(e).splitlines()[0]
         raise OSError(f"{path}: cannot write ({reason})") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for leftover in (tmp, f"{keep}.tmp{os.getpid()}" if keep else ''):
+            if leftover and os.path.exists(leftover):
+                os.remove(leftover)
 
 
 class JsonLog:
@@ -132,35 +145,67 @@ class JsonLog:
 # ----------------------------------------------------------------------------------------------
 # train.py's run folder: one run at a time, never a run replaced by mistake
 
-RUN_FILES = ('ckpt.pt', 'best.pt', 'log.jsonl')
+RUN_FILES = ('ckpt.pt', 'ckpt_previous.pt', 'best.pt', 'log.jsonl')
+REPLACED = '.replaced'  # a run that --overwrite=True replaces, kept until the new one's first save
 
 
 def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False,
                      auto: bool = False) -> None:
     """Make out_dir ready for a train.py run: take its lock (out_dir/.lock, released when the
     process exits), clear the temporary files of saves that were killed, and for a scratch run
-    refuse a folder that holds a run, unless `overwrite` (then its files go) or `auto` and it holds
-    only the log of a run that died before its first save. ValueError with one line if refused; a
-    stale lock taken over is said on stdout."""
+    refuse a folder that holds a run, unless `overwrite` or `auto` and it holds only the log of a
+    run that died before its first save. An overwritten run is moved into out_dir/.replaced and
+    deleted only once this run has saved its first checkpoint; until then any exit brings it back
+    (a killed process's, the next run that claims the folder). ValueError with one line if
+    refused; a stale lock taken over is said on stdout."""
     os.makedirs(out_dir, exist_ok=True)
     note = take_lock(os.path.join(out_dir, '.lock'))
     if note:
         print(f"note: {note}", flush=True)
+    bring_back(out_dir)
     for name in os.listdir(out_dir):
         if any(name.startswith(f'{run_file}.tmp') for run_file in RUN_FILES):
             os.remove(os.path.join(out_dir, name))
-    earlier = [os.path.join(out_dir, name) for name in RUN_FILES
-               if os.path.exists(os.path.join(out_dir, name))
+    earlier = [name for name in RUN_FILES if os.path.exists(os.path.join(out_dir, name))
                and os.path.getsize(os.path.join(out_dir, name))]
-    if auto and earlier == [os.path.join(out_dir, 'log.jsonl')]:
+    if auto and earlier == ['log.jsonl']:
         earlier = []
     if scratch and earlier and not overwrite:
-        raise ValueError(f"{out_dir} holds a run ({', '.join(map(os.path.basename, earlier))}): "
-                         "resume it with --init_from=resume, write elsewhere with --out_dir, or "
-                         "replace it with --overwrite=True")
-    if scratch:
-        for path in earlier:
-            os.remove(path)
+        what, advice = f"a run ({', '.join(earlier)})", "resume it with --init_from=resume"
+        if 'ckpt.pt' not in earlier:  # nothing to resume from
+            what = f"{', '.join(earlier)} of a run that saved no checkpoint"
+            advice = "go on in it with --init_from=auto" if earlier == ['log.jsonl'] else ''
+        raise ValueError(f"{out_dir} holds {what}: {advice + ', ' if advice else ''}write "
+                         "elsewhere with --out_dir, or replace it with --overwrite=True")
+    if scratch and earlier:
+        os.makedirs(os.path.join(out_dir, REPLACED))
+        for name in earlier:
+            os.rename(os.path.join(out_dir, name), os.path.join(out_dir, REPLACED, name))
+        atexit.register(bring_back, out_dir)
+
+
+def run_checkpoint(ckpt_path: str) -> str:
+    """The checkpoint a resume reads: out_dir/ckpt.pt, or the one an --overwrite=True run set aside
+    and was stopped before replacing (claim_run_folder brings it back); '' if neither exists."""
+    for path in (ckpt_path, os.path.join(os.path.dirname(ckpt_path), REPLACED,
+                                         os.path.basename(ckpt_path))):
+        if os.path.exists(path):
+            return path
+    return ''
+
+
+def bring_back(out_dir: str) -> None:
+    """The run that an --overwrite=True run replaced, back in out_dir if that run never saved a
+    checkpoint; what the new run wrote (its log) goes. Nothing to do once it has saved."""
+    replaced = os.path.join(out_dir, REPLACED)
+    if not os.path.isdir(replaced):
+        return
+    for name in RUN_FILES:
+        if os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    for name in os.listdir(replaced):
+        os.replace(os.path.join(replaced, name), os.path.join(out_dir, name))
+    os.rmdir(replaced)
 
 
 def take_lock(lock_path: str) -> str:
@@ -188,10 +233,19 @@ def take_lock(lock_path: str) -> str:
                                  f"{pid} on {host}, {lock_path}); wait for it, write elsewhere "
                                  f"with --out_dir, or remove {lock_path} if no run is using "
                                  f"it") from None
-            atexit.register(os.remove, lock_path)
+            atexit.register(remove_quietly, lock_path)
             return note
     finally:
         os.remove(mine)
+
+
+def remove_quietly(path: str) -> None:
+    """At exit: a lock that cannot be removed (the folder made read-only) is left, without a
+    second error line; the next run takes it over, its process having ended."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def process_alive(pid: int) -> bool:
@@ -288,10 +342,25 @@ def load_file(path: str):
         raise ValueError(f"checkpoint {path}: cannot be read ({reason[:200]})") from None
 
 
+def previous_of(ckpt_path: str) -> str:
+    """Where the checkpoint before the newest is kept: out/ckpt.pt -> out/ckpt_previous.pt."""
+    root, ext = os.path.splitext(ckpt_path)
+    return f"{root}_previous{ext}"
+
+
 def kept_checkpoints(ckpt_path: str) -> str:
-    """What a run that stops with an error leaves behind, said truly."""
-    return f"{ckpt_path} holds the last good checkpoint" if os.path.exists(ckpt_path) else \
-        "no checkpoint was written"
+    """What a run that stops on an error leaves behind, said truly: the newest checkpoint's
+    iteration, and the one kept before it (weights can grow wild for a while before the loss is
+    non-finite, so the newest may be bad already)."""
+    kept = []
+    for path in (ckpt_path, previous_of(ckpt_path)):
+        try:
+            iteration = torch.load(path, map_location='cpu', weights_only=True,
+                                   mmap=True)['iter_num']
+            kept.append(f"{path} holds iteration {iteration}")
+        except Exception:  # absent, or not readable: not kept
+            continue
+    return ' and '.join(kept) or "no checkpoint was written"
 
 
 def read_checkpoint(path: str) -> dict:
@@ -313,7 +382,8 @@ def save_checkpoint(path: str, model, state: dict, optimizer=None, scaler=None,
     optimizer's and the gradient scaler's state and every process's RNG states, so that each one
     resumes its own dropout stream. Under torchrun every process calls it and rank 0 writes. A
     diverged run (non-finite weights, or `diverged`, a bool tensor: the loss was) never replaces a
-    good checkpoint: ValueError. OSError naming the file if it cannot be written."""
+    good checkpoint: ValueError, saying what is kept. OSError naming the file if it cannot be
+    written. A full save keeps the checkpoint it replaces beside it (previous_of)."""
     full, on_cuda = optimizer is not None, next(model.parameters()).is_cuda
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     if full:
@@ -322,7 +392,8 @@ def save_checkpoint(path: str, model, state: dict, optimizer=None, scaler=None,
         if world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
-            raise ValueError(f"{path}: not written: the loss or the weights became non-finite")
+            raise ValueError(f"the loss or the weights became non-finite before iteration "
+                             f"{state['iter_num']}; {kept_checkpoints(path)}")
     rng_states = [torch.get_rng_state()]
     cuda_rng_states = [torch.cuda.get_rng_state()] if on_cuda else []
     if full and world_size > 1:
@@ -337,21 +408,30 @@ def save_checkpoint(path: str, model, state: dict, optimizer=None, scaler=None,
         checkpoint.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                           world_size=world_size, rng_state=rng_states,
                           cuda_rng_state=cuda_rng_states)
-    write_atomically(path, lambda f: torch.save(checkpoint, f))
+    try:  # a run's checkpoints keep the one before, in case the newest went bad
+        write_atomically(path, lambda f: torch.save(checkpoint, f),
+                         keep=previous_of(path) if full else '')
+    except OSError as e:
+        raise OSError(f"{e}; the previous file stays as it was") from None
+    if full:  # the run this one replaced (--overwrite=True) is gone only now
+        shutil.rmtree(os.path.join(os.path.dirname(path), REPLACED), ignore_errors=True)
 
 
 def resume_run(path: str, model, optimizer, scaler, model_args: dict, config: dict,
-               tokenizer_pieces: str, train_subset) -> tuple[int, tuple, dict, int, float, str]:
+               tokenizer_pieces: str, train_subset,
+               voc_task=None) -> tuple[int, tuple, dict, int, float, str]:
     """Continue the run of this config (train.py's, resolved) from the checkpoint at `path`: its
     weights into `model` (built from model_args), its optimizer's and gradient scaler's state (the
     learning rates, momentum and weight decay stay this run's), this process's RNGs. Returns
-    (iter_num, data position, best VOC, images skipped so far, seconds trained so far, a note to
-    print or ''). A checkpoint that cannot continue this run is a ValueError (FileNotFoundError)
-    naming the file and what stands in the way. With another number of processes the same images
-    make each iteration, split anew, and the RNGs stay as this run seeded them: close to an
-    unbroken run, not bitwise."""
-    if not os.path.exists(path):
+    (iter_num, data position, best VOC, images skipped so far, seconds trained so far, notes to
+    print). A checkpoint that cannot continue this run is a ValueError (FileNotFoundError) naming
+    the file and what stands in the way: so is a best.pt judged on another VOC task than
+    `voc_task` (--voc_root's, described as train.py does). With other processes or micro-batches
+    the epoch goes on from the image it reached, split anew, and the RNGs stay as this run seeded
+    them: close to an unbroken run, not bitwise."""
+    if not run_checkpoint(path):
         raise FileNotFoundError(f"--init_from=resume: {path} does not exist")
+    path = run_checkpoint(path)
     ckpt = read_checkpoint(path)
     try:
         saved = asdict(type(model.config)(**ckpt['model_args']))
@@ -398,16 +478,33 @@ def resume_run(path: str, model, optimizer, scaler, model_args: dict, config: di
         group.update(setting)
     scaler.load_state_dict(ckpt['scaler'])
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    notes, best = [], ckpt['best_voc']
+    judged_on = best.get('task') or voc_task  # older checkpoints do not say
+    if voc_task and best['map'] < 0:  # nothing judged yet
+        best = {**best, 'task': voc_task}
+    if voc_task and best['map'] >= 0 and judged_on != voc_task:
+        best_path = os.path.join(os.path.dirname(path), 'best.pt')
+        if os.path.exists(best_path):
+            raise ValueError(f"{best_path}: was judged on the VOC task of {judged_on['root']}, not "
+                             f"on --voc_root={voc_task['root']} (other classes or images): resume "
+                             "with that --voc_root, or move best.pt away to judge anew")
+        notes.append(f"the best backbone is judged anew on {voc_task['root']}")
+        best = {'map': -1.0, 'iter': 0, 'task': voc_task}
+    # the place in the epoch, in micro-batches of one process: (processes, images a micro-batch)
+    def split(cfg, processes):
+        accumulation = cfg.get('gradient_accumulation_steps', 1)
+        return processes, cfg['batch_size'] // (processes * accumulation)
     epoch, batch = ckpt['data_position']
-    note = ''
-    if ckpt['world_size'] == world_size:
+    before, now = split(ckpt['config'], ckpt['world_size']), split(config, world_size)
+    if before == now:
         torch.set_rng_state(ckpt['rng_state'][rank])
         if ckpt['cuda_rng_state'] and torch.cuda.is_available():
             torch.cuda.set_rng_state(ckpt['cuda_rng_state'][rank])
-    else:
-        batch = batch * ckpt['world_size'] // world_size
-        note = (f"{path} was written by {ckpt['world_size']} process(es), this run has "
-                f"{world_size}: the global batch stays the same, split anew, and the data order "
-                "and dropout differ from an unbroken run")
-    return (ckpt['iter_num'], (epoch, batch), ckpt['best_voc'], ckpt['bad_images'],
-            ckpt.get('time', 0.0), note)
+    else:  # the same images, split anew
+        batch = batch * before[0] * before[1] // (now[0] * now[1])
+        notes.append(f"{path} was written by {before[0]} process(es) of {before[1]} images a "
+                     f"micro-batch, this run has {now[0]} of {now[1]}: the epoch goes on from the "
+                     "image it reached, split anew, and the data order and dropout differ from an "
+                     "unbroken run")
+    return (ckpt['iter_num'], (epoch, batch), best, ckpt['bad_images'], ckpt.get('time', 0.0),
+            notes)

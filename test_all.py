@@ -1146,8 +1146,13 @@ def test_an_out_dir_with_a_run_is_refused_resumed_or_replaced(shapes, short_run,
     assert one_line(procs[0]) == (
         f"error: {held} holds a run (ckpt.pt, log.jsonl): resume it with --init_from=resume, write "
         f"elsewhere with --out_dir, or replace it with --overwrite=True")
-    for proc, out, what in ((procs[1], only_best, 'best.pt'), (procs[2], only_log, 'log.jsonl')):
-        assert one_line(proc).startswith(f"error: {out} holds a run ({what}): resume it with")
+    # nothing to resume from: said so, with what can be done
+    assert one_line(procs[1]) == (f"error: {only_best} holds best.pt of a run that saved no "
+                                  "checkpoint: write elsewhere with --out_dir, or replace it with "
+                                  "--overwrite=True")
+    assert one_line(procs[2]) == (f"error: {only_log} holds log.jsonl of a run that saved no "
+                                  "checkpoint: go on in it with --init_from=auto, write elsewhere "
+                                  "with --out_dir, or replace it with --overwrite=True")
     assert snapshot(held) == before, 'a refused run changes nothing'
 
     run(*quick_args(shapes, held, '--max_iters=1', '--overwrite=True'))
@@ -1282,6 +1287,53 @@ def test_sigterm_to_one_torchrun_process_stops_both_at_one_iteration(shapes, tmp
     assert 'iter 8/8' in proc.stdout
     assert torch.load(out_dir / 'ckpt.pt', weights_only=True)['iter_num'] == 8
     assert read_log(out_dir, 'resume') == [{'event': 'resume', 'iter': stop, 'world_size': 2}]
+
+
+def test_a_lock_that_cannot_be_removed_at_exit_says_nothing_more():
+    """The run folder made read-only while a run held it: the lock stays (the next run takes it
+    over, its process having ended) and no second error line follows the first."""
+    script = ("import os, safety, tempfile\nfolder = tempfile.mkdtemp()\n"
+              "safety.take_lock(os.path.join(folder, '.lock'))\n"
+              "def refuse(path): raise PermissionError(13, 'Permission denied', path)\n"
+              "os.remove = refuse\nraise SystemExit('error: the one line')")
+    proc = run('-c', script, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == 'error: the one line', proc.stderr
+
+
+@pytest.mark.slow
+def test_the_readmes_two_machine_command_trains_saves_stops_and_resumes(shapes, tmp_path, start):
+    """torchrun --nnodes=2 with c10d rendezvous, as the README runs it on two machines, here two
+    processes on one: both ranks train, rank 0 saves, a SIGTERM to either stops both at one
+    iteration, and the same command with --init_from=resume goes on."""
+    import signal
+    import socket
+    import time
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        port = s.getsockname()[1]
+    out = tmp_path / 'run'
+    node = ['-m', 'torch.distributed.run', '--nnodes=2', '--nproc_per_node=1',
+            '--rdzv_backend=c10d', f'--rdzv_endpoint=localhost:{port}']
+    common = ['--max_iters=12', '--warmup_iters=1', '--ckpt_interval=1000', '--log_interval=2']
+    env = {'OMP_NUM_THREADS': '1'}
+    nodes = [start(*node, *quick_args(shapes, out, *common), env=env) for _ in range(2)]
+    deadline = time.time() + 300
+    while not (out / 'log.jsonl').exists() or not read_log(out):  # rank 0 has logged a step
+        assert time.time() < deadline and all(n.poll() is None for n in nodes)
+        time.sleep(0.1)
+    workers = {rank: pid for n in nodes for rank, pid in torchrun_workers(n.pid).items()}
+    os.kill(workers[1], signal.SIGTERM)  # the worker of rank 1 only, on the other "machine"
+    outs = [n.communicate(timeout=300) for n in nodes]
+    stop = int(re.search(r'stopped by SIGTERM at iteration (\d+);', outs[0][0] + outs[1][0])[1])
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == stop < 12 and len(ckpt['rng_state']) == 2, (stop, ckpt['iter_num'])
+    nodes = [start(*node, *quick_args(shapes, out, *common, '--init_from=resume'), env=env)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), outs
+    assert sum(o.count('iter 12/12') for o, _ in outs) == 1, 'only rank 0 prints'
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 12
+    assert read_log(out, 'resume') == [{'event': 'resume', 'iter': stop, 'world_size': 2}]
 
 
 def test_a_full_disk_keeps_the_last_checkpoint(shapes, short_run, small_disk):
@@ -1592,6 +1644,216 @@ def test_ill_typed_and_out_of_contract_settings_are_one_line(shapes, short_run, 
                                   "list of {image_id, caption} records is expected, not a dict)")
     assert '--HERE' not in run('demo.py', '--help').stdout
     assert '--N_FOLDS' not in run('evaluate.py', '--help').stdout
+
+
+# ---- nothing lost, third pass: outputs onto a data set, an overwrite that fails, a divergence ----
+
+@pytest.mark.slow
+def test_an_overwrite_that_fails_before_its_first_save_keeps_the_old_run(shapes, short_run,
+                                                                         tmp_path, start):
+    import signal
+    out, before = tmp_path / 'run', snapshot(short_run)
+    shutil.copytree(short_run, out)
+    # AdamW's steps are about lr in size: the loss is NaN within a few iterations, before any save
+    proc = run(*quick_args(shapes, out, '--max_iters=6', '--ckpt_interval=100', '--overwrite=True',
+                           '--lr=1e30', '--cnn_lr=1e30', '--warmup_iters=0'), check=False)
+    assert one_line(proc).startswith('error: non-finite loss'), proc.stderr
+    assert snapshot(out) == before, 'the old run is back, whole, and nothing of the failed one'
+    # killed before its first save: the next run into the folder finds the old run back
+    proc = start(*quick_args(shapes, out, '--max_iters=500', '--ckpt_interval=1000',
+                             '--overwrite=True'))
+    read_until(proc, 'iter 1/')
+    assert sorted(os.listdir(out)) == ['.lock', '.replaced', 'log.jsonl']
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    resumed = run(*quick_args(shapes, out, '--max_iters=3', '--init_from=resume'))
+    assert 'resuming from' in resumed.stdout and 'at iteration 2' in resumed.stdout
+    # an overwrite that saves replaces the old run only then
+    run(*quick_args(shapes, out, '--max_iters=1', '--overwrite=True'))
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl']
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['iter_num'] == 1
+
+
+@pytest.mark.slow
+def test_a_divergence_keeps_the_checkpoint_before_and_names_both(shapes, short_run, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(short_run, out)
+    good = (out / 'ckpt.pt').read_bytes()
+    # AdamW's steps are about lr in size: weights of 1e9 are finite, and saved, then the loss is NaN
+    proc = run(*quick_args(shapes, out, '--max_iters=30', '--init_from=resume', '--ckpt_interval=1',
+                           '--log_interval=10', '--lr=1e9', '--cnn_lr=1e9'), check=False)
+    message = one_line(proc)
+    saved = [r['iter'] for r in read_log(out, 'checkpoint')]
+    assert saved and 'non-finite' in message, (saved, message)
+    # each save kept the one before: the last good state is on disk, and the message says where
+    newest = torch.load(out / 'ckpt.pt', weights_only=True)
+    previous = torch.load(out / 'ckpt_previous.pt', weights_only=True)
+    assert (newest['iter_num'], previous['iter_num']) == (saved[-1], ([2] + saved)[-2])
+    assert len(saved) > 1 or (out / 'ckpt_previous.pt').read_bytes() == good
+    assert message.endswith(f"; {out}/ckpt.pt holds iteration {saved[-1]} and "
+                            f"{out}/ckpt_previous.pt holds iteration {previous['iter_num']}")
+
+
+@pytest.mark.slow
+def test_outputs_never_land_on_a_data_sets_files(shapes, tmp_path):
+    voc, folder = tmp_path / 'VOC2007', tmp_path / 'imagefolder'
+    shutil.copytree(shapes / 'VOC2007', voc)
+    shutil.copytree(shapes / 'imagefolder', folder)
+    label_file = voc / 'ImageSets' / 'Main' / 'circle_test.txt'
+    jpeg = sorted((voc / 'JPEGImages').iterdir())[0]
+    image = sorted((folder / 'val').rglob('*.jpg'))[0]
+    before = snapshot(tmp_path)
+    common = ['--init=random', '--visual=resnet18', '--image_size=32', '--num_workers=0']
+    procs = run_all(['evaluate.py', f'--voc_root={voc}', *common, f'--out_json={label_file}'],
+                    ['evaluate.py', f'--voc_root={voc}', *common, f'--save_features={jpeg}'],
+                    ['probe.py', f'--data_root={folder}', *common, f'--out_json={image}'])
+    for proc, (flag, path, what) in zip(procs, (('out_json', label_file, f'--voc_root ({voc})'),
+                                                ('save_features', jpeg, f'--voc_root ({voc})'),
+                                                ('out_json', image, f'--data_root ({folder})'))):
+        assert one_line(proc) == (f"error: --{flag}={path} is a file of {what}: writing it would "
+                                  "destroy that file; choose another path")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_resuming_with_another_voc_task_or_batch_is_refused_or_said(shapes, short_run, tmp_path):
+    out, colour = tmp_path / 'run', shapes / 'attributes' / 'colour'
+    voc = ['--voc_interval=3', '--ckpt_interval=3']
+    run(*quick_args(shapes, out, '--max_iters=3', f'--voc_root={shapes}/VOC2007', *voc))
+    best = (out / 'best.pt').read_bytes()
+    proc = run(*quick_args(shapes, out, '--max_iters=6', '--init_from=resume', f'--voc_root={colour}',
+                           *voc), check=False)
+    assert one_line(proc) == (
+        f"error: {out}/best.pt: was judged on the VOC task of {shapes}/VOC2007, not on "
+        f"--voc_root={colour} (other classes or images): resume with that --voc_root, or move "
+        "best.pt away to judge anew")
+    assert (out / 'best.pt').read_bytes() == best
+    (out / 'best.pt').rename(tmp_path / 'best_category.pt')
+    proc = run(*quick_args(shapes, out, '--max_iters=6', '--init_from=resume', '--batch_size=4',
+                           f'--voc_root={colour}', *voc))
+    assert f"note: the best backbone is judged anew on {colour}" in proc.stdout
+    assert (f"note: {out}/ckpt.pt was written by 1 process(es) of 8 images a micro-batch, this run "
+            "has 1 of 4: the epoch goes on from the image it reached") in proc.stdout
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    assert ckpt['best_voc']['task']['root'] == str(colour) and ckpt['best_voc']['iter'] == 6
+
+
+@pytest.mark.slow
+def test_captions_the_vocabulary_cannot_spell_are_refused(shapes, tmp_path):
+    from tokenizer import train as train_vocabulary
+    train_vocabulary([' '.join(str(i * 7919 % 1000)) for i in range(500)], 20,
+                     str(tmp_path / 'digits'))
+    proc = run(*quick_args(shapes, tmp_path / 'run', f'--tokenizer={tmp_path}/digits.model',
+                           '--max_iters=1'), check=False)
+    assert re.fullmatch(rf"error: {tmp_path}/digits\.model: \d+% of the pieces of {shapes}/coco/"
+                        r"annotations/captions_train2017\.json are unknown to it \(<unk>\): it is "
+                        r"not these captions' vocabulary \(tokenizer\.py makes one\)",
+                        one_line(proc)), proc.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_the_caption_commands_own_files_and_inputs(shapes, tiny_ckpt, tmp_path):
+    image = str(sorted((shapes / 'coco' / 'val2017').iterdir())[0])
+    figures = tmp_path / 'figures'
+    figures.mkdir()
+    mine = figures / f'{Path(image).stem}.png'  # the user's picture, named like a figure
+    Image.new('RGB', (8, 8)).save(mine)
+    before = mine.read_bytes()
+    procs = run_all(['caption.py', f'--ckpt={tiny_ckpt}', f'--attention_dir={figures}', image],
+                    ['caption.py', f'--ckpt={tiny_ckpt}', f'--attention_dir={mine}', image])
+    assert one_line(procs[0]) == (f"error: --attention_dir={figures}: {mine} exists and is not an "
+                                  "attention figure of caption.py: choose another folder")
+    assert one_line(procs[1]) == f"error: --attention_dir={mine} is a file, not a folder"
+    assert mine.read_bytes() == before
+    mine.unlink()
+    for _ in range(2):  # its own figures it replaces
+        run('caption.py', f'--ckpt={tiny_ckpt}', f'--attention_dir={figures}', image)
+    assert os.listdir(figures) == [mine.name]
+    coco = f'--coco_root={shapes}/coco'
+    ids = [image['id'] for image in load_json(shapes / 'coco' / 'annotations' /
+                                              'captions_val2017.json')['images'][:2]]
+    cases = {'number': ([{'image_id': ids[0], 'caption': 7}],
+                        "record 1 has the caption 7, not text"),
+             'null': ([{'image_id': ids[0], 'caption': None}],
+                      "record 1 has the caption None, not text"),
+             'twice': ([{'image_id': ids[0], 'caption': 'a'}, {'image_id': ids[1], 'caption': 'b'},
+                        {'image_id': ids[0], 'caption': 'c'}],
+                       f"image {ids[0]!r} has two captions (records 1 and 3)")}
+    for name, (entries, message) in cases.items():
+        (tmp_path / f'{name}.json').write_text(json.dumps(entries))
+    procs = run_all(*(['caption.py', f'--results={tmp_path}/{name}.json', coco] for name in cases))
+    for (name, (_, message)), proc in zip(cases.items(), procs):
+        assert one_line(proc).endswith(message + ')'), (name, proc.stderr)
+
+
+@pytest.mark.slow
+def test_probe_refuses_a_split_it_cannot_read_and_a_batch_norm_cannot_use(tmp_path):
+    root = make_imagefolder(tmp_path / 'folder', per_class=(4, 2))
+    for path in (root / 'train').rglob('*.jpg'):
+        path.write_bytes(b'not a jpeg')
+    common = [f'--data_root={root}', '--init=random', '--visual=resnet18', '--image_size=32',
+              '--epochs=1', '--batch_size=4', '--num_workers=0']
+    procs = run_all(['probe.py', *common], ['probe.py', *common, '--augment=False'],
+                    ['probe.py', *common[:-2], '--batch_size=1', '--finetune=True'])
+    for proc in procs[:2]:
+        assert one_line(proc) == (f"error: {root}/train: no image could be read (see the "
+                                  "warnings)"), proc.stderr
+    assert one_line(procs[2]) == ("error: --finetune=True trains the backbone's BatchNorm, which "
+                                  "needs batches of 2 images or more: raise --batch_size=1")
+
+
+def test_tokenizer_output_paths_and_a_cut_write(vocab, tmp_path, small_disk):
+    captions = f'--captions={vocab / "caps.json"}'
+    (tmp_path / 'v.model').mkdir()
+    procs = run_all(['tokenizer.py', captions, '--vocab_size=80', f'--out={tmp_path}/'],
+                    ['tokenizer.py', captions, '--vocab_size=80', f'--out={tmp_path}/v'],
+                    ['tokenizer.py', captions, '--vocab_size=4', f'--out={tmp_path}/w'],
+                    ['tokenizer.py', captions, '--vocab_size=7', f'--out={tmp_path}/w'])
+    assert one_line(procs[0]) == (f"error: --out={tmp_path}/ is a folder: give the files' prefix, "
+                                  f"e.g. {tmp_path}/vocab")
+    assert one_line(procs[1]) == f"error: --out={tmp_path}/v: {tmp_path}/v.model is a folder"
+    assert one_line(procs[2]) == "error: --vocab_size=4 must be larger than 4"
+    assert re.fullmatch(r"error: --vocab_size=7 is too small for these captions: each of their "
+                        r"characters is a piece \(character coverage 1\.0, the paper's\); the "
+                        r"smallest that works is \d+", one_line(procs[3])), procs[3].stderr
+    assert sorted(os.listdir(tmp_path)) == ['disk', 'v.model']
+    # a write that fails (a full disk) leaves the vocabulary it would have replaced
+    shutil.copy(vocab / 'v.model', small_disk.folder / 'v.model')
+    small_disk.leave(10_000)
+    proc = small_disk.run('tokenizer.py', captions, '--vocab_size=80', '--overwrite=True',
+                          f'--out={small_disk.folder}/v')
+    assert one_line(proc).startswith(f"error: {small_disk.folder}/v.model: cannot write (")
+    assert (small_disk.folder / 'v.model').read_bytes() == (vocab / 'v.model').read_bytes()
+    assert os.listdir(small_disk.folder) == ['v.model']
+
+
+def test_evaluate_says_what_a_features_file_is_and_which_flags_it_ignores(tmp_path):
+    text = tmp_path / 'notes.txt'
+    text.write_text('not arrays')
+    good = tmp_path / 'f.npz'
+    np.savez(good, train_x=np.eye(4, dtype=np.float32), train_y=np.array([[1], [-1]] * 2),
+             test_x=np.eye(4, dtype=np.float32), test_y=np.array([[1], [-1]] * 2))
+    procs = run_all(['evaluate.py', f'--features={text}'],
+                    ['evaluate.py', f'--features={good}', f'--save_features={tmp_path}/g.npz',
+                     f'--voc_root={tmp_path}'])
+    assert one_line(procs[0]) == (f"error: {text}: cannot be read: not an .npz file (the zip of "
+                                  "arrays that --save_features writes)")
+    assert one_line(procs[1]) == ("error: --features gives the features: drop --save_features, "
+                                  "--voc_root")
+    assert sorted(os.listdir(tmp_path)) == ['f.npz', 'notes.txt']
+
+
+def test_bench_checks_its_rows_file_and_device_first(tmp_path):
+    procs = run_all(['bench.py', f'--rows_file={tmp_path}/no/rows.md'],
+                    ['bench.py', f'--rows_file={tmp_path}'],
+                    ['bench.py', '--device=bogus'])
+    for proc, path in zip(procs, (f'{tmp_path}/no/rows.md', tmp_path)):
+        assert one_line(proc) == (f"error: --rows_file={path}: not a file in a folder that "
+                                  "exists"), proc.stderr
+        assert proc.stdout == '', 'refused before any measurement'
+    assert one_line(procs[2]) == ("error: --device='bogus': not a device name (cpu, cuda, cuda:1, "
+                                  "...)")
 
 
 # ---- coco.py: instances, the training dataset and its augmentation, the eval transform -------
@@ -3189,6 +3451,17 @@ def test_configurator_runs_the_checks_declared_next_to_the_values(tmp_path):
         configure(dict(config), [str(bad_file)])
 
 
+
+def test_an_interval_says_its_bound_truly():
+    from configurator import Interval
+    assert Interval('(32, inf)').problem(32) == 'must be > 32'
+    assert Interval('[32, inf)').problem(31) == 'must be >= 32'
+    assert Interval('(0, inf)').problem(0) == 'must be positive'
+    assert Interval('[0, inf)').problem(float('inf')) == 'must be a finite number'
+    assert Interval('(0, 1]').problem(float('-inf')) == 'must be a finite number'
+    assert Interval('(0, 1]').problem(1) is None and Interval('(32, inf)').problem(33) is None
+
+
 def test_configurator_checks_one_key_against_another():
     from typing import Annotated
     from configurator import PROBABILITY, Needs, configure
@@ -3277,6 +3550,23 @@ def test_the_gpu_check_runs_every_stage_on_a_cpu_and_keeps_each_row(tmp_path):
     assert re.search(r'\| train step \(eager\) \| \| .* \| not measured: '
                      r'stopped at its 0.4 s limit', cut), cut
     assert 'svm (VOC07 size)' in cut, 'the other stages still ran'
+
+
+def test_the_gpu_check_fails_when_no_stage_was_measured(tmp_path):
+    """A python without torch: every stage fails; the script says so and exits non-zero, so that
+    CI and a GPU window do not read it as a pass."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    fake = bin_dir / 'python'
+    fake.write_text('#!/bin/sh\necho "ModuleNotFoundError: No module named torch" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(['bash', 'dev/gpu_check.sh', '--device=cpu'], cwd=HERE, text=True,
+                          capture_output=True, timeout=120,
+                          env={**os.environ, 'PATH': f"{bin_dir}:{os.environ['PATH']}",
+                               'ROWS': str(tmp_path / 'rows.md')})
+    assert proc.returncode == 1, (proc.returncode, proc.stdout[-2000:])
+    assert proc.stderr.strip().splitlines()[-1] == ("error: no stage was measured (each one's "
+                                                    "error is above)")
 
 
 # ---- on a GPU: skipped without CUDA (python -m pytest -m gpu test_all.py runs only these) -------
@@ -3783,6 +4073,62 @@ def test_bad_inputs_fail_cleanly(tmp_path):
         assert all(name in lines[0] for name in names) and 'Traceback' not in lines[0], \
             (args, lines[0])
     assert not (tmp_path / 'ok').exists(), 'bad flags left output behind'
+
+
+def test_prepare_replaces_only_a_world_it_wrote(world, tmp_path):
+    """A folder of the user's where the world would go (COCO in data/coco, with --out=data) is
+    refused and kept, whole; a world this script wrote is replaced."""
+    for name in ('coco', 'attributes'):
+        out = tmp_path / name
+        (out / name).mkdir(parents=True)
+        (out / name / 'mine.json').write_text('{}')
+        result = run_prepare(f'--out={out}', *TINY, '--workers=1')
+        assert result.returncode != 0 and result.stderr.strip() == (
+            f"prepare.py: error: {out}/{name} was not written by this script (it has no "
+            f".prepared_by): give another --out, or move it away"), result.stderr
+        assert os.listdir(out) == [name] and os.listdir(out / name) == ['mine.json']
+    result = run_prepare(f'--out={world}', '--attributes_only', '--size=96')
+    assert result.stderr.strip() == ("prepare.py: error: --attributes_only rewrites the attributes "
+                                     "of OUT/VOC2007's images as they are: drop --size")
+    assert (world / 'coco' / '.prepared_by').is_file(), 'its own: replaced when run again'
+
+
+def test_prepare_says_what_a_tiny_world_lacks_and_refuses_early(tmp_path):
+    small = ['--n_train=4', '--n_val=2', '--n_voc_trainval=5', '--n_voc_test=5',
+             '--n_folder_train=5', '--n_folder_val=5', '--size=64', '--seed=3', '--workers=1']
+    result = run_prepare(f'--out={tmp_path}/tiny', *small)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith('warning: ')]
+    assert any(re.match(r'warning: VOC2007 (trainval|test): no image shows .* plainly: evaluate\.py '
+                        r'will refuse the task', line) for line in warnings), result.stdout
+    assert any(re.match(r'warning: imagefolder/(train|val): no image of .*: probe\.py will refuse '
+                        r'the folder', line) for line in warnings), result.stdout
+    # an attribute task asked for and too small is refused before the COCO images are drawn
+    result = run_prepare(f'--out={tmp_path}/asked', *small, '--attributes=binding')
+    assert result.returncode != 0 and 'attribute binding: no value has' in result.stderr
+    assert 'coco' not in result.stdout and not list((tmp_path / 'asked').iterdir())
+
+
+@pytest.mark.slow
+def test_a_stopped_prepare_leaves_nothing_behind(tmp_path, start):
+    import signal
+    import time
+    proc = start(PREPARE, f'--out={tmp_path}', '--workers=1')
+    deadline = time.time() + 60
+    while not list(tmp_path.glob('.prepare-*/coco')) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and err.strip() == f"prepare.py: stopped; {tmp_path} was left as it "\
+        "was", err
+    assert os.listdir(tmp_path) == []
+    # a killed run's hidden folder (its process has ended) goes at the next run
+    ended = subprocess.Popen([PY, '-c', 'pass'])
+    ended.wait()
+    (tmp_path / f'.prepare-{ended.pid}-x').mkdir()
+    result = run_prepare(f'--out={tmp_path}', *TINY, '--workers=1')
+    assert result.returncode == 0 and sorted(os.listdir(tmp_path)) == [
+        'VOC2007', 'attributes', 'coco', 'imagefolder'], result.stderr
 
 
 # ---- captions must be true to the scene they describe ----------------------------------------

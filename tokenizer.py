@@ -139,7 +139,24 @@ def train(captions: list[str], vocab_size: int, out_prefix: str) -> None:
         if largest:
             raise ValueError(f"--vocab_size={vocab_size} is too large for these captions; "
                              f"the largest that works is {largest.group(1)}") from None
+        # ... or "smaller than required_chars. N vs M", with advice for a flag of its own
+        smallest = re.search(r'required_chars\. \d+ vs (\d+)', str(e))
+        if smallest:
+            raise ValueError(f"--vocab_size={vocab_size} is too small for these captions: each of "
+                             "their characters is a piece (character coverage 1.0, the paper's); "
+                             f"the smallest that works is {smallest.group(1)}") from None
         raise ValueError(f"sentencepiece failed: {str(e).strip().splitlines()[-1]}") from None
+    try:  # sentencepiece does not say when a write fails (a full disk): check, then replace
+        with open(tmp_prefix + '.vocab', encoding='utf-8') as f:
+            lines = sum(1 for _ in f)
+        if len(Tokenizer(tmp_prefix + '.model')) != vocab_size or lines != vocab_size:
+            raise ValueError
+    except (OSError, ValueError, UnicodeDecodeError):
+        for suffix in ('.model', '.vocab'):
+            if os.path.exists(tmp_prefix + suffix):
+                os.remove(tmp_prefix + suffix)
+        raise OSError(f"{out_prefix}.model: cannot write (sentencepiece wrote a cut file: a full "
+                      "disk?); the previous files stay as they were") from None
     for suffix in ('.vocab', '.model'):  # .model last: its presence marks a complete vocabulary
         os.replace(tmp_prefix + suffix, out_prefix + suffix)
 
@@ -161,6 +178,12 @@ def main() -> None:
         check_outputs({'out': [out + '.model', out + '.vocab']}, {'--captions': captions})
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if out.endswith(os.sep) or os.path.isdir(out):
+        raise SystemExit(f"error: --out={out} is a folder: give the files' prefix, e.g. "
+                         f"{os.path.join(out, 'vocab')}")
+    for path in (out + '.model', out + '.vocab'):
+        if os.path.isdir(path):
+            raise SystemExit(f"error: --out={out}: {path} is a folder")
     if os.path.exists(out + '.model') and not overwrite:
         raise SystemExit(f"error: {out}.model exists, and the checkpoints trained with it "
                          "name it by path: write elsewhere with --out, or replace it with "

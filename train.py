@@ -35,7 +35,8 @@ from lookahead import LookAhead, warmup_cosine
 from model import VISUALS, VirTexConfig, flops_per_image
 from pretexts import PRETEXTS, draws_of, image_gap, pretext_model
 from safety import (JsonLog, StopSignals, check_outputs, claim_run_folder, ignore_stop_signals,
-                    kept_checkpoints, one_line_errors, resume_run, save_checkpoint)
+                    kept_checkpoints, one_line_errors, resume_run, run_checkpoint,
+                    save_checkpoint)
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -151,14 +152,16 @@ def main():
     # data: COCO captions (coco.py: the dataset, its batches and its augmentation)
     ckpt_path, best_path = os.path.join(out_dir, 'ckpt.pt'), os.path.join(out_dir, 'best.pt')
     log_path = os.path.join(out_dir, 'log.jsonl')
-    resume = init_from == 'resume' or init_from == 'auto' and os.path.exists(ckpt_path)
+    resume = init_from == 'resume' or init_from == 'auto' and bool(run_checkpoint(ckpt_path))
     for path, what in ((data_root, 'data_root'), (tokenizer, 'tokenizer')):
         if not os.path.exists(path):
             raise SystemExit(f"error: {what}={path}: no such file or folder")
     with one_line_errors():
         check_outputs({'out_dir': [ckpt_path, best_path, log_path]}, {'--tokenizer': tokenizer})
         if voc_root:  # now, not when the backbone is first judged, maybe at the end of the run
-            read_voc_task(voc_root)
+            voc = read_voc_task(voc_root)  # the task best.pt is judged on
+            voc_task = {'root': os.path.abspath(voc_root), 'classes': voc['classes'],
+                        'images': [len(voc['trainval'][0]), len(voc['test'][0])]}
         tok = Tokenizer(tokenizer)
         labels, n_classes = {}, len(tok)
         if pretext == 'multilabel_classification':
@@ -214,15 +217,16 @@ def main():
         inner = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=True)
     lookahead = LookAhead(inner, lookahead_k, lookahead_alpha)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
-    iter_num, data_position, best_voc = 0, (0, 0), {'map': -1.0, 'iter': 0}
+    iter_num, data_position = 0, (0, 0)
+    best_voc = {'map': -1.0, 'iter': 0, 'task': voc_task if voc_root else None}
     time_before = 0.0  # seconds the run trained before this process (a resume): the log's go on
     bad_images = BadImages(max_bad_images)
     if resume:  # the weights and the training state of a checkpoint that can continue this run
         with one_line_errors():
-            iter_num, data_position, best_voc, bad_images.count, time_before, note = \
+            iter_num, data_position, best_voc, bad_images.count, time_before, notes = \
                 resume_run(ckpt_path, model, lookahead, scaler, model_args, config,
-                           tok.pieces_hash(), train_subset)
-        if note:
+                           tok.pieces_hash(), train_subset, voc_task if voc_root else None)
+        for note in notes:
             print0(f"note: {note}")
         print0(f"resuming from {ckpt_path} at iteration {iter_num}")
     if compile:
@@ -262,14 +266,9 @@ def main():
         if full:
             state.update(data_position=list(data_position), bad_images=bad_images.count,
                          train_subset=train_subset)
-        training_state = (lookahead, scaler, nonfinite) if full else ()
-        try:
-            save_checkpoint(path, raw_model, state, *training_state)
-        except OSError as e:
-            raise SystemExit(f"error: {e}; the previous file stays as it was") from None
-        except ValueError:
-            raise SystemExit("error: the loss or the weights became non-finite before iteration "
-                             f"{step}; {kept_checkpoints(ckpt_path)}") from None
+        training = (lookahead, scaler, nonfinite) if full else ()
+        with one_line_errors():  # never a diverged one, never half a file
+            save_checkpoint(path, raw_model, state, *training)
         print0(f"iter {step}: saved {path}")
         log({'event': 'checkpoint', 'iter': step, 'path': path})
 
@@ -301,7 +300,7 @@ def main():
                                             num_workers, best_voc)
                 if master_process:
                     if voc > best_voc['map']:
-                        best_voc = {'map': voc, 'iter': iter_num}
+                        best_voc = {**best_voc, 'map': voc, 'iter': iter_num}
                         save(best_path, iter_num, full=False)
                     print0(line)
                     log(record)

@@ -38,12 +38,14 @@ else
     common=(--device="$device" --models=paper --data_workers="$(nproc)")
 fi
 
+measured=0  # stages that gave their rows: none means nothing ran (a python without torch)
 stage() {  # stage NAME SECONDS BENCH-FLAGS...: one bench.py stage under a time limit
     local name=$1 limit start=$SECONDS
     limit=$(awk "BEGIN { print $2 * $scale }")
     shift 2
     timeout --kill-after=5 "$limit" "$PY" bench.py --rows_file="$ROWS" "${common[@]}" "$@"
     local status=$?
+    [ $status -eq 0 ] && measured=$((measured + 1))
     if [ $status -ne 0 ]; then
         local why="exit $status"
         [ $status -eq 124 ] || [ $status -eq 137 ] && why="stopped at its ${limit} s limit"
@@ -74,3 +76,7 @@ stage "data pipeline" 10 --stages=data
 timeout 20 "$PY" dev/device_decode.py --device="$device" \
     --n_images="$([ "$device" = cpu ] && echo 8 || echo 64)" | sed 's/^/- /' | tee -a "$ROWS"
 echo "rows in $ROWS"
+if [ $measured -eq 0 ]; then
+    echo "error: no stage was measured (each one's error is above)" >&2
+    exit 1
+fi

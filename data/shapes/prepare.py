@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -77,6 +78,7 @@ MAX_TOKENS = 24
 MIN_CONTRAST = 100  # RGB distance between an object's colour and the background's colours
 SUPERSAMPLE = 4     # shapes drawn at 4x then box-filtered: anti-aliased edges and fractional masks
 JPEG_QUALITY = 90
+MARKER = '.prepared_by'  # in each folder this script writes: only those it may replace
 # part of each image's seed
 SPLIT_CODES = {'train2017': 0, 'val2017': 1, 'trainval': 2, 'test': 3, 'train': 4, 'val': 5}
 # -----------------------------------------------------------------------------
@@ -444,11 +446,17 @@ def write_voc(root, pool, make_example, categories, source, args):
         with open(os.path.join(main_dir, f'{split}.txt'), 'w') as f:
             f.writelines(f'{m}\n' for m in names)
         # VOC: 1 = a non-difficult instance, 0 = only difficult ones, -1 = absent
+        absent = []
         for c in categories:
+            labels = [max([-1] + [int(not o['difficult']) for o in scene['objects']
+                                  if o['category'] == c]) for scene in scenes]
             with open(os.path.join(main_dir, f'{c}_{split}.txt'), 'w') as f:
-                for name, scene in zip(names, scenes):
-                    flags = [o['difficult'] for o in scene['objects'] if o['category'] == c]
-                    f.write(f"{name} {-1 if not flags else 0 if all(flags) else 1:2d}\n")
+                f.writelines(f"{name} {label:2d}\n" for name, label in zip(names, labels))
+            absent += [c] if 1 not in labels else []
+        if absent:  # evaluate.py refuses such a class: it cannot give an AP
+            print(f"warning: VOC2007 {split}: no image shows {', '.join(absent)} plainly: "
+                  f"evaluate.py will refuse the task; make more images (--n_voc_{split})",
+                  flush=True)
         with open(os.path.join(root, f'scenes_{split}.json'), 'w') as f:
             json.dump([{'name': m, **s} for m, s in zip(names, scenes)], f)
         first += n
@@ -473,6 +481,10 @@ def write_imagefolder(root, pool, make_example, categories, args):
         scenes = [scene for scene, _ in generate(pool, make_example, split, flat, args)]
         for name, path, scene in zip(names, flat, scenes):
             os.rename(path, os.path.join(root, split, largest_object(scene), f'{name}.jpg'))
+        empty = [c for c in categories if not os.listdir(os.path.join(root, split, c))]
+        if empty:  # probe.py refuses an empty class folder
+            print(f"warning: imagefolder/{split}: no image of {', '.join(empty)}: probe.py will "
+                  f"refuse the folder; make more images (--n_folder_{split})", flush=True)
         # beside the class folders, not in them
         with open(os.path.join(root, f'scenes_{split}.json'), 'w') as f:
             json.dump([{'name': m, 'category': largest_object(s), **s}
@@ -614,15 +626,14 @@ def voc_attributes(voc_root, attributes, args):
     return voc
 
 
-def write_attributes(root, voc, args):
-    """ROOT/<attribute>/ImageSets/Main/{<split>,<value>_<split>}.txt for each attribute, and
-    JPEGImages as a relative link to the VOC2007 images beside ROOT. A value with fewer than
-    --min_positives positives in either split is left out: its test AP would rest on a few images
-    (or be 0, with none). An attribute left with no value is left out whole, its folder holding
-    only LEFT_OUT.txt, the one line that evaluate.py gives as the reason, unless --attributes
-    asked for it: then the world is refused."""
+def attribute_values(voc, args):
+    """{attribute: (the values kept, those left out, their counts)} of the VOC images' attribute
+    tasks (--attributes' or all). A value with fewer than --min_positives positives in either split
+    is left out: its test AP would rest on a few images (or be 0, with none). An attribute left
+    with no value is left out whole, unless --attributes asked for it: then the world is refused,
+    before the other images are drawn."""
     asked = args.attributes.split(',') if args.attributes else []
-    left_out_tasks = []
+    values_of = {}
     for attribute in asked or voc['trainval'][1][0]:
         positives = {split: Counter(v for image in images for v, flag in image[attribute].items()
                                     if flag == 1)
@@ -634,12 +645,25 @@ def write_attributes(root, voc, args):
         left_out = [f"{v} ({positives['trainval'][v]}/{positives['test'][v]})" for v in values
                     if v not in kept]
         counts = f"positives in trainval/test: {', '.join(left_out) or 'none'}"
+        if not kept and asked:
+            args.error(f"attribute {attribute}: no value has --min_positives={args.min_positives} "
+                       f"positives in both trainval and test ({counts}); make more VOC images or "
+                       "lower --min_positives")
+        values_of[attribute] = kept, left_out, counts
+    return values_of
+
+
+def write_attributes(root, voc, values_of, args):
+    """ROOT/<attribute>/ImageSets/Main/{<split>,<value>_<split>}.txt for each attribute's kept
+    values (attribute_values'), and JPEGImages as a relative link to the VOC2007 images beside
+    ROOT. An attribute left with no value gets a folder holding only LEFT_OUT.txt, the one line
+    that evaluate.py gives as the reason."""
+    left_out_tasks = []
+    for attribute, (kept, left_out, counts) in values_of.items():
         if not kept:
             reason = (f"no value has --min_positives={args.min_positives} positives in both "
                       f"trainval and test ({counts}); make more VOC images or lower "
                       "--min_positives")
-            if asked:
-                args.error(f"attribute {attribute}: {reason}")
             print(f"attributes/{attribute}: left out: {reason}", flush=True)
             os.makedirs(os.path.join(root, attribute))
             with open(os.path.join(root, attribute, 'LEFT_OUT.txt'), 'w') as f:
@@ -708,8 +732,32 @@ def command_line(description, out, size, min_size, prog, tasks):
     for name in args.attributes.split(',') if args.attributes else []:
         if name not in tasks:
             parser.error(f"--attributes: {name!r} is not one of {', '.join(tasks)}")
+    ignored = [f'--{flag}' for flag in ('n_train', 'n_val', 'n_voc_trainval', 'n_voc_test',
+                                        'n_folder_train', 'n_folder_val', 'size', 'seed', 'workers')
+               if getattr(args, flag) != parser.get_default(flag)]
+    if args.attributes_only and ignored:
+        parser.error(f"--attributes_only rewrites the attributes of OUT/VOC2007's images as they "
+                     f"are: drop {', '.join(ignored)}")
     args.error = parser.error
     return args
+
+
+def clear_leftovers(out):
+    """The hidden folders of runs that were killed (SIGKILL; their process has ended)."""
+    for name in os.listdir(out):
+        pid = name.split('-')[1] if name.startswith('.prepare-') else ''
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def write_world(args, make_example, categories, source, prog, attributes, words=None):
@@ -722,29 +770,43 @@ def write_world(args, make_example, categories, source, prog, attributes, words=
     or None."""
     if args.attributes_only:  # read and check the scenes before anything is written
         voc = voc_attributes(os.path.join(args.out, 'VOC2007'), attributes, args)
-    try:
-        os.makedirs(args.out, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix='.prepare-', dir=args.out)
-    except OSError as e:
-        args.error(f'cannot write to --out={args.out}: {e.strerror}')
+        values_of = attribute_values(voc, args)
     written = ['attributes'] if args.attributes_only else ['coco', 'VOC2007', 'imagefolder',
                                                            'attributes']
     replaced = [name for name in written if os.path.lexists(os.path.join(args.out, name))]
+    foreign = [name for name in replaced if not os.path.isfile(os.path.join(args.out, name,
+                                                                            MARKER))]
+    if foreign:  # a data set of the user's (COCO in data/coco): never replaced
+        args.error(f"{os.path.join(args.out, foreign[0])} was not written by this script (it has "
+                   f"no {MARKER}): give another --out, or move it away")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        clear_leftovers(args.out)
+        tmp = tempfile.mkdtemp(prefix=f'.prepare-{os.getpid()}-', dir=args.out)
+    except OSError as e:
+        args.error(f'cannot write to --out={args.out}: {e.strerror}')
     if replaced:
         print(f"{args.out} holds {', '.join(replaced)} already: replaced at the end, once the new "
               "files are whole", flush=True)
     t0, pool = time.time(), Pool(args.workers) if args.workers > 1 and \
         not args.attributes_only else None
+    # a stop (Ctrl-C, SIGTERM) leaves OUT as it was: the hidden folder goes (the workers keep
+    # SIGTERM's default, which is how the pool is stopped)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f'{prog}: stopped; {args.out} was left as it '
+                                                      'was'))
     try:
-        if not args.attributes_only:
+        if not args.attributes_only:  # the VOC images first: their attribute tasks are checked
+            write_voc(os.path.join(tmp, 'VOC2007'), pool, make_example, categories, source, args)
+            voc = voc_attributes(os.path.join(tmp, 'VOC2007'), attributes, args)
+            values_of = attribute_values(voc, args)
             write_coco(os.path.join(tmp, 'coco'), pool, make_example, categories, source, args,
                        words)
-            write_voc(os.path.join(tmp, 'VOC2007'), pool, make_example, categories, source, args)
             write_imagefolder(os.path.join(tmp, 'imagefolder'), pool, make_example,
                               categories, args)
-            voc = voc_attributes(os.path.join(tmp, 'VOC2007'), attributes, args)
-        write_attributes(os.path.join(tmp, 'attributes'), voc, args)
+        write_attributes(os.path.join(tmp, 'attributes'), voc, values_of, args)
         for name in written:
+            with open(os.path.join(tmp, name, MARKER), 'w') as f:
+                f.write(f"written by {source[1]}; running it again replaces this folder\n")
             target = os.path.join(args.out, name)
             if os.path.lexists(target):
                 os.rename(target, os.path.join(tmp, name + '.old'))
