@@ -34,10 +34,10 @@ caption_limit = 200        # val images captioned for CIDEr
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_logged(args, log_path, echo=True):
+def run_logged(args, log_path, echo=True, each_line=None):
     """Run a project script (`python ARGS` in this folder), showing its output live if `echo`, and
-    keep the output in log_path. Returns its lines; exits with one line naming the log if the script
-    fails."""
+    keep the output in log_path; each_line(line) sees every line as it comes. Returns its lines;
+    exits with one line naming the log if the script fails."""
     if echo:
         print(f"$ {' '.join(['python'] + args)}", flush=True)
     lines = []
@@ -47,6 +47,8 @@ def run_logged(args, log_path, echo=True):
         for line in proc.stdout:
             if echo:
                 print(line, end='', flush=True)
+            if each_line:
+                each_line(line)
             lines.append(line)
     with open(os.path.join(HERE, log_path), 'w') as f:
         f.writelines(lines)

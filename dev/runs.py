@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -24,11 +25,11 @@ from demo import random_init_args, run_logged  # noqa: E402
 from evaluate import read_voc  # noqa: E402
 
 
-def run(args, log_path):
+def run(args, log_path, each_line=None):
     """A project script (paths relative to the repository), its output kept in log_path; returns its
     output."""
     t0 = time.time()
-    lines = run_logged(args, log_path, echo=False)
+    lines = run_logged(args, log_path, echo=False, each_line=each_line)
     print(f"  {os.path.basename(args[0])} done in {time.time() - t0:.0f} s", flush=True)
     return ''.join(lines)
 
@@ -59,20 +60,27 @@ def finished(run_dir, max_iters, **expected):
                                                                      for k, v in expected.items())
 
 
-def train(run_dir, args):
+def train(run_dir, args, keep_checkpoints=False):
     """train.py with args into run_dir: on from its checkpoint where a run stopped part-way there (a
     signal, a machine restart; train.py refuses one of another config), else from the start. The
-    callers skip runs that finished: see finished()."""
+    callers skip runs that finished: see finished(). keep_checkpoints: a copy of each checkpoint as
+    it lands, ckpt_<iteration>.pt (train.py replaces ckpt.pt at the next save, minutes later)."""
     os.makedirs(os.path.join(HERE, run_dir), exist_ok=True)
     path, stopped = os.path.join(HERE, run_dir, 'ckpt.pt'), False
     if os.path.exists(path):
         ckpt = load_file(path)
         stopped = ckpt['iter_num'] < ckpt['config']['max_iters']
+
+    def keep(line):
+        saved = re.match(r'iter (\d+): saved .*ckpt\.pt$', line.strip())
+        if keep_checkpoints and saved:
+            shutil.copy(path, os.path.join(HERE, run_dir, f'ckpt_{saved[1]}.pt'))
     if stopped:  # its log.jsonl goes on; train.log keeps the first part's output
         run(['train.py', *args, f'--out_dir={run_dir}', '--init_from=resume'],
-            f'{run_dir}/train_resumed.log')
+            f'{run_dir}/train_resumed.log', keep)
     else:
-        run(['train.py', *args, f'--out_dir={run_dir}', '--overwrite=True'], f'{run_dir}/train.log')
+        run(['train.py', *args, f'--out_dir={run_dir}', '--overwrite=True'], f'{run_dir}/train.log',
+            keep)
 
 
 def train_minutes(run_dir):
@@ -98,7 +106,8 @@ def random_init_map(voc_root, seed, log_path, run_dir):
 def attribute_tasks(data):
     """The attribute tasks of the world in data/ (prepare.py's attributes/<a>/), but category and
     those that a small world left out (their LEFT_OUT.txt says why: noted)."""
-    names = sorted(os.listdir(os.path.join(HERE, data, 'attributes')))
+    folder = os.path.join(HERE, data, 'attributes')
+    names = sorted(a for a in os.listdir(folder) if os.path.isdir(os.path.join(folder, a)))
     left_out = [a for a in names
                 if os.path.exists(os.path.join(HERE, data, 'attributes', a, 'LEFT_OUT.txt'))]
     if left_out:

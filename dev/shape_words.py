@@ -89,7 +89,7 @@ for multiple in multiple_list:
             print(f"{name}: training into {run_dir}", flush=True)
             train(run_dir, [config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
                             f'--pretext={pretext}', f'--seed={seed}', f'--max_iters={iters}',
-                            *lever_args])
+                            *lever_args], keep_checkpoints=pretext in CAPTIONERS)
         maps = judge('backbone', [f'--ckpt={run_dir}/ckpt.pt'], run_dir, data, attribute_names)
         row = {'run': name, 'pretext': pretext, 'multiple': multiple, 'lever': lever,
                'seed': seed, 'images': iters * 64, 'train_min': train_minutes(run_dir),
@@ -99,7 +99,16 @@ for multiple in multiple_list:
         # the last validation's gap per word class: the final checkpoint's weights
         gaps = image_gap_by_word_class(model.eval(), saved, os.path.join(HERE, data, 'coco')) \
             if pretext in CAPTIONERS else None
-        if gaps:
+        if gaps:  # and at each validation of the run, from the checkpoints kept as it trained
+            row['gaps_by_iter'] = {
+                int(kept[5:-3]): image_gap_by_word_class(
+                    load_checkpoint(os.path.join(HERE, run_dir, kept))[0].eval(), saved,
+                    os.path.join(HERE, data, 'coco'))
+                for kept in os.listdir(os.path.join(HERE, run_dir))
+                if re.fullmatch(r'ckpt_\d+\.pt', kept)}
+            for it, by_class in sorted(row['gaps_by_iter'].items()):
+                print(f"{name}: iteration {it}: the image is worth, per word class: " + ', '.join(
+                    f"{c} {g:.3f}" for c, g in by_class.items()), flush=True)
             words, row['cider'] = caption_words(run_dir)
             row.update(words=words, gaps=gaps, shape_gap=gaps['shape'],
                        image_gap=last_val(run_dir)['image_gap'],
