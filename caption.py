@@ -360,17 +360,17 @@ def main(paths):
     if not files:
         raise SystemExit("error: no images given (pass image files or folders, or --coco_root)")
     figures = [figure_path(p) for p in files] if attention_dir else []
+    annotations = os.path.join(coco_root, 'annotations', f'captions_{split}.json') \
+        if coco_root else ''
+    check_outputs({'out': out, 'attention_dir': figures},
+                  {'--ckpt': ckpt, '--official': official, '--tokenizer': tokenizer_path,
+                   'an image to caption': files, 'the references': annotations})
     if attention_dir and os.path.exists(attention_dir) and not os.path.isdir(attention_dir):
         raise SystemExit(f"error: --attention_dir={attention_dir} is a file, not a folder")
     for path in figures:  # replace only figures this script drew
         if os.path.lexists(path) and not is_attention_figure(path):
             raise SystemExit(f"error: --attention_dir={attention_dir}: {path} exists and is not an "
                              "attention figure of caption.py: choose another folder")
-    annotations = os.path.join(coco_root, 'annotations', f'captions_{split}.json') \
-        if coco_root else ''
-    check_outputs({'out': out, 'attention_dir': figures},
-                  {'--ckpt': ckpt, '--official': official, '--tokenizer': tokenizer_path,
-                   'an image to caption': files, 'the references': annotations})
 
     generator = torch.Generator(device).manual_seed(seed)
     if attention_dir:
