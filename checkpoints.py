@@ -23,6 +23,8 @@ ValueErrors (FileNotFoundError for a missing file) that name the file.
 Imports torch, evaluate.py, model.py, pretexts.py and safety.py only.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -183,6 +185,49 @@ def official_to_ours(state: dict, path: str) -> tuple[VirTexConfig, dict]:
                 for name in PER_LAYER:
                     ours[dst + f'{name}.{kind}'] = take(src + f'{name}.{kind}')
     return cfg, ours
+
+
+# ----------------------------------------------------------------------------------------------
+# the weights a train.py run starts from (--init_from=FILE, --init_backbone=SOURCE)
+
+# what makes two models one architecture with one vocabulary (dropout, init and the like do not)
+ARCHITECTURE = ('pretext', 'visual', 'vocab_size', 'n_layer', 'n_embd', 'n_head', 'max_len',
+                'norm_first', 'pad_id', 'sos_id', 'eos_id', 'mask_id')
+
+
+def start_from(model: nn.Module, init_from: str = '', init_backbone: str = '',
+               tokenizer_pieces: str = '') -> str:
+    """Put the weights a run starts from into `model` (at its init): init_from, a whole model of the
+    same architecture and vocabulary (this project's checkpoint, or the official code's as
+    'virtex:FILE'); or init_backbone, the backbone alone from any source evaluate.py reads (a
+    checkpoint of this project, or 'torchvision:', 'moco:', 'vissl:', 'virtex:' and a path), the
+    head staying new. Returns what the run started from, for its checkpoint. A mismatch is a
+    ValueError naming both sides."""
+    if init_from:
+        path = init_from.removeprefix('virtex:')
+        if init_from.startswith('virtex:'):
+            theirs, state = official_to_ours(load_file(path), path)
+            pieces = tokenizer_pieces  # the official files do not say; their size must fit
+        else:
+            ckpt = read_checkpoint(path)
+            theirs, state = VirTexConfig(**ckpt['model_args']), ckpt['model']
+            pieces = ckpt.get('tokenizer_pieces', tokenizer_pieces)
+        differ = [f"{k}={getattr(theirs, k)!r} there, {getattr(model.config, k)!r} in this run"
+                  for k in ARCHITECTURE if getattr(theirs, k) != getattr(model.config, k)]
+        if differ:
+            raise ValueError(f"{init_from}: not this run's model: {'; '.join(differ)}")
+        if pieces != tokenizer_pieces:
+            raise ValueError(f"{init_from}: was trained with another vocabulary than --tokenizer "
+                             "(its pieces differ, so the ids would mean other words)")
+        load_strict(model, state, path)
+        return f"the weights of {init_from}"
+    ckpt, init = (init_backbone, '') if os.path.exists(init_backbone) else ('', init_backbone)
+    backbone, arch, _ = load_backbone(ckpt, init, model.config.visual)
+    if arch != model.config.visual:
+        raise ValueError(f"{init_backbone}: a {arch} backbone, and this run's --visual is "
+                         f"{model.config.visual}")
+    model.visual.load_state_dict(backbone.state_dict())  # the same keys: fc and avgpool hold none
+    return f"the backbone of {init_backbone}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -96,14 +96,15 @@ def read_voc(root: str, split: str) -> tuple[list[str], np.ndarray, list[str]]:
 
 def read_voc_task(root: str) -> dict:
     """Both splits of a VOC folder, checked to have the same classes: {'trainval': (paths, labels),
-    'test': (paths, labels), 'classes': class names}."""
+    'test': (paths, labels), 'classes': class names, 'summary': its folder, classes and sizes}."""
     train_paths, train_labels, classes = read_voc(root, 'trainval')
     test_paths, test_labels, test_classes = read_voc(root, 'test')
     if test_classes != classes:
         raise ValueError(f"{root}: test classes {test_classes} differ from trainval classes "
                          f"{classes}")
     return {'trainval': (train_paths, train_labels), 'test': (test_paths, test_labels),
-            'classes': classes}
+            'classes': classes, 'summary': {'root': os.path.abspath(root), 'classes': classes,
+                                            'images': [len(train_paths), len(test_paths)]}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -212,8 +213,7 @@ def random_backbone(visual: str, seed: int, zero_init_residual: bool) -> nn.Modu
 def judged_backbone(ckpt: str, init: str, visual: str, image_size: int, seed: int,
                     zero_init_residual: bool) -> tuple[nn.Module, str, int]:
     """The backbone --ckpt or --init names, its torchvision name and the image size to judge it at
-    (evaluate.py's and probe.py's flags). A weight file is read with checkpoints.py, imported only
-    then: a random init needs no other file."""
+    (evaluate.py's and probe.py's flags); a random init needs no file of checkpoints.py's."""
     if ckpt or init != 'random':
         from checkpoints import load_backbone
         return load_backbone(ckpt, init, visual, image_size, seed, zero_init_residual)

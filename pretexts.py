@@ -191,6 +191,14 @@ def pretext_model(cfg: VirTexConfig) -> nn.Module:
     return PRETEXTS[cfg.pretext][0](cfg)
 
 
+def freeze_backbone(model: nn.Module) -> None:
+    """Any pretext's backbone frozen: no gradients, and BatchNorm kept in eval mode (its running
+    statistics stay too) whatever train() the model is switched to."""
+    model.visual.requires_grad_(False)
+    model.visual.eval()
+    model.visual.train = lambda mode=True: model.visual  # the model's train() passes it by
+
+
 @torch.no_grad()
 def image_gap(it, model, loader, autocast, seed, bad_images, folder):
     """The validation losses at iteration `it`, and the same captions scored against other images

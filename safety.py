@@ -158,6 +158,8 @@ def claim_run_folder(out_dir: str, scratch: bool, overwrite: bool = False,
     deleted only once this run has saved its first checkpoint; until then any exit brings it back
     (a killed process's, the next run that claims the folder). ValueError with one line if
     refused; a stale lock taken over is said on stdout."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out_dir={out_dir} is a file, not a folder")
     os.makedirs(out_dir, exist_ok=True)
     note = take_lock(os.path.join(out_dir, '.lock'))
     if note:
@@ -419,15 +421,16 @@ def save_checkpoint(path: str, model, state: dict, optimizer=None, scaler=None,
 
 def resume_run(path: str, model, optimizer, scaler, model_args: dict, config: dict,
                tokenizer_pieces: str, train_subset,
-               voc_task=None) -> tuple[int, tuple, dict, int, float, str]:
+               voc_task=None) -> tuple[int, tuple, dict, int, float, str, list]:
     """Continue the run of this config (train.py's, resolved) from the checkpoint at `path`: its
     weights into `model` (built from model_args), its optimizer's and gradient scaler's state (the
     learning rates, momentum and weight decay stay this run's), this process's RNGs. Returns
-    (iter_num, data position, best VOC, images skipped so far, seconds trained so far, notes to
-    print). A checkpoint that cannot continue this run is a ValueError (FileNotFoundError) naming
-    the file and what stands in the way: so is a best.pt judged on another VOC task than
-    `voc_task` (--voc_root's, described as train.py does). With other processes or micro-batches
-    the epoch goes on from the image it reached, split anew, and the RNGs stay as this run seeded
+    (iter_num, data position, best VOC, images skipped so far, seconds trained so far, the weights
+    the run started from, notes to print). A checkpoint that cannot continue this run is a
+    ValueError (FileNotFoundError) naming the file and what stands in the way: so is a best.pt
+    judged on another VOC task than `voc_task` (evaluate.read_voc_task's summary). With other
+    processes or micro-batches the epoch goes on from the image it reached, split anew, and the
+    RNGs stay as this run seeded
     them: close to an unbroken run, not bitwise."""
     if not run_checkpoint(path):
         raise FileNotFoundError(f"--init_from=resume: {path} does not exist")
@@ -507,4 +510,4 @@ def resume_run(path: str, model, optimizer, scaler, model_args: dict, config: di
                      "image it reached, split anew, and the data order and dropout differ from an "
                      "unbroken run")
     return (ckpt['iter_num'], (epoch, batch), best, ckpt['bad_images'], ckpt.get('time', 0.0),
-            notes)
+            ckpt.get('started_from', ''), notes)

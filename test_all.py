@@ -15,6 +15,7 @@ the helpers and fixtures that several sections share.
 """
 
 import copy
+import csv
 import hashlib
 import importlib.util
 import json
@@ -1084,15 +1085,15 @@ def test_voc_in_the_loop_logs_each_map_and_keeps_the_best_backbone(shapes, tmp_p
     assert abs(float(judged.stdout.split()[-1]) - best['map']) <= 0.01, (judged.stdout[-99:], best)
     # the best so far lives in ckpt.pt: say it was 99 mAP, and no later mAP may replace best.pt
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['best_voc'] == {'map': best['map'], 'iter': best['iter']}
-    torch.save({**ckpt, 'best_voc': {'map': 99.0, 'iter': best['iter']}}, tmp_path / 'ckpt.pt')
+    assert ckpt['best_voc']['map'] == best['map'] and ckpt['best_voc']['iter'] == best['iter']
+    torch.save({**ckpt, 'best_voc': {**ckpt['best_voc'], 'map': 99.0}}, tmp_path / 'ckpt.pt')
     before = (tmp_path / 'best.pt').read_bytes()
     run(*quick_args(shapes, tmp_path, '--max_iters=5', '--init_from=resume', *voc))
     last = read_log(tmp_path, 'voc')[-1]
     assert (last['iter'], last['best_map'], last['best_iter']) == (5, 99.0, best['iter'])
     assert (tmp_path / 'best.pt').read_bytes() == before
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert ckpt['best_voc'] == {'map': 99.0, 'iter': best['iter']}
+    assert (ckpt['best_voc']['map'], ckpt['best_voc']['iter']) == (99.0, best['iter'])
 
 
 # ---- long runs: nothing lost --------------------------------------------------------------------
@@ -3731,8 +3732,8 @@ def test_data_efficiency_puts_captions_beside_labels(shapes, tmp_path):
     rows = load_json(out / 'results.json')
     assert [(r['pretext'], r['fraction']) for r in rows] == [
         ('bicaptioning', 0.5), ('multilabel_classification', 0.5), ('random init', 0.5)]
-    attributes = sorted(a for a in os.listdir(shapes / 'attributes') if a != 'category'
-                        and not (shapes / 'attributes' / a / 'LEFT_OUT.txt').exists())
+    attributes = sorted(a.name for a in (shapes / 'attributes').iterdir() if a.is_dir()
+                        and a.name != 'category' and not (a / 'LEFT_OUT.txt').exists())
     for r in rows:
         assert sorted(r['maps']) == sorted(['category', *attributes])
         assert r['map'] == r['maps']['category'] and 0 < r['map'] <= 100
@@ -3786,8 +3787,8 @@ def test_shape_words_judges_both_tasks_and_reads_the_captions_word_by_word(shape
     proc = run('dev/shape_words.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
                '--lever=--eval_interval=2 --eval_iters=1', f'--out_dir={out}')
     rows = {r['pretext']: r for r in load_json(out / 'results.json')}
-    attributes = sorted(a for a in os.listdir(shapes / 'attributes') if a != 'category'
-                        and not (shapes / 'attributes' / a / 'LEFT_OUT.txt').exists())
+    attributes = sorted(a.name for a in (shapes / 'attributes').iterdir() if a.is_dir()
+                        and a.name != 'category' and not (a / 'LEFT_OUT.txt').exists())
     for r in rows.values():
         assert r['run'] == f"{r['pretext']}_x1_eval_interval=2_eval_iters=1_seed0"
         assert sorted(r['maps']) == sorted(['category', *attributes])
@@ -3799,6 +3800,9 @@ def test_shape_words_judges_both_tasks_and_reads_the_captions_word_by_word(shape
     gaps = run('dev/word_classes.py', f"--ckpt={out / rows['bicaptioning']['run']}/ckpt.pt",
                f'--coco_root={shapes}/coco').stdout  # the last validation's, by word class
     assert f"shape {rows['bicaptioning']['shape_gap']:.3f}," in gaps, gaps
+    # and at each checkpoint of the run, kept as it trained (the tiny config saves at 2)
+    assert list(rows['bicaptioning']['gaps_by_iter']) == ['2']
+    assert rows['bicaptioning']['gaps_by_iter']['2'] == rows['bicaptioning']['gaps']
     assert 'words' not in rows['multilabel_classification']
     assert re.search(r'^bicaptioning_x1\S* +[\d.]+ +[\d.]+ +-?[\d.]+', proc.stdout, re.M)
 
@@ -3880,6 +3884,171 @@ def test_finetune_study_probes_each_backbone_frozen_and_fine_tuned(shapes, tmp_p
     assert re.search(r'^bicaptioning +0 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+$', proc.stdout, re.M)
     proc = run('dev/finetune_study.py', '--pretexts=labels', check=False)
     assert proc.returncode != 0 and "--pretexts='labels': 'labels' is not one of" in proc.stderr
+
+
+# ---- data/captions/prepare.py and train.py's starting weights: your own data ------------------
+
+CAPTIONS = os.path.join(HERE, 'data', 'captions', 'prepare.py')
+COLOURS = {'red': (220, 30, 30), 'green': (30, 200, 30), 'blue': (30, 60, 220),
+           'yellow': (230, 230, 30)}
+
+
+def own_collection(root, n=16):
+    """root/photos/ (some in a subfolder): n JPEGs of a coloured square on grey, and their captions
+    as (relative path, caption) pairs, two an image."""
+    pairs = []
+    for i in range(n):
+        name = list(COLOURS)[i % 4]
+        path = f"{'more/' if i % 3 == 0 else ''}{name}_{i}.jpg"
+        (root / 'photos' / path).parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.full((48, 64, 3), 128, np.uint8)
+        pixels[12:36, 20:44] = COLOURS[name]
+        Image.fromarray(pixels).save(root / 'photos' / path)
+        pairs += [(path, f'a {name} square on grey'), (path, f'a grey picture with a {name} box')]
+    return pairs
+
+
+def test_your_own_captions_in_every_format_reach_training_and_cider(tmp_path):
+    """JSON Lines, CSV and a .txt beside each image: the same collection gives the same COCO files
+    (ids from the sorted paths, whatever the row order), which the tokenizer, train.py and caption.py
+    (CIDEr) read unchanged; the links point at the user's images, which stay as they were."""
+    pairs = own_collection(tmp_path)
+    photos = tmp_path / 'photos'
+    with open(tmp_path / 'pairs.jsonl', 'w') as f:
+        f.writelines(json.dumps({'image': p, 'caption': c}) + '\n' for p, c in pairs)
+    with open(tmp_path / 'pairs.csv', 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['text', 'file'])
+        writer.writerows((c, p) for p, c in reversed(pairs))  # another order, other columns
+    before = snapshot(photos)
+    outs = {'jsonl': ['--captions=' + str(tmp_path / 'pairs.jsonl')],
+            'csv': ['--captions=' + str(tmp_path / 'pairs.csv'), '--image_column=file',
+                    '--caption_column=text']}
+    for name, extra in outs.items():
+        proc = run(CAPTIONS, f'--images={photos}', *extra, f'--out={tmp_path}/{name}',
+                   '--val_fraction=0.25')
+        assert re.search(r'^12 train and 4 val images, 24 and 8 captions \(6\.0 words a caption, 7 '
+                         r'at most\); 0 bad rows skipped', proc.stdout, re.M), proc.stdout
+    for path, caption in pairs:  # the sibling .txt layout
+        with open(photos / Path(path).with_suffix('.txt'), 'a') as f:
+            f.write(caption + '\n')
+    run(CAPTIONS, f'--images={photos}', f'--out={tmp_path}/txt', '--val_fraction=0.25')
+    files = {name: {split: load_json(tmp_path / name / 'annotations' / f'captions_{split}.json')
+                    for split in ('train2017', 'val2017')} for name in ('jsonl', 'csv', 'txt')}
+    assert files['jsonl'] == files['txt'], 'the same pairs: the same ids, split and files'
+    assert {s: {i['id'] for i in files['csv'][s]['images']} for s in files['csv']} == \
+        {s: {i['id'] for i in files['jsonl'][s]['images']} for s in files['jsonl']}
+    val = files['jsonl']['val2017']
+    entry = val['images'][0]
+    link = tmp_path / 'jsonl' / 'val2017' / entry['file_name']
+    assert link.is_symlink() and link.resolve() == (photos / entry['source']).resolve()
+    assert entry['file_name'] == f"{entry['id']:012d}.jpg"  # caption.py reads the id from it
+    assert snapshot(photos) == {**before, **{k: v for k, v in snapshot(photos).items()
+                                             if k.endswith('.txt')}}, 'the images stay as they were'
+    data = tmp_path / 'jsonl'
+    run('tokenizer.py', f'--captions={data}/annotations/captions_train2017.json',
+        '--vocab_size=60', f'--out={data}/vocab')
+    run('train.py', 'config/shapes.py', f'--data_root={data}', f'--tokenizer={data}/vocab.model',
+        f'--out_dir={tmp_path}/run', '--n_embd=64', '--n_head=1', '--image_size=32',
+        '--batch_size=4', '--num_workers=0', '--max_iters=3', '--eval_interval=3',
+        '--eval_iters=1', '--dtype=float32')
+    proc = run('caption.py', f'--ckpt={tmp_path}/run/ckpt.pt', f'--coco_root={data}',
+               '--beam_size=2')
+    assert re.fullmatch(r'CIDEr: \d+\.\d', proc.stdout.strip().splitlines()[-1]), proc.stdout
+    assert len(proc.stdout.strip().splitlines()) == 5, 'the 4 val images, then CIDEr'
+
+
+def test_your_own_captions_name_each_bad_row_and_keep_your_files(tmp_path):
+    pairs = own_collection(tmp_path, n=8)
+    photos = tmp_path / 'photos'
+    (photos / 'broken.jpg').write_bytes(b'not a jpeg')
+    rows = [json.dumps({'image': p, 'caption': c}) for p, c in pairs] + [
+        json.dumps({'image': 'broken.jpg', 'caption': 'a broken file'}),
+        json.dumps({'image': 'gone.jpg', 'caption': 'a lost picture'}),
+        json.dumps({'image': pairs[0][0], 'caption': '   '}),
+        json.dumps({'image': '../outside.jpg', 'caption': 'a way out'}),
+        json.dumps({'image': str(photos / pairs[0][0]), 'caption': 'an absolute path'}),
+        '{"image": "red_0.jpg", "caption"']
+    (tmp_path / 'pairs.jsonl').write_text('\n'.join(rows) + '\n')
+    before = snapshot(photos)
+    common = [CAPTIONS, f'--images={photos}', f'--captions={tmp_path}/pairs.jsonl']
+    proc = run(*common, f'--out={tmp_path}/out', '--check_images=True')
+    path = tmp_path / 'pairs.jsonl'
+    assert proc.stdout.splitlines()[:5] == [  # the first five are named, the rest counted
+        f"{path}:17: skipped: broken.jpg: cannot be decoded (cannot identify image file "
+        f"'{photos}/broken.jpg')",
+        f"{path}:18: skipped: gone.jpg: no such image file",
+        f"{path}:19: skipped: the caption of {pairs[0][0]} is empty",
+        f"{path}:20: skipped: ../outside.jpg is not inside --images={photos}",
+        f"{path}:21: skipped: {photos / pairs[0][0]} is not inside --images={photos}"], proc.stdout
+    assert '6 bad rows skipped' in proc.stdout.splitlines()[-1]
+    # past the limit: refused with one line, nothing written
+    proc = run(*common, f'--out={tmp_path}/refused', '--max_bad_rows=4', check=False)
+    assert proc.returncode != 0 and re.fullmatch(
+        rf"prepare\.py: error: more than --max_bad_rows=4 bad rows \(the last: {path}:22: not a "
+        r"JSON object \(.*\)\); mend them or raise --max_bad_rows", proc.stderr.strip())
+    assert not (tmp_path / 'refused' / 'annotations').exists()
+    # a folder this script did not write, and one inside the images, are refused
+    (tmp_path / 'coco' / 'annotations').mkdir(parents=True)
+    procs = run_all([*common, f'--out={tmp_path}/coco'], [*common, f'--out={photos}/out'])
+    assert procs[0].stderr.strip() == (
+        f"prepare.py: error: --out={tmp_path}/coco holds annotations that this script did not "
+        "write (no prepared_by.txt): give another --out, or move them away")
+    assert procs[1].stderr.strip() == (f"prepare.py: error: --out={photos}/out and --images="
+                                       f"{photos} are one inside the other: give another --out")
+    assert snapshot(photos) == before, 'nothing of the user\'s is written to or moved'
+    # its own output it replaces, whole
+    run(*common, f'--out={tmp_path}/out', '--copy=True')
+    assert not (tmp_path / 'out' / 'train2017' / os.listdir(tmp_path / 'out' /
+                                                             'train2017')[0]).is_symlink()
+
+
+@pytest.mark.slow
+def test_a_run_starts_from_a_whole_model_or_a_backbone_and_cnn_lr_zero_freezes_it(shapes,
+                                                                                   tmp_path):
+    import torchvision
+    source = tmp_path / 'source'
+    run(*quick_args(shapes, source, '--max_iters=3'))
+    # a whole model: at iteration 0 the run computes its source's function (lr 0 keeps it there)
+    run(*quick_args(shapes, tmp_path / 'whole', '--max_iters=1', f'--init_from={source}/ckpt.pt',
+                    '--lr=0', '--cnn_lr=0'))
+    from checkpoints import load_checkpoint
+    (a, _), (b, saved) = (load_checkpoint(str(p / 'ckpt.pt')) for p in (source, tmp_path / 'whole'))
+    images, tokens = tiny_batch(B=4, T=10, S=32, vocab=96)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(images, tokens)[0], b.eval()(images, tokens)[0])
+    assert saved['started_from'] == f'the weights of {source}/ckpt.pt' and saved['iter_num'] == 1
+    # the backbone alone: the source's features, and with --cnn_lr=0 they stay so, BatchNorm too
+    torch.manual_seed(3)
+    resnet = torchvision.models.resnet18()
+    for m in resnet.modules():  # running statistics that training would move
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+    torch.save(resnet.state_dict(), tmp_path / 'r18.pth')
+    run(*quick_args(shapes, tmp_path / 'frozen', '--max_iters=4', '--cnn_lr=0', '--lr=3e-3',
+                    f'--init_backbone=torchvision:{tmp_path}/r18.pth'))
+    frozen, saved = load_checkpoint(str(tmp_path / 'frozen' / 'ckpt.pt'))
+    for key, value in resnet.state_dict().items():
+        if not key.startswith('fc.'):
+            assert torch.equal(frozen.visual.state_dict()[key], value), key
+    resnet.fc = nn.Identity()
+    with torch.no_grad():
+        assert torch.equal(frozen.eval().encode_images(images).mean((2, 3)), resnet.eval()(images))
+    head = [k for k in saved['model'] if not k.startswith('visual.')]
+    start = load_checkpoint(str(source / 'ckpt.pt'))[1]['model']
+    assert any(not torch.equal(saved['model'][k], start[k]) for k in head), 'the head learned'
+    # a mismatch names both sides, on one line
+    procs = run_all(quick_args(shapes, tmp_path / 'wide', '--n_embd=128', '--n_head=2',
+                               f'--init_from={source}/ckpt.pt'),
+                    quick_args(shapes, tmp_path / 'deep', f'--init_backbone={source}/ckpt.pt',
+                               '--visual=resnet34'),
+                    quick_args(shapes, tmp_path / 'both', f'--init_from={source}/ckpt.pt',
+                               f'--init_backbone={source}/ckpt.pt'))
+    assert one_line(procs[0]) == (f"error: {source}/ckpt.pt: not this run's model: n_embd=64 there, "
+                                  "128 in this run; n_head=1 there, 2 in this run")
+    assert one_line(procs[1]) == (f"error: {source}/ckpt.pt: a resnet18 backbone, and this run's "
+                                  "--visual is resnet34")
+    assert one_line(procs[2]) == "error: --init_from=FILE gives the whole model: drop --init_backbone"
 
 
 # ---- data/shapes/prepare.py (and dev/objects_world.py): the synthetic worlds -----------------
@@ -4322,7 +4491,8 @@ def test_attribute_folders_are_voc_layout_and_true_to_the_scenes(world):
     from evaluate import read_voc
     truth = world_truth(world, shapes_background)
     voc_main = world / 'VOC2007' / 'ImageSets' / 'Main'
-    assert sorted(p.name for p in (world / 'attributes').iterdir()) == sorted(ATTRIBUTES)
+    assert sorted(p.name for p in (world / 'attributes').iterdir() if p.is_dir()) == \
+        sorted(ATTRIBUTES)
     for attribute in ATTRIBUTES:
         root = world / 'attributes' / attribute
         assert os.readlink(root / 'JPEGImages') == \
@@ -4407,13 +4577,16 @@ def test_attributes_only_rewrites_them_and_reports_the_left_out_values(world, tm
         "prepare.py: error: --attributes: 'shape' is not one of " + ', '.join(ATTRIBUTES))
     run_prepare(f'--out={tmp_path}', '--attributes_only', '--min_positives=2',
                 '--attributes=colour,count')
-    assert sorted(os.listdir(tmp_path / 'attributes')) == ['colour', 'count']
+    assert sorted(os.listdir(tmp_path / 'attributes')) == ['.prepared_by', 'colour', 'count']
 
 
 def attribute_digest(root):
-    """One sha256 of every file and link under root, their names included."""
+    """One sha256 of every file and link under root, their names included (prepare.py's mark of
+    the folders it wrote aside)."""
     digest = hashlib.sha256()
     for name, content in snapshot(root).items():
+        if name == '.prepared_by':
+            continue
         digest.update(name.encode() + (content.encode() if isinstance(content, str) else content))
     return digest.hexdigest()
 
@@ -4517,7 +4690,8 @@ def test_attributes_only_refuses_scenes_that_do_not_match_the_image_list(world, 
 def test_objects_world_adds_texture_and_rewrites_its_attributes(objects_world, tmp_path):
     from evaluate import read_voc
     truth = world_truth(objects_world, lambda s: s['background'])
-    assert sorted(os.listdir(objects_world / 'attributes')) == sorted(ATTRIBUTES + ['texture'])
+    assert sorted(p.name for p in (objects_world / 'attributes').iterdir() if p.is_dir()) == \
+        sorted(ATTRIBUTES + ['texture'])
     for attribute in ATTRIBUTES + ['texture']:
         kept, _ = kept_and_left_out(truth, attribute, 1)
         for split, (_, per_image) in truth.items():

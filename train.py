@@ -33,7 +33,7 @@ from configurator import (DEVICE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY,
 from evaluate import precision, read_voc_task, voc_map
 from lookahead import LookAhead, warmup_cosine
 from model import VISUALS, VirTexConfig, flops_per_image
-from pretexts import PRETEXTS, draws_of, image_gap, pretext_model
+from pretexts import PRETEXTS, draws_of, freeze_backbone, image_gap, pretext_model
 from safety import (JsonLog, StopSignals, check_outputs, claim_run_folder, ignore_stop_signals,
                     kept_checkpoints, one_line_errors, resume_run, run_checkpoint,
                     save_checkpoint)
@@ -84,7 +84,8 @@ dtype: Literal['auto', 'float32', 'bfloat16', 'float16'] = 'auto'  # auto: bf16 
 compile = torch.cuda.is_available()  # torch.compile: worth it on GPUs, not for short CPU runs
 seed = 0                      # the weights' init, the data order, the augmentation, dropout
 deterministic = False         # True: no TF32, no autotuning: a bitwise resume on GPUs too
-init_from: Literal['scratch', 'resume', 'auto'] = 'scratch'  # resume: from out_dir/ckpt.pt
+init_from = 'scratch'  # scratch | resume | auto | FILE: a model to start from (virtex:FILE too)
+init_backbone = ''     # or a backbone alone, from FILE or torchvision:/moco:/vissl:/virtex:FILE
 eval_interval: NON_NEGATIVE = 2000  # validation loss every this many iterations (0: never)
 eval_iters: POSITIVE = 20     # validation batches per evaluation
 voc_root = ''                 # a VOC2007 folder: judge the backbone by its mAP, keep the best
@@ -109,16 +110,11 @@ def main():
     with one_line_errors():
         # n_embd % n_head, before any work
         VirTexConfig(visual=visual, n_embd=n_embd, n_head=n_head, max_len=max_len)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise SystemExit(f"error: --out_dir={out_dir} is a file, not a folder")
 
     # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = 'RANK' in os.environ
     if ddp:
-        if device.startswith('cuda:'):
-            raise SystemExit(f"error: --device={device}: under torchrun each process takes the GPU "
-                             "of its local rank: give --device=cuda")
-        dist.init_process_group(backend='nccl' if device == 'cuda' else 'gloo')
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
         ddp_rank, ddp_local_rank, ddp_world_size = (dist.get_rank(), int(os.environ['LOCAL_RANK']),
                                                     dist.get_world_size())
         if device == 'cuda':
@@ -132,9 +128,7 @@ def main():
     micro_batch = batch_size // (ddp_world_size * gradient_accumulation_steps)
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 
-    def print0(*args):
-        if master_process:
-            print(*args, flush=True)
+    print0 = partial(print, flush=True) if master_process else lambda *args: None
 
     # precision (evaluate.precision: bf16 where native). TF32 and cuDNN's autotuning make a resumed
     # GPU run close to an unbroken one, not bitwise, unless `deterministic`
@@ -156,12 +150,13 @@ def main():
     for path, what in ((data_root, 'data_root'), (tokenizer, 'tokenizer')):
         if not os.path.exists(path):
             raise SystemExit(f"error: {what}={path}: no such file or folder")
+    weights = '' if init_from in ('scratch', 'resume', 'auto') else init_from  # a model's file
+    if weights and init_backbone:
+        raise SystemExit("error: --init_from=FILE gives the whole model: drop --init_backbone")
     with one_line_errors():
         check_outputs({'out_dir': [ckpt_path, best_path, log_path]}, {'--tokenizer': tokenizer})
-        if voc_root:  # now, not when the backbone is first judged, maybe at the end of the run
-            voc = read_voc_task(voc_root)  # the task best.pt is judged on
-            voc_task = {'root': os.path.abspath(voc_root), 'classes': voc['classes'],
-                        'images': [len(voc['trainval'][0]), len(voc['test'][0])]}
+        # checked now, not when the backbone is first judged, maybe at the end of the run
+        voc_task = read_voc_task(voc_root)['summary'] if voc_root else None  # best.pt's
         tok = Tokenizer(tokenizer)
         labels, n_classes = {}, len(tok)
         if pretext == 'multilabel_classification':
@@ -203,6 +198,14 @@ def main():
         model_args['parallel_fraction'] = parallel_fraction
     torch.manual_seed(seed)  # the same initial weights on every process (DDP broadcasts rank 0's)
     model = pretext_model(VirTexConfig(**model_args))
+    started_from = ''
+    if not resume and (weights or init_backbone):  # weights one has, a new optimizer, schedule
+        from checkpoints import start_from  # weight files: read only when one is asked for
+        with one_line_errors():
+            started_from = start_from(model, weights, init_backbone, tok.pieces_hash())
+        print0(f"starting from {started_from}")
+    if cnn_lr == 0:  # a frozen backbone: its weights and BatchNorm statistics stay as they are
+        freeze_backbone(model)
     # channels_last: cuDNN's and oneDNN's convolutions run faster on NHWC (4x on 2 CPU cores, R-18)
     model = model.to(device, memory_format=torch.channels_last)
     raw_model = model  # the plain module: its state_dict is what checkpoints hold
@@ -217,15 +220,14 @@ def main():
         inner = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=True)
     lookahead = LookAhead(inner, lookahead_k, lookahead_alpha)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
-    iter_num, data_position = 0, (0, 0)
-    best_voc = {'map': -1.0, 'iter': 0, 'task': voc_task if voc_root else None}
-    time_before = 0.0  # seconds the run trained before this process (a resume): the log's go on
+    iter_num, data_position, time_before = 0, (0, 0), 0.0  # time_before: a resumed run's time
+    best_voc = {'map': -1.0, 'iter': 0, 'task': voc_task}
     bad_images = BadImages(max_bad_images)
     if resume:  # the weights and the training state of a checkpoint that can continue this run
         with one_line_errors():
-            iter_num, data_position, best_voc, bad_images.count, time_before, notes = \
-                resume_run(ckpt_path, model, lookahead, scaler, model_args, config,
-                           tok.pieces_hash(), train_subset, voc_task if voc_root else None)
+            (iter_num, data_position, best_voc, bad_images.count, time_before, started_from,
+             notes) = resume_run(ckpt_path, model, lookahead, scaler, model_args, config,
+                                 tok.pieces_hash(), train_subset, voc_task)
         for note in notes:
             print0(f"note: {note}")
         print0(f"resuming from {ckpt_path} at iteration {iter_num}")
@@ -243,8 +245,7 @@ def main():
            f"{max_iters * batch_size / len(train_set):.1f} epochs in all; {device} {amp_dtype}")
 
     # ------------------------------------------------------------------------------------------
-    # every input is checked: now the run folder is claimed (and with --overwrite=True, emptied),
-    # and the log opened: one JSON record per line, never left cut (safety.JsonLog)
+    # every input is checked: now the run folder is claimed, and its log opened (safety.py)
     if master_process:
         with one_line_errors():
             claim_run_folder(out_dir, scratch=not resume, overwrite=overwrite,
@@ -262,7 +263,7 @@ def main():
         """The run at `step`: the model and, with full=True, all a resume needs."""
         state = {'model_args': model_args, 'config': config, 'iter_num': step,
                  'tokenizer_pieces': tok.pieces_hash(), 'best_voc': best_voc,
-                 'time': time.time() - clock_start}
+                 'started_from': started_from, 'time': time.time() - clock_start}
         if full:
             state.update(data_position=list(data_position), bad_images=bad_images.count,
                          train_subset=train_subset)
