@@ -1,15 +1,16 @@
 """
-The whole VirTex pipeline on the built-in shapes world, on a laptop CPU, in minutes:
+The whole VirTex pipeline on the built-in shapes world, on a laptop CPU (README.md: how long):
 
   # data -> vocabulary -> pretrain -> VOC SVMs (pretrained vs random) -> captions
   python demo.py
+  python demo.py --quick=True     # a first result in minutes: 32 px images, half the images
   python demo.py --seed=1         # another training seed
 
 Each stage is one of the project's command lines, printed before it runs, so the demo doubles as a
-tour: copy any of them to run a stage alone. Writes data/shapes/ (kept between runs) and <out_dir>/
-(checkpoint, logs, VOC results, captions, an attention figure, loss curves), then prints a summary
-with the time of every stage. A finished pretraining in <out_dir> is reused (delete it to train
-again).
+tour: copy any of them to run a stage alone. Writes data/shapes/ (kept between runs) and
+<out_dir>_seed<seed>/ (_quick_seed<seed> for the quick demo: a checkpoint, logs, VOC results,
+captions, an attention figure, loss curves), then prints a summary with the time of every stage.
+A finished pretraining there is reused (delete it to train again).
 """
 
 import json
@@ -30,7 +31,9 @@ out_dir = 'out/demo'       # this run's files; the seed is appended
 config = 'config/shapes.py'
 vocab_size = 256           # the shapes world has 65 distinct words; BPE keeps each one whole
 caption_limit = 200        # val images captioned for CIDEr
+quick = False              # a first result in minutes: config/shapes_quick.py after `config`
 # ----------------------------------------------------------------------------------------------
+QUICK_CONFIG = 'config/shapes_quick.py'
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -88,7 +91,8 @@ def draw_curves(records, path, width=640, height=360):
     points = [p for _, _, s in series for p in s]
     x_max, y_min, y_max = (max(x for x, _ in points), min(y for _, y in points),
                            max(y for _, y in points))
-    y_min, y_max = y_min - 0.05 * (y_max - y_min), y_max + 0.05 * (y_max - y_min)
+    margin = 0.05 * (y_max - y_min) or 0.5  # a run of one logged loss has no range
+    x_max, y_min, y_max = max(x_max, 1), y_min - margin, y_max + margin
     left, top, right, bottom = 50, 20, width - 20, height - 40
     image = Image.new('RGB', (width, height), 'white')
     draw, font = ImageDraw.Draw(image), ImageFont.load_default()
@@ -114,7 +118,7 @@ def draw_curves(records, path, width=640, height=360):
 
 
 def main():
-    out = f"{out_dir}_seed{seed}"
+    out = f"{out_dir}{'_quick' if quick else ''}_seed{seed}"
     os.makedirs(os.path.join(HERE, out), exist_ok=True)
     timings = {}
 
@@ -136,8 +140,9 @@ def main():
               ['tokenizer.py', f'--captions={data}/coco/annotations/captions_train2017.json',
                              f'--vocab_size={vocab_size}', f'--out={data}/vocab'], 'tokenizer.log')
     stage('pretrain',
-          ['train.py', config, f'--data_root={data}/coco', f'--tokenizer={data}/vocab.model',
-                       f'--out_dir={out}', f'--seed={seed}', '--init_from=auto'], 'train.log')
+          ['train.py', config, *([QUICK_CONFIG] if quick else []), f'--data_root={data}/coco',
+           f'--tokenizer={data}/vocab.model', f'--out_dir={out}', f'--seed={seed}',
+           '--init_from=auto'], 'train.log')
     voc = f'--voc_root={data}/VOC2007'
     pretrained = stage('evaluate pretrained', ['evaluate.py', voc, f'--ckpt={out}/ckpt.pt',
                                                f'--out_json={out}/voc_pretrained.json'],
@@ -169,7 +174,7 @@ def main():
                           os.path.splitext(os.path.basename(first_image))[0] + '.png')
     print("\nsome val captions (image<TAB>caption):")
     print(''.join(line for line in captions[:5]), end='')
-    print(f"\n=== summary (seed {seed})")
+    print(f"\n=== summary ({'quick demo, ' if quick else ''}seed {seed})")
     table = [('VOC mAP, pretrained backbone', f"{map_pretrained:.2f}"),
              ('VOC mAP, same backbone at random init', f"{map_random:.2f}"),
              ('difference', f"{map_pretrained - map_random:+.2f}"),

@@ -52,7 +52,6 @@ seed = 1337             # seeds --init=random
 zero_init_residual = True  # --init=random: the init a train.py run starts from (its own setting)
 # ----------------------------------------------------------------------------------------------
 
-
 # ------------------------------------------------------------------------------------------------
 # VOC2007 images and labels
 
@@ -289,13 +288,14 @@ def load_features(path: str):
 # precision
 
 def native_bf16(device) -> bool:
-    """True where the hardware multiplies bfloat16 natively: CUDA GPUs that support it, and CPUs
-    with AVX512-BF16 or AMX (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4 and later).
-    Elsewhere oneDNN emulates bf16, slower than float32. (A private call names the CPU's.)"""
+    """True where the hardware multiplies bfloat16 natively and torch uses it: CUDA GPUs that
+    support it; CPUs with AVX512-BF16 or AMX (Intel Sapphire Rapids, AMD Zen 4 and later) unless
+    ATEN_CPU_CAPABILITY=avx2 holds torch to AVX2. Elsewhere oneDNN emulates bf16, slowly."""
     if torch.device(device).type == 'cuda':
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     capability = getattr(torch._C._cpu, '_get_cpu_capability', dict)()
-    return bool(capability.get('avx512_bf16') or capability.get('amx_bf16'))
+    return bool(capability.get('avx512_bf16') or capability.get('amx_bf16')) and \
+        torch.backends.cpu.get_cpu_capability().startswith('AVX512')
 
 
 def precision(device, dtype: str):

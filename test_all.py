@@ -3709,6 +3709,44 @@ def test_demo_reads_the_stages_numbers_and_draws_the_curves(tmp_path):
     draw_curves(records, tmp_path / 'losses.png')
     with Image.open(tmp_path / 'losses.png') as image:
         assert image.size == (640, 360) and len(image.getcolors(2**16)) > 3  # lines, not blank
+    draw_curves(records[:1], tmp_path / 'one.png')  # a run that logged one loss: a point
+    with Image.open(tmp_path / 'one.png') as image:
+        assert len(image.getcolors(2**16)) > 3
+
+def test_quick_demo_is_the_demos_recipe_at_32_px_for_fewer_steps():
+    """config/shapes_quick.py, read after config/shapes.py as `demo.py --quick=True` passes them,
+    changes the image size and the schedule's length and nothing else."""
+    import train
+    from configurator import config_keys, configure
+    full, quick = dict(vars(train)), dict(vars(train))
+    configure(full, [os.path.join(HERE, 'config', 'shapes.py')])
+    configure(quick, [os.path.join(HERE, 'config', name)
+                      for name in ('shapes.py', 'shapes_quick.py')])
+    assert {k for k in config_keys(full) if full[k] != quick[k]} == {
+        'image_size', 'max_iters', 'eval_interval', 'ckpt_interval'}
+    assert quick['image_size'] == 32 and quick['max_iters'] < full['max_iters']
+    assert quick['eval_interval'] == quick['ckpt_interval'] == quick['max_iters']
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_sums_them_up(shapes, tmp_path):
+    """demo.py end to end on the tiny world (two iterations): each stage's command, its files, and a
+    summary whose difference is the two VOC results' own."""
+    proc = run('demo.py', f'--data={shapes}', f'--config={tiny_config(tmp_path)}',
+               f'--out_dir={tmp_path}/demo', '--caption_limit=8', '--seed=3')
+    out = tmp_path / 'demo_seed3'
+    for name in ('ckpt.pt', 'train.log', 'voc_pretrained.json', 'voc_random.json',
+                 'captions_val.json', 'losses.png', 'caption.log', 'attention.log'):
+        assert (out / name).is_file(), name
+    assert list((out / 'attention').glob('*.png'))
+    assert '$ python train.py' in proc.stdout and '--init=random' in proc.stdout
+    summary = proc.stdout.split('=== summary (seed 3)')[1]
+    pretrained, random_init = (load_json(out / f'voc_{kind}.json')['mAP']
+                               for kind in ('pretrained', 'random'))
+    assert f"difference  {pretrained - random_init:+.2f}".split() == \
+        re.search(r'difference +(\S+)', summary).group(0).split()
+    assert 'time: whole demo' in summary
+
 
 def tiny_config(tmp_path):
     """config/shapes.py at the tiny world's size: two iterations (dev/runs.py reads max_iters)."""

@@ -36,6 +36,7 @@ OLD = ['--max_iters=2500', '--batch_size=64', '--cnn_lr=0.002', '--lr=0.0005', '
        '--dtype=float32', '--optimizer=adamw', '--lookahead_alpha=0.5', '--n_layer=1',
        '--n_embd=256', '--visual=resnet18', '--image_size=64', '--eval_interval=500',
        '--eval_iters=8']
+QUICK_32 = OLD + ['--max_iters=700', '--image_size=32', '--eval_interval=700']
 VARIANTS = {
     'old': OLD,
     'bf16_1000': OLD + ['--dtype=bfloat16', '--max_iters=1000'],
@@ -47,6 +48,21 @@ VARIANTS = {
     'bf16_b16_4000': OLD + ['--dtype=bfloat16', '--max_iters=4000', '--batch_size=16'],
     'bf16_b128_1250': OLD + ['--dtype=bfloat16', '--max_iters=1250', '--batch_size=128'],
     'bf16_b256_625': OLD + ['--dtype=bfloat16', '--max_iters=625', '--batch_size=256'],
+    # a first run in minutes (demo.py --quick=True): about 3.5 minutes of float32 steps on 2 AVX2
+    # cores, spent at the demo's 64 px, or on more images at 48 or 32 px, or on fewer distinct ones
+    'quick_64_400': OLD + ['--max_iters=400', '--eval_interval=400'],
+    'quick_48_550': OLD + ['--max_iters=550', '--image_size=48', '--eval_interval=550'],
+    'quick_32_700': QUICK_32,
+    'quick_64_400_4k': OLD + ['--max_iters=400', '--eval_interval=400', '--train_fraction=0.4'],
+    # at 32 px: faster learning for the short run, without LookAhead's pull back, or with the
+    # backbone at twice its learning rate
+    'quick_32_700_nola': QUICK_32 + ['--lookahead_alpha=1.0'],
+    'quick_32_700_cnn4': QUICK_32 + ['--cnn_lr=0.004'],
+    'quick_32_700_nola_cnn4': QUICK_32 + ['--lookahead_alpha=1.0', '--cnn_lr=0.004'],
+    # more steps at 32 px, or a smaller image still
+    'quick_32_1000': OLD + ['--max_iters=1000', '--image_size=32', '--eval_interval=1000'],
+    'quick_32_1300': OLD + ['--max_iters=1300', '--image_size=32', '--eval_interval=1300'],
+    'quick_24_900': OLD + ['--max_iters=900', '--image_size=24', '--eval_interval=900'],
 }
 configure(globals())
 variant_list, seed_list = variants.split(','), [int(s) for s in str(seeds).split(',')]
@@ -93,22 +109,26 @@ for seed in seed_list:
             'ms_iter': median_ms(run_dir)}
         print(f"seed {seed}: {variant}: VOC07 mAP {results[(variant, seed)]['map']:.2f}",
               flush=True)
-    results[('random init', seed)] = {
-        'map': random_init_map(voc, seed, f'{out_dir}/random_seed{seed}.log', run_dir)}
+        size = load_file(os.path.join(HERE, run_dir, 'ckpt.pt'))['config']['image_size']
+        if ('random init', size, seed) not in results:  # the same ResNet at random init, same size
+            results[('random init', size, seed)] = {'map': random_init_map(
+                voc, seed, f'{out_dir}/random_{size}px_seed{seed}.log', run_dir)}
+        results[(variant, seed)]['random'] = results[('random init', size, seed)]['map']
 
 print(f"\n{'variant':<26}" + ''.join(f"{'seed ' + str(s):>9}" for s in seed_list)
       + f"{'vs random':>11}{'train min':>11}{'ms/iter':>9}")
-for variant in ['random init'] + variant_list:
-    maps = [results[(variant, s)]['map'] for s in seed_list]
-    gain = sum(m - results[('random init', s)]['map']
-               for m, s in zip(maps, seed_list)) / len(seed_list)
-    line = f"{variant:<26}" + ''.join(f"{m:>9.2f}" for m in maps)
-    if variant != 'random init':
-        minutes = sum(results[(variant, s)]['train_min'] for s in seed_list) / len(seed_list)
-        ms = sum(results[(variant, s)]['ms_iter'] for s in seed_list) / len(seed_list)
-        line += f"{gain:>+11.2f}{minutes:>11.1f}{ms:>9.0f}"
-    print(line)
+for (variant, *size_seed), r in results.items():
+    if variant == 'random init':
+        print(f"{f'random init, {size_seed[0]} px':<26}{'seed ' + str(size_seed[1]):>9} "
+              f"{r['map']:.2f}")
+for variant in variant_list:
+    runs = [results[(variant, s)] for s in seed_list]
+    gain = sum(r['map'] - r['random'] for r in runs) / len(runs)
+    minutes = sum(r['train_min'] for r in runs) / len(runs)
+    ms = sum(r['ms_iter'] for r in runs) / len(runs)
+    print(f"{variant:<26}" + ''.join(f"{r['map']:>9.2f}" for r in runs)
+          + f"{gain:>+11.2f}{minutes:>11.1f}{ms:>9.0f}")
 print(f"\nwall time {(time.time() - t_start) / 60:.1f} min")
 with open(os.path.join(HERE, out_dir, 'results.json'), 'w') as f:
-    json.dump([{'variant': v, 'seed': s, 'flags': VARIANTS.get(v), **r}
-               for (v, s), r in results.items()], f, indent=1)
+    json.dump([{'variant': v, 'seed': k[-1], 'flags': VARIANTS.get(v), **r}
+               for (v, *k), r in results.items()], f, indent=1)
