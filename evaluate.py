@@ -1,5 +1,5 @@
 """
-Judge a frozen visual backbone the VirTex way: linear SVMs on its pooled features of PASCAL VOC 2007.
+Judge a frozen backbone the VirTex way: linear SVMs on its pooled features of PASCAL VOC 2007.
 
   this project's checkpoint:  python evaluate.py --voc_root=data/shapes/VOC2007 --ckpt=out/ckpt.pt
   no pretraining (baseline):  python evaluate.py --voc_root=PATH/VOC2007 --init=random \

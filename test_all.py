@@ -872,7 +872,7 @@ def test_torchrun_two_processes(shapes, tmp_path):
 def test_train_config_and_input_errors(shapes, tmp_path):
     cases = [(['--n_embed=64'], "unknown config key 'n_embed' (did you mean 'n_embd'?)"),
              (['--init_from=restart'],
-              "--init_from='restart': choose one of scratch, resume, auto"),
+              "--init_from=restart: no such file (choose scratch, resume, auto or a model's file)"),
              (['--batch_size=0'], '--batch_size=0: must be positive'),
              (['--data_root=/no/such/coco'], 'data_root=/no/such/coco: no such file'),
              (['--tokenizer=/no/such.model'], 'tokenizer=/no/such.model: no such file'),

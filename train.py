@@ -151,6 +151,9 @@ def main():
         if not os.path.exists(path):
             raise SystemExit(f"error: {what}={path}: no such file or folder")
     weights = '' if init_from in ('scratch', 'resume', 'auto') else init_from  # a model's file
+    if weights and not os.path.exists(weights.removeprefix('virtex:')):
+        raise SystemExit(f"error: --init_from={init_from}: no such file (choose scratch, resume, "
+                         "auto or a model's file)")
     if weights and init_backbone:
         raise SystemExit("error: --init_from=FILE gives the whole model: drop --init_backbone")
     with one_line_errors():
@@ -206,14 +209,15 @@ def main():
         print0(f"starting from {started_from}")
     if cnn_lr == 0:  # a frozen backbone: its weights and BatchNorm statistics stay as they are
         freeze_backbone(model)
-    # channels_last: cuDNN's and oneDNN's convolutions run faster on NHWC (4x on 2 CPU cores, R-18)
+    # channels_last: cuDNN's tensor-core convolutions want NHWC; oneDNN's run as fast on it as on
+    # NCHW, within noise on AVX2 and AVX-512 CPUs (RESULTS.md, speed), so one layout serves both
     model = model.to(device, memory_format=torch.channels_last)
     raw_model = model  # the plain module: its state_dict is what checkpoints hold
     flops = flops_per_image(raw_model, image_size) if device_type == 'cuda' else None  # for MFU
     torch.manual_seed(seed + ddp_rank)  # a different dropout stream per process
 
     groups = model.param_groups(weight_decay, cnn_lr, lr)  # the backbone's and the head's base lrs
-    # fused: one kernel for the whole update, on GPUs and CPUs (on 2 CPU cores, half foreach's time)
+    # fused: one kernel for the whole update instead of a few per parameter group, on GPUs and CPUs
     if optimizer == 'sgd':
         inner = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
     else:  # each group keeps its weight decay (0 on norms and biases), applied decoupled as AdamW
