@@ -6,7 +6,7 @@ workers feeding the shapes world's JPEGs; then where a float32 step's time goes 
 convolutions, the decoder's matrix products and the optimizer) and the fraction of the CPU's
 float32 matrix-product rate (a large GEMM's, measured) that the step reaches.
 
-  python dev/cpu_choices.py                     # this CPU's own kernels; ~12 minutes on 2 cores
+  python dev/cpu_choices.py                     # this CPU's own kernels; ~5 minutes on 2 cores
   ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python dev/cpu_choices.py
                                                 # an AVX-512 machine's stand-in for an AVX2 laptop
 
@@ -115,8 +115,10 @@ if native_bf16('cpu'):
 rows += [('... contiguous memory', lambda: time_steps(repeat(64, False), channels_last=False)),
          ('... foreach AdamW', lambda: time_steps(repeat(64), fused=False)),
          ('... 1 thread', lambda: time_steps(repeat(64), threads=1))]
-rows += [(f'... {size} px', lambda size=size: time_steps(repeat(size)))
-         for size in map(int, sizes.split(',')) if size != 64]
+for size in [int(size) for size in sizes.split(',') if int(size) != 64]:
+    rows += [(f'... {size} px', lambda size=size: time_steps(repeat(size))),
+             (f'... {size} px, contiguous memory',
+              lambda size=size: time_steps(repeat(size, False), channels_last=False))]
 rows += [(f'... fed by {w} DataLoader worker(s) (64 px JPEGs)', lambda w=w: time_steps(loaded(w)))
          for w in (0, 1, 2)]
 times = {name: [] for name, _ in rows}
