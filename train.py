@@ -209,8 +209,8 @@ def main():
         print0(f"starting from {started_from}")
     if cnn_lr == 0:  # a frozen backbone: its weights and BatchNorm statistics stay as they are
         freeze_backbone(model)
-    # channels_last: cuDNN's tensor-core convolutions want NHWC; oneDNN's run as fast on it as on
-    # NCHW, within noise on AVX2 and AVX-512 CPUs (RESULTS.md, speed), so one layout serves both
+    # channels_last: cuDNN's tensor-core convolutions want NHWC; on CPUs oneDNN's bf16 ones gain
+    # from it and its float32 ones lose a little at 64 px (RESULTS.md, speed): one layout for all
     model = model.to(device, memory_format=torch.channels_last)
     raw_model = model  # the plain module: its state_dict is what checkpoints hold
     flops = flops_per_image(raw_model, image_size) if device_type == 'cuda' else None  # for MFU
