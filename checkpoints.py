@@ -203,8 +203,13 @@ def start_from(model: nn.Module, init_from: str = '', init_backbone: str = '',
     checkpoint of this project, or 'torchvision:', 'moco:', 'vissl:', 'virtex:' and a path), the
     head staying new. Returns what the run started from, for its checkpoint. A mismatch is a
     ValueError naming both sides."""
+    if init_from and init_backbone:
+        raise ValueError("--init_from=FILE gives the whole model: drop --init_backbone")
     if init_from:
         path = init_from.removeprefix('virtex:')
+        if not os.path.exists(path):
+            raise ValueError(f"--init_from={init_from}: no such file (choose scratch, resume, auto "
+                             "or a model's file)")
         if init_from.startswith('virtex:'):
             theirs, state = official_to_ours(load_file(path), path)
             pieces = tokenizer_pieces  # the official files do not say; their size must fit

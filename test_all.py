@@ -3948,8 +3948,9 @@ def own_collection(root, n=16):
 
 def test_your_own_captions_in_every_format_reach_training_and_cider(tmp_path):
     """JSON Lines, CSV and a .txt beside each image: the same collection gives the same COCO files
-    (ids from the sorted paths, whatever the row order), which the tokenizer, train.py and caption.py
-    (CIDEr) read unchanged; the links point at the user's images, which stay as they were."""
+    (ids from the sorted paths, whatever the row order), which the tokenizer, train.py and
+    caption.py (CIDEr) read unchanged; the links point at the user's images, which stay as they
+    were."""
     pairs = own_collection(tmp_path)
     photos = tmp_path / 'photos'
     with open(tmp_path / 'pairs.jsonl', 'w') as f:
@@ -4082,11 +4083,12 @@ def test_a_run_starts_from_a_whole_model_or_a_backbone_and_cnn_lr_zero_freezes_i
                                '--visual=resnet34'),
                     quick_args(shapes, tmp_path / 'both', f'--init_from={source}/ckpt.pt',
                                f'--init_backbone={source}/ckpt.pt'))
-    assert one_line(procs[0]) == (f"error: {source}/ckpt.pt: not this run's model: n_embd=64 there, "
-                                  "128 in this run; n_head=1 there, 2 in this run")
+    assert one_line(procs[0]) == (f"error: {source}/ckpt.pt: not this run's model: n_embd=64 "
+                                  "there, 128 in this run; n_head=1 there, 2 in this run")
     assert one_line(procs[1]) == (f"error: {source}/ckpt.pt: a resnet18 backbone, and this run's "
                                   "--visual is resnet34")
-    assert one_line(procs[2]) == "error: --init_from=FILE gives the whole model: drop --init_backbone"
+    assert one_line(procs[2]) == ("error: --init_from=FILE gives the whole model: drop "
+                                  "--init_backbone")
 
 
 # ---- data/shapes/prepare.py (and dev/objects_world.py): the synthetic worlds -----------------

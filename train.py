@@ -107,13 +107,15 @@ def peak_memory_gb(device) -> float:
 def main():
     config = {k: globals()[k] for k in config_keys(globals())}  # saved in every checkpoint
     config['tokenizer'] = os.path.abspath(tokenizer)  # so caption.py finds it from any folder
-    with one_line_errors():
-        # n_embd % n_head, before any work
+    with one_line_errors():  # n_embd % n_head, before any work
         VirTexConfig(visual=visual, n_embd=n_embd, n_head=n_head, max_len=max_len)
 
     # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = 'RANK' in os.environ
     if ddp:
+        if device.startswith('cuda:'):
+            raise SystemExit(f"error: --device={device}: under torchrun each process takes the GPU "
+                             "of its local rank: give --device=cuda")
         dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
         ddp_rank, ddp_local_rank, ddp_world_size = (dist.get_rank(), int(os.environ['LOCAL_RANK']),
                                                     dist.get_world_size())
@@ -151,11 +153,6 @@ def main():
         if not os.path.exists(path):
             raise SystemExit(f"error: {what}={path}: no such file or folder")
     weights = '' if init_from in ('scratch', 'resume', 'auto') else init_from  # a model's file
-    if weights and not os.path.exists(weights.removeprefix('virtex:')):
-        raise SystemExit(f"error: --init_from={init_from}: no such file (choose scratch, resume, "
-                         "auto or a model's file)")
-    if weights and init_backbone:
-        raise SystemExit("error: --init_from=FILE gives the whole model: drop --init_backbone")
     with one_line_errors():
         check_outputs({'out_dir': [ckpt_path, best_path, log_path]}, {'--tokenizer': tokenizer})
         # checked now, not when the backbone is first judged, maybe at the end of the run
@@ -201,12 +198,6 @@ def main():
         model_args['parallel_fraction'] = parallel_fraction
     torch.manual_seed(seed)  # the same initial weights on every process (DDP broadcasts rank 0's)
     model = pretext_model(VirTexConfig(**model_args))
-    started_from = ''
-    if not resume and (weights or init_backbone):  # weights one has, a new optimizer, schedule
-        from checkpoints import start_from  # weight files: read only when one is asked for
-        with one_line_errors():
-            started_from = start_from(model, weights, init_backbone, tok.pieces_hash())
-        print0(f"starting from {started_from}")
     if cnn_lr == 0:  # a frozen backbone: its weights and BatchNorm statistics stay as they are
         freeze_backbone(model)
     # channels_last: cuDNN's tensor-core convolutions want NHWC; on CPUs oneDNN's bf16 ones gain
@@ -224,7 +215,7 @@ def main():
         inner = torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), fused=True)
     lookahead = LookAhead(inner, lookahead_k, lookahead_alpha)
     scaler = torch.amp.GradScaler(device_type, enabled=amp_dtype == 'float16')
-    iter_num, data_position, time_before = 0, (0, 0), 0.0  # time_before: a resumed run's time
+    iter_num, data_position, time_before, started_from = 0, (0, 0), 0.0, ''  # below, if given
     best_voc = {'map': -1.0, 'iter': 0, 'task': voc_task}
     bad_images = BadImages(max_bad_images)
     if resume:  # the weights and the training state of a checkpoint that can continue this run
@@ -235,6 +226,11 @@ def main():
         for note in notes:
             print0(f"note: {note}")
         print0(f"resuming from {ckpt_path} at iteration {iter_num}")
+    elif weights or init_backbone:  # weights one has, with a new optimizer and schedule
+        from checkpoints import start_from  # weight files: read only when one is asked for
+        with one_line_errors():
+            started_from = start_from(raw_model, weights, init_backbone, tok.pieces_hash())
+        print0(f"starting from {started_from}")
     if compile:
         print0("compiling the model (the first iterations are slow)...")
         model = torch.compile(model)
